@@ -1,0 +1,5 @@
+"""User-facing errors: the CLI prints these as one line, never as a traceback."""
+
+
+class FlexMoEError(Exception):
+    """A problem with the user's input that names what is wrong and how to fix it."""
