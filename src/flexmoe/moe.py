@@ -41,10 +41,7 @@ class RoutingRule:
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(weights, indices)`` of shape ``[..., top_k]``, as the router would."""
         logits = logits.float()
-        if self.scoring == "softmax":
-            scores = logits.softmax(dim=-1)
-        else:
-            scores = logits.sigmoid()
+        scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         choice = scores if self.bias is None else scores + self.bias.float()
         if self.n_group > 1:
             choice = self._mask_groups(choice)
@@ -153,9 +150,9 @@ def _fused_experts(module: nn.Module) -> nn.Module | None:
     for child in module.children():
         gate_up = getattr(child, "gate_up_proj", None)
         down = getattr(child, "down_proj", None)
-        if isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter):
-            if gate_up.dim() == 3 and down.dim() == 3:
-                return child
+        fused = isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)
+        if fused and gate_up.dim() == 3 and down.dim() == 3:
+            return child
     return None
 
 
