@@ -1,0 +1,147 @@
+"""Model surgery: graft trainable copies of chosen experts beside their MoE blocks.
+
+A grafted block computes ``y = block(x) + sum_j sigmoid(w_j . x + b_j) * G_j(x)``: the pretrained
+block is untouched and every grafted expert G_j is always active behind its own per-token sigmoid
+gate (the shape of Qwen-MoE's gated shared expert). The gate starts from the source expert's
+router row with zero bias, so at first it opens where the router already favoured that expert.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flexmoe.errors import FlexMoEError
+from flexmoe.moe import MoEBlockView, find_moe_blocks
+from flexmoe.selection import LayerChoice
+
+PERSONAL_PREFIX = "grafted_"  # every personal parameter name contains it
+
+
+@dataclass(frozen=True)
+class LayerGraft:
+    """What is grafted in one layer: source experts and the neurons kept of each."""
+
+    layer: int
+    source_experts: tuple[int, ...]
+    neurons: tuple[tuple[int, ...], ...]
+
+    @property
+    def intermediate_sizes(self) -> list[int]:
+        return [len(n) for n in self.neurons]
+
+    def to_dict(self) -> dict:
+        return {
+            "layer": self.layer,
+            "source_experts": list(self.source_experts),
+            "intermediate_sizes": self.intermediate_sizes,
+            "neurons": [list(n) for n in self.neurons],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerGraft:
+        neurons = tuple(tuple(n) for n in data["neurons"])
+        return cls(data["layer"], tuple(data["source_experts"]), neurons)
+
+
+class GraftedExpert(nn.Module):
+    """A gated MLP expert, ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act_fn: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    @classmethod
+    @torch.no_grad()
+    def copy_of(cls, view: MoEBlockView, expert: int, neurons: Sequence[int]) -> GraftedExpert:
+        """A trainable copy of ``expert`` keeping only the intermediate ``neurons``."""
+        gate, up, down = view.expert_weights(expert)
+        keep = torch.as_tensor(neurons, dtype=torch.long)
+        grafted = cls(view.hidden_size, len(keep), view.activation).to(down)
+        grafted.gate_proj.weight.copy_(gate[keep])
+        grafted.up_proj.weight.copy_(up[keep])
+        grafted.down_proj.weight.copy_(down[:, keep])
+        return grafted
+
+
+class GraftedMoEBlock(nn.Module):
+    """A sparse MoE block plus gated personal experts, always active."""
+
+    def __init__(
+        self, block: nn.Module, experts: Sequence[GraftedExpert], gates: Sequence[nn.Linear]
+    ):
+        super().__init__()
+        self.block = block
+        self.grafted_experts = nn.ModuleList(experts)
+        self.grafted_gates = nn.ModuleList(gates)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        output = self.block(hidden_states, *args, **kwargs)
+        extra = sum(
+            torch.sigmoid(gate(hidden_states)) * expert(hidden_states)
+            for gate, expert in zip(self.grafted_gates, self.grafted_experts, strict=True)
+        )
+        if isinstance(output, tuple):
+            return (output[0] + extra, *output[1:])
+        return output + extra
+
+
+def plan_grafts(
+    views: Sequence[MoEBlockView], choices: Sequence[LayerChoice], size_ratio: float = 1.0
+) -> list[LayerGraft]:
+    """Turn selection results into grafts, keeping the ``size_ratio`` most active neurons."""
+    if not 0.0 < size_ratio <= 1.0:
+        raise FlexMoEError(f"size ratio must be in (0, 1], got {size_ratio}")
+    by_layer = {c.layer: c for c in choices}
+    grafts = []
+    for view in views:
+        choice = by_layer[view.layer]
+        keep = max(1, math.ceil(size_ratio * view.intermediate_size))
+        neurons = tuple(
+            tuple(sorted(importance.topk(keep).indices.tolist()))
+            for importance in choice.importance
+        )
+        grafts.append(LayerGraft(view.layer, tuple(choice.chosen), neurons))
+    return grafts
+
+
+def apply_grafts(model: nn.Module, grafts: Sequence[LayerGraft]) -> None:
+    """Wrap every grafted layer's MoE block in place, copying the source experts."""
+    views = {v.layer: v for v in find_moe_blocks(model)}
+    for graft in grafts:
+        view = views.get(graft.layer)
+        if view is None:
+            raise FlexMoEError(f"layer {graft.layer} has no MoE block to graft onto")
+        parent_path, _, attr = view.path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        if isinstance(parent, GraftedMoEBlock):
+            raise FlexMoEError(f"layer {graft.layer} is already grafted")
+        experts = [
+            GraftedExpert.copy_of(view, e, n)
+            for e, n in zip(graft.source_experts, graft.neurons, strict=True)
+        ]
+        gates = [_gate_from_router(view, e) for e in graft.source_experts]
+        setattr(parent, attr, GraftedMoEBlock(view.block, experts, gates))
+
+
+@torch.no_grad()
+def _gate_from_router(view: MoEBlockView, expert: int) -> nn.Linear:
+    weight = view.router.weight
+    gate = nn.Linear(view.hidden_size, 1, bias=True).to(device=weight.device, dtype=weight.dtype)
+    gate.weight.copy_(weight[expert : expert + 1])
+    gate.bias.zero_()
+    return gate
+
+
+def grafted_blocks(model: nn.Module) -> list[GraftedMoEBlock]:
+    return [m for m in model.modules() if isinstance(m, GraftedMoEBlock)]

@@ -1,0 +1,67 @@
+"""Loading base models: a local Hugging Face folder, or the bundled tiny MoE by the name ``tiny``."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from flexmoe.errors import FlexMoEError
+
+TINY = "tiny"
+
+
+def tiny_model_path() -> Path:
+    """The folder of the pretrained tiny MoE shipped inside the package."""
+    return Path(str(resources.files("flexmoe") / "assets" / "tiny"))
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """``tiny`` or a local folder holding a Hugging Face model; anything else is refused."""
+    path = tiny_model_path() if str(name_or_path) == TINY else Path(name_or_path).expanduser()
+    if not path.exists():
+        raise FlexMoEError(
+            f"model path {str(path)!r} does not exist; give a local Hugging Face model folder "
+            f"or {TINY!r} for the bundled model (nothing is downloaded from a hub)"
+        )
+    if not (path / "config.json").is_file():
+        raise FlexMoEError(
+            f"{str(path)!r} is not a model folder: it has no config.json; give a folder written "
+            "by save_pretrained"
+        )
+    return path
+
+
+def load_model(
+    name_or_path: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local folder, in evaluation mode."""
+    path = resolve_model_path(name_or_path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise FlexMoEError(f"cannot load a causal LM from {str(path)!r}: {error}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.name_or_path = str(name_or_path)
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module) -> str:
+    """A short hash telling base models apart: parameter names and shapes, and router weights."""
+    digest = hashlib.sha256(getattr(model.config, "model_type", "").encode())
+    for name, parameter in model.named_parameters():
+        digest.update(f"{name}:{tuple(parameter.shape)}".encode())
+        if name.endswith(("gate.weight", "router.weight")) or "embed_tokens" in name:
+            digest.update(parameter.detach().flatten()[:4096].float().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,177 @@
+"""``FlexModel``: a base MoE model with grafted personal experts and a shared adapter.
+
+The PEFT-like entry point. ``FlexModel.graft`` selects and grafts experts from local data;
+``save_pretrained`` writes the client's personal state (grafted experts, gates and any personal
+LoRA) as safetensors plus a JSON config; ``from_pretrained`` puts it back onto the same base model.
+Shared and personal state dicts use the base model's own parameter names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from flexmoe import __version__
+from flexmoe.errors import FlexMoEError
+from flexmoe.graft import LayerGraft, apply_grafts, plan_grafts
+from flexmoe.io import atomic_save_safetensors, atomic_write_text
+from flexmoe.loading import fingerprint
+from flexmoe.moe import find_moe_blocks
+from flexmoe.roles import (
+    Role,
+    SharedConfig,
+    add_shared_adapter,
+    parameter_roles,
+    resolve_targets,
+    set_trainable,
+)
+from flexmoe.selection import Batch, LayerChoice, select_experts
+
+CONFIG_NAME = "flexmoe_config.json"
+PERSONAL_WEIGHTS = "personal.safetensors"
+SHARED_WEIGHTS = "shared.safetensors"
+
+
+@dataclass(frozen=True)
+class FlexConfig:
+    """How a client personalises: what it grafts and what it shares."""
+
+    experts_per_layer: int = 1
+    size_ratio: float = 1.0
+    selection: str = "top"
+    shared: SharedConfig = field(default_factory=SharedConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FlexConfig:
+        return cls(**{**data, "shared": SharedConfig(**data.get("shared", {}))})
+
+
+class FlexModel(nn.Module):
+    """A causal LM whose MoE blocks carry grafted experts, with parameter roles applied."""
+
+    def __init__(
+        self, base: nn.Module, grafts: Sequence[LayerGraft] = (), config: FlexConfig | None = None
+    ) -> None:
+        super().__init__()
+        config = config or FlexConfig()
+        self.config = replace(config, shared=resolve_targets(base, config.shared))
+        self.grafts = list(grafts)
+        self.base_fingerprint = fingerprint(base)
+        apply_grafts(base, self.grafts)
+        add_shared_adapter(base, self.config.shared)
+        set_trainable(base, self.config.shared)
+        self.model = base
+
+    @classmethod
+    def graft(
+        cls,
+        base: nn.Module,
+        batches: Sequence[Batch],
+        config: FlexConfig | None = None,
+        progress: bool = False,
+    ) -> tuple[FlexModel, list[LayerChoice]]:
+        """Select experts on ``batches`` of local data and graft them; returns the choices too."""
+        config = config or FlexConfig()
+        views = find_moe_blocks(base)
+        choices = select_experts(
+            base, views, batches, config.experts_per_layer, config.selection, progress
+        )
+        return cls(base, plan_grafts(views, choices, config.size_ratio), config), choices
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    def roles(self) -> dict[str, Role]:
+        return parameter_roles(self.model, self.config.shared)
+
+    def state_of(self, role: Role) -> dict[str, torch.Tensor]:
+        """Detached copies of the parameters holding ``role``, by name."""
+        roles = self.roles()
+        return {
+            name: p.detach().clone()
+            for name, p in self.model.named_parameters()
+            if roles[name] is role
+        }
+
+    def shared_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state_of(Role.SHARED)
+
+    def personal_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state_of(Role.PERSONAL)
+
+    def load_state_of(self, role: Role, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite every parameter holding ``role`` from ``state``; keys must match exactly."""
+        expected = {n for n, r in self.roles().items() if r is role}
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise FlexMoEError(
+                f"{role} state does not fit this model: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+        parameters = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                parameters[name].copy_(value)
+
+    def save_pretrained(self, directory: str | Path, include_shared: bool = False) -> Path:
+        """Write personal weights (and, if asked, shared ones) plus the config, atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors(self.personal_state_dict(), directory / PERSONAL_WEIGHTS)
+        if include_shared:
+            atomic_save_safetensors(self.shared_state_dict(), directory / SHARED_WEIGHTS)
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(self._config_dict(), indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, base: nn.Module, directory: str | Path) -> FlexModel:
+        """Put a saved personal state (and shared state, if saved) back onto ``base``."""
+        directory = Path(directory)
+        saved = _read_config(directory)
+        if fingerprint(base) != saved["base_model"]["fingerprint"]:
+            raise FlexMoEError(
+                f"the adapter in {str(directory)!r} was made for base model "
+                f"{saved['base_model']['name_or_path']!r}, not for this one; load it onto that model"
+            )
+        grafts = [LayerGraft.from_dict(g) for g in saved["grafts"]]
+        model = cls(base, grafts, FlexConfig.from_dict(saved["config"]))
+        model.load_state_of(Role.PERSONAL, load_file(directory / PERSONAL_WEIGHTS))
+        if (directory / SHARED_WEIGHTS).is_file():
+            model.load_state_of(Role.SHARED, load_file(directory / SHARED_WEIGHTS))
+        return model
+
+    def _config_dict(self) -> dict:
+        base_config = self.model.config
+        return {
+            "flexmoe_version": __version__,
+            "base_model": {
+                "name_or_path": getattr(base_config, "name_or_path", ""),
+                "model_type": base_config.model_type,
+                "fingerprint": self.base_fingerprint,
+            },
+            "config": asdict(self.config),
+            "gate": "sigmoid(w . x + b), w initialised from the source expert's router row, b = 0",
+            "grafts": [g.to_dict() for g in self.grafts],
+        }
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FlexMoEError(
+            f"{str(directory)!r} is not a flexmoe adapter: {CONFIG_NAME} is missing; give a folder "
+            "written by 'flexmoe graft' or FlexModel.save_pretrained"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise FlexMoEError(f"{str(path)!r} is not valid JSON ({error}); the adapter is damaged")

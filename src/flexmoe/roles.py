@@ -1,0 +1,105 @@
+"""Every parameter's role, decided in one place: frozen, shared (federated) or personal.
+
+- personal: grafted experts and their gates, plus LoRA B matrices when ``personal_lora_b`` is set
+  (FedSA-LoRA); these never leave the client.
+- shared: what is federated. ``lora`` (default): PEFT LoRA adapters on ``target_modules``;
+  ``full``: the full weights of ``target_modules``; ``all``: every pretrained weight, experts and
+  routers included (naive dense FL, the baseline FLEx argues against).
+- frozen: everything else, pretrained experts and routers above all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from flexmoe.errors import FlexMoEError
+from flexmoe.graft import PERSONAL_PREFIX
+
+SHARED_MODES = ("lora", "full", "all")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj")
+ATTENTION_NAMES = ("self_attn", "attention", "attn")
+OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "dense")
+
+
+class Role(StrEnum):
+    FROZEN = "frozen"
+    SHARED = "shared"
+    PERSONAL = "personal"
+
+
+@dataclass(frozen=True)
+class SharedConfig:
+    """What the federation trains and averages."""
+
+    mode: str = "lora"
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    lora_r: int = 32
+    lora_alpha: int = 64
+    lora_dropout: float = 0.05
+    personal_lora_b: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in SHARED_MODES:
+            raise FlexMoEError(f"unknown shared mode {self.mode!r}; choose one of {SHARED_MODES}")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+
+def resolve_targets(model: nn.Module, shared: SharedConfig) -> SharedConfig:
+    """Map the default q/k/v targets onto models without them (e.g. DeepSeek's MLA projections)."""
+    linear = {n.rsplit(".", 1)[-1]: n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if shared.target_modules != DEFAULT_TARGETS or any(t in linear for t in DEFAULT_TARGETS):
+        return shared
+    attention = sorted(
+        leaf
+        for leaf, path in linear.items()
+        if any(part in ATTENTION_NAMES for part in path.split("."))
+        and leaf not in OUTPUT_PROJECTIONS
+    )
+    return replace(shared, target_modules=tuple(attention)) if attention else shared
+
+
+def add_shared_adapter(model: nn.Module, shared: SharedConfig) -> None:
+    """Inject LoRA adapters in place (names keep their base-model paths); no-op unless ``lora``."""
+    if shared.mode != "lora":
+        return
+    config = LoraConfig(
+        r=shared.lora_r,
+        lora_alpha=shared.lora_alpha,
+        lora_dropout=shared.lora_dropout,
+        target_modules=list(shared.target_modules),
+        exclude_modules=rf".*{PERSONAL_PREFIX}.*",
+    )
+    try:
+        inject_adapter_in_model(config, model)
+    except ValueError as error:
+        raise FlexMoEError(
+            f"cannot put LoRA on target modules {list(shared.target_modules)}: {error}"
+        ) from None
+
+
+def role_of(name: str, shared: SharedConfig) -> Role:
+    """The role of the parameter called ``name``."""
+    if PERSONAL_PREFIX in name:
+        return Role.PERSONAL
+    if shared.mode == "all":
+        return Role.SHARED
+    if shared.mode == "lora":
+        if ".lora_" not in name:
+            return Role.FROZEN
+        return Role.PERSONAL if shared.personal_lora_b and ".lora_B." in name else Role.SHARED
+    module_name = name.rsplit(".", 2)[-2]
+    return Role.SHARED if module_name in shared.target_modules else Role.FROZEN
+
+
+def parameter_roles(model: nn.Module, shared: SharedConfig) -> dict[str, Role]:
+    return {name: role_of(name, shared) for name, _ in model.named_parameters()}
+
+
+def set_trainable(model: nn.Module, shared: SharedConfig) -> None:
+    """Train shared and personal parameters; freeze the rest."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(role_of(name, shared) is not Role.FROZEN)
