@@ -1,4 +1,4 @@
-"""Loading base models: a local Hugging Face folder, or the bundled tiny MoE by the name ``tiny``."""
+"""Loading base models: a local Hugging Face folder, or the bundled tiny MoE named ``tiny``."""
 
 from __future__ import annotations
 

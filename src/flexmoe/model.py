@@ -140,7 +140,8 @@ class FlexModel(nn.Module):
         if fingerprint(base) != saved["base_model"]["fingerprint"]:
             raise FlexMoEError(
                 f"the adapter in {str(directory)!r} was made for base model "
-                f"{saved['base_model']['name_or_path']!r}, not for this one; load it onto that model"
+                f"{saved['base_model']['name_or_path']!r}, not for this one; "
+                "load it onto that base model"
             )
         grafts = [LayerGraft.from_dict(g) for g in saved["grafts"]]
         model = cls(base, grafts, FlexConfig.from_dict(saved["config"]))
@@ -174,4 +175,6 @@ def _read_config(directory: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise FlexMoEError(f"{str(path)!r} is not valid JSON ({error}); the adapter is damaged")
+        raise FlexMoEError(
+            f"{str(path)!r} is not valid JSON ({error}); the adapter is damaged"
+        ) from None

@@ -66,12 +66,13 @@ def add_shared_adapter(model: nn.Module, shared: SharedConfig) -> None:
     """Inject LoRA adapters in place (names keep their base-model paths); no-op unless ``lora``."""
     if shared.mode != "lora":
         return
+    has_personal = any(PERSONAL_PREFIX in name for name, _ in model.named_modules())
     config = LoraConfig(
         r=shared.lora_r,
         lora_alpha=shared.lora_alpha,
         lora_dropout=shared.lora_dropout,
         target_modules=list(shared.target_modules),
-        exclude_modules=rf".*{PERSONAL_PREFIX}.*",
+        exclude_modules=rf".*{PERSONAL_PREFIX}.*" if has_personal else None,
     )
     try:
         inject_adapter_in_model(config, model)

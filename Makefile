@@ -1,0 +1,30 @@
+# make install: .venv with torch 2.13.0 (CPU, first, so nothing pulls a CUDA build), then flexmoe.
+# make test: lint and the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+lint: install
+	$(PY) -m ruff check src tests scripts
+	$(PY) -m ruff format --check src tests scripts
+
+format: install
+	$(PY) -m ruff check --fix src tests scripts
+	$(PY) -m ruff format src tests scripts
+
+test: install lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

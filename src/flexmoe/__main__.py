@@ -1,0 +1,5 @@
+import sys
+
+from flexmoe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,153 @@
+"""The ``flexmoe`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from flexmoe.errors import FlexMoEError
+
+Command = Callable[[argparse.Namespace], None]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_transformers()
+    try:
+        args.command(args)
+    except FlexMoEError as error:
+        print(f"flexmoe: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flexmoe: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _quiet_transformers() -> None:
+    """Our own progress bars speak for long work; transformers' per-load bars are noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flexmoe",
+        description="Personalized federated instruction tuning of MoE LLMs with FLEx.",
+    )
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    _add_graft(commands)
+    _add_info(commands)
+    return parser
+
+
+def _add_graft(commands: argparse._SubParsersAction) -> None:
+    graft = commands.add_parser(
+        "graft",
+        help="choose and graft personal experts from a local instruction data file",
+        description="Score every expert of every MoE layer on local data, graft the best, "
+        "and write the personal adapter plus graft_report.json to --out.",
+    )
+    graft.add_argument("--model", required=True, help="local Hugging Face model folder, or 'tiny'")
+    graft.add_argument("--data", required=True, help="instruction data: .jsonl, .json or .parquet")
+    graft.add_argument("--out", required=True, type=Path, help="folder for the adapter")
+    graft.add_argument("--experts-per-layer", type=int, default=1, metavar="R")
+    graft.add_argument(
+        "--size-ratio",
+        type=float,
+        default=1.0,
+        metavar="RHO",
+        help="fraction of intermediate neurons kept (most active first)",
+    )
+    graft.add_argument("--selection", default="top", choices=("top", "greedy", "exhaustive"))
+    graft.add_argument("--max-examples", type=int, default=256, metavar="N")
+    graft.add_argument("--max-length", type=int, default=256, help="tokens per example")
+    graft.add_argument("--batch-size", type=int, default=8)
+    graft.set_defaults(command=run_graft)
+
+
+def _add_info(commands: argparse._SubParsersAction) -> None:
+    info = commands.add_parser("info", help="describe a model's MoE structure")
+    info.add_argument("model", help="local Hugging Face model folder, or 'tiny'")
+    info.add_argument("--adapter", type=Path, help="also load and describe a personal adapter")
+    info.set_defaults(command=run_info)
+
+
+def run_graft(args: argparse.Namespace) -> None:
+    """Select and graft experts on a data file; write the adapter and its report."""
+    from flexmoe.data import load_instructions, pad_token_id, sequential_batches, tokenize_examples
+    from flexmoe.loading import load_model
+    from flexmoe.model import FlexConfig, FlexModel
+
+    if args.max_examples < 1:
+        raise FlexMoEError(f"--max-examples must be at least 1, got {args.max_examples}")
+    config = FlexConfig(args.experts_per_layer, args.size_ratio, args.selection)
+    started = time.perf_counter()
+    examples = load_instructions(args.data)[: args.max_examples]
+    model, tokenizer = load_model(args.model)
+    tokenized = tokenize_examples(examples, tokenizer, args.max_length)
+    batches = sequential_batches(tokenized, args.batch_size, pad_token_id(tokenizer))
+    flex, choices = FlexModel.graft(model, batches, config, progress=True)
+    flex.save_pretrained(args.out)
+    report = {
+        "layers": [c.to_report() for c in choices],
+        "model": args.model,
+        "data": str(args.data),
+        "examples": len(tokenized),
+        "tokens": int(sum(b["attention_mask"].sum() for b in batches)),
+        "experts_per_layer": config.experts_per_layer,
+        "size_ratio": config.size_ratio,
+        "selection": config.selection,
+        "wall_s": round(time.perf_counter() - started, 3),
+    }
+    from flexmoe.io import atomic_write_text
+
+    atomic_write_text(args.out / "graft_report.json", json.dumps(report, indent=2))
+    for choice in choices:
+        print(f"layer {choice.layer:>3}: grafted expert(s) {choice.chosen}")
+    print(
+        f"adapter written to {args.out} ({report['examples']} examples, {report['tokens']} tokens)"
+    )
+
+
+def run_info(args: argparse.Namespace) -> None:
+    """Print a model's folder, size and MoE layout."""
+    from flexmoe.loading import load_model, resolve_model_path
+    from flexmoe.moe import find_moe_blocks
+
+    folder = resolve_model_path(args.model)
+    model, _ = load_model(folder)
+    views = find_moe_blocks(model)
+    first = views[0]
+    shared = type(first.shared_expert).__name__ if first.shared_expert is not None else "none"
+    rows = [
+        ("folder", str(folder)),
+        ("model type", model.config.model_type),
+        ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
+        ("MoE layers", f"{len(views)}: {[v.layer for v in views]}"),
+        ("experts per layer", str(first.num_experts)),
+        ("top-k", str(first.rule.top_k)),
+        ("routing", f"{first.rule.scoring}, normalised top-k: {first.rule.normalize}"),
+        ("expert size", f"hidden {first.hidden_size}, intermediate {first.intermediate_size}"),
+        ("shared expert", shared),
+    ]
+    if args.adapter is not None:
+        from flexmoe.model import FlexModel
+
+        flex = FlexModel.from_pretrained(model, args.adapter)
+        grafted = {g.layer: (list(g.source_experts), g.intermediate_sizes) for g in flex.grafts}
+        rows.append(("adapter", f"{args.adapter}: layer -> (experts, sizes) {grafted}"))
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

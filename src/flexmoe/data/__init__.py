@@ -1,0 +1,82 @@
+"""Data layer: instruction records, the Alpaca template, tokenization, NI v1 and partitions."""
+
+from flexmoe.data.natural_instructions import (
+    NI_CATEGORIES,
+    NI_TASK_CATEGORIES,
+    NaturalInstructionsTask,
+    default_cache_dir,
+    fetch_bigbench_sdist,
+    load_natural_instructions,
+    natural_instructions_tasks,
+    read_tasks_from_tarball,
+)
+from flexmoe.data.partition import (
+    SCHEMES,
+    ClientData,
+    Partition,
+    build_client_datasets,
+    dirichlet_partition,
+    partition_examples,
+    pathological_partition,
+    train_test_split,
+)
+from flexmoe.data.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_prompt
+from flexmoe.data.records import (
+    InstructionExample,
+    category_counts,
+    example_from_record,
+    load_instructions,
+)
+from flexmoe.data.sources import NATURAL_INSTRUCTIONS, load_dataset
+from flexmoe.data.tokenization import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    collate,
+    collate_prompts,
+    encode_prompt,
+    eos_token_id,
+    iterate_batches,
+    pad_token_id,
+    sequential_batches,
+    tokenize_example,
+    tokenize_examples,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "NATURAL_INSTRUCTIONS",
+    "NI_CATEGORIES",
+    "NI_TASK_CATEGORIES",
+    "PROMPT_NO_INPUT",
+    "PROMPT_WITH_INPUT",
+    "SCHEMES",
+    "ClientData",
+    "InstructionExample",
+    "NaturalInstructionsTask",
+    "Partition",
+    "TokenizedExample",
+    "build_client_datasets",
+    "category_counts",
+    "collate",
+    "collate_prompts",
+    "default_cache_dir",
+    "dirichlet_partition",
+    "encode_prompt",
+    "eos_token_id",
+    "example_from_record",
+    "fetch_bigbench_sdist",
+    "format_prompt",
+    "iterate_batches",
+    "load_dataset",
+    "load_instructions",
+    "load_natural_instructions",
+    "natural_instructions_tasks",
+    "pad_token_id",
+    "partition_examples",
+    "pathological_partition",
+    "read_tasks_from_tarball",
+    "sequential_batches",
+    "tokenize_example",
+    "tokenize_examples",
+    "train_test_split",
+]

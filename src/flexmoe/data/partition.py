@@ -1,0 +1,238 @@
+"""Non-IID client partitions (pathological, Dirichlet) and per-client train/test splits.
+
+Every function is deterministic given its seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from flexmoe.data.records import InstructionExample
+from flexmoe.errors import FlexMoEError
+
+T = TypeVar("T")
+SCHEMES = ("pathological", "dirichlet")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Example indices per client and the category-by-client shares they were drawn from."""
+
+    client_indices: list[list[int]]
+    categories: list[str]
+    proportions: np.ndarray
+    """[num_categories, num_clients]: intended share of each category's examples per client."""
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_indices)
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's examples, split into train and test."""
+
+    client_id: int
+    train: list[InstructionExample]
+    test: list[InstructionExample]
+
+    @property
+    def categories(self) -> list[str | None]:
+        """Distinct categories in this client's data, sorted."""
+        return sorted({e.category for e in self.train + self.test}, key=lambda c: c or "")
+
+
+def partition_examples(
+    examples: Sequence[InstructionExample],
+    num_clients: int,
+    scheme: str,
+    seed: int,
+    alpha: float = 1.0,
+    categories: Sequence[str] | None = None,
+) -> Partition:
+    """Dispatch to `pathological_partition` or `dirichlet_partition` by name."""
+    if scheme == "pathological":
+        return pathological_partition(examples, num_clients, seed, categories)
+    if scheme == "dirichlet":
+        if categories is not None:
+            raise FlexMoEError("choosing categories is only supported by the pathological scheme")
+        return dirichlet_partition(examples, num_clients, alpha, seed)
+    raise FlexMoEError(f"unknown partition scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+
+
+def pathological_partition(
+    examples: Sequence[InstructionExample],
+    num_clients: int,
+    seed: int,
+    categories: Sequence[str] | None = None,
+) -> Partition:
+    """Give every client examples of exactly one category.
+
+    With fewer clients than categories, the `num_clients` largest categories are used (ties broken
+    by name) unless `categories` names them. With more clients, the extra clients go one at a time
+    to the category with the most examples per client, and clients sharing a category split its
+    examples evenly.
+    """
+    labels = _labels(examples)
+    by_category = _indices_by_category(labels)
+    chosen = _choose_categories(by_category, num_clients, categories)
+    _check_enough_examples(sum(len(by_category[c]) for c in chosen), num_clients)
+    shares = _clients_per_category({c: len(by_category[c]) for c in chosen}, num_clients)
+    rng = np.random.default_rng(seed)
+    all_categories = sorted(by_category)
+    proportions = np.zeros((len(all_categories), num_clients))
+    client_indices: list[list[int]] = []
+    for category in chosen:
+        first = len(client_indices)
+        shuffled = rng.permutation(by_category[category])
+        client_indices += [part.tolist() for part in np.array_split(shuffled, shares[category])]
+        proportions[all_categories.index(category), first : len(client_indices)] = (
+            1 / shares[category]
+        )
+    return Partition(client_indices, all_categories, proportions)
+
+
+def dirichlet_partition(
+    examples: Sequence[InstructionExample], num_clients: int, alpha: float, seed: int
+) -> Partition:
+    """Split each category over clients in proportions drawn from Dirichlet(alpha).
+
+    Counts follow the drawn proportions up to rounding (largest remainder). A client left empty then
+    takes one example from the client holding the most, so every client has at least one.
+    """
+    if not alpha > 0:
+        raise FlexMoEError(f"Dirichlet alpha must be > 0, got {alpha}")
+    labels = _labels(examples)
+    _check_num_clients(num_clients)
+    _check_enough_examples(len(labels), num_clients)
+    by_category = _indices_by_category(labels)
+    categories = sorted(by_category)
+    rng = np.random.default_rng(seed)
+    proportions = rng.dirichlet(np.full(num_clients, float(alpha)), size=len(categories))
+    client_indices: list[list[int]] = [[] for _ in range(num_clients)]
+    for category, shares in zip(categories, proportions, strict=True):
+        shuffled = rng.permutation(by_category[category])
+        bounds = np.cumsum(_apportion(len(shuffled), shares))[:-1]
+        for client, part in enumerate(np.split(shuffled, bounds)):
+            client_indices[client] += part.tolist()
+    _fill_empty_clients(client_indices)
+    return Partition(client_indices, categories, proportions)
+
+
+def train_test_split(
+    items: Sequence[T], test_fraction: float, seed: int
+) -> tuple[list[T], list[T]]:
+    """Shuffle and split; the test part is round(n * test_fraction) but train keeps at least one."""
+    return _split(items, test_fraction, np.random.default_rng(seed))
+
+
+def build_client_datasets(
+    examples: Sequence[InstructionExample],
+    partition: Partition,
+    test_fraction: float,
+    seed: int,
+    max_train: int | None = None,
+    max_test: int | None = None,
+) -> list[ClientData]:
+    """Split every client's share into train/test, then cap each part at max_train / max_test."""
+    for name, cap in (("max_train", max_train), ("max_test", max_test)):
+        if cap is not None and cap < 1:
+            raise FlexMoEError(f"{name} must be at least 1 (or unset for no cap), got {cap}")
+    clients = []
+    for client_id, indices in enumerate(partition.client_indices):
+        rng = np.random.default_rng([seed, client_id])
+        train, test = _split([examples[i] for i in indices], test_fraction, rng)
+        clients.append(ClientData(client_id, train[:max_train], test[:max_test]))
+    return clients
+
+
+def _split(
+    items: Sequence[T], test_fraction: float, rng: np.random.Generator
+) -> tuple[list[T], list[T]]:
+    if not 0 <= test_fraction < 1:
+        raise FlexMoEError(f"test fraction must be in [0, 1), got {test_fraction}")
+    shuffled = [items[i] for i in rng.permutation(len(items))]
+    num_test = min(round(len(items) * test_fraction), max(len(items) - 1, 0))
+    return shuffled[num_test:], shuffled[:num_test]
+
+
+def _labels(examples: Sequence[InstructionExample]) -> list[str]:
+    labels = []
+    for index, example in enumerate(examples):
+        if example.category is None:
+            raise FlexMoEError(
+                f"example {index} has no category, but non-IID partitioning groups examples by "
+                "category; use data with a 'category' field (e.g. Dolly or Natural Instructions)"
+            )
+        labels.append(example.category)
+    return labels
+
+
+def _indices_by_category(labels: Sequence[str]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for index, label in enumerate(labels):
+        groups.setdefault(label, []).append(index)
+    return groups
+
+
+def _choose_categories(
+    by_category: dict[str, list[int]], num_clients: int, requested: Sequence[str] | None
+) -> list[str]:
+    _check_num_clients(num_clients)
+    if requested is None:
+        largest_first = sorted(by_category, key=lambda c: (-len(by_category[c]), c))
+        return sorted(largest_first[:num_clients])
+    unknown = [c for c in requested if c not in by_category]
+    if unknown:
+        raise FlexMoEError(
+            f"categories not in the data: {', '.join(unknown)}; "
+            f"available: {', '.join(sorted(by_category))}"
+        )
+    if not requested or len(set(requested)) > num_clients:
+        raise FlexMoEError(
+            f"the pathological scheme needs between 1 and num_clients={num_clients} distinct "
+            f"categories, got {len(set(requested))}; choose fewer categories or add clients"
+        )
+    return sorted(set(requested))
+
+
+def _clients_per_category(sizes: dict[str, int], num_clients: int) -> dict[str, int]:
+    """One client per category, each extra client to the most examples per client (D'Hondt)."""
+    shares = dict.fromkeys(sizes, 1)
+    for _ in range(num_clients - len(sizes)):
+        busiest = max(sorted(sizes), key=lambda c: sizes[c] / shares[c])
+        shares[busiest] += 1
+    return shares
+
+
+def _apportion(total: int, shares: np.ndarray) -> np.ndarray:
+    """Integer counts summing to `total`, closest to total * shares (largest remainder)."""
+    exact = total * shares
+    counts = np.floor(exact).astype(int)
+    remainder = total - counts.sum()
+    counts[np.argsort(counts - exact, kind="stable")[:remainder]] += 1
+    return counts
+
+
+def _fill_empty_clients(client_indices: list[list[int]]) -> None:
+    for client in client_indices:
+        if not client:
+            donor = max(client_indices, key=len)
+            client.append(donor.pop())
+
+
+def _check_num_clients(num_clients: int) -> None:
+    if num_clients < 1:
+        raise FlexMoEError(f"number of clients must be at least 1, got {num_clients}")
+
+
+def _check_enough_examples(num_examples: int, num_clients: int) -> None:
+    if num_clients > num_examples:
+        raise FlexMoEError(
+            f"{num_clients} clients but only {num_examples} examples to share among them; "
+            "use fewer clients or more data"
+        )

@@ -1,0 +1,149 @@
+"""Instruction-tuning records and readers for Alpaca- and Dolly-shaped files."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flexmoe.errors import FlexMoEError
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
+_INPUT_FIELDS = ("input", "context")
+_OUTPUT_FIELDS = ("output", "response")
+_ACCEPTED_SHAPES = (
+    "Alpaca: instruction, input (optional), output; "
+    "Dolly: instruction, context (optional), response, category (optional)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class InstructionExample:
+    """One instruction-tuning example: the task, its optional input, the wanted output."""
+
+    instruction: str
+    input: str
+    output: str
+    category: str | None = None
+
+
+def load_instructions(path: str | Path) -> list[InstructionExample]:
+    """Read Alpaca- or Dolly-shaped records from a .jsonl, .json (a list) or .parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlexMoEError(f"data file not found: {path}; check the path (it must be a file)")
+    readers = {".jsonl": _read_jsonl, ".json": _read_json_list, ".parquet": _read_parquet}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise FlexMoEError(
+            f"unsupported data file type {path.suffix or '(none)'!r} for {path}; "
+            f"use one of {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    records = reader(path)
+    if not records:
+        raise FlexMoEError(f"{path} contains no records; add at least one example")
+    return [
+        example_from_record(record, f"record {i} of {path}") for i, record in enumerate(records)
+    ]
+
+
+def example_from_record(record: Any, where: str) -> InstructionExample:
+    """Convert one Alpaca- or Dolly-shaped mapping into an InstructionExample."""
+    if not isinstance(record, Mapping):
+        raise FlexMoEError(f"{where} must be an object, not {type(record).__name__}; {_fix()}")
+    return InstructionExample(
+        instruction=_text_field(record, ("instruction",), where, required=True),
+        input=_text_field(record, _INPUT_FIELDS, where, required=False),
+        output=_text_field(record, _OUTPUT_FIELDS, where, required=True),
+        category=_text_field(record, ("category",), where, required=False) or None,
+    )
+
+
+def category_counts(examples: Iterable[InstructionExample]) -> dict[str | None, int]:
+    """Number of examples per category, largest first."""
+    return dict(Counter(example.category for example in examples).most_common())
+
+
+def _text_field(
+    record: Mapping[str, Any], names: Sequence[str], where: str, *, required: bool
+) -> str:
+    """The first present, non-null field among `names`, as a string ("" if optional and absent)."""
+    for name in names:
+        value = record.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise FlexMoEError(
+                f"{where}: field {name!r} must be a string, not {type(value).__name__}; {_fix()}"
+            )
+        return value
+    if required:
+        present = ", ".join(sorted(map(str, record))) or "none"
+        raise FlexMoEError(
+            f"{where} has no {' or '.join(map(repr, names))} field (fields present: {present}); "
+            f"{_fix()}"
+        )
+    return ""
+
+
+def _fix() -> str:
+    return f"each record needs the fields of one accepted shape ({_ACCEPTED_SHAPES})"
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise FlexMoEError(
+            f"{path} is not UTF-8 text ({error.reason}); re-save it as UTF-8"
+        ) from None
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    records = []
+    for line_number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise FlexMoEError(
+                f"{path}, line {line_number}: malformed JSON ({error.msg}); "
+                "each line of a .jsonl file must hold one complete JSON object"
+            ) from None
+    return records
+
+
+def _read_json_list(path: Path) -> list[Any]:
+    text = _read_text(path)
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise FlexMoEError(
+            f"{path}, line {error.lineno}: malformed JSON ({error.msg}); "
+            "a .json data file must hold one JSON list of objects"
+        ) from None
+    if not isinstance(data, list):
+        raise FlexMoEError(
+            f"{path} holds a JSON {type(data).__name__}, not a list; "
+            "a .json data file must hold one JSON list of objects (or use .jsonl)"
+        )
+    return data
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    # Imported here so that only Parquet users pay for loading pyarrow.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as error:
+        raise FlexMoEError(
+            f"{path} is not a readable Parquet file ({error}); re-export it with pyarrow or pandas"
+        ) from None

@@ -1,0 +1,183 @@
+"""Tokenization, batching and collation for causal-LM instruction tuning."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+import torch
+
+from flexmoe.data.prompts import format_prompt
+from flexmoe.data.records import InstructionExample
+from flexmoe.errors import FlexMoEError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+"""Label value that the causal-LM loss skips (prompt and padding positions)."""
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizedExample:
+    """Token ids of prompt + response + eos, and labels with the prompt masked to IGNORE_INDEX."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_target_tokens(self) -> int:
+        """How many positions the loss is computed on."""
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def encode_prompt(
+    example: InstructionExample, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
+) -> list[int]:
+    """Prompt token ids for generation; if too long, keeps the last `max_length` tokens."""
+    ids = tokenizer.encode(format_prompt(example), add_special_tokens=True)
+    if max_length is not None:
+        _check_max_length(max_length)
+        ids = ids[-max_length:]
+    return ids
+
+
+def tokenize_example(
+    example: InstructionExample, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> TokenizedExample:
+    """Tokenize prompt and response separately (so masking is exact), append eos, truncate."""
+    _check_max_length(max_length)
+    prompt = tokenizer.encode(format_prompt(example), add_special_tokens=True)
+    response = tokenizer.encode(example.output, add_special_tokens=False)
+    response.append(eos_token_id(tokenizer))
+    input_ids = (prompt + response)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
+    return TokenizedExample(input_ids=input_ids, labels=labels)
+
+
+def tokenize_examples(
+    examples: Sequence[InstructionExample], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[TokenizedExample]:
+    """Tokenize all examples, dropping those whose prompt alone fills `max_length`."""
+    tokenized = [tokenize_example(example, tokenizer, max_length) for example in examples]
+    kept = [example for example in tokenized if example.num_target_tokens > 0]
+    if examples and not kept:
+        raise FlexMoEError(
+            f"every prompt is at least max_length={max_length} tokens long, leaving no response "
+            "tokens to train on; increase the maximum sequence length"
+        )
+    if len(kept) < len(tokenized):
+        logger.warning(
+            "dropped %d of %d examples whose prompt fills max_length=%d",
+            len(tokenized) - len(kept),
+            len(tokenized),
+            max_length,
+        )
+    return kept
+
+
+def eos_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's eos id, or a FlexMoEError if it has none."""
+    if tokenizer.eos_token_id is None:
+        raise FlexMoEError(
+            "the tokenizer has no eos token, so responses cannot be terminated; "
+            "set tokenizer.eos_token (e.g. to the model's end-of-text token)"
+        )
+    return tokenizer.eos_token_id
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's pad id, falling back to eos (padded positions are masked anyway)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return eos_token_id(tokenizer)
+
+
+def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a training batch: input_ids, attention_mask and labels (padding is ignored)."""
+    if not batch:
+        raise FlexMoEError("cannot collate an empty batch; use a batch size of at least 1")
+    input_ids = _pad([example.input_ids for example in batch], pad_id, left=False)
+    labels = _pad([example.labels for example in batch], IGNORE_INDEX, left=False)
+    mask = _pad([[1] * len(example.input_ids) for example in batch], 0, left=False)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad prompt ids for batched generation: input_ids and attention_mask."""
+    if not prompts:
+        raise FlexMoEError("cannot collate an empty batch of prompts; pass at least one")
+    return {
+        "input_ids": _pad(prompts, pad_id, left=True),
+        "attention_mask": _pad([[1] * len(ids) for ids in prompts], 0, left=True),
+    }
+
+
+def sequential_batches(
+    examples: Sequence[TokenizedExample], batch_size: int, pad_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """Collated batches covering `examples` once, in order (for scoring and evaluation)."""
+    if batch_size < 1:
+        raise FlexMoEError(f"batch size must be at least 1, got {batch_size}")
+    return [
+        collate(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)
+    ]
+
+
+def iterate_batches(
+    items: Sequence[T], batch_size: int, seed: int, start_step: int = 0
+) -> Iterator[list[T]]:
+    """Yield fixed-size batches forever, cycling through `items` in a fresh order each pass.
+
+    The order of pass e is a permutation drawn from (seed, e), so batch k depends only on the seed
+    and k: a client can resume at `start_step` without replaying earlier batches.
+    """
+    if not items:
+        raise FlexMoEError("no examples to draw batches from; give every client some training data")
+    if batch_size < 1:
+        raise FlexMoEError(f"batch size must be at least 1, got {batch_size}")
+    if seed < 0 or start_step < 0:
+        raise FlexMoEError(f"seed and start step must be >= 0, got {seed} and {start_step}")
+    return _batches(items, batch_size, seed, start_step)
+
+
+def _batches(items: Sequence[T], batch_size: int, seed: int, start_step: int) -> Iterator[list[T]]:
+    epoch, offset = divmod(start_step * batch_size, len(items))
+    order = _pass_order(len(items), seed, epoch)
+    while True:
+        batch: list[T] = []
+        while len(batch) < batch_size:
+            take = min(batch_size - len(batch), len(items) - offset)
+            batch.extend(items[i] for i in order[offset : offset + take])
+            offset += take
+            if offset == len(items):
+                epoch, offset = epoch + 1, 0
+                order = _pass_order(len(items), seed, epoch)
+        yield batch
+
+
+def _pass_order(size: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(size)
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int, *, left: bool) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            target = out[i, width - len(row) :] if left else out[i, : len(row)]
+            target.copy_(torch.as_tensor(row, dtype=torch.long))
+    return out
+
+
+def _check_max_length(max_length: int) -> None:
+    if max_length < 2:
+        raise FlexMoEError(
+            f"maximum sequence length must be at least 2 tokens, got {max_length}; raise it"
+        )

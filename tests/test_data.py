@@ -1,0 +1,190 @@
+"""Reading instruction records from JSONL, JSON and Parquet files, and their errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flexmoe.data import (
+    NATURAL_INSTRUCTIONS,
+    InstructionExample,
+    category_counts,
+    load_dataset,
+    load_instructions,
+)
+from flexmoe.errors import FlexMoEError
+
+ALPACA = [
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Name a colour.", "output": "Blue"},
+    {"instruction": "Say hi.", "input": None, "output": "Hi"},
+]
+DOLLY = [
+    {
+        "instruction": "Who wrote Hamlet?",
+        "context": "",
+        "response": "Shakespeare.",
+        "category": "open_qa",
+    },
+    {
+        "instruction": "Summarize.",
+        "context": "A long text.",
+        "response": "Short.",
+        "category": "summarization",
+    },
+]
+ALPACA_EXPECTED = [
+    InstructionExample("Add the numbers.", "2 and 3", "5"),
+    InstructionExample("Name a colour.", "", "Blue"),
+    InstructionExample("Say hi.", "", "Hi"),
+]
+DOLLY_EXPECTED = [
+    InstructionExample("Who wrote Hamlet?", "", "Shakespeare.", "open_qa"),
+    InstructionExample("Summarize.", "A long text.", "Short.", "summarization"),
+]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def write_json(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def write_parquet(path: Path, records: list) -> Path:
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return path
+
+
+WRITERS = {"jsonl": write_jsonl, "json": write_json, "parquet": write_parquet}
+
+
+@pytest.mark.parametrize("suffix", sorted(WRITERS))
+@pytest.mark.parametrize(
+    ("records", "expected"), [(ALPACA, ALPACA_EXPECTED), (DOLLY, DOLLY_EXPECTED)]
+)
+def test_reads_alpaca_and_dolly_shapes_from_every_format(tmp_path, suffix, records, expected):
+    path = WRITERS[suffix](tmp_path / f"data.{suffix}", records)
+    assert load_instructions(path) == expected
+
+
+def test_jsonl_skips_blank_lines_and_accepts_string_paths(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n" + json.dumps(ALPACA[0]) + "\n\n" + json.dumps(ALPACA[1]) + "\n")
+    assert load_instructions(str(path)) == ALPACA_EXPECTED[:2]
+
+
+def test_suffix_is_case_insensitive(tmp_path):
+    path = write_json(tmp_path / "DATA.JSON", DOLLY)
+    assert load_instructions(path) == DOLLY_EXPECTED
+
+
+def test_category_counts_largest_first():
+    examples = [InstructionExample("i", "", "o", c) for c in ["a", "b", "b", None, "b"]]
+    assert list(category_counts(examples).items()) == [("b", 3), ("a", 1), (None, 1)]
+
+
+def test_load_dataset_reads_files_and_names_natural_instructions(tmp_path):
+    assert load_dataset(write_jsonl(tmp_path / "d.jsonl", DOLLY)) == DOLLY_EXPECTED
+    assert NATURAL_INSTRUCTIONS == "natural-instructions"
+
+
+def error_message(path: Path) -> str:
+    with pytest.raises(FlexMoEError) as raised:
+        load_instructions(path)
+    return str(raised.value)
+
+
+def test_missing_file(tmp_path):
+    assert "not found" in error_message(tmp_path / "nope.jsonl")
+
+
+def test_directory_is_not_a_data_file(tmp_path):
+    assert "not found" in error_message(tmp_path)
+
+
+def test_unsupported_extension_lists_supported_ones(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("instruction,output\na,b\n")
+    message = error_message(path)
+    assert "'.csv'" in message and ".jsonl" in message and ".parquet" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("empty.json", ""), ("list.json", "[]")],
+)
+def test_empty_files(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    assert "contains no records" in error_message(path)
+
+
+def test_empty_parquet(tmp_path):
+    schema = pa.schema([("instruction", pa.string()), ("output", pa.string())])
+    path = tmp_path / "empty.parquet"
+    pq.write_table(schema.empty_table(), path)
+    assert "contains no records" in error_message(path)
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(ALPACA[0]) + "\n\n" + '{"instruction": "x", \n')
+    message = error_message(path)
+    assert "line 3" in message and "malformed JSON" in message
+
+
+def test_malformed_json_names_the_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n{"instruction": "x", "output": "y"},\n{oops}\n]')
+    assert "line 3" in error_message(path)
+
+
+def test_json_that_is_not_a_list(tmp_path):
+    assert "not a list" in error_message(write_json(tmp_path / "d.json", ALPACA[0]))
+
+
+def test_file_that_is_not_parquet(tmp_path):
+    path = tmp_path / "fake.parquet"
+    path.write_bytes(b"not parquet at all")
+    assert "not a readable Parquet file" in error_message(path)
+
+
+def test_non_utf8_file(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes('{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1"))
+    assert "UTF-8" in error_message(path)
+
+
+@pytest.mark.parametrize(
+    ("record", "missing"),
+    [
+        ({"input": "x", "output": "y"}, "'instruction'"),
+        ({"instruction": "x", "input": "y"}, "'output' or 'response'"),
+        ({"instruction": "x", "context": "y", "output": None}, "'output' or 'response'"),
+    ],
+)
+def test_record_missing_fields_names_index_and_accepted_fields(tmp_path, record, missing):
+    path = write_jsonl(tmp_path / "d.jsonl", [ALPACA[0], record])
+    message = error_message(path)
+    assert "record 1 of" in message and missing in message
+    assert "Alpaca: instruction, input (optional), output" in message
+    assert "Dolly: instruction, context (optional), response" in message
+
+
+def test_record_that_is_not_an_object(tmp_path):
+    message = error_message(write_json(tmp_path / "d.json", [ALPACA[0], ["a", "b"]]))
+    assert "record 1 of" in message and "must be an object, not list" in message
+
+
+def test_field_of_the_wrong_type(tmp_path):
+    record = {"instruction": "x", "output": 5}
+    message = error_message(write_jsonl(tmp_path / "d.jsonl", [record]))
+    assert "record 0 of" in message and "'output' must be a string, not int" in message
