@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flexmoe.errors import FlexMoEError
+from flexmoe.selection import STRATEGIES
 
 Command = Callable[[argparse.Namespace], None]
 
@@ -43,9 +44,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Personalized federated instruction tuning of MoE LLMs with FLEx.",
     )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    _add_run(commands)
     _add_graft(commands)
     _add_info(commands)
     return parser
+
+
+def _add_run(commands: argparse._SubParsersAction) -> None:
+    from flexmoe.runconfig import RunConfig
+
+    run = commands.add_parser(
+        "run",
+        help="run a federation in simulation (default: FLEx on Natural Instructions)",
+        description="Run a federated job with Flower's simulation engine, evaluate every "
+        "client, print a results table and write OUT/results.json. Every option can also be "
+        "set in --config FILE.toml (keys as below, without dashes' prefix).",
+    )
+    run.add_argument("--config", type=Path, help="TOML file of settings")
+    run.add_argument("--out", type=Path, help="output folder (default runs/<time>-<method>)")
+    run.add_argument("--resume", type=Path, metavar="OUT", help="continue the run saved in OUT")
+    for name, default in RunConfig().to_flat().items():
+        run.add_argument(f"--{name}", type=type(default), default=None, help=f"default {default}")
+    run.set_defaults(command=run_run)
 
 
 def _add_graft(commands: argparse._SubParsersAction) -> None:
@@ -66,7 +86,7 @@ def _add_graft(commands: argparse._SubParsersAction) -> None:
         metavar="RHO",
         help="fraction of intermediate neurons kept (most active first)",
     )
-    graft.add_argument("--selection", default="top", choices=("top", "greedy", "exhaustive"))
+    graft.add_argument("--selection", default="top", choices=STRATEGIES)
     graft.add_argument("--max-examples", type=int, default=256, metavar="N")
     graft.add_argument("--max-length", type=int, default=256, help="tokens per example")
     graft.add_argument("--batch-size", type=int, default=8)
@@ -78,6 +98,32 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
     info.add_argument("model", help="local Hugging Face model folder, or 'tiny'")
     info.add_argument("--adapter", type=Path, help="also load and describe a personal adapter")
     info.set_defaults(command=run_info)
+
+
+def run_run(args: argparse.Namespace) -> None:
+    """Run (or resume) a federation in simulation and print its results."""
+    from flexmoe.federated.federation import read_run_config
+    from flexmoe.federated.simulation import simulate
+    from flexmoe.report import results_table
+    from flexmoe.runconfig import RunConfig
+
+    overrides = {
+        name: getattr(args, name.replace("-", "_"))
+        for name in RunConfig().to_flat()
+        if getattr(args, name.replace("-", "_")) is not None
+    }
+    if args.resume is not None:
+        config, out = read_run_config(args.resume).updated(overrides), args.resume
+    else:
+        config = RunConfig.from_toml(args.config) if args.config else RunConfig()
+        config = config.updated(overrides)
+        out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method}"
+    print(
+        f"flexmoe run: {config.method}, {config.clients} clients, {config.rounds} rounds -> {out}"
+    )
+    results = simulate(config, out)
+    print(results_table(results))
+    print(f"results written to {out / 'results.json'}")
 
 
 def run_graft(args: argparse.Namespace) -> None:

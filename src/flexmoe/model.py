@@ -45,6 +45,7 @@ class FlexConfig:
     experts_per_layer: int = 1
     size_ratio: float = 1.0
     selection: str = "top"
+    seed: int = 0
     shared: SharedConfig = field(default_factory=SharedConfig)
 
     @classmethod
@@ -80,7 +81,7 @@ class FlexModel(nn.Module):
         config = config or FlexConfig()
         views = find_moe_blocks(base)
         choices = select_experts(
-            base, views, batches, config.experts_per_layer, config.selection, progress
+            base, views, batches, config.experts_per_layer, config.selection, progress, config.seed
         )
         return cls(base, plan_grafts(views, choices, config.size_ratio), config), choices
 

@@ -14,6 +14,8 @@ Strategies for r experts per layer:
 - ``greedy``: grow S one expert at a time, adding the expert that minimises ``L(S)``; r passes.
 - ``exhaustive``: the r-subset with the lowest ``L(S)``; one pass, refused beyond
   ``MAX_EXHAUSTIVE_SETS`` subsets.
+- ``random``: r experts drawn uniformly from ``seed`` (the random-expert ablation); losses are
+  still scored and reported.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from tqdm.auto import tqdm
 from flexmoe.errors import FlexMoEError
 from flexmoe.moe import MoEBlockView
 
-STRATEGIES = ("top", "greedy", "exhaustive")
+STRATEGIES = ("top", "greedy", "exhaustive", "random")
 MAX_EXHAUSTIVE_SETS = 5000
 MAX_MIXED_ELEMENTS = 2**25  # bounds the [sets, tokens, hidden] tensor scored at once
 
@@ -71,6 +73,7 @@ def select_experts(
     experts_per_layer: int = 1,
     strategy: str = "top",
     progress: bool = False,
+    seed: int = 0,
 ) -> list[LayerChoice]:
     """Choose ``experts_per_layer`` experts to graft in every MoE layer from local ``batches``."""
     _validate(views, batches, experts_per_layer, strategy)
@@ -88,6 +91,12 @@ def select_experts(
             choices[v.layer] = (order, float(losses[order[0]]) if r == 1 else None)
     if strategy == "greedy":
         choices = _greedy(model, views, batches, choices, r, progress)
+    if strategy == "random":
+        generator = torch.Generator().manual_seed(seed)
+        choices = {
+            v.layer: (sorted(torch.randperm(v.num_experts, generator=generator)[:r].tolist()), None)
+            for v in views
+        }
     return [_layer_choice(v, scores[v.layer], *choices[v.layer]) for v in views]
 
 

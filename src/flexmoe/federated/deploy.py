@@ -1,0 +1,498 @@
+"""Run the Flower app on a real local deployment: a SuperLink and N SuperNodes over TLS."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from flexmoe.errors import FlexMoEError
+
+ConfigValue = str | int | float | bool
+
+LOOPBACK = "127.0.0.1"
+CONNECTION = "flexmoe-local"  # name of the SuperLink connection written for the `flwr` CLI
+STOP_GRACE_S = 5.0
+RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """PEM files of a private CA and a server certificate valid for the loopback names."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass
+class Process:
+    """One launched process, its role and its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass
+class Deployment:
+    """Everything one local deployment launched, listens on and writes."""
+
+    out_dir: Path
+    certs: Certificates
+    superlink_port: int
+    supernode_ports: list[int]
+    env: dict[str, str]
+    processes: list[Process] = field(default_factory=list)
+
+    @property
+    def superlink_address(self) -> str:
+        """The SuperLink's Fleet, Control and Runtime API address (one HTTPS port)."""
+        return f"{LOOPBACK}:{self.superlink_port}"
+
+    @property
+    def logs(self) -> Path:
+        """The folder holding one log file per process."""
+        return self.out_dir / "logs"
+
+
+def find_app_dir() -> Path:
+    """Return the source checkout whose pyproject.toml declares flexmoe's Flower app."""
+    root = Path(__file__).resolve().parents[3]  # <root>/src/flexmoe/federated/deploy.py
+    pyproject = root / "pyproject.toml"
+    if _declares_flower_app(pyproject) and _project_name(pyproject) == "flexmoe":
+        return root
+    raise FlexMoEError(
+        "deploy-local needs a source checkout of flexmoe, whose pyproject.toml declares the "
+        "Flower app: clone the repository and run `make install` in it"
+    )
+
+
+def deploy_local(
+    app_dir: Path,
+    supernodes: int,
+    out_dir: Path,
+    run_config: Mapping[str, ConfigValue],
+    timeout_s: float = 600,
+) -> None:
+    """Start a TLS SuperLink and `supernodes` SuperNodes, run the app on them, stop them all."""
+    if supernodes < 1:
+        raise FlexMoEError(f"--supernodes must be at least 1, got {supernodes}")
+    config = {**run_config, "out-dir": str(out_dir.resolve())}
+    _check_app_dir(app_dir, config)
+    deadline = time.monotonic() + timeout_s
+    deployment = _prepare(out_dir.resolve(), supernodes)
+    with _sigterm_as_exit():
+        try:
+            _launch(deployment, "superlink", superlink_command(deployment))
+            for index in range(supernodes):
+                _launch(deployment, f"supernode-{index}", supernode_command(deployment, index))
+            _write_manifest(deployment)
+            _wait_for_supernodes(deployment, deadline)
+            _run_app(deployment, app_dir, config, deadline)
+        finally:
+            stop_all(deployment.processes)
+
+
+def superlink_command(deployment: Deployment) -> list[str]:
+    """The `flower-superlink` command line: TLS on one loopback port, ServerApp in a subprocess."""
+    certs = deployment.certs
+    return [
+        *_console_script("flower-superlink"),
+        "--ssl-ca-certfile", str(certs.ca),
+        "--ssl-certfile", str(certs.cert),
+        "--ssl-keyfile", str(certs.key),
+        "--host", LOOPBACK,
+        "--port", str(deployment.superlink_port),
+        "--isolation", "subprocess",
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+
+
+def supernode_command(deployment: Deployment, index: int) -> list[str]:
+    """The `flower-supernode` command line for partition `index`, trusting the private CA."""
+    certs = deployment.certs
+    state_dir = deployment.out_dir / "supernodes" / f"node-{index}"
+    node_config = {
+        "partition-id": index,
+        "num-partitions": len(deployment.supernode_ports),
+        "state-dir": str(state_dir),
+    }
+    return [
+        *_console_script("flower-supernode"),
+        "--superlink", deployment.superlink_address,
+        "--root-certificates", str(certs.ca),
+        "--node-config", format_config(node_config),
+        "--host", LOOPBACK,
+        "--port", str(deployment.supernode_ports[index]),
+        "--ssl-ca-certfile", str(certs.ca),
+        "--ssl-certfile", str(certs.cert),
+        "--ssl-keyfile", str(certs.key),
+        "--isolation", "subprocess",
+    ]  # fmt: skip
+
+
+def format_config(config: Mapping[str, ConfigValue]) -> str:
+    """Render a config as Flower's space-separated `key=value` pairs with TOML values."""
+    return " ".join(f"{key}={_toml_value(value)}" for key, value in config.items())
+
+
+def generate_certificates(folder: Path) -> Certificates:
+    """Write a fresh CA and a server certificate for 127.0.0.1/localhost into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = _name("flexmoe deploy-local CA")
+    ca = (
+        _builder(ca_name, ca_name, ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOOPBACK))]
+    server = (
+        _builder(_name("localhost"), ca_name, server_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    certs = Certificates(folder / "ca.crt", folder / "server.crt", folder / "server.key")
+    certs.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    certs.cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    _write_private(certs.key, _pem_private_key(server_key))
+    return certs
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def stop_all(processes: Sequence[Process]) -> None:
+    """Terminate every process group (and stray descendants), then kill what remains."""
+    descendants = _descendants(p.popen.pid for p in processes)
+    for process in processes:
+        _signal_group(process.popen, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for process in processes:
+        with suppress(subprocess.TimeoutExpired):
+            process.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+        _signal_group(process.popen, signal.SIGKILL)
+        process.popen.wait()
+    for pid in descendants:
+        _kill_quietly(pid, signal.SIGKILL)
+
+
+def _prepare(out_dir: Path, supernodes: int) -> Deployment:
+    """Create the output folders, certificates, `flwr` CLI config and ports of a deployment."""
+    for sub in ("logs", "supernodes", "flwr-home"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    deployment = Deployment(
+        out_dir=out_dir,
+        certs=generate_certificates(out_dir / "certs"),
+        superlink_port=free_port(),
+        supernode_ports=[free_port() for _ in range(supernodes)],
+        env=_child_env(out_dir / "flwr-home"),
+    )
+    _write_flwr_config(deployment)
+    return deployment
+
+
+def _run_app(
+    deployment: Deployment, app_dir: Path, config: Mapping[str, ConfigValue], deadline: float
+) -> None:
+    """Submit the app with `flwr run --stream`, wait for the run to end, check it completed."""
+    command = [
+        *_console_script("flwr"), "run", str(app_dir), CONNECTION,
+        "--run-config", format_config(config), "--stream",
+    ]  # fmt: skip
+    client = _launch(deployment, "flwr-run", command)
+    _wait_for_exit(deployment, client, deadline)
+    if client.popen.returncode != 0:
+        raise _died(client)
+    match = RUN_ID.search(client.log.read_text(errors="replace"))
+    if match is None:
+        raise FlexMoEError(f"`flwr run` started no run; see {client.log}")
+    status = _run_status(deployment, int(match.group(1)))
+    while not status.startswith("finished"):  # the log stream ended early: poll instead
+        _check_alive(deployment, skip=client)
+        if time.monotonic() > deadline:
+            raise FlexMoEError(f"the Flower run timed out; see {client.log}")
+        time.sleep(2)
+        status = _run_status(deployment, int(match.group(1)))
+    if status != "finished:completed":
+        raise FlexMoEError(
+            f"the Flower run ended as {status!r}; see {client.log} "
+            f"and {deployment.logs / 'superlink.log'}"
+        )
+
+
+def _wait_for_supernodes(deployment: Deployment, deadline: float) -> None:
+    """Wait until every SuperNode is registered and online at the SuperLink."""
+    _wait_for_port(deployment, deployment.superlink_port, deadline)
+    expected = len(deployment.supernode_ports)
+    while True:
+        nodes = _flwr_json(deployment, "supernode", "ls", CONNECTION)["nodes"]
+        if sum(node["status"] == "online" for node in nodes) >= expected:
+            return
+        _check_alive(deployment)
+        if time.monotonic() > deadline:
+            raise FlexMoEError(f"SuperNodes did not come online; see {deployment.logs}")
+        time.sleep(1)
+
+
+def _run_status(deployment: Deployment, run_id: int) -> str:
+    """The run's status text as `flwr ls` reports it (e.g. `finished:completed`)."""
+    runs = _flwr_json(deployment, "ls", CONNECTION, "--run-id", str(run_id))["runs"]
+    return str(runs[0]["status"])
+
+
+def _flwr_json(deployment: Deployment, *args: str) -> dict[str, Any]:
+    """Run a `flwr` CLI command against our SuperLink and parse its JSON output."""
+    command = [*_console_script("flwr"), *args, "--format", "json"]
+    result = subprocess.run(command, env=deployment.env, capture_output=True, text=True)
+    try:
+        return json.loads(result.stdout)
+    except ValueError as error:
+        raise FlexMoEError(f"`flwr {' '.join(args)}` failed: {result.stderr.strip()}") from error
+
+
+def _wait_for_exit(deployment: Deployment, process: Process, deadline: float) -> None:
+    """Wait for `process` to exit while all the others stay up and the deadline holds."""
+    while process.popen.poll() is None:
+        _check_alive(deployment, skip=process)
+        if time.monotonic() > deadline:
+            raise FlexMoEError(f"the Flower run timed out; see {process.log}")
+        time.sleep(0.5)
+
+
+def _wait_for_port(deployment: Deployment, port: int, deadline: float) -> None:
+    """Wait until something accepts connections on the loopback `port`."""
+    while True:
+        _check_alive(deployment)
+        with socket.socket() as sock:
+            if sock.connect_ex((LOOPBACK, port)) == 0:
+                return
+        if time.monotonic() > deadline:
+            raise FlexMoEError(f"nothing listens on {LOOPBACK}:{port}; see {deployment.logs}")
+        time.sleep(0.2)
+
+
+def _check_alive(deployment: Deployment, skip: Process | None = None) -> None:
+    """Raise if any launched process other than `skip` has exited."""
+    for process in deployment.processes:
+        if process is not skip and process.popen.poll() is not None:
+            raise _died(process)
+
+
+def _died(process: Process) -> FlexMoEError:
+    """The error that names a process that exited and its log."""
+    return FlexMoEError(
+        f"{process.name} exited with code {process.popen.returncode}; see {process.log}"
+    )
+
+
+def _launch(deployment: Deployment, name: str, command: list[str]) -> Process:
+    """Start `command` in its own process group, logging stdout and stderr to logs/<name>.log."""
+    log = deployment.logs / f"{name}.log"
+    with log.open("wb") as sink:
+        popen = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=deployment.env,
+            start_new_session=True,
+        )
+    process = Process(name, popen, log)
+    deployment.processes.append(process)
+    return process
+
+
+def _write_manifest(deployment: Deployment) -> None:
+    """Record ports, PIDs, commands and logs in deployment.json (for people and tests)."""
+    manifest = {
+        "superlink": deployment.superlink_address,
+        "supernode_ports": deployment.supernode_ports,
+        "certificates": {k: str(v) for k, v in vars(deployment.certs).items()},
+        "processes": [
+            {"name": p.name, "pid": p.popen.pid, "command": p.popen.args, "log": str(p.log)}
+            for p in deployment.processes
+        ],
+    }
+    (deployment.out_dir / "deployment.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _write_flwr_config(deployment: Deployment) -> None:
+    """Write the `flwr` CLI's config.toml naming our SuperLink and its CA (in FLWR_HOME)."""
+    text = (
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{deployment.superlink_address}"\n'
+        f"root-certificates = {_toml_value(str(deployment.certs.ca))}\n"
+    )
+    (Path(deployment.env["FLWR_HOME"]) / "config.toml").write_text(text)
+
+
+def _child_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower processes: private FLWR_HOME, no telemetry, venv scripts on PATH."""
+    scripts = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")]),
+    }
+
+
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit while deploying, so `finally` blocks stop the processes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    """Signal handler that exits through the normal cleanup path."""
+    raise SystemExit(128 + signum)
+
+
+def _console_script(name: str) -> list[str]:
+    """The path of a Flower console script installed next to this Python."""
+    script = Path(sys.executable).parent / name
+    if not script.exists():
+        raise FlexMoEError(f"{script} not found: install Flower with `pip install 'flwr>=1.41'`")
+    return [str(script)]
+
+
+def _check_app_dir(app_dir: Path, run_config: Mapping[str, ConfigValue]) -> None:
+    """Refuse folders that hold no Flower app, that `flwr run` would rewrite, or lack keys."""
+    pyproject = app_dir / "pyproject.toml"
+    if not _declares_flower_app(pyproject):
+        raise FlexMoEError(f"{pyproject} declares no Flower app ([tool.flwr.app])")
+    flwr = tomllib.loads(pyproject.read_text())["tool"]["flwr"]
+    if "federations" in flwr:
+        raise FlexMoEError(
+            f"{pyproject} has a [tool.flwr.federations] table, which `flwr run` (1.41) moves "
+            "into its own config and comments out in the file; remove the table"
+        )
+    unknown = sorted(set(run_config) - set(flwr["app"].get("config", {})))
+    if unknown:
+        raise FlexMoEError(
+            f"run config keys {unknown} are not declared in [tool.flwr.app.config] of {pyproject}"
+        )
+
+
+def _declares_flower_app(pyproject: Path) -> bool:
+    """Whether `pyproject` exists and has a [tool.flwr.app] table."""
+    if not pyproject.is_file():
+        return False
+    config = tomllib.loads(pyproject.read_text())
+    return "app" in config.get("tool", {}).get("flwr", {})
+
+
+def _project_name(pyproject: Path) -> str | None:
+    """The [project] name in `pyproject`."""
+    return tomllib.loads(pyproject.read_text()).get("project", {}).get("name")
+
+
+def _toml_value(value: ConfigValue) -> str:
+    """A config value as a TOML literal (JSON strings are TOML basic strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)
+
+
+def _name(common_name: str) -> x509.Name:
+    """An X.509 name with only a common name."""
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _builder(
+    subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePublicKey
+) -> x509.CertificateBuilder:
+    """A certificate builder valid from an hour ago for 30 days."""
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+    )
+
+
+def _pem_private_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """An unencrypted PKCS#8 PEM encoding of `key`."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write `data` to a file only its owner can read (mode 0600)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+
+
+def _descendants(roots: Iterable[int]) -> set[int]:
+    """All descendant PIDs of `roots`, from the parent links in /proc (empty off Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat_file.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat_file.parent.name))
+    found: set[int] = set()
+    stack = list(roots)
+    while stack:
+        fresh = set(children.get(stack.pop(), ())) - found
+        found |= fresh
+        stack.extend(fresh)
+    return found
+
+
+def _signal_group(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Send `sig` to the process group that `popen` leads, if it still exists."""
+    with suppress(ProcessLookupError):
+        os.killpg(popen.pid, sig)
+
+
+def _kill_quietly(pid: int, sig: signal.Signals) -> None:
+    """Send `sig` to `pid`, ignoring processes that are already gone."""
+    with suppress(ProcessLookupError):
+        os.kill(pid, sig)

@@ -1,0 +1,236 @@
+"""The server side of a run: rounds, checkpoints, communication accounting, final evaluation.
+
+The server holds only shared parameters. After every round it writes them, the strategy's state,
+the round number, the per-round history and the random state under ``OUT/checkpoints`` and
+``OUT/checkpoint.json`` (each file atomically, the JSON last), so a run can be resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from flexmoe.errors import FlexMoEError
+from flexmoe.federated.records import state_to_arrays, wire_bytes
+from flexmoe.federated.strategies import make_strategy, restore_strategy_state, strategy_state
+from flexmoe.io import atomic_write, atomic_write_text
+from flexmoe.loading import load_model
+from flexmoe.methods import Method, get_method
+from flexmoe.model import FlexConfig, FlexModel
+from flexmoe.runconfig import RunConfig
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_FILE = "checkpoint.json"
+RESULTS_FILE = "results.json"
+ROUNDS_FILE = "rounds.json"
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class ServerState:
+    """What the server knows between rounds, apart from arrays."""
+
+    config: RunConfig
+    round: int = 0
+    history: list[dict] = field(default_factory=list)
+    wall_s: float = 0.0
+    random_state: list | None = None
+
+
+def run_federation(grid: Grid, config: RunConfig, out: Path, progress: bool = True) -> dict:
+    """Run (or resume) ``config.rounds`` rounds on ``grid``, evaluate, and write the results."""
+    method = get_method(config.method)
+    strategy = make_strategy(method, config)
+    state, arrays = load_checkpoint(out, config, strategy)
+    if state is None:
+        state, arrays = ServerState(config), initial_arrays(config, method)
+    session_started, wall_before = time.perf_counter(), state.wall_s
+    rounds = range(state.round + 1, config.rounds + 1)
+    for round_ in tqdm(rounds, desc=f"{config.method} rounds", disable=not progress):
+        round_started = time.perf_counter()
+        random.seed(config.seed * 1_000 + round_)  # node sampling, when fraction-train < 1
+        train_config = _message_config(config, out)
+        messages = list(strategy.configure_train(round_, arrays, train_config, grid))
+        replies = _replies(grid, messages)
+        if method.federated:
+            arrays, _ = strategy.aggregate_train(round_, replies)
+        state.history.append(_round_record(round_, messages, replies, round_started))
+        state.round, state.random_state = round_, _random_state()
+        state.wall_s = wall_before + time.perf_counter() - session_started
+        save_checkpoint(out, state, arrays, strategy)
+    evaluation = evaluate_clients(grid, strategy, arrays, config, out, state.round)
+    state.wall_s = wall_before + time.perf_counter() - session_started
+    results = build_results(state, evaluation)
+    atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2))
+    return results
+
+
+def initial_arrays(config: RunConfig, method: Method) -> ArrayRecord:
+    """The global shared parameters before round 1 (none for methods that do not federate)."""
+    if not method.federated:
+        return ArrayRecord()
+    base, _ = load_model(config.model)
+    torch.manual_seed(config.seed)
+    model = FlexModel(base, config=FlexConfig(shared=method.shared))
+    return state_to_arrays(model.shared_state_dict())
+
+
+def evaluate_clients(
+    grid: Grid, strategy: FedAvg, arrays: ArrayRecord, config: RunConfig, out: Path, round_: int
+) -> list[dict]:
+    """Every client scores the model it would use, on its own test split."""
+    messages = strategy.configure_evaluate(round_, arrays, _message_config(config, out), grid)
+    clients = []
+    for reply in _replies(grid, list(messages)):
+        metrics = reply.content["metrics"]
+        clients.append(
+            {
+                "client_id": int(metrics["client-id"]),
+                "categories": list(reply.content["client"]["categories"]),
+                "n_train": int(metrics["n-train"]),
+                "n_test": int(metrics["num-examples"]),
+                "rouge_l": float(metrics["rouge_l"]),
+                "test_loss": float(metrics["test_loss"]),
+            }
+        )
+    return sorted(clients, key=lambda c: c["client_id"])
+
+
+def build_results(state: ServerState, evaluation: list[dict]) -> dict:
+    config = state.config
+    per_client = {}
+    for record in state.history:
+        for client in record["clients"]:
+            totals = per_client.setdefault(client["client_id"], {"bytes_up": 0, "bytes_down": 0})
+            totals["bytes_up"] += client["bytes_up"]
+            totals["bytes_down"] += client["bytes_down"]
+    clients = [{**c, **per_client.get(c["client_id"], {})} for c in evaluation]
+    return {
+        "method": config.method,
+        "split": config.split,
+        "alpha": config.alpha,
+        "seed": config.seed,
+        "rounds": state.round,
+        "clients": clients,
+        "mean_rouge_l": statistics.fmean(c["rouge_l"] for c in clients),
+        "mean_test_loss": statistics.fmean(c["test_loss"] for c in clients),
+        "comm": {
+            "bytes_up": sum(r["bytes_up"] for r in state.history),
+            "bytes_down": sum(r["bytes_down"] for r in state.history),
+            "per_round": [
+                {k: r[k] for k in ("round", "bytes_up", "bytes_down")} for r in state.history
+            ],
+        },
+        "wall_s": round(state.wall_s, 2),
+        "config": asdict(config),
+    }
+
+
+def save_checkpoint(out: Path, state: ServerState, arrays: ArrayRecord, strategy: FedAvg) -> None:
+    folder = out / CHECKPOINT_DIR
+    tag = f"round-{state.round:04d}"
+    shared = {k: np.ascontiguousarray(a.numpy()) for k, a in arrays.items()}
+    atomic_write(folder / f"shared-{tag}.safetensors", lambda p: save_file(shared, str(p)))
+    server = strategy_state(strategy)
+    atomic_write(folder / f"strategy-{tag}.safetensors", lambda p: save_file(server, str(p)))
+    record = {**asdict(state), "config": asdict(state.config), "tag": tag}
+    atomic_write_text(out / ROUNDS_FILE, json.dumps(state.history, indent=2))
+    atomic_write_text(out / CHECKPOINT_FILE, json.dumps(record, indent=2))
+    for old in sorted(folder.glob("*-round-*.safetensors"))[: -2 * KEEP_CHECKPOINTS]:
+        if tag not in old.name:
+            old.unlink()
+
+
+def load_checkpoint(
+    out: Path, config: RunConfig, strategy: FedAvg
+) -> tuple[ServerState | None, ArrayRecord | None]:
+    """The state saved in ``out``, if any, with the strategy's state put back."""
+    path = out / CHECKPOINT_FILE
+    if not path.is_file():
+        return None, None
+    saved = json.loads(path.read_text())
+    folder = out / CHECKPOINT_DIR
+    shared = load_file(folder / f"shared-{saved['tag']}.safetensors")
+    restore_strategy_state(strategy, load_file(folder / f"strategy-{saved['tag']}.safetensors"))
+    random_state = saved["random_state"]
+    if random_state is not None:
+        random.setstate((random_state[0], tuple(random_state[1]), random_state[2]))
+    state = ServerState(config, saved["round"], saved["history"], saved["wall_s"], random_state)
+    return state, ArrayRecord({k: Array(v) for k, v in shared.items()})
+
+
+def read_run_config(out: Path) -> RunConfig:
+    """The settings of the run saved in ``out`` (for --resume)."""
+    path = out / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FlexMoEError(
+            f"{str(out)!r} holds no checkpoint to resume ({CHECKPOINT_FILE} is missing); "
+            "give the output folder of an earlier 'flexmoe run'"
+        )
+    return RunConfig().updated(json.loads(path.read_text())["config"])
+
+
+def _message_config(config: RunConfig, out: Path) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            **config.to_flat(),
+            "run-key": out.resolve().name,
+            "state-root": str((out / "clients").resolve()),
+        }
+    )
+
+
+def _replies(grid: Grid, messages: list[Message]) -> list[Message]:
+    replies = list(grid.send_and_receive(messages))
+    failed = [r for r in replies if r.has_error()]
+    if failed:
+        reason = failed[0].error.reason.strip().splitlines()
+        raise FlexMoEError(f"a client failed: {reason[-1] if reason else 'no reason given'}")
+    if len(replies) != len(messages):
+        raise FlexMoEError(f"{len(messages) - len(replies)} clients did not reply in time")
+    return replies
+
+
+def _round_record(
+    round_: int, messages: Iterable[Message], replies: list[Message], started: float
+) -> dict:
+    down = {m.metadata.dst_node_id: wire_bytes(m.content) for m in messages}
+    clients = []
+    for reply in replies:
+        metrics = reply.content["metrics"]
+        clients.append(
+            {
+                "client_id": int(metrics["client-id"]),
+                "bytes_up": wire_bytes(reply.content),
+                "bytes_down": down[reply.metadata.src_node_id],
+                "train_loss": float(metrics["train_loss"]),
+            }
+        )
+    clients.sort(key=lambda c: c["client_id"])
+    return {
+        "round": round_,
+        "lr": float(replies[0].content["metrics"]["lr"]),
+        "mean_train_loss": statistics.fmean(c["train_loss"] for c in clients),
+        "bytes_up": sum(c["bytes_up"] for c in clients),
+        "bytes_down": sum(c["bytes_down"] for c in clients),
+        "wall_s": round(time.perf_counter() - started, 2),
+        "clients": clients,
+    }
+
+
+def _random_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]

@@ -1,0 +1,67 @@
+"""Running a whole federation in one process with Flower's simulation engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from flexmoe.client import client_datasets
+from flexmoe.errors import FlexMoEError
+from flexmoe.federated import client_app
+from flexmoe.federated.federation import RESULTS_FILE, run_federation
+from flexmoe.loading import load_model
+from flexmoe.methods import get_method
+from flexmoe.moe import find_moe_blocks
+from flexmoe.runconfig import RunConfig
+
+
+def simulate(config: RunConfig, out: Path, progress: bool = True) -> dict:
+    """Run ``config`` on ``config.clients`` simulated SuperNodes; returns the results."""
+    check_run(config)
+    out.mkdir(parents=True, exist_ok=True)
+    failures: list[BaseException] = []
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            run_federation(grid, config, out, progress)
+        except BaseException as error:  # re-raised below, outside Flower's runtime
+            failures.append(error)
+
+    _quiet_flower()
+    run_simulation(
+        server_app=server,
+        client_app=client_app.app,
+        num_supernodes=config.clients,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": False},
+        },
+    )
+    if failures:
+        raise failures[0]
+    results = out / RESULTS_FILE
+    if not results.is_file():
+        raise FlexMoEError(f"the run ended without writing {results}; see the log above")
+    return json.loads(results.read_text())
+
+
+def check_run(config: RunConfig) -> None:
+    """Fail early, with a clear error, on a bad model or data set rather than inside a client."""
+    model, _ = load_model(config.model)
+    if get_method(config.method).graft != "none":
+        find_moe_blocks(model)
+    client_datasets(config)
+
+
+def _quiet_flower() -> None:
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")

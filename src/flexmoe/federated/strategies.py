@@ -1,0 +1,77 @@
+"""Flower strategies for each method, and their state for checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+)
+
+from flexmoe.methods import Method
+from flexmoe.runconfig import RunConfig
+
+# Server-optimiser settings of OpenFedLLM, the code base the paper builds on.
+FEDOPT = {"eta": 1e-3, "eta_l": 1e-3, "tau": 1e-3}
+ADAPTIVE_BETAS = {"beta_1": 0.9, "beta_2": 0.99}
+SERVER_MOMENTUM = 0.9
+STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
+
+
+def make_strategy(method: Method, config: RunConfig) -> FedAvg:
+    """The strategy that aggregates ``method``'s shared parameters (FedAvg when none are)."""
+    common = {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": config.clients,
+        "min_available_nodes": config.clients,
+    }
+    match method.strategy:
+        case "fedprox":
+            return FedProx(**common, proximal_mu=config.proximal_mu)
+        case "fedavgm":
+            return FedAvgM(**common, server_momentum=SERVER_MOMENTUM)
+        case "fedadam":
+            return FedAdam(**common, **FEDOPT, **ADAPTIVE_BETAS)
+        case "fedyogi":
+            return FedYogi(**common, **FEDOPT, **ADAPTIVE_BETAS)
+        case "fedadagrad":
+            return FedAdagrad(**common, **FEDOPT)
+        case _:
+            return FedAvg(**common)
+
+
+def strategy_state(strategy: FedAvg) -> dict[str, np.ndarray]:
+    """The strategy's server-side optimiser state, flattened to named arrays."""
+    state = {}
+    for attribute in STATE_ATTRIBUTES:
+        value = getattr(strategy, attribute, None)
+        if isinstance(value, ArrayRecord):
+            value = {k: a.numpy() for k, a in value.items()}
+        if isinstance(value, list):
+            value = {str(i): v for i, v in enumerate(value)}
+        for key, array in (value or {}).items():
+            state[f"{attribute}/{key}"] = np.ascontiguousarray(array)
+    return state
+
+
+def restore_strategy_state(strategy: FedAvg, state: dict[str, np.ndarray]) -> None:
+    """Put back what ``strategy_state`` took, in the types the strategy keeps."""
+    for attribute in STATE_ATTRIBUTES:
+        prefix = f"{attribute}/"
+        values = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not values:
+            continue
+        if attribute == "momentum_vector":
+            restored = [values[str(i)] for i in range(len(values))]
+        elif attribute == "current_arrays" and isinstance(strategy, FedAvgM):
+            restored = ArrayRecord({k: Array(v) for k, v in values.items()})
+        else:
+            restored = values
+        setattr(strategy, attribute, restored)

@@ -1,0 +1,61 @@
+"""Local training: a few AdamW steps on the trainable (shared and personal) parameters."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+
+def cosine_lr(round_: int, total_rounds: int, lr: float, min_lr: float) -> float:
+    """Learning rate of ``round_`` (1-based), cosine-decayed from ``lr`` to ``min_lr``."""
+    progress = (round_ - 1) / max(1, total_rounds - 1)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def train_steps(
+    model: nn.Module,
+    batches: Iterator[Mapping[str, torch.Tensor]],
+    steps: int,
+    lr: float,
+    anchor: Mapping[str, torch.Tensor] | None = None,
+    proximal_mu: float = 0.0,
+) -> list[float]:
+    """Run ``steps`` optimizer steps; with ``anchor``, add FedProx's ``mu/2 ||w - w_global||^2``.
+
+    Returns the task loss of every step.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        batch = next(batches)
+        loss = model(**batch).loss
+        total = loss + _proximal_term(named, anchor, proximal_mu) if anchor else loss
+        total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def _proximal_term(
+    named: list[tuple[str, nn.Parameter]], anchor: Mapping[str, torch.Tensor], mu: float
+) -> torch.Tensor:
+    squared = sum(((p - anchor[n]) ** 2).sum() for n, p in named if n in anchor)
+    return 0.5 * mu * squared
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches: list[Mapping[str, torch.Tensor]]) -> float:
+    """Token-weighted mean loss over ``batches`` (labels with -100 are skipped)."""
+    total, count = 0.0, 0
+    for batch in batches:
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        total += model(**batch).loss.item() * tokens
+        count += tokens
+    return total / max(1, count)

@@ -1,0 +1,206 @@
+"""deploy-local: a real TLS SuperLink and SuperNodes on loopback run a stand-in Flower app."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from flwr.common.config import parse_config_args
+
+from flexmoe.errors import FlexMoEError
+from flexmoe.federated import deploy
+from flexmoe.federated.deploy import deploy_local, find_app_dir, format_config
+
+PYPROJECT = """\
+[project]
+name = "standin"
+version = "0.1.0"
+
+[tool.flwr.app]
+publisher = "flexmoe"
+
+[tool.flwr.app.components]
+serverapp = "standin_app:server"
+clientapp = "standin_app:client"
+
+[tool.flwr.app.config]
+num-server-rounds = 1
+fail = false
+out-dir = ""
+"""
+
+APP = '''\
+"""FedAvg on one tiny array; the results file lists which partitions replied."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    if context.run_config["fail"]:
+        raise RuntimeError("stand-in failure")
+    partitions = []
+
+    def collect(replies: list[RecordDict], key: str) -> MetricRecord:
+        partitions.extend(int(reply["metrics"]["partition-id"]) for reply in replies)
+        return MetricRecord({"replies": len(replies)})
+
+    strategy = FedAvg(fraction_evaluate=0.0, train_metrics_aggr_fn=collect)
+    rounds = int(context.run_config["num-server-rounds"])
+    result = strategy.start(grid, ArrayRecord([np.zeros(3, np.float32)]), num_rounds=rounds)
+    final = result.arrays.to_numpy_ndarrays()[0].tolist()
+    out = Path(str(context.run_config["out-dir"]))
+    (out / "results.json").write_text(json.dumps({"partitions": partitions, "final": final}))
+
+
+@client.train()
+def train(msg: Message, context: Context) -> Message:
+    partition = int(context.node_config["partition-id"])
+    state = Path(str(context.node_config["state-dir"]))
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "partition.txt").write_text(f"{partition}/{context.node_config['num-partitions']}")
+    arrays = [a + partition + 1 for a in msg.content["arrays"].to_numpy_ndarrays()]
+    metrics = MetricRecord({"num-examples": 1, "partition-id": partition})
+    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=msg)
+'''
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "standin"
+    folder.mkdir()
+    (folder / "pyproject.toml").write_text(PYPROJECT)
+    (folder / "standin_app.py").write_text(APP)
+    return folder
+
+
+def survivors(out_dir: Path, timeout_s: float = 10) -> list[int]:
+    """Live (non-zombie) processes launched for `out_dir`: they carry its FLWR_HOME."""
+    marker = f"FLWR_HOME={out_dir.resolve() / 'flwr-home'}".encode()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = [pid for pid in _live_pids() if marker in _environ(pid).split(b"\0")]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def _live_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "stat").read_text().split(") ")[1][0] != "Z":
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
+
+
+def assert_all_stopped(out_dir: Path) -> None:
+    manifest = json.loads((out_dir / "deployment.json").read_text())
+    pids = [process["pid"] for process in manifest["processes"]]
+    assert pids and not set(pids) & set(_live_pids())
+    assert survivors(out_dir) == []
+
+
+@pytest.mark.slow
+def test_deploy_local_runs_the_app_on_every_supernode_over_tls(app_dir, tmp_path):
+    out = tmp_path / "out"
+    deploy_local(app_dir, supernodes=2, out_dir=out, run_config={"num-server-rounds": 1})
+
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["partitions"]) == [0, 1]
+    assert results["final"] == [1.5, 1.5, 1.5]  # FedAvg of partition 0 (+1) and 1 (+2)
+    for index in range(2):
+        state = out / "supernodes" / f"node-{index}" / "partition.txt"
+        assert state.read_text() == f"{index}/2"
+        assert (out / "logs" / f"supernode-{index}.log").stat().st_size > 0
+    assert "https://127.0.0.1" in (out / "logs" / "superlink.log").read_text()
+    assert stat.S_IMODE((out / "certs" / "server.key").stat().st_mode) == 0o600
+    assert_all_stopped(out)
+
+
+@pytest.mark.slow
+def test_a_failing_run_raises_and_stops_everything(app_dir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(FlexMoEError, match=r"finished:failed.*flwr-run\.log"):
+        deploy_local(app_dir, supernodes=1, out_dir=out, run_config={"fail": True})
+    assert "stand-in failure" in (out / "logs" / "flwr-run.log").read_text()
+    assert_all_stopped(out)
+
+
+def test_undeclared_run_config_keys_are_refused_before_launching(app_dir, tmp_path):
+    with pytest.raises(FlexMoEError, match=r"\['epochs'\] are not declared"):
+        deploy_local(app_dir, supernodes=1, out_dir=tmp_path / "out", run_config={"epochs": 2})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_federations_table_is_refused(app_dir, tmp_path):
+    pyproject = app_dir / "pyproject.toml"
+    pyproject.write_text(PYPROJECT + '\n[tool.flwr.federations]\ndefault = "local"\n')
+    with pytest.raises(FlexMoEError, match="federations"):
+        deploy_local(app_dir, supernodes=1, out_dir=tmp_path / "out", run_config={})
+
+
+def test_certificates_cover_loopback_and_chain_to_the_ca(tmp_path):
+    certs = deploy.generate_certificates(tmp_path)
+    ca = x509.load_pem_x509_certificate(certs.ca.read_bytes())
+    server = x509.load_pem_x509_certificate(certs.cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert stat.S_IMODE(certs.key.stat().st_mode) == 0o600
+
+
+def test_config_values_survive_flowers_parser():
+    config = {"partition-id": 3, "state-dir": "/tmp/a b/node-3", "lr": 0.5, "on": True}
+    assert parse_config_args([format_config(config)]) == config
+
+
+def test_stop_all_also_kills_descendants_in_their_own_session(tmp_path):
+    script = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+        "time.sleep(60)\n"
+    )
+    env = {"FLWR_HOME": str(tmp_path / "flwr-home")}
+    popen = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
+    time.sleep(0.5)
+    deploy.stop_all([deploy.Process("parent", popen, tmp_path / "parent.log")])
+    assert popen.returncode is not None
+    assert survivors(tmp_path, timeout_s=5) == []
+
+
+def test_find_app_dir_needs_a_source_checkout(tmp_path, monkeypatch):
+    module = tmp_path / "src" / "flexmoe" / "federated" / "deploy.py"
+    monkeypatch.setattr(deploy, "__file__", str(module))
+    with pytest.raises(FlexMoEError, match="make install"):
+        find_app_dir()
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "flexmoe"\n\n[tool.flwr.app]\npublisher = "flexmoe"\n'
+    )
+    assert find_app_dir() == tmp_path
