@@ -1,11 +1,12 @@
 # make install: .venv with torch 2.13.0 (CPU, first, so nothing pulls a CUDA build), then flexmoe.
+# make run: the embedded default federated job (FLEx, tiny model, Natural Instructions).
 # make test: lint and the test suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format clean
+.PHONY: install run test lint format clean
 
 install: $(STAMP)
 
@@ -14,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/flexmoe run
 
 lint: install
 	$(PY) -m ruff check src tests scripts

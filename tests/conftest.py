@@ -146,3 +146,28 @@ def alpaca_file(tmp_path) -> Path:
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     return path
+
+
+CATEGORIES = ("closed_qa", "classification", "summarization", "brainstorming")
+
+
+@pytest.fixture(scope="session")
+def dolly_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "dolly.jsonl"
+    rows = [
+        {
+            "instruction": f"Say the word number {i}.",
+            "context": "" if i % 2 else "Words are short.",
+            "response": f"word {i}",
+            "category": category,
+        }
+        for category in CATEGORIES
+        for i in range(10)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_model(tmp_path_factory):
+    return save_model(tmp_path_factory.mktemp("model"), "qwen2_moe")

@@ -57,6 +57,7 @@ def run_federation(grid: Grid, config: RunConfig, out: Path, progress: bool = Tr
     state, arrays = load_checkpoint(out, config, strategy)
     if state is None:
         state, arrays = ServerState(config), initial_arrays(config, method)
+    wait_for_clients(grid, config.clients)
     session_started, wall_before = time.perf_counter(), state.wall_s
     rounds = range(state.round + 1, config.rounds + 1)
     for round_ in tqdm(rounds, desc=f"{config.method} rounds", disable=not progress):
@@ -76,6 +77,19 @@ def run_federation(grid: Grid, config: RunConfig, out: Path, progress: bool = Tr
     results = build_results(state, evaluation)
     atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2))
     return results
+
+
+def wait_for_clients(grid: Grid, count: int, timeout_s: float = 600.0) -> None:
+    """Block until ``count`` SuperNodes are connected, so every round sees all of them."""
+    deadline = time.monotonic() + timeout_s
+    while len(list(grid.get_node_ids())) < count:
+        if time.monotonic() > deadline:
+            connected = len(list(grid.get_node_ids()))
+            raise FlexMoEError(
+                f"only {connected} of {count} clients connected within {timeout_s:.0f} s; "
+                "start one SuperNode per client"
+            )
+        time.sleep(0.5)
 
 
 def initial_arrays(config: RunConfig, method: Method) -> ArrayRecord:

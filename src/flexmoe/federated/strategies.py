@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import (
@@ -28,7 +30,8 @@ def make_strategy(method: Method, config: RunConfig) -> FedAvg:
     common = {
         "fraction_train": config.fraction_train,
         "fraction_evaluate": 1.0,
-        "min_train_nodes": 1,
+        # Flower sizes a sample from the nodes connected so far: state the size outright.
+        "min_train_nodes": max(1, math.floor(config.fraction_train * config.clients)),
         "min_evaluate_nodes": config.clients,
         "min_available_nodes": config.clients,
     }

@@ -1,0 +1,109 @@
+"""The federated layer: what crosses the wire, checkpoints, resume, and errors."""
+
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from safetensors.numpy import load_file
+
+from flexmoe.cli import main
+from flexmoe.federated import client_app
+from flexmoe.federated.federation import _message_config, initial_arrays
+from flexmoe.federated.records import wire_bytes
+from flexmoe.methods import get_method
+from flexmoe.runconfig import RunConfig
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages are stamped with the process's run and node, which a Flower runtime would set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def settings(model, data, **overrides) -> RunConfig:
+    small = dict(clients=2, rounds=1, local_steps=2, batch_size=4, max_length=512)
+    return RunConfig(model=str(model), data=str(data), **{**small, **overrides})
+
+
+def train_reply(config: RunConfig, out) -> Message:
+    """Drive the real ClientApp with a real train message for client 0."""
+    record = _message_config(config, out)
+    record["server-round"] = 1
+    arrays = initial_arrays(config, get_method(config.method))
+    message = Message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord(dict(record))}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    context = Context(1, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), {})
+    return client_app.app(message, context)
+
+
+PRIVATE = ("grafted", "experts", "gate", "router")
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [("flex", ".lora_"), ("fedavg", ".lora_"), ("fedsa-lora", ".lora_A."), ("local", None)],
+)
+def test_replies_carry_only_shared_parameters(tmp_path, random_model, dolly_file, method, expected):
+    reply = train_reply(settings(random_model, dolly_file, method=method), tmp_path)
+    names = list(reply.content["arrays"].keys())
+    if expected is None:
+        assert names == []
+    else:
+        assert names and all(expected in n for n in names)
+        assert not any(word in n for n in names for word in PRIVATE)
+    assert reply.content["metrics"]["num-examples"] > 0
+
+
+def test_personal_state_stays_on_the_client(tmp_path, random_model, dolly_file):
+    train_reply(settings(random_model, dolly_file), tmp_path)
+    saved = list((tmp_path / "clients").rglob("personal.safetensors"))
+    assert len(saved) == 1 and "client-0" in str(saved[0])
+    assert all("grafted_" in name for name in load_file(saved[0]))
+
+
+def test_full_fedavg_ships_the_experts(tmp_path, random_model, dolly_file):
+    full = train_reply(settings(random_model, dolly_file, method="fedavg-full"), tmp_path / "a")
+    flex = train_reply(settings(random_model, dolly_file), tmp_path / "b")
+    assert any("experts.gate_up_proj" in n for n in full.content["arrays"])
+    assert wire_bytes(flex.content) < wire_bytes(full.content)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "phrase"),
+    [
+        (["--method", "fedmagic"], "unknown method"),
+        (["--clients", "50"], "use fewer clients"),
+        (["--model", "/nonexistent/model"], "does not exist"),
+    ],
+)
+def test_bad_runs_fail_early_and_clearly(
+    capsys, tmp_path, random_model, dolly_file, overrides, phrase
+):
+    argv = [
+        "run",
+        "--model",
+        str(random_model),
+        "--data",
+        str(dolly_file),
+        "--out",
+        str(tmp_path / "o"),
+        "--max-length",
+        "512",
+        *overrides,
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flexmoe: error:") and phrase in err
+
+
+def test_data_without_needed_fields_fails_clearly(capsys, tmp_path, random_model):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "hi", "completion": "there"}\n')
+    argv = ["run", "--model", str(random_model), "--data", str(data), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "instruction" in capsys.readouterr().err
