@@ -1,4 +1,4 @@
-"""deploy-local: a real TLS SuperLink and SuperNodes on loopback run a stand-in Flower app."""
+"""deploy-local: a real TLS SuperLink and SuperNodes on loopback run flexmoe's own app."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from cryptography import x509
 from flwr.common.config import parse_config_args
 
+from flexmoe.cli import main
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated import deploy
 from flexmoe.federated.deploy import deploy_local, find_app_dir, format_config
@@ -127,17 +128,44 @@ def assert_all_stopped(out_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_deploy_local_runs_the_app_on_every_supernode_over_tls(app_dir, tmp_path):
+def test_deploy_local_runs_flexmoe_on_every_supernode_over_tls(
+    tmp_path, random_model, dolly_file, capsys
+):
     out = tmp_path / "out"
-    deploy_local(app_dir, supernodes=2, out_dir=out, run_config={"num-server-rounds": 1})
+    argv = [
+        "deploy-local",
+        "--supernodes",
+        "2",
+        "--rounds",
+        "1",
+        "--out",
+        str(out),
+        "--model",
+        str(random_model),
+        "--data",
+        str(dolly_file),
+        "--max-length",
+        "512",
+        "--max-train",
+        "8",
+        "--max-test",
+        "2",
+        "--local-steps",
+        "2",
+        "--max-new-tokens",
+        "4",
+    ]
+    assert main(argv) == 0
+    assert "mean ROUGE-L" in capsys.readouterr().out
 
     results = json.loads((out / "results.json").read_text())
-    assert sorted(results["partitions"]) == [0, 1]
-    assert results["final"] == [1.5, 1.5, 1.5]  # FedAvg of partition 0 (+1) and 1 (+2)
-    for index in range(2):
-        state = out / "supernodes" / f"node-{index}" / "partition.txt"
-        assert state.read_text() == f"{index}/2"
-        assert (out / "logs" / f"supernode-{index}.log").stat().st_size > 0
+    assert [c["client_id"] for c in results["clients"]] == [0, 1]
+    assert results["rounds"] == 1 and results["comm"]["bytes_up"] > 0
+    for index in range(2):  # each SuperNode keeps its personal state in its own folder
+        state = out / "supernodes" / f"node-{index}"
+        assert [p.parent.parent.name for p in state.rglob("personal.safetensors")] == [
+            f"client-{index}"
+        ]
     assert "https://127.0.0.1" in (out / "logs" / "superlink.log").read_text()
     assert stat.S_IMODE((out / "certs" / "server.key").stat().st_mode) == 0o600
     assert_all_stopped(out)

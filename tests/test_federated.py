@@ -1,6 +1,5 @@
 """The federated layer: what crosses the wire, checkpoints, resume, and errors."""
 
-
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from safetensors.numpy import load_file

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flexmoe.errors import FlexMoEError
+from flexmoe.runconfig import RunConfig
 from flexmoe.selection import STRATEGIES
 
 Command = Callable[[argparse.Namespace], None]
@@ -18,7 +19,9 @@ Command = Callable[[argparse.Namespace], None]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_transformers()
+    from flexmoe.loading import quiet_transformers
+
+    quiet_transformers()
     try:
         args.command(args)
     except FlexMoEError as error:
@@ -30,14 +33,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _quiet_transformers() -> None:
-    """Our own progress bars speak for long work; transformers' per-load bars are noise."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexmoe",
@@ -45,27 +40,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     _add_run(commands)
+    _add_deploy_local(commands)
     _add_graft(commands)
     _add_info(commands)
     return parser
 
 
-def _add_run(commands: argparse._SubParsersAction) -> None:
-    from flexmoe.runconfig import RunConfig
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Every run setting as an option (each also settable in --config FILE.toml)."""
+    parser.add_argument("--config", type=Path, help="TOML file of settings")
+    parser.add_argument("--out", type=Path, help="output folder (default runs/<time>-<method>)")
+    for name, default in RunConfig().to_flat().items():
+        kind = type(default)
+        parser.add_argument(f"--{name}", type=kind, default=None, help=f"default {default}")
 
+
+def _add_run(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser(
         "run",
         help="run a federation in simulation (default: FLEx on Natural Instructions)",
-        description="Run a federated job with Flower's simulation engine, evaluate every "
-        "client, print a results table and write OUT/results.json. Every option can also be "
-        "set in --config FILE.toml (keys as below, without dashes' prefix).",
+        description="Run a federated job on Flower's simulation engine, evaluate every client, "
+        "print a results table and write OUT/results.json with OUT/rounds.json beside it.",
     )
-    run.add_argument("--config", type=Path, help="TOML file of settings")
-    run.add_argument("--out", type=Path, help="output folder (default runs/<time>-<method>)")
+    _add_run_options(run)
     run.add_argument("--resume", type=Path, metavar="OUT", help="continue the run saved in OUT")
-    for name, default in RunConfig().to_flat().items():
-        run.add_argument(f"--{name}", type=type(default), default=None, help=f"default {default}")
     run.set_defaults(command=run_run)
+
+
+def _add_deploy_local(commands: argparse._SubParsersAction) -> None:
+    deploy = commands.add_parser(
+        "deploy-local",
+        help="run the same app on a real Flower deployment on this machine (TLS, loopback)",
+        description="Start a Flower SuperLink and N SuperNodes on 127.0.0.1 over TLS with "
+        "generated certificates, run the flexmoe app on them, stop everything, and write "
+        "OUT/results.json.",
+    )
+    deploy.add_argument("--supernodes", type=int, required=True, metavar="N")
+    _add_run_options(deploy)
+    deploy.add_argument("--timeout", type=float, default=1800, help="seconds (default 1800)")
+    deploy.set_defaults(command=run_deploy_local)
 
 
 def _add_graft(commands: argparse._SubParsersAction) -> None:
@@ -100,30 +113,52 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
     info.set_defaults(command=run_info)
 
 
+def _settings(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """Settings from --config (or ``base``), then the options given on the command line."""
+    names = RunConfig().to_flat()
+    given = {n: getattr(args, n.replace("-", "_")) for n in names}
+    overrides = {n: v for n, v in given.items() if v is not None}
+    if base is None:
+        base = RunConfig.from_toml(args.config) if args.config else RunConfig()
+    return base.updated(overrides)
+
+
+def _default_out(config: RunConfig, kind: str = "") -> Path:
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}{config.method}"
+
+
 def run_run(args: argparse.Namespace) -> None:
     """Run (or resume) a federation in simulation and print its results."""
     from flexmoe.federated.federation import read_run_config
     from flexmoe.federated.simulation import simulate
     from flexmoe.report import results_table
-    from flexmoe.runconfig import RunConfig
 
-    overrides = {
-        name: getattr(args, name.replace("-", "_"))
-        for name in RunConfig().to_flat()
-        if getattr(args, name.replace("-", "_")) is not None
-    }
     if args.resume is not None:
-        config, out = read_run_config(args.resume).updated(overrides), args.resume
+        config, out = _settings(args, read_run_config(args.resume)), args.resume
     else:
-        config = RunConfig.from_toml(args.config) if args.config else RunConfig()
-        config = config.updated(overrides)
-        out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method}"
+        config = _settings(args)
+        out = args.out or _default_out(config)
     print(
         f"flexmoe run: {config.method}, {config.clients} clients, {config.rounds} rounds -> {out}"
     )
-    results = simulate(config, out)
-    print(results_table(results))
+    print(results_table(simulate(config, out)))
     print(f"results written to {out / 'results.json'}")
+
+
+def run_deploy_local(args: argparse.Namespace) -> None:
+    """Run the app on a local TLS deployment of Flower and print its results."""
+    from flexmoe.federated.deploy import deploy_local, find_app_dir
+    from flexmoe.federated.federation import RESULTS_FILE
+    from flexmoe.federated.simulation import check_run
+    from flexmoe.report import results_table
+
+    config = _settings(args).updated({"clients": args.supernodes})
+    out = (args.out or _default_out(config, "deploy-")).resolve()
+    check_run(config)
+    print(f"flexmoe deploy-local: {args.supernodes} SuperNodes over TLS -> {out}")
+    deploy_local(find_app_dir(), args.supernodes, out, config.to_flat(), args.timeout)
+    print(results_table(json.loads((out / RESULTS_FILE).read_text())))
+    print(f"results written to {out / RESULTS_FILE}; logs in {out / 'logs'}")
 
 
 def run_graft(args: argparse.Namespace) -> None:

@@ -17,6 +17,14 @@ from flexmoe.errors import FlexMoEError
 TINY = "tiny"
 
 
+def quiet_transformers() -> None:
+    """Our own progress bars speak for long work; transformers' per-load bars are noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def tiny_model_path() -> Path:
     """The folder of the pretrained tiny MoE shipped inside the package."""
     return Path(str(resources.files("flexmoe") / "assets" / "tiny"))

@@ -10,12 +10,15 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flexmoe.client import ClientWorker
+from flexmoe.errors import FlexMoEError
 from flexmoe.federated.records import arrays_to_state, state_to_arrays
+from flexmoe.loading import quiet_transformers
 from flexmoe.runconfig import RunConfig
 
 RUN_KEYS = ("run-key", "state-root", "server-round", "proximal-mu", "threads")
 
 app = ClientApp()
+quiet_transformers()
 
 
 @app.train()
@@ -62,6 +65,12 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _worker(context: Context, config: ConfigRecord) -> ClientWorker:
     settings = RunConfig().updated({k: v for k, v in config.items() if k not in RUN_KEYS})
     partition = int(context.node_config["partition-id"])
+    partitions = int(context.node_config.get("num-partitions", settings.clients))
+    if partitions != settings.clients:
+        raise FlexMoEError(
+            f"{partitions} SuperNodes serve a run configured for {settings.clients} clients; "
+            "set clients to the number of SuperNodes"
+        )
     root = context.node_config.get("state-dir") or config["state-root"]
     state_dir = Path(str(root)) / str(config["run-key"]) / f"client-{partition}"
     torch.set_num_threads(int(config.get("threads", 1)))

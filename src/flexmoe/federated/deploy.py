@@ -15,7 +15,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,11 +182,13 @@ def generate_certificates(folder: Path) -> Certificates:
     return certs
 
 
-def free_port() -> int:
-    """A loopback TCP port that is free now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback TCP ports that are free now (the OS picks them)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((LOOPBACK, 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 def stop_all(processes: Sequence[Process]) -> None:
@@ -200,19 +202,23 @@ def stop_all(processes: Sequence[Process]) -> None:
             process.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
         _signal_group(process.popen, signal.SIGKILL)
         process.popen.wait()
-    for pid in descendants:
-        _kill_quietly(pid, signal.SIGKILL)
+    alive = _process_table()
+    for pid, started in descendants.items():
+        if pid in alive and alive[pid][1] == started:  # the same process, not a reused PID
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _prepare(out_dir: Path, supernodes: int) -> Deployment:
     """Create the output folders, certificates, `flwr` CLI config and ports of a deployment."""
     for sub in ("logs", "supernodes", "flwr-home"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    ports = free_ports(1 + supernodes)
     deployment = Deployment(
         out_dir=out_dir,
         certs=generate_certificates(out_dir / "certs"),
-        superlink_port=free_port(),
-        supernode_ports=[free_port() for _ in range(supernodes)],
+        superlink_port=ports[0],
+        supernode_ports=ports[1:],
         env=_child_env(out_dir / "flwr-home"),
     )
     _write_flwr_config(deployment)
@@ -468,31 +474,35 @@ def _write_private(path: Path, data: bytes) -> None:
         file.write(data)
 
 
-def _descendants(roots: Iterable[int]) -> set[int]:
-    """All descendant PIDs of `roots`, from the parent links in /proc (empty off Linux)."""
+def _descendants(roots: Iterable[int]) -> dict[int, int]:
+    """Descendant PIDs of `roots`, each with its start time (Linux /proc; empty elsewhere)."""
+    table = _process_table()
     children: dict[int, list[int]] = {}
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat_file.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(stat_file.parent.name))
-    found: set[int] = set()
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found: dict[int, int] = {}
     stack = list(roots)
     while stack:
-        fresh = set(children.get(stack.pop(), ())) - found
-        found |= fresh
-        stack.extend(fresh)
+        for child in children.get(stack.pop(), ()):
+            if child not in found:
+                found[child] = table[child][1]
+                stack.append(child)
     return found
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """Every visible PID with its parent PID and start time, read from /proc/<pid>/stat."""
+    table = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(stat_file.parent.name)] = (int(fields[1]), int(fields[19]))
+    return table
 
 
 def _signal_group(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     """Send `sig` to the process group that `popen` leads, if it still exists."""
     with suppress(ProcessLookupError):
         os.killpg(popen.pid, sig)
-
-
-def _kill_quietly(pid: int, sig: signal.Signals) -> None:
-    """Send `sig` to `pid`, ignoring processes that are already gone."""
-    with suppress(ProcessLookupError):
-        os.kill(pid, sig)
