@@ -106,3 +106,25 @@ def test_data_without_needed_fields_fails_clearly(capsys, tmp_path, random_model
     argv = ["run", "--model", str(random_model), "--data", str(data), "--out", str(tmp_path / "o")]
     assert main(argv) == 2
     assert "instruction" in capsys.readouterr().err
+
+
+def test_flower_app_config_declares_every_run_setting():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    declared = dict(pyproject["tool"]["flwr"]["app"]["config"])
+    declared.pop("out-dir")
+    assert declared == RunConfig().to_flat()
+
+
+def test_flex_uplink_is_a_small_fraction_of_full_fedavg_on_the_bundled_model(tmp_path, dolly_file):
+    replies = {
+        method: train_reply(
+            RunConfig(model="tiny", data=str(dolly_file), clients=2, local_steps=1, method=method),
+            tmp_path / method,
+        )
+        for method in ("flex", "fedavg-full")
+    }
+    flex, full = (wire_bytes(replies[m].content) for m in ("flex", "fedavg-full"))
+    assert flex <= 0.05 * full
