@@ -128,3 +128,11 @@ def test_flex_uplink_is_a_small_fraction_of_full_fedavg_on_the_bundled_model(tmp
     }
     flex, full = (wire_bytes(replies[m].content) for m in ("flex", "fedavg-full"))
     assert flex <= 0.05 * full
+
+
+def test_resuming_a_folder_without_a_checkpoint_fails_clearly(capsys, tmp_path):
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "earlier 'flexmoe run'" in capsys.readouterr().err
+    (tmp_path / "checkpoint.json").write_text("{")
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "damaged" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from flexmoe.errors import FlexMoEError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -35,3 +38,13 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
     contiguous = {name: t.detach().contiguous() for name, t in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(contiguous, str(tmp)))
+
+
+def read_json(path: Path, missing: str) -> dict:
+    """A JSON file that must exist; ``missing`` says what the user should give instead."""
+    if not path.is_file():
+        raise FlexMoEError(f"{str(path)!r} does not exist; {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise FlexMoEError(f"{str(path)!r} is not valid JSON ({error}); it is damaged") from None

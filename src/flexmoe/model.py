@@ -20,7 +20,7 @@ from torch import nn
 from flexmoe import __version__
 from flexmoe.errors import FlexMoEError
 from flexmoe.graft import LayerGraft, apply_grafts, plan_grafts
-from flexmoe.io import atomic_save_safetensors, atomic_write_text
+from flexmoe.io import atomic_save_safetensors, atomic_write_text, read_json
 from flexmoe.loading import fingerprint
 from flexmoe.moe import find_moe_blocks
 from flexmoe.roles import (
@@ -167,15 +167,5 @@ class FlexModel(nn.Module):
 
 
 def _read_config(directory: Path) -> dict:
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise FlexMoEError(
-            f"{str(directory)!r} is not a flexmoe adapter: {CONFIG_NAME} is missing; give a folder "
-            "written by 'flexmoe graft' or FlexModel.save_pretrained"
-        )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise FlexMoEError(
-            f"{str(path)!r} is not valid JSON ({error}); the adapter is damaged"
-        ) from None
+    missing = "give a folder written by 'flexmoe graft' or FlexModel.save_pretrained"
+    return read_json(directory / CONFIG_NAME, missing)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.records import state_to_arrays, wire_bytes
 from flexmoe.federated.strategies import make_strategy, restore_strategy_state, strategy_state
-from flexmoe.io import atomic_write, atomic_write_text
+from flexmoe.io import atomic_write, atomic_write_text, read_json
 from flexmoe.loading import load_model
 from flexmoe.methods import Method, get_method
 from flexmoe.model import FlexConfig, FlexModel
@@ -172,10 +172,9 @@ def load_checkpoint(
     out: Path, config: RunConfig, strategy: FedAvg
 ) -> tuple[ServerState | None, ArrayRecord | None]:
     """The state saved in ``out``, if any, with the strategy's state put back."""
-    path = out / CHECKPOINT_FILE
-    if not path.is_file():
+    if not (out / CHECKPOINT_FILE).is_file():
         return None, None
-    saved = json.loads(path.read_text())
+    saved = _read_checkpoint(out)
     folder = out / CHECKPOINT_DIR
     shared = load_file(folder / f"shared-{saved['tag']}.safetensors")
     restore_strategy_state(strategy, load_file(folder / f"strategy-{saved['tag']}.safetensors"))
@@ -188,13 +187,11 @@ def load_checkpoint(
 
 def read_run_config(out: Path) -> RunConfig:
     """The settings of the run saved in ``out`` (for --resume)."""
-    path = out / CHECKPOINT_FILE
-    if not path.is_file():
-        raise FlexMoEError(
-            f"{str(out)!r} holds no checkpoint to resume ({CHECKPOINT_FILE} is missing); "
-            "give the output folder of an earlier 'flexmoe run'"
-        )
-    return RunConfig().updated(json.loads(path.read_text())["config"])
+    return RunConfig().updated(_read_checkpoint(out)["config"])
+
+
+def _read_checkpoint(out: Path) -> dict:
+    return read_json(out / CHECKPOINT_FILE, "give the output folder of an earlier 'flexmoe run'")
 
 
 def _message_config(config: RunConfig, out: Path) -> ConfigRecord:
