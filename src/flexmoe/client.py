@@ -32,7 +32,7 @@ from flexmoe.data import (
 )
 from flexmoe.data.tokenization import collate
 from flexmoe.errors import FlexMoEError
-from flexmoe.evaluation import generate_answers, rouge_l
+from flexmoe.evaluation.generation import generate_answers, rouge_l
 from flexmoe.loading import load_model
 from flexmoe.methods import get_method
 from flexmoe.model import FlexConfig, FlexModel

@@ -1,0 +1,1 @@
+"""Evaluation: generation quality (ROUGE-L), and the knowledge and routing metrics."""
