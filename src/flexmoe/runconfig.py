@@ -34,7 +34,7 @@ class RunConfig:
     experts_per_layer: int = 1
     size_ratio: float = 1.0
     max_new_tokens: int = 32
-    max_length: int = 192
+    max_length: int = 256
     max_train: int = 300
     max_test: int = 24
     test_fraction: float = 0.2

@@ -118,7 +118,7 @@ def score_sets(
     }
     was_training = model.training
     model.eval()
-    with _capture_block_inputs(views) as inputs:
+    with capture_block_inputs(views) as inputs:
         for batch in tqdm(batches, desc="scoring experts", disable=not progress, leave=False):
             model(
                 input_ids=batch["input_ids"],
@@ -151,7 +151,7 @@ def _accumulate(
 
 
 @contextlib.contextmanager
-def _capture_block_inputs(views: Sequence[MoEBlockView]) -> Iterator[dict[int, torch.Tensor]]:
+def capture_block_inputs(views: Sequence[MoEBlockView]) -> Iterator[dict[int, torch.Tensor]]:
     inputs: dict[int, torch.Tensor] = {}
 
     def hook_for(layer: int):

@@ -1,0 +1,106 @@
+"""The price of K+1 experts: analytic MoE FLOPs per token, and measured forward latency.
+
+FLOPs count multiply-adds as 2 per weight of every matmul a token goes through, in the MoE blocks
+only (attention, embeddings and dense layers are the same with or without grafts):
+
+- router: ``2 H E``; routed experts: ``top_k x 3 x 2 H I`` (gate, up and down projections);
+- shared expert and its gate, where the block has them: ``2 x`` their linear weights;
+- each grafted expert: ``3 x 2 H I_g``, plus its gate ``2 H``.
+
+Element-wise work (activations, softmax, top-k, the weighted sum) is left out.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from flexmoe.errors import FlexMoEError
+from flexmoe.graft import GraftedMoEBlock, grafted_blocks
+from flexmoe.moe import MoEBlockView, find_moe_blocks
+from flexmoe.selection import Batch
+
+
+def linear_flops(module: nn.Module | None) -> int:
+    """FLOPs per token of every ``nn.Linear`` in ``module``: 2 per weight."""
+    if module is None:
+        return 0
+    return sum(2 * m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def _layer_flops(view: MoEBlockView, grafted: GraftedMoEBlock | None) -> dict:
+    """One MoE layer's FLOPs per token by part; ``experts_per_token`` is routed + grafted."""
+    hidden = view.hidden_size
+    experts, gates = (grafted.grafted_experts, grafted.grafted_gates) if grafted else ([], [])
+    router = 2 * hidden * view.num_experts
+    routed = view.rule.top_k * 3 * 2 * hidden * view.intermediate_size
+    shared = linear_flops(view.shared_expert) + linear_flops(view.shared_expert_gate)
+    graft = sum(linear_flops(module) for module in (*experts, *gates))
+    base = router + routed + shared
+    return {
+        "layer": view.layer,
+        "router": router,
+        "routed": routed,
+        "shared": shared,
+        "grafted": graft,
+        "experts_per_token": view.rule.top_k + len(experts),
+        "base": base,
+        "personalised": base + graft,
+    }
+
+
+def flops_per_token(model: nn.Module) -> dict:
+    """MoE FLOPs per token without and with the grafted experts, per layer and in total."""
+    grafts = {id(g.block): g for g in grafted_blocks(model)}
+    layers = [_layer_flops(v, grafts.get(id(v.block))) for v in find_moe_blocks(model)]
+    base = sum(layer["base"] for layer in layers)
+    personalised = sum(layer["personalised"] for layer in layers)
+    return {
+        "base": base,
+        "personalised": personalised,
+        "ratio": personalised / base,
+        "layers": layers,
+    }
+
+
+@torch.no_grad()
+def _forward_seconds(model: nn.Module, batches: Sequence[Batch]) -> float:
+    """Wall-clock seconds of one forward over every batch."""
+    _synchronize()
+    start = time.perf_counter()
+    for batch in batches:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    _synchronize()
+    return time.perf_counter() - start
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def latency_ratio(
+    personalised: nn.Module, base: nn.Module, batches: Sequence[Batch], repeats: int = 5
+) -> dict:
+    """Median forward seconds of both models on the same batches, interleaved, and their ratio.
+
+    ``personalised`` and ``base`` must be separate models (grafting modifies its base in place).
+    """
+    if repeats < 1 or not batches:
+        raise FlexMoEError(f"need at least one batch and one repeat, got {len(batches)}, {repeats}")
+    models = {"personalised": personalised.eval(), "base": base.eval()}
+    for model in models.values():
+        _forward_seconds(model, batches[:1])  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for repeat in range(repeats):
+        order = list(models) if repeat % 2 == 0 else list(reversed(models))
+        for name in order:
+            seconds[name].append(_forward_seconds(models[name], batches))
+    medians = {f"{name}_s": statistics.median(values) for name, values in seconds.items()}
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    ratio = medians["personalised_s"] / medians["base_s"]
+    return {**medians, "ratio": ratio, "repeats": repeats, "tokens": tokens}

@@ -1,0 +1,119 @@
+"""Routing statistics per MoE layer: expert utilisation, routing entropy and grafted-gate openness.
+
+FLEx freezes every router while the attention below it is fine-tuned, so the tokens a router sees,
+and the experts it picks, can drift. For each MoE block this module reports, over non-pad tokens:
+
+- ``utilisation``: the fraction of all top-k assignments that went to each expert (sums to 1);
+- ``token_entropy``: the mean entropy (nats) of each token's routing distribution (the router's
+  softmax, or its sigmoid scores normalised to sum to 1, before top-k);
+- ``utilisation_entropy``: the entropy of ``utilisation`` (``log(E)`` when perfectly balanced);
+- ``gate_means``: for a grafted block, the mean ``sigmoid(gate_j(x))`` of each grafted expert.
+
+Block inputs are captured by forward hooks during one model forward per batch; routing is then
+recomputed with the block's ``MoEBlockView`` (its router logits and checked routing rule).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from flexmoe.graft import GraftedMoEBlock, grafted_blocks
+from flexmoe.moe import MoEBlockView, RoutingRule, find_moe_blocks
+from flexmoe.selection import Batch, capture_block_inputs
+
+
+@dataclass
+class _LayerTally:
+    """Running sums for one MoE layer."""
+
+    view: MoEBlockView
+    grafted: GraftedMoEBlock | None
+    assignments: torch.Tensor = field(init=False)
+    gate_sums: torch.Tensor = field(init=False)
+    entropy_sum: float = 0.0
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.assignments = torch.zeros(self.view.num_experts, dtype=torch.float64)
+        gates = len(self.grafted.grafted_gates) if self.grafted is not None else 0
+        self.gate_sums = torch.zeros(gates, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Account for the non-pad block inputs ``x [N, H]``."""
+        logits = self.view.router_logits(x)
+        _, indices = self.view.rule.route(logits)
+        counts = torch.bincount(indices.flatten(), minlength=len(self.assignments))
+        self.assignments += counts.cpu()
+        self.entropy_sum += entropy(routing_distribution(self.view.rule, logits)).sum().item()
+        self.tokens += len(x)
+        if self.grafted is not None:
+            self.gate_sums += torch.stack(
+                [torch.sigmoid(gate(x)).double().sum() for gate in self.grafted.grafted_gates]
+            ).cpu()
+
+    def summary(self) -> dict:
+        utilisation = self.assignments / self.assignments.sum().clamp(min=1)
+        tokens = max(self.tokens, 1)
+        return {
+            "layer": self.view.layer,
+            "num_experts": self.view.num_experts,
+            "top_k": self.view.rule.top_k,
+            "tokens": self.tokens,
+            "utilisation": utilisation.tolist(),
+            "token_entropy": self.entropy_sum / tokens,
+            "utilisation_entropy": entropy(utilisation).item(),
+            "max_entropy": math.log(self.view.num_experts),
+            "gate_means": (self.gate_sums / tokens).tolist(),
+        }
+
+
+def routing_distribution(rule: RoutingRule, logits: torch.Tensor) -> torch.Tensor:
+    """Each token's distribution over experts: softmax, or sigmoid scores normalised to 1."""
+    logits = logits.float()
+    if rule.scoring == "softmax":
+        return logits.softmax(dim=-1)
+    scores = logits.sigmoid()
+    return scores / scores.sum(dim=-1, keepdim=True)
+
+
+def entropy(probabilities: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats over the last dimension (0 log 0 = 0)."""
+    return torch.special.entr(probabilities.double()).sum(dim=-1)
+
+
+@torch.no_grad()
+def routing_statistics(model: nn.Module, batches: Sequence[Batch]) -> dict:
+    """Per-layer routing statistics of ``model`` (base or grafted) over non-pad tokens."""
+    views = find_moe_blocks(model)
+    grafts = {id(g.block): g for g in grafted_blocks(model)}
+    tallies = {v.layer: _LayerTally(v, grafts.get(id(v.block))) for v in views}
+    was_training = model.training
+    model.eval()
+    with capture_block_inputs(views) as inputs:
+        for batch in batches:
+            model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                use_cache=False,
+            )
+            keep = batch["attention_mask"].bool()
+            for layer, tally in tallies.items():
+                tally.add(inputs[layer][keep.to(inputs[layer].device)])
+    model.train(was_training)
+    return {"layers": [tallies[layer].summary() for layer in sorted(tallies)]}
+
+
+def utilisation_shift(before: Mapping, after: Mapping) -> list[dict]:
+    """Per layer, the total-variation distance between two runs' expert utilisation."""
+    shifts = []
+    for old, new in zip(before["layers"], after["layers"], strict=True):
+        pairs = zip(old["utilisation"], new["utilisation"], strict=True)
+        shifts.append(
+            {"layer": old["layer"], "total_variation": 0.5 * sum(abs(a - b) for a, b in pairs)}
+        )
+    return shifts
