@@ -22,8 +22,8 @@ class RunConfig:
     split: str = "pathological"
     alpha: float = 1.0
     clients: int = 4
-    rounds: int = 8
-    local_steps: int = 8
+    rounds: int = 10
+    local_steps: int = 10
     batch_size: int = 8
     lr: float = 1e-3
     min_lr: float = 1e-5
