@@ -78,6 +78,7 @@ def test_full_fedavg_ships_the_experts(tmp_path, random_model, dolly_file):
         (["--method", "fedmagic"], "unknown method"),
         (["--clients", "50"], "use fewer clients"),
         (["--model", "/nonexistent/model"], "does not exist"),
+        (["--model", "/"], "no config.json"),
     ],
 )
 def test_bad_runs_fail_early_and_clearly(
@@ -136,3 +137,56 @@ def test_resuming_a_folder_without_a_checkpoint_fails_clearly(capsys, tmp_path):
     (tmp_path / "checkpoint.json").write_text("{")
     assert main(["run", "--resume", str(tmp_path)]) == 2
     assert "damaged" in capsys.readouterr().err
+
+
+def client_reply(config: RunConfig, out, client: int, arrays) -> Message:
+    record = _message_config(config, out)
+    record["server-round"] = 1
+    message = Message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord(dict(record))}),
+        dst_node_id=client + 1,
+        message_type="train",
+    )
+    node = {"partition-id": client, "num-partitions": config.clients}
+    return client_app.app(message, Context(1, client + 1, node, RecordDict(), {}))
+
+
+def remember_global(strategy, arrays) -> None:
+    """What ``configure_train`` records for server optimisers (it needs a live Grid to call)."""
+    from flwr.serverapp.strategy import FedAvgM
+
+    if isinstance(strategy, FedAvgM):
+        strategy.current_arrays = arrays
+    elif hasattr(strategy, "current_arrays"):
+        strategy.current_arrays = {k: a.numpy() for k, a in arrays.items()}
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "flex-random",
+        "flex-generic",
+        "fedprox",
+        "fedavgm",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "fedsa-lora",
+    ],
+)
+def test_every_method_trains_and_aggregates(tmp_path, random_model, dolly_file, method):
+    from flexmoe.federated.strategies import make_strategy, restore_strategy_state, strategy_state
+
+    config = settings(random_model, dolly_file, method=method, proximal_mu=0.1)
+    arrays = initial_arrays(config, get_method(method))
+    replies = [client_reply(config, tmp_path, c, arrays) for c in range(2)]
+    strategy = make_strategy(get_method(method), config)
+    remember_global(strategy, arrays)
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    assert set(aggregated.keys()) == set(arrays.keys())
+    before = {k: a.numpy() for k, a in arrays.items()}
+    assert any((aggregated[k].numpy() != before[k]).any() for k in before)
+    state = strategy_state(strategy)
+    fresh = make_strategy(get_method(method), config)
+    restore_strategy_state(fresh, state)
+    assert strategy_state(fresh).keys() == state.keys()
