@@ -9,6 +9,8 @@ redoes an unfinished round from the same state and gets the same result.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -23,7 +25,9 @@ from flexmoe.data import (
     InstructionExample,
     TokenizedExample,
     build_client_datasets,
-    encode_prompt,
+    collate,
+    default_cache_dir,
+    format_prompt,
     iterate_batches,
     load_instructions,
     load_natural_instructions,
@@ -32,10 +36,10 @@ from flexmoe.data import (
     sequential_batches,
     tokenize_examples,
 )
-from flexmoe.data.tokenization import collate
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluation.generation import generate_answers, rouge_l
 from flexmoe.evaluation.perplexity import heldout_texts
+from flexmoe.io import atomic_write_text
 from flexmoe.loading import load_model
 from flexmoe.methods import get_method
 from flexmoe.model import FlexConfig, FlexModel
@@ -61,15 +65,26 @@ def load_examples(data: str, max_per_task: int) -> tuple[InstructionExample, ...
 def fitting_examples(
     examples: Sequence[InstructionExample], tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> list[InstructionExample]:
-    """The examples whose prompt, answer and eos fit in ``max_length`` tokens, untruncated."""
-    kept = [
-        e
-        for e in examples
-        if len(encode_prompt(e, tokenizer)) + len(tokenizer.encode(e.output)) < max_length
-    ]
+    """The examples whose prompt, answer and eos fit in ``max_length`` tokens, untruncated.
+
+    Tokenizing a whole data set takes a while, and every client process needs the answer, so
+    the kept indices are cached on disk under a hash of everything they depend on.
+    """
+    key = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    for example in examples:
+        key.update(json.dumps([example.instruction, example.input, example.output]).encode())
+    cache = default_cache_dir() / "fitting" / f"{key.hexdigest()[:24]}-{max_length}.json"
+    if cache.is_file():
+        kept = json.loads(cache.read_text())
+    else:
+        prompts = tokenizer([format_prompt(e) for e in examples])["input_ids"]
+        answers = tokenizer([e.output for e in examples], add_special_tokens=False)["input_ids"]
+        lengths = [len(p) + len(a) for p, a in zip(prompts, answers, strict=True)]
+        kept = [i for i, length in enumerate(lengths) if length < max_length]
+        atomic_write_text(cache, json.dumps(kept))
     if not kept:
-        raise FlexMoEError(f"no example fits in max-length={max_length} tokens; raise --max-length")
-    return kept
+        raise FlexMoEError(f"no example fits in max-length={max_length} tokens; raise it")
+    return [examples[i] for i in kept]
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,0 +1,26 @@
+"""The client's data preparation."""
+
+import pytest
+
+from flexmoe.client import fitting_examples
+from flexmoe.data import InstructionExample, format_prompt
+from flexmoe.errors import FlexMoEError
+
+
+def test_only_whole_examples_that_fit_are_kept_and_the_answer_is_cached(
+    tmp_path, monkeypatch, tokenizer
+):
+    monkeypatch.setenv("FLEXMOE_CACHE", str(tmp_path))
+    examples = [InstructionExample("Say it.", "", "word " * n) for n in (1, 5, 40, 200)]
+    lengths = [
+        len(tokenizer.encode(format_prompt(e))) + len(tokenizer.encode(e.output)) for e in examples
+    ]
+    limit = sorted(lengths)[2]  # the two shortest fit, the others do not
+    kept = fitting_examples(examples, tokenizer, limit)
+    assert kept == [e for e, n in zip(examples, lengths, strict=True) if n < limit]
+    assert len(kept) == 2
+    assert len(list((tmp_path / "fitting").glob("*.json"))) == 1
+    with pytest.raises(FlexMoEError, match="no example fits"):
+        fitting_examples(examples[2:], tokenizer, 4)
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda *a, **k: pytest.fail("not cached"))
+    assert fitting_examples(examples, tokenizer, limit) == kept
