@@ -40,7 +40,7 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.evaluation.generation import generate_answers, rouge_l
 from flexmoe.evaluation.perplexity import heldout_texts
 from flexmoe.io import atomic_write_text
-from flexmoe.loading import load_model
+from flexmoe.loading import load_model, load_tokenizer
 from flexmoe.methods import get_method
 from flexmoe.model import FlexConfig, FlexModel
 from flexmoe.roles import Role
@@ -94,7 +94,7 @@ def client_datasets(config: RunConfig) -> tuple[ClientData, ...]:
     Only examples that fit ``max_length`` whole are used, so no answer is cut off in training
     and every test prompt leaves room to answer.
     """
-    _, tokenizer = load_model(config.model)
+    tokenizer = load_tokenizer(config.model)
     examples = fitting_examples(
         load_examples(config.data, config.max_per_task), tokenizer, config.max_length
     )
@@ -132,7 +132,7 @@ class ClientWorker:
         if not 0 <= client_id < len(datasets):
             raise FlexMoEError(f"client {client_id} is not among the {len(datasets)} clients")
         self.data = datasets[client_id]
-        _, self.tokenizer = load_model(config.model)
+        self.tokenizer = load_tokenizer(config.model)
         self.train_examples = tokenize_examples(self.data.train, self.tokenizer, config.max_length)
 
     @property

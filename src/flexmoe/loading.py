@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -51,17 +53,31 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local folder, in evaluation mode."""
     path = resolve_model_path(name_or_path)
+    with _loading(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model.config.name_or_path = str(name_or_path)
+    return model.eval(), load_tokenizer(name_or_path)
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside a model, with a pad token (eos when it has none)."""
+    path = resolve_model_path(name_or_path)
+    with _loading(path):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@contextlib.contextmanager
+def _loading(path: Path) -> Iterator[None]:
+    """Turn transformers' loading failures into one clear error."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            yield
     except (OSError, ValueError, KeyError) as error:
         raise FlexMoEError(f"cannot load a causal LM from {str(path)!r}: {error}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.name_or_path = str(name_or_path)
-    return model.eval(), tokenizer
 
 
 @torch.no_grad()
