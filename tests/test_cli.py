@@ -140,3 +140,15 @@ def test_eval_mmlu_and_perplexity_on_a_personalised_model(tmp_path, olmoe_dir, a
     argv = ["eval", "perplexity", "--model", "tiny", "--max-tokens", "300"]
     assert main(argv) == 0
     assert "shakespeare" in capsys.readouterr().out
+
+
+def test_graft_works_with_a_tokenizer_that_has_no_special_tokens(tmp_path, alpaca_file, tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import build_model
+
+    folder = tmp_path / "bare"
+    build_model("mixtral").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer).save_pretrained(folder)
+    report = graft(folder, alpaca_file, tmp_path / "adapter")
+    assert len(report["layers"]) == 2

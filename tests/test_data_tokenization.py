@@ -101,12 +101,13 @@ def test_max_length_must_be_at_least_two(tokenizer):
         tokenize_example(NO_INPUT, tokenizer, max_length=1)
 
 
-def test_tokenizer_without_eos_is_rejected(tokenizer):
+def test_tokenizer_without_eos_is_rejected_for_training_only(tokenizer):
     bare = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
     with pytest.raises(FlexMoEError, match="no eos token"):
         tokenize_example(NO_INPUT, bare, max_length=64)
-    with pytest.raises(FlexMoEError, match="no eos token"):
-        pad_token_id(bare)
+    scored = tokenize_example(NO_INPUT, bare, max_length=64, terminate=False)
+    assert scored.input_ids[-1] == bare.encode(NO_INPUT.output)[-1]
+    assert pad_token_id(bare) == 0
 
 
 def test_pad_id_falls_back_to_eos(tokenizer):

@@ -194,7 +194,7 @@ def run_graft(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     examples = load_instructions(args.data)[: args.max_examples]
     model, tokenizer = load_model(args.model)
-    tokenized = tokenize_examples(examples, tokenizer, args.max_length)
+    tokenized = tokenize_examples(examples, tokenizer, args.max_length, terminate=False)
     batches = sequential_batches(tokenized, args.batch_size, pad_token_id(tokenizer))
     flex, choices = FlexModel.graft(model, batches, config, progress=True)
     flex.save_pretrained(args.out)

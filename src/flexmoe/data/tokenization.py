@@ -49,23 +49,33 @@ def encode_prompt(
 
 
 def tokenize_example(
-    example: InstructionExample, tokenizer: PreTrainedTokenizerBase, max_length: int
+    example: InstructionExample,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    terminate: bool = True,
 ) -> TokenizedExample:
-    """Tokenize prompt and response separately (so masking is exact), append eos, truncate."""
+    """Tokenize prompt and response separately (so masking is exact), append eos, truncate.
+
+    ``terminate=False`` leaves out the eos, for scoring text with tokenizers that have none.
+    """
     _check_max_length(max_length)
     prompt = tokenizer.encode(format_prompt(example), add_special_tokens=True)
     response = tokenizer.encode(example.output, add_special_tokens=False)
-    response.append(eos_token_id(tokenizer))
+    if terminate:
+        response.append(eos_token_id(tokenizer))
     input_ids = (prompt + response)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
     return TokenizedExample(input_ids=input_ids, labels=labels)
 
 
 def tokenize_examples(
-    examples: Sequence[InstructionExample], tokenizer: PreTrainedTokenizerBase, max_length: int
+    examples: Sequence[InstructionExample],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    terminate: bool = True,
 ) -> list[TokenizedExample]:
     """Tokenize all examples, dropping those whose prompt alone fills `max_length`."""
-    tokenized = [tokenize_example(example, tokenizer, max_length) for example in examples]
+    tokenized = [tokenize_example(e, tokenizer, max_length, terminate) for e in examples]
     kept = [example for example in tokenized if example.num_target_tokens > 0]
     if examples and not kept:
         raise FlexMoEError(
@@ -93,10 +103,11 @@ def eos_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The tokenizer's pad id, falling back to eos (padded positions are masked anyway)."""
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return eos_token_id(tokenizer)
+    """The pad id, else eos, else 0: padded positions are masked, so any id serves."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
 
 
 def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
