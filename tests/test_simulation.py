@@ -35,7 +35,7 @@ def run(out, *extra) -> dict:
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, dolly_file, random_model):
     common = ["--model", str(random_model), "--data", str(dolly_file)]
-    straight = run(tmp_path / "straight", *common, "--rounds", "2")
+    straight = run(tmp_path / "straight", *common, "--rounds", "2", "--eval-every", "1")
     run(tmp_path / "resumed", *common, "--rounds", "1")
     resumed = run(tmp_path / "resumed", "--resume", str(tmp_path / "resumed"), "--rounds", "2")
     assert resumed["rounds"] == straight["rounds"] == 2
@@ -46,8 +46,16 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, dolly_file, random_model
     assert [c["rouge_l"] for c in resumed["clients"]] == [c["rouge_l"] for c in straight["clients"]]
     saved = json.loads((tmp_path / "resumed" / CHECKPOINT_FILE).read_text())
     assert saved["round"] == 2 and len(saved["history"]) == 2
+    assert [r["round"] for r in straight["rouge_per_round"]] == [1, 2]
+    assert straight["flops_ratio"] > 1 and straight["mean_ppl_increase"] > -1
     for client in straight["clients"]:
         assert set(client) >= {"client_id", "categories", "n_train", "n_test", "rouge_l"}
+        assert set(client["knowledge"]["heldout_ppl"]) == set(
+            client["knowledge"]["heldout_ppl_base"]
+        )
+        final, base = client["routing"]["final"]["layers"], client["routing"]["base"]["layers"]
+        assert all(len(layer["gate_means"]) == 1 for layer in final)
+        assert all(layer["gate_means"] == [] for layer in base)
     for path in (tmp_path / "straight" / CHECKPOINT_DIR).glob("*.safetensors"):
         names = load_file(path).keys()
         assert not any(w in n for n in names for w in ("grafted", "experts", "gate.weight"))

@@ -37,8 +37,10 @@ from flexmoe.data import (
     tokenize_examples,
 )
 from flexmoe.errors import FlexMoEError
+from flexmoe.evaluation.cost import flops_per_token
 from flexmoe.evaluation.generation import generate_answers, rouge_l
-from flexmoe.evaluation.perplexity import heldout_texts
+from flexmoe.evaluation.perplexity import domain_perplexities, heldout_texts
+from flexmoe.evaluation.routing import routing_statistics
 from flexmoe.io import atomic_write_text
 from flexmoe.loading import load_model, load_tokenizer
 from flexmoe.methods import get_method
@@ -49,6 +51,7 @@ from flexmoe.training import cosine_lr, mean_loss, train_steps
 
 NATURAL_INSTRUCTIONS = "ni"
 KEEP_ROUNDS = 2
+HELDOUT_TOKENS = 2048  # per pretraining domain
 GENERIC_TEXT_CHARS = 600
 
 State = dict[str, torch.Tensor]
@@ -163,8 +166,15 @@ class ClientWorker:
         shared = model.shared_state_dict() if self.method.federated else {}
         return RoundResult(shared, len(self.data.train), metrics)
 
-    def evaluate(self, round_: int, global_shared: State) -> dict[str, float]:
-        """ROUGE-L and test loss of the model this client would use after ``round_``."""
+    def evaluate(
+        self, round_: int, global_shared: State, detailed: bool = False
+    ) -> tuple[dict[str, float], dict]:
+        """ROUGE-L and test loss of the model this client would use after ``round_``.
+
+        ``detailed`` adds what it costs in knowledge, routing and compute: held-out
+        perplexity per pretraining domain and routing statistics on the test split, each next
+        to the base model's, and the MoE FLOPs per token.
+        """
         model = self.model_for_round(round_ + 1, global_shared)
         answers = generate_answers(
             model,
@@ -176,10 +186,27 @@ class ClientWorker:
         )
         scores = rouge_l(answers, [e.output for e in self.data.test])
         test = tokenize_examples(self.data.test, self.tokenizer, self.config.max_length)
-        loss = mean_loss(
-            model, sequential_batches(test, self.config.batch_size, pad_token_id(self.tokenizer))
-        )
-        return {"rouge_l": 100 * sum(scores) / len(scores), "test_loss": loss}
+        batches = sequential_batches(test, self.config.batch_size, pad_token_id(self.tokenizer))
+        metrics = {
+            "rouge_l": 100 * sum(scores) / len(scores),
+            "test_loss": mean_loss(model, batches),
+        }
+        return metrics, self.diagnostics(model, batches) if detailed else {}
+
+    def diagnostics(self, model: FlexModel, batches: list[dict[str, torch.Tensor]]) -> dict:
+        base, _ = load_model(self.config.model)
+        flops = flops_per_token(model)
+        return {
+            "knowledge": {
+                "heldout_ppl": domain_perplexities(model, self.tokenizer, HELDOUT_TOKENS),
+                "heldout_ppl_base": domain_perplexities(base, self.tokenizer, HELDOUT_TOKENS),
+            },
+            "routing": {
+                "base": routing_statistics(base, batches),
+                "final": routing_statistics(model, batches),
+            },
+            "flops_per_token": {k: flops[k] for k in ("base", "personalised", "ratio")},
+        }
 
     def model_for_round(self, round_: int, global_shared: State) -> FlexModel:
         """The latest state saved before ``round_`` (or a fresh graft), with global parameters."""

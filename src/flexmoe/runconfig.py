@@ -40,6 +40,7 @@ class RunConfig:
     test_fraction: float = 0.2
     max_per_task: int = 400
     proximal_mu: float = 0.01
+    eval_every: int = 0  # also score ROUGE-L every this many rounds (0: only at the end)
 
     def __post_init__(self) -> None:
         get_method(self.method)

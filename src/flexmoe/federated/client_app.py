@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from flexmoe.federated.records import arrays_to_state, state_to_arrays
 from flexmoe.loading import quiet_transformers
 from flexmoe.runconfig import RunConfig
 
-RUN_KEYS = ("run-key", "state-root", "server-round", "proximal-mu", "threads")
+RUN_KEYS = ("run-key", "state-root", "server-round", "proximal-mu", "threads", "detailed")
 
 app = ClientApp()
 quiet_transformers()
@@ -44,7 +45,11 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     worker = _worker(context, config)
-    metrics = worker.evaluate(int(config["server-round"]), arrays_to_state(msg.content["arrays"]))
+    metrics, detail = worker.evaluate(
+        int(config["server-round"]),
+        arrays_to_state(msg.content["arrays"]),
+        detailed=bool(config.get("detailed", False)),
+    )
     data = worker.data
     content = RecordDict(
         {
@@ -56,7 +61,9 @@ def evaluate(msg: Message, context: Context) -> Message:
                     **metrics,
                 }
             ),
-            "client": ConfigRecord({"categories": [str(c) for c in data.categories]}),
+            "client": ConfigRecord(
+                {"categories": [str(c) for c in data.categories], "detail": json.dumps(detail)}
+            ),
         }
     )
     return Message(content, reply_to=msg)

@@ -68,11 +68,15 @@ def run_federation(grid: Grid, config: RunConfig, out: Path, progress: bool = Tr
         replies = _replies(grid, messages)
         if method.federated:
             arrays, _ = strategy.aggregate_train(round_, replies)
-        state.history.append(_round_record(round_, messages, replies, round_started))
+        record = _round_record(round_, messages, replies, round_started)
+        if config.eval_every and round_ % config.eval_every == 0 and round_ < config.rounds:
+            scores = evaluate_clients(grid, strategy, arrays, config, out, round_)
+            record["mean_rouge_l"] = statistics.fmean(c["rouge_l"] for c in scores)
+        state.history.append(record)
         state.round, state.random_state = round_, _random_state()
         state.wall_s = wall_before + time.perf_counter() - session_started
         save_checkpoint(out, state, arrays, strategy)
-    evaluation = evaluate_clients(grid, strategy, arrays, config, out, state.round)
+    evaluation = evaluate_clients(grid, strategy, arrays, config, out, state.round, detailed=True)
     state.wall_s = wall_before + time.perf_counter() - session_started
     results = build_results(state, evaluation)
     atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2))
@@ -103,21 +107,30 @@ def initial_arrays(config: RunConfig, method: Method) -> ArrayRecord:
 
 
 def evaluate_clients(
-    grid: Grid, strategy: FedAvg, arrays: ArrayRecord, config: RunConfig, out: Path, round_: int
+    grid: Grid,
+    strategy: FedAvg,
+    arrays: ArrayRecord,
+    config: RunConfig,
+    out: Path,
+    round_: int,
+    detailed: bool = False,
 ) -> list[dict]:
     """Every client scores the model it would use, on its own test split."""
-    messages = strategy.configure_evaluate(round_, arrays, _message_config(config, out), grid)
+    message_config = _message_config(config, out)
+    message_config["detailed"] = detailed
+    messages = strategy.configure_evaluate(round_, arrays, message_config, grid)
     clients = []
     for reply in _replies(grid, list(messages)):
-        metrics = reply.content["metrics"]
+        metrics, client = reply.content["metrics"], reply.content["client"]
         clients.append(
             {
                 "client_id": int(metrics["client-id"]),
-                "categories": list(reply.content["client"]["categories"]),
+                "categories": list(client["categories"]),
                 "n_train": int(metrics["n-train"]),
                 "n_test": int(metrics["num-examples"]),
                 "rouge_l": float(metrics["rouge_l"]),
                 "test_loss": float(metrics["test_loss"]),
+                **json.loads(str(client["detail"])),
             }
         )
     return sorted(clients, key=lambda c: c["client_id"])
@@ -141,6 +154,13 @@ def build_results(state: ServerState, evaluation: list[dict]) -> dict:
         "clients": clients,
         "mean_rouge_l": statistics.fmean(c["rouge_l"] for c in clients),
         "mean_test_loss": statistics.fmean(c["test_loss"] for c in clients),
+        "rouge_per_round": [
+            {"round": r["round"], "mean_rouge_l": r["mean_rouge_l"]}
+            for r in state.history
+            if "mean_rouge_l" in r
+        ]
+        + [{"round": state.round, "mean_rouge_l": statistics.fmean(c["rouge_l"] for c in clients)}],
+        **_knowledge_summary(clients),
         "comm": {
             "bytes_up": sum(r["bytes_up"] for r in state.history),
             "bytes_down": sum(r["bytes_down"] for r in state.history),
@@ -150,6 +170,20 @@ def build_results(state: ServerState, evaluation: list[dict]) -> dict:
         },
         "wall_s": round(state.wall_s, 2),
         "config": asdict(config),
+    }
+
+
+def _knowledge_summary(clients: list[dict]) -> dict:
+    """Mean relative increase of held-out perplexity over the base model, and the FLOPs ratio."""
+    if not all("knowledge" in c for c in clients):
+        return {}
+    increases = []
+    for client in clients:
+        final, base = client["knowledge"]["heldout_ppl"], client["knowledge"]["heldout_ppl_base"]
+        increases.append(statistics.fmean(final[d] / base[d] - 1 for d in base))
+    return {
+        "mean_ppl_increase": statistics.fmean(increases),
+        "flops_ratio": statistics.fmean(c["flops_per_token"]["ratio"] for c in clients),
     }
 
 
