@@ -143,9 +143,8 @@ def test_eval_mmlu_and_perplexity_on_a_personalised_model(tmp_path, olmoe_dir, a
 
 
 def test_graft_works_with_a_tokenizer_that_has_no_special_tokens(tmp_path, alpaca_file, tokenizer):
-    from transformers import PreTrainedTokenizerFast
-
     from conftest import build_model
+    from transformers import PreTrainedTokenizerFast
 
     folder = tmp_path / "bare"
     build_model("mixtral").save_pretrained(folder)
