@@ -14,9 +14,9 @@ from pathlib import Path
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.methods import METHODS
+from flexmoe.report import RESULTS_NAME
 from flexmoe.runconfig import RunConfig, Scalar
 
-RESULTS_FILE = "results.json"
 DEFAULT_ROOT = Path("benchmarks") / "results"
 DEFAULT_SEEDS = (0, 1, 2)
 FLEX_VARIANTS = ("flex", "flex-random", "flex-generic")
@@ -61,7 +61,7 @@ class Matrix:
         """Every cell, group-major; a group whose settings repeat an earlier one's is run once."""
         cells, seen = [], set()
         for group in self.groups:
-            key = tuple(sorted(group.overrides.items()))
+            key = RunConfig().updated(group.overrides)
             if key in seen:
                 continue
             seen.add(key)
@@ -93,6 +93,7 @@ SMOKE_SETTINGS: dict[str, Scalar] = {
 
 
 def split_groups(names: Iterable[str] = SPLITS) -> tuple[Group, ...]:
+    """The named splits as matrix groups."""
     return tuple(Group(name, SPLITS[name]) for name in names)
 
 
@@ -194,10 +195,10 @@ def stale_settings(results: dict, cell: Cell) -> list[str]:
     ]
 
 
-def run_cell(root: Path, cell: Cell, command: CommandBuilder = flexmoe_command) -> Outcome:
-    """Run one cell unless its results.json exists; its output goes to its log file."""
+def run_cell(root: Path, cell: Cell, command: CommandBuilder | None = None) -> Outcome:
+    """Run one cell (``flexmoe run`` unless ``command`` says otherwise) unless it finished."""
     out, log = cell_dir(root, cell), log_path(root, cell)
-    finished = out / RESULTS_FILE
+    finished = out / RESULTS_NAME
     if finished.is_file():
         stale = stale_settings(json.loads(finished.read_text()), cell)
         if stale:
@@ -208,7 +209,10 @@ def run_cell(root: Path, cell: Cell, command: CommandBuilder = flexmoe_command) 
     started = time.perf_counter()
     with log.open("w") as handle:
         code = subprocess.run(
-            command(cell, out), stdout=handle, stderr=subprocess.STDOUT, check=False
+            (command or flexmoe_command)(cell, out),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            check=False,
         ).returncode
     wall = time.perf_counter() - started
     if code != 0 or not finished.is_file():
@@ -224,7 +228,7 @@ def run_cells(
     root: Path,
     cells: Sequence[Cell],
     jobs: int | None = None,
-    command: CommandBuilder = flexmoe_command,
+    command: CommandBuilder | None = None,
     echo: Callable[[str], None] = print,
 ) -> list[Outcome]:
     """Run ``cells`` in up to ``jobs`` parallel processes; outcomes in the order of ``cells``."""

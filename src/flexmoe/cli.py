@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_graft(commands)
     _add_eval(commands)
     _add_info(commands)
+    _add_bench(commands)
+    _add_report(commands)
     return parser
 
 
@@ -132,6 +134,51 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
     info.add_argument("model", help="local Hugging Face model folder, or 'tiny'")
     info.add_argument("--adapter", type=Path, help="also load and describe a personal adapter")
     info.set_defaults(command=run_info)
+
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    from flexmoe.bench import DEFAULT_ROOT, MATRICES
+
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark matrix (methods x splits x seeds) and write its report",
+        description="Run every cell of a matrix as its own 'flexmoe run' process (up to --jobs "
+        "at a time, each logged beside its folder), skip cells whose results.json exists, then "
+        "write report.md and plots. Exits non-zero if any cell failed.",
+    )
+    bench.add_argument("--matrix", default="default", choices=sorted(MATRICES))
+    bench.add_argument("--out", type=Path, default=DEFAULT_ROOT, help=f"default {DEFAULT_ROOT}")
+    bench.add_argument("--jobs", type=int, help="parallel runs (default: half the CPU cores)")
+    bench.add_argument("--methods", type=_names, help="comma-separated, e.g. flex,fedavg")
+    bench.add_argument("--seeds", type=_integers, help="comma-separated, e.g. 0,1,2")
+    bench.add_argument("--splits", type=_names, help="groups to keep, e.g. pathological,dirichlet")
+    for name in ("rounds", "local-steps", "max-train", "max-test", "max-new-tokens"):
+        bench.add_argument(f"--{name}", type=int, metavar="N", help="for every cell")
+    bench.add_argument("--list", action="store_true", help="print the cells and run nothing")
+    bench.set_defaults(command=run_bench)
+
+
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    report = commands.add_parser(
+        "report",
+        help="summarise every results.json under a folder in report.md and plots",
+        description="Read every results.json under DIR and write DIR/report.md (means and "
+        "standard deviations over seeds, per-client scores, knowledge loss, traffic, ablations) "
+        "and PNG plots under DIR/plots.",
+    )
+    report.add_argument("directory", type=Path, metavar="DIR")
+    report.set_defaults(command=run_report)
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _integers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from None
 
 
 def _settings(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
@@ -292,6 +339,35 @@ def run_info(args: argparse.Namespace) -> None:
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    """Run a benchmark matrix, then write its report; fail if any cell failed."""
+    from flexmoe.bench import MATRICES, describe, failures, run_cells, select
+    from flexmoe.report import write_report
+
+    names = ("rounds", "local_steps", "max_train", "max_test", "max_new_tokens")
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    matrix = select(MATRICES[args.matrix], args.methods, args.seeds, args.splits, overrides)
+    cells, root = matrix.cells(), args.out / matrix.name
+    if args.list:
+        for cell in cells:
+            print(f"{cell.name}  {' '.join(cell.arguments())}")
+        return
+    print(f"flexmoe bench: matrix {matrix.name}, {len(cells)} cells -> {root}")
+    failed = failures(run_cells(root, cells, args.jobs))
+    if any(root.rglob("results.json")):
+        print(f"report written to {write_report(root)}")
+    if failed:
+        lines = "\n".join(describe(outcome) for outcome in failed)
+        raise FlexMoEError(f"{len(failed)} of {len(cells)} cells failed:\n{lines}")
+
+
+def run_report(args: argparse.Namespace) -> None:
+    """Write report.md and plots for every results.json under a folder."""
+    from flexmoe.report import write_report
+
+    print(f"report written to {write_report(args.directory)}")
 
 
 if __name__ == "__main__":

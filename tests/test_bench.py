@@ -1,0 +1,284 @@
+"""Benchmark matrices, the parallel cell runner and report.md, on synthetic results files."""
+
+import json
+import statistics
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from flexmoe import bench
+from flexmoe.bench import MATRICES, Cell, describe, failures, run_cells, select
+from flexmoe.cli import main
+from flexmoe.errors import FlexMoEError
+from flexmoe.methods import METHODS
+from flexmoe.plots import loss_curve, mean_curve, rouge_curve
+from flexmoe.report import REPORT_FILE, Run, load_runs, write_report
+from flexmoe.runconfig import RunConfig
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_results(method: str, seed: int, rouges: list[float], **settings) -> dict:
+    """A results.json as ``flexmoe run`` writes it, with one client per ROUGE-L score."""
+    config = RunConfig().updated({"method": method, "seed": seed, **settings})
+    up = 1_000_000 if method == "fedavg-full" else 10_000
+    clients = [
+        {
+            "client_id": i,
+            "categories": [f"task-{i}"],
+            "n_train": 10,
+            "n_test": 4,
+            "rouge_l": score,
+            "test_loss": 1.0,
+            "bytes_up": up // len(rouges),
+            "bytes_down": up // len(rouges),
+        }
+        for i, score in enumerate(rouges)
+    ]
+    return {
+        "method": method,
+        "split": config.split,
+        "alpha": config.alpha,
+        "seed": seed,
+        "rounds": config.rounds,
+        "clients": clients,
+        "mean_rouge_l": statistics.fmean(rouges),
+        "mean_test_loss": 1.0,
+        "comm": {"bytes_up": up, "bytes_down": up, "per_round": []},
+        "wall_s": 12.3 + seed,  # differs between runs; must not change the report
+        "config": asdict(config),
+    }
+
+
+def cell_results(cell: Cell, rouges: list[float]) -> dict:
+    settings = dict(cell.overrides)
+    return fake_results(settings.pop("method"), settings.pop("seed"), rouges, **settings)
+
+
+def write_run(folder: Path, results: dict, rounds: list[dict] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results))
+    if rounds is not None:
+        (folder / "rounds.json").write_text(json.dumps(rounds))
+    return folder
+
+
+SCORES = {  # method -> seed -> per-client ROUGE-L
+    "flex": {0: [30.0, 40.0], 1: [32.0, 44.0], 2: [28.0, 39.0]},
+    "fedavg": {0: [35.0, 41.0], 1: [36.0, 44.0], 2: [37.0, 45.0]},
+    "fedavg-full": {0: [20.0, 22.0], 1: [21.0, 25.0], 2: [19.0, 20.0]},
+}
+
+
+@pytest.fixture
+def bench_dir(tmp_path) -> Path:
+    """Three methods x three seeds on the pathological split, flex with knowledge results."""
+    for method, seeds in SCORES.items():
+        for seed, rouges in seeds.items():
+            results = fake_results(method, seed, rouges, split="pathological", clients=2)
+            if method == "flex":
+                results["mean_ppl_increase"] = 0.01 * (seed + 1)
+            losses = [{"round": r, "mean_train_loss": 3.0 / r} for r in (1, 2, 3)]
+            write_run(tmp_path / "pathological" / method / f"seed{seed}", results, losses)
+    return tmp_path
+
+
+def table_row(report: str, first: str) -> list[str]:
+    """The cells of the first table row of ``report`` that starts with ``first``."""
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first:
+            return cells
+    raise AssertionError(f"no row {first!r} in the report")
+
+
+def test_report_means_and_standard_deviations_over_seeds(bench_dir):
+    report = write_report(bench_dir).read_text()
+    for method, seeds in SCORES.items():
+        means = [statistics.fmean(r) for r in seeds.values()]
+        row = table_row(report, method)
+        assert row[1:4] == ["3", f"{statistics.fmean(means):.2f}", f"{statistics.stdev(means):.2f}"]
+    assert table_row(report, "flex")[4] == "+2.00%"  # mean of 1%, 2%, 3%
+    assert table_row(report, "fedavg")[4] == "-"
+    assert table_row(report, "flex")[5:] == ["0.010", "0.010", "0.01"]  # MB up, down, ratio
+    assert table_row(report, "fedavg-full")[7] == "1"
+    client_1 = table_row(report, "1")
+    assert client_1[:2] == ["1", "task-1"]
+    assert client_1[2:] == [
+        f"{statistics.fmean(s[1] for s in SCORES[m].values()):.2f}" for m in SCORES
+    ]
+    assert "Best mean ROUGE-L on pathological: fedavg (39.67)." in report
+    assert "FLEx (flex) does not have the best mean ROUGE-L here: 35.50, rank 2 of 3" in report
+
+
+def test_report_is_byte_identical_when_rerun_and_links_existing_plots(bench_dir):
+    first = write_report(bench_dir).read_bytes()
+    assert write_report(bench_dir).read_bytes() == first
+    links = [
+        line.split("](")[1].rstrip(")") for line in first.decode().splitlines() if "![" in line
+    ]
+    assert len(links) == 3
+    for link in links:
+        assert (bench_dir / link).read_bytes().startswith(PNG_MAGIC)
+    assert len(load_runs(bench_dir)) == 9  # report.md and the plots are not read as runs
+
+
+def test_report_works_without_optional_fields_and_says_when_flex_is_best(tmp_path):
+    write_run(tmp_path / "a", fake_results("flex", 0, [50.0], split="dirichlet", alpha=0.5))
+    write_run(tmp_path / "b", fake_results("local", 0, [10.0], split="dirichlet", alpha=0.5))
+    report = write_report(tmp_path).read_text()
+    assert "## dirichlet-0.5" in report
+    assert table_row(report, "flex")[1:5] == ["1", "50.00", "-", "-"]
+    assert table_row(report, "flex")[7] == "-"  # no fedavg-full to compare traffic with
+    assert "FLEx (flex) has the best mean ROUGE-L here." in report
+    assert "## Ablations" not in report
+
+
+def test_report_warns_of_several_runs_of_one_seed(tmp_path):
+    for folder in ("a", "b"):
+        write_run(tmp_path / folder, fake_results("fedavg", 4, [10.0]))
+    report = write_report(tmp_path).read_text()
+    assert "Warning: fedavg has several runs of seed [4] (a, b)." in report
+    assert table_row(report, "fedavg")[1:4] == ["2", "10.00", "0.00"]
+
+
+def test_settings_that_differ_in_one_ablated_field_form_an_ablation(tmp_path):
+    for r, score in ((1, 30.0), (2, 34.0), (3, 33.0)):
+        for seed in (0, 1):
+            results = fake_results("flex", seed, [score + seed], experts_per_layer=r)
+            write_run(tmp_path / f"experts-per-layer-{r}" / "flex" / f"seed{seed}", results)
+    report = write_report(tmp_path).read_text()
+    assert "## pathological, experts-per-layer 2" in report
+    assert "### experts-per-layer (pathological)" in report
+    assert table_row(report, "2")[:5] == ["2", "flex", "2", "34.50", "0.71"]
+    assert (tmp_path / "plots" / "ablation-experts-per-layer-pathological.png").is_file()
+
+
+def test_curves_prefer_rouge_per_round_and_average_over_seeds():
+    results = fake_results("flex", 0, [1.0])
+    run = Run("x", results, [{"round": 1, "mean_train_loss": 2.0}, {"round": 2}])
+    assert rouge_curve(run) == [] and loss_curve(run) == [(1, 2.0)]
+    results["rouge_per_round"] = [{"round": 1, "mean_rouge_l": 5.0}]
+    assert rouge_curve(Run("x", results, None)) == [(1, 5.0)]
+    assert mean_curve([[(1, 1.0), (2, 3.0)], [(1, 3.0)]]) == [(1, 2.0), (2, 3.0)]
+
+
+def test_report_of_a_folder_without_valid_results_is_an_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results.json" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text('{"method": "flex"}')
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not a flexmoe results file" in capsys.readouterr().err
+
+
+# --- matrices ---
+
+
+def test_default_matrix_covers_every_method_split_and_seed():
+    cells = MATRICES["default"].cells()
+    assert len(cells) == len(METHODS) * 3 * 3
+    assert len({c.name for c in cells}) == len(cells)
+    by_name = {c.name: c for c in cells}
+    config = by_name["dirichlet-0.5/flex-generic/seed2"].config()
+    assert (config.split, config.alpha, config.clients, config.seed) == ("dirichlet", 0.5, 10, 2)
+    assert by_name["pathological/fedavg-full/seed0"].config().clients == 4
+
+
+def test_smoke_matrix_is_small_and_ablations_run_each_setting_once():
+    smoke = MATRICES["smoke"].cells()
+    assert [c.name for c in smoke[:3]] == [f"pathological/flex/seed{s}" for s in (0, 1, 2)]
+    assert {c.overrides["method"] for c in smoke} == {"flex", "fedavg", "fedavg-full"}
+    assert all(c.config().rounds <= 2 and c.config().max_train <= 16 for c in smoke)
+    names = [c.name for c in MATRICES["ablations"].cells()]
+    assert "experts-per-layer-3/flex/seed1" in names and "clients-20/flex/seed0" in names
+    assert "size-ratio-0.25/flex/seed2" in names
+    assert not any(n.startswith("size-ratio-1.0/") for n in names)  # same as experts-per-layer-1
+    config = {c.name: c.config() for c in MATRICES["ablations"].cells()}
+    assert config["clients-20/flex/seed0"].clients == 20
+    assert config["clients-20/flex/seed0"].split == "dirichlet"
+
+
+def test_select_narrows_a_matrix_and_applies_shared_settings():
+    matrix = select(MATRICES["default"], ["flex", "fedavg"], [7], ["dirichlet"], {"rounds": 3})
+    names = [c.name for c in matrix.cells()]
+    assert names == [f"dirichlet-{a}/{m}/seed7" for a in ("1.0", "0.5") for m in ("flex", "fedavg")]
+    assert all(c.config().rounds == 3 for c in matrix.cells())
+    assert Cell("x", {"rounds": 3, "method": "flex"}).arguments() == [
+        "--method", "flex", "--rounds", "3"
+    ]  # fmt: skip
+    with pytest.raises(FlexMoEError, match="unknown method"):
+        select(MATRICES["smoke"], ["nope"])
+    with pytest.raises(FlexMoEError, match="no group"):
+        select(MATRICES["smoke"], groups=["dirichlet"])
+    with pytest.raises(FlexMoEError, match="local-steps must be at least 1"):
+        select(MATRICES["smoke"], overrides={"local_steps": 0})
+
+
+# --- running cells ---
+
+WRITE = (
+    "import json, pathlib, sys, time; out = pathlib.Path(sys.argv[1]); "
+    "run = out.parent / 'running'; "
+    "run.mkdir(parents=True, exist_ok=True); (run / out.name).touch(); time.sleep(0.4); "
+    "peak = len(list(run.iterdir())); print('peak', peak); time.sleep(0.2); "
+    "(run / out.name).unlink(); out.mkdir(parents=True, exist_ok=True); "
+    "sys.argv[3] == '0' and (out / 'results.json').write_text(sys.argv[2]); "
+    "(out.parent / 'peaks').mkdir(exist_ok=True); "
+    "(out.parent / 'peaks' / str(peak)).touch(); sys.exit(int(sys.argv[3]))"
+)
+
+
+def fake_command(failing: str = "") -> bench.CommandBuilder:
+    """`python -c` writing a fake results.json, or exiting 3 for the method named ``failing``."""
+
+    def build(cell: Cell, out: Path) -> list[str]:
+        fails = cell.overrides["method"] == failing
+        payload = json.dumps(cell_results(cell, [10.0]))
+        return [sys.executable, "-c", WRITE, str(out), payload, "3" if fails else "0"]
+
+    return build
+
+
+def test_cells_run_in_parallel_and_a_failure_does_not_stop_the_others(tmp_path):
+    cells = select(MATRICES["smoke"], ["flex", "fedavg"], [0, 1]).cells()
+    lines: list[str] = []
+    outcomes = run_cells(tmp_path, cells, jobs=2, command=fake_command("fedavg"), echo=lines.append)
+    assert [o.cell.name for o in outcomes] == [c.name for c in cells]
+    assert [o.status for o in outcomes] == ["done", "done", "failed", "failed"]
+    assert (tmp_path / "pathological" / "flex" / "seed1" / "results.json").is_file()
+    log = tmp_path / "pathological" / "fedavg" / "seed0.log"
+    assert "peak" in log.read_text()
+    assert {o.log for o in failures(outcomes)} == {log, log.with_name("seed1.log")}
+    assert f"pathological/fedavg/seed0  exit status 3; log: {log}" in describe(outcomes[2])
+    assert len(lines) == 4
+    assert (tmp_path / "pathological" / "flex" / "peaks" / "2").exists()  # two ran at once
+
+
+def test_finished_cells_are_skipped_and_stale_ones_refused(tmp_path):
+    cells = select(MATRICES["smoke"], ["flex"], [0, 1, 2]).cells()
+    write_run(tmp_path / cells[0].name, cell_results(cells[0], [99.0]))
+    write_run(tmp_path / cells[1].name, fake_results("flex", 1, [99.0], rounds=7))
+    outcomes = run_cells(tmp_path, cells, jobs=1, command=fake_command(), echo=lambda _: None)
+    assert [o.status for o in outcomes] == ["skipped", "failed", "done"]
+    assert "rounds 7 != 2" in outcomes[1].reason
+    kept = json.loads((tmp_path / cells[0].name / "results.json").read_text())
+    assert kept["mean_rouge_l"] == 99.0
+    assert not (tmp_path / "pathological" / "flex" / "seed0.log").exists()
+
+
+def test_bench_command_reports_failed_cells_writes_the_report_and_exits_nonzero(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(bench, "flexmoe_command", fake_command("fedavg"))
+    argv = ["bench", "--matrix", "smoke", "--seeds", "0,1", "--out", str(tmp_path), "--jobs", "2"]
+    assert main([*argv, "--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "2 of 6 cells failed" in err
+    assert str(tmp_path / "smoke" / "pathological" / "fedavg" / "seed1.log") in err
+    report = (tmp_path / "smoke" / REPORT_FILE).read_text()
+    assert table_row(report, "flex")[1] == "2" and "fedavg |" not in report
+    assert main([*argv, "--rounds", "1", "--methods", "flex,fedavg-full"]) == 0  # all finished
+    assert main(["bench", "--matrix", "smoke", "--list", "--seeds", "0"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("pathological/fedavg-full/seed0")
