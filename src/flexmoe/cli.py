@@ -6,15 +6,12 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.runconfig import RunConfig
 from flexmoe.selection import STRATEGIES
-
-Command = Callable[[argparse.Namespace], None]
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
@@ -232,6 +229,7 @@ def run_deploy_local(args: argparse.Namespace) -> None:
 def run_graft(args: argparse.Namespace) -> None:
     """Select and graft experts on a data file; write the adapter and its report."""
     from flexmoe.data import load_instructions, pad_token_id, sequential_batches, tokenize_examples
+    from flexmoe.io import atomic_write_text
     from flexmoe.loading import load_model
     from flexmoe.model import FlexConfig, FlexModel
 
@@ -256,8 +254,6 @@ def run_graft(args: argparse.Namespace) -> None:
         "selection": config.selection,
         "wall_s": round(time.perf_counter() - started, 3),
     }
-    from flexmoe.io import atomic_write_text
-
     atomic_write_text(args.out / "graft_report.json", json.dumps(report, indent=2))
     for choice in choices:
         print(f"layer {choice.layer:>3}: grafted expert(s) {choice.chosen}")
