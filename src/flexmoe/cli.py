@@ -13,6 +13,7 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.runconfig import RunConfig
 from flexmoe.selection import STRATEGIES
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
