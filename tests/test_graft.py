@@ -52,6 +52,12 @@ def test_grafted_expert_starts_as_a_copy_of_its_source(model_type):
         assert torch.equal(gate.bias, torch.zeros(1))
 
 
+def test_gate_bias_sets_how_open_the_gates_start():
+    flex, _ = grafted("olmoe", gate_bias=-4.0)
+    biases = [g.bias.item() for b in grafted_blocks(flex) for g in b.grafted_gates]
+    assert biases == [-4.0] * len(biases)
+
+
 @pytest.mark.parametrize("model_type", ALL)
 def test_training_changes_only_shared_and_personal_parameters(model_type):
     flex, _ = grafted(model_type)

@@ -101,6 +101,7 @@ def _add_graft(commands: argparse._SubParsersAction) -> None:
         help="fraction of intermediate neurons kept (most active first)",
     )
     graft.add_argument("--selection", default="top", choices=STRATEGIES)
+    graft.add_argument("--gate-bias", type=float, default=0.0, help="initial gate bias")
     graft.add_argument("--max-examples", type=int, default=256, metavar="N")
     graft.add_argument("--max-length", type=int, default=256, help="tokens per example")
     graft.add_argument("--batch-size", type=int, default=8)
@@ -236,7 +237,9 @@ def run_graft(args: argparse.Namespace) -> None:
 
     if args.max_examples < 1:
         raise FlexMoEError(f"--max-examples must be at least 1, got {args.max_examples}")
-    config = FlexConfig(args.experts_per_layer, args.size_ratio, args.selection)
+    config = FlexConfig(
+        args.experts_per_layer, args.size_ratio, args.selection, gate_bias=args.gate_bias
+    )
     started = time.perf_counter()
     examples = load_instructions(args.data)[: args.max_examples]
     model, tokenizer = load_model(args.model)

@@ -226,6 +226,7 @@ class ClientWorker:
         config = FlexConfig(
             experts_per_layer=self.config.experts_per_layer,
             size_ratio=self.config.size_ratio,
+            gate_bias=self.config.gate_bias,
             selection="random" if self.method.graft == "random" else "top",
             seed=self.seed,
             shared=self.method.shared,

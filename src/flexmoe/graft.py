@@ -3,7 +3,8 @@
 A grafted block computes ``y = block(x) + sum_j sigmoid(w_j . x + b_j) * G_j(x)``: the pretrained
 block is untouched and every grafted expert G_j is always active behind its own per-token sigmoid
 gate (the shape of Qwen-MoE's gated shared expert). The gate starts from the source expert's
-router row with zero bias, so at first it opens where the router already favoured that expert.
+router row and a bias (0 by default), so at first it opens where the router already favoured that
+expert; a negative bias starts it nearly closed, close to the base model.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def plan_grafts(
     return grafts
 
 
-def apply_grafts(model: nn.Module, grafts: Sequence[LayerGraft]) -> None:
+def apply_grafts(model: nn.Module, grafts: Sequence[LayerGraft], gate_bias: float = 0.0) -> None:
     """Wrap every grafted layer's MoE block in place, copying the source experts."""
     views = {v.layer: v for v in find_moe_blocks(model)}
     for graft in grafts:
@@ -130,16 +131,16 @@ def apply_grafts(model: nn.Module, grafts: Sequence[LayerGraft]) -> None:
             GraftedExpert.copy_of(view, e, n)
             for e, n in zip(graft.source_experts, graft.neurons, strict=True)
         ]
-        gates = [_gate_from_router(view, e) for e in graft.source_experts]
+        gates = [_gate_from_router(view, e, gate_bias) for e in graft.source_experts]
         setattr(parent, attr, GraftedMoEBlock(view.block, experts, gates))
 
 
 @torch.no_grad()
-def _gate_from_router(view: MoEBlockView, expert: int) -> nn.Linear:
+def _gate_from_router(view: MoEBlockView, expert: int, bias: float) -> nn.Linear:
     weight = view.router.weight
     gate = nn.Linear(view.hidden_size, 1, bias=True).to(device=weight.device, dtype=weight.dtype)
     gate.weight.copy_(weight[expert : expert + 1])
-    gate.bias.zero_()
+    gate.bias.fill_(bias)
     return gate
 
 

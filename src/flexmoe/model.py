@@ -46,6 +46,7 @@ class FlexConfig:
     size_ratio: float = 1.0
     selection: str = "top"
     seed: int = 0
+    gate_bias: float = 0.0
     shared: SharedConfig = field(default_factory=SharedConfig)
 
     @classmethod
@@ -64,7 +65,7 @@ class FlexModel(nn.Module):
         self.config = replace(config, shared=resolve_targets(base, config.shared))
         self.grafts = list(grafts)
         self.base_fingerprint = fingerprint(base)
-        apply_grafts(base, self.grafts)
+        apply_grafts(base, self.grafts, self.config.gate_bias)
         add_shared_adapter(base, self.config.shared)
         set_trainable(base, self.config.shared)
         self.model = base
@@ -161,7 +162,8 @@ class FlexModel(nn.Module):
                 "fingerprint": self.base_fingerprint,
             },
             "config": asdict(self.config),
-            "gate": "sigmoid(w . x + b), w initialised from the source expert's router row, b = 0",
+            "gate": "sigmoid(w . x + b), w initialised from the source expert's router row, "
+            "b from config.gate_bias",
             "grafts": [g.to_dict() for g in self.grafts],
         }
 

@@ -33,6 +33,7 @@ class RunConfig:
     fraction_train: float = 1.0
     experts_per_layer: int = 1
     size_ratio: float = 1.0
+    gate_bias: float = 0.0
     max_new_tokens: int = 32
     max_length: int = 256
     max_train: int = 300
