@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from flexmoe.runconfig import RunConfig
 
 
 def results_table(results: dict) -> str:
@@ -66,9 +68,11 @@ class Run:
 
     @property
     def config(self) -> dict:
-        """The run's settings (older results without ``config``: the top-level ones)."""
+        """The run's settings; a setting newer than the run reads as its default."""
         top = {k: self.results[k] for k in ("split", "alpha", "seed") if k in self.results}
-        return {**top, "method": self.method, **self.results.get("config", {})}
+        saved = self.results.get("config")
+        defaults = asdict(RunConfig()) if saved else {}
+        return {**defaults, **top, "method": self.method, **(saved or {})}
 
     def setting(self) -> Setting:
         return tuple(sorted((k, v) for k, v in self.config.items() if k not in RUN_FIELDS))
