@@ -282,3 +282,13 @@ def test_bench_command_reports_failed_cells_writes_the_report_and_exits_nonzero(
     assert main([*argv, "--rounds", "1", "--methods", "flex,fedavg-full"]) == 0  # all finished
     assert main(["bench", "--matrix", "smoke", "--list", "--seeds", "0"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("pathological/fedavg-full/seed0")
+
+
+def test_run_summary_table_states_traffic_in_megabytes():
+    from flexmoe.report import results_table
+
+    table = results_table(fake_results("fedavg-full", 0, [10.0, 30.0]))
+    assert table.splitlines()[-1].startswith(
+        "mean ROUGE-L 20.00   uplink 1.00 MB   downlink 1.00 MB"
+    )
+    assert "task-1" in table

@@ -211,7 +211,8 @@ def _number(value: float | None, spec: str = ".2f") -> str:
     return NONE if value is None else format(value, spec)
 
 
-def _megabytes(count: float) -> str:
+def _megabytes_cell(count: float) -> str:
+    """Megabytes for a table column whose header names the unit."""
     return f"{count / 1e6:.3f}"
 
 
@@ -263,7 +264,7 @@ def method_table(summaries: dict[str, Summary]) -> list[str]:
         traffic = s.traffic("bytes_up") + s.traffic("bytes_down")
         rows.append([
             method, str(s.n), f"{s.rouge:.2f}", _number(s.rouge_std), _percent(s.ppl_increase),
-            _megabytes(s.traffic("bytes_up")), _megabytes(s.traffic("bytes_down")),
+            _megabytes_cell(s.traffic("bytes_up")), _megabytes_cell(s.traffic("bytes_down")),
             format(traffic / total, ".3g") if total else NONE,
         ])  # fmt: skip
     header = [
@@ -326,7 +327,7 @@ def ablation_section(
         lines += [f"### {_kebab(name)} ({_family_label(labels[members[0]], name)})", ""]
         rows = [
             [str(dict(s)[name]), m, str(x.n), f"{x.rouge:.2f}", _number(x.rouge_std),
-             _percent(x.ppl_increase), _megabytes(x.traffic("bytes_up"))]
+             _percent(x.ppl_increase), _megabytes_cell(x.traffic("bytes_up"))]
             for s in members
             for m, x in grouped[s].items()
         ]  # fmt: skip
