@@ -11,6 +11,7 @@ import pytest
 
 from flexmoe.data import (
     NATURAL_INSTRUCTIONS,
+    NATURAL_INSTRUCTIONS_NAMES,
     InstructionExample,
     category_counts,
     load_dataset,
@@ -94,6 +95,7 @@ def test_category_counts_largest_first():
 def test_load_dataset_reads_files_and_names_natural_instructions(tmp_path):
     assert load_dataset(write_jsonl(tmp_path / "d.jsonl", DOLLY)) == DOLLY_EXPECTED
     assert NATURAL_INSTRUCTIONS == "natural-instructions"
+    assert NATURAL_INSTRUCTIONS_NAMES == ("ni", "natural-instructions")
 
 
 def error_message(path: Path) -> str:

@@ -29,8 +29,7 @@ from flexmoe.data import (
     default_cache_dir,
     format_prompt,
     iterate_batches,
-    load_instructions,
-    load_natural_instructions,
+    load_dataset,
     pad_token_id,
     partition_examples,
     sequential_batches,
@@ -49,7 +48,6 @@ from flexmoe.roles import Role
 from flexmoe.runconfig import RunConfig
 from flexmoe.training import cosine_lr, mean_loss, train_steps
 
-NATURAL_INSTRUCTIONS = "ni"
 KEEP_ROUNDS = 2
 HELDOUT_TOKENS = 2048  # per pretraining domain
 GENERIC_TEXT_CHARS = 600
@@ -59,10 +57,8 @@ State = dict[str, torch.Tensor]
 
 @functools.lru_cache(maxsize=2)
 def load_examples(data: str, max_per_task: int) -> tuple[InstructionExample, ...]:
-    """Natural Instructions v1 (``ni``) or the user's own instruction file."""
-    if data == NATURAL_INSTRUCTIONS:
-        return tuple(load_natural_instructions(max_per_task=max_per_task))
-    return tuple(load_instructions(data))
+    """Natural Instructions v1 (``ni``) or the user's own instruction file, once per process."""
+    return tuple(load_dataset(data, max_per_task=max_per_task))
 
 
 def fitting_examples(

@@ -27,7 +27,7 @@ from flexmoe.data.records import (
     example_from_record,
     load_instructions,
 )
-from flexmoe.data.sources import NATURAL_INSTRUCTIONS, load_dataset
+from flexmoe.data.sources import NATURAL_INSTRUCTIONS, NATURAL_INSTRUCTIONS_NAMES, load_dataset
 from flexmoe.data.tokenization import (
     IGNORE_INDEX,
     TokenizedExample,
@@ -45,6 +45,7 @@ from flexmoe.data.tokenization import (
 __all__ = [
     "IGNORE_INDEX",
     "NATURAL_INSTRUCTIONS",
+    "NATURAL_INSTRUCTIONS_NAMES",
     "NI_CATEGORIES",
     "NI_TASK_CATEGORIES",
     "PROMPT_NO_INPUT",
