@@ -195,7 +195,7 @@ class ClientWorker:
         return {
             "knowledge": {
                 "heldout_ppl": domain_perplexities(model, self.tokenizer, HELDOUT_TOKENS),
-                "heldout_ppl_base": domain_perplexities(base, self.tokenizer, HELDOUT_TOKENS),
+                "heldout_ppl_base": base_heldout_perplexities(self.config.model),
             },
             "routing": {
                 "base": routing_statistics(base, batches),
@@ -261,6 +261,17 @@ class ClientWorker:
     def latest_state(self, before: int) -> Path | None:
         rounds = [r for r in self.saved_rounds() if r < before]
         return self.state_dir / f"round-{rounds[-1]:04d}" if rounds else None
+
+
+@functools.lru_cache(maxsize=2)
+def _base_heldout(model: str) -> tuple[tuple[str, float], ...]:
+    base, tokenizer = load_model(model)
+    return tuple(domain_perplexities(base, tokenizer, HELDOUT_TOKENS).items())
+
+
+def base_heldout_perplexities(model: str) -> dict[str, float]:
+    """The base model's held-out perplexity per domain, computed once per process."""
+    return dict(_base_heldout(model))
 
 
 @functools.cache
