@@ -81,6 +81,7 @@ ABLATIONS: dict[str, tuple[str, tuple[Scalar, ...]]] = {
     # varied setting: (split it is varied under, values)
     "experts-per-layer": ("pathological", (1, 2, 3)),
     "size-ratio": ("pathological", (0.25, 0.5, 1.0)),
+    "gate-bias": ("pathological", (0.0, -2.0, -4.0)),
     "clients": ("dirichlet-1.0", (4, 10, 20)),
 }
 SMOKE_SETTINGS: dict[str, Scalar] = {
