@@ -85,9 +85,9 @@ def bench_dir(tmp_path) -> Path:
     return tmp_path
 
 
-def table_row(report: str, first: str) -> list[str]:
-    """The cells of the first table row of ``report`` that starts with ``first``."""
-    for line in report.splitlines():
+def table_row(report: str, first: str, after: str = "") -> list[str]:
+    """The cells of the first table row of ``report`` starting with ``first`` (after ``after``)."""
+    for line in report[report.index(after) :].splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if line.startswith("|") and cells[0] == first:
             return cells
@@ -292,3 +292,44 @@ def test_run_summary_table_states_traffic_in_megabytes():
         "mean ROUGE-L 20.00   uplink 1.00 MB   downlink 1.00 MB"
     )
     assert "task-1" in table
+
+
+def routing_record(utilisation: list[float], gates: list[float]) -> dict:
+    return {
+        "layers": [
+            {"layer": 0, "utilisation": utilisation, "token_entropy": 0.5,
+             "utilisation_entropy": 0.6, "gate_means": gates},
+        ]
+    }  # fmt: skip
+
+
+def test_report_tabulates_held_out_perplexity_routing_and_flops(tmp_path):
+    for seed, (ppl, final_use) in enumerate([(12.0, [0.7, 0.3]), (16.0, [0.3, 0.7])]):
+        results = fake_results("flex", seed, [30.0], split="pathological", clients=1)
+        results["flops_ratio"] = 1.25
+        results["clients"][0]["knowledge"] = {
+            "heldout_ppl": {"prose": ppl, "code": 2 * ppl},
+            "heldout_ppl_base": {"prose": 10.0, "code": 20.0},
+        }
+        results["clients"][0]["routing"] = {
+            "base": routing_record([0.5, 0.5], []),
+            "final": routing_record(final_use, [0.2 + 0.4 * seed]),
+        }
+        write_run(tmp_path / "flex" / f"seed{seed}", results)
+    write_run(tmp_path / "local", fake_results("local", 0, [10.0], split="pathological", clients=1))
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "from-an-older-report.png").write_bytes(PNG_MAGIC)
+    report = write_report(tmp_path).read_text()
+    assert table_row(report, "prose") == ["prose", "10.00", "14.00"]  # local measured none
+    assert table_row(report, "code") == ["code", "20.00", "28.00"]
+    # TV distance 0.2 in both seeds, entropies unchanged, gates 0.2 and 0.6, FLOPs 1.25
+    assert table_row(report, "flex", after="Routing on") == [
+        "flex",
+        "0.200",
+        "0.600 -> 0.600",
+        "0.500 -> 0.500",
+        "0.400",
+        "1.250",
+    ]
+    assert table_row(report, "0", after="per MoE layer") == ["0", "0.200"]
+    assert not (tmp_path / "plots" / "from-an-older-report.png").exists()

@@ -118,7 +118,9 @@ def _finish(figure, axes, title: str, xlabel: str, ylabel: str, path: Path) -> N
 
 
 def write_plots(runs: Sequence[Run], folder: Path) -> list[Path]:
-    """Every plot report.md links to, written under ``folder``."""
+    """Every plot report.md links to, written under ``folder``; older plots there are removed."""
+    for stale in folder.glob("*.png"):
+        stale.unlink()
     grouped = group_runs(runs)
     labels = setting_labels(grouped)
     written = []

@@ -48,7 +48,7 @@ RESULTS_NAME = "results.json"
 ROUNDS_NAME = "rounds.json"
 REFERENCE = "fedavg-full"  # traffic is compared with naive dense FL
 FLEX = "flex"
-ABLATION_FIELDS = ("experts_per_layer", "size_ratio", "clients")
+ABLATION_FIELDS = ("experts_per_layer", "size_ratio", "gate_bias", "clients")
 RUN_FIELDS = ("method", "seed")  # what differs between runs of one setting's tables
 NONE = "-"
 REQUIRED = ("method", "clients", "mean_rouge_l", "comm")
@@ -112,6 +112,14 @@ class Summary:
         """Mean bytes per run, ``bytes_up`` or ``bytes_down``."""
         return statistics.fmean(r.results["comm"][key] for r in self.runs)
 
+    def clients(self) -> list[dict]:
+        """Every client record of every run."""
+        return [client for run in self.runs for client in run.results["clients"]]
+
+    @property
+    def flops_ratio(self) -> float | None:
+        return _mean_or_none(r.results.get("flops_ratio") for r in self.runs)
+
     def client_rouge(self) -> dict[int, float]:
         """Each client's ROUGE-L, mean over the runs that evaluated it."""
         scores: dict[int, list[float]] = {}
@@ -119,6 +127,11 @@ class Summary:
             for client in run.results["clients"]:
                 scores.setdefault(client["client_id"], []).append(client["rouge_l"])
         return {cid: statistics.fmean(values) for cid, values in sorted(scores.items())}
+
+
+def _mean_or_none(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
 
 
 def load_runs(directory: Path) -> list[Run]:
@@ -303,6 +316,95 @@ def _categories(names: Sequence[str], shown: int = 3) -> str:
     return text + (f" +{len(names) - shown} more" if len(names) > shown else "")
 
 
+def _measured(summaries: dict[str, Summary], key: str) -> dict[str, list[dict]]:
+    """Per method, the ``key`` record of every client that has one; methods without any left out."""
+    found = {m: [c[key] for c in s.clients() if key in c] for m, s in summaries.items()}
+    return {m: records for m, records in found.items() if records}
+
+
+def knowledge_table(summaries: dict[str, Summary]) -> list[str]:
+    """Held-out perplexity per pretraining domain, base model and each method's final models."""
+    measured = _measured(summaries, "knowledge")
+    if not measured:
+        return []
+    first = next(iter(measured.values()))
+
+    def mean_ppl(records: list[dict], stage: str, domain: str) -> str:
+        return _number(statistics.fmean(r[stage][domain] for r in records))
+
+    rows = [
+        [domain, mean_ppl(first, "heldout_ppl_base", domain),
+         *(mean_ppl(records, "heldout_ppl", domain) for records in measured.values())]
+        for domain in sorted(first[0]["heldout_ppl_base"])
+    ]  # fmt: skip
+    title = "Held-out perplexity per pretraining domain (mean over clients and seeds):"
+    return [title, "", *_table(["domain", "base model", *measured], rows)]
+
+
+def routing_summary(routed: list[dict]) -> dict[str, float | None]:
+    """How clients' routing records moved from the base model to the final one, as means over
+    clients, MoE layers and seeds."""
+    from flexmoe.evaluation.routing import utilisation_shift
+
+    def mean_of(stage: str, key: str) -> float:
+        return statistics.fmean(layer[key] for r in routed for layer in r[stage]["layers"])
+
+    shifts = [
+        t["total_variation"] for r in routed for t in utilisation_shift(r["base"], r["final"])
+    ]
+    gates = [g for r in routed for layer in r["final"]["layers"] for g in layer["gate_means"]]
+    entropies = {
+        f"{key}_{stage}": mean_of(stage, key)
+        for key in ("utilisation_entropy", "token_entropy")
+        for stage in ("base", "final")
+    }
+    return {"shift": statistics.fmean(shifts), **entropies, "gate": _mean_or_none(gates)}
+
+
+def layer_shifts(routed: list[dict]) -> dict[int, float]:
+    """Per MoE layer, the mean total-variation distance of utilisation, base to final."""
+    from flexmoe.evaluation.routing import utilisation_shift
+
+    shifts: dict[int, list[float]] = {}
+    for record in routed:
+        for shift in utilisation_shift(record["base"], record["final"]):
+            shifts.setdefault(shift["layer"], []).append(shift["total_variation"])
+    return {layer: statistics.fmean(values) for layer, values in sorted(shifts.items())}
+
+
+def routing_table(summaries: dict[str, Summary]) -> list[str]:
+    """Per method: routing shift, entropies before and after, grafted gate openness, FLOPs;
+    then the routing shift per layer."""
+    measured = _measured(summaries, "routing")
+    if not measured:
+        return []
+    rows = []
+    for method, routed in measured.items():
+        r = routing_summary(routed)
+        rows.append([
+            method, format(r["shift"], ".3f"),
+            f"{r['utilisation_entropy_base']:.3f} -> {r['utilisation_entropy_final']:.3f}",
+            f"{r['token_entropy_base']:.3f} -> {r['token_entropy_final']:.3f}",
+            _number(r["gate"], ".3f"), _number(summaries[method].flops_ratio, ".3f"),
+        ])  # fmt: skip
+    header = [
+        "method", "routing shift (TV)", "utilisation entropy", "token entropy",
+        "grafted gate mean", "MoE FLOPs / token vs base",
+    ]  # fmt: skip
+    layers = {method: layer_shifts(routed) for method, routed in measured.items()}
+    numbers = sorted({layer for per_layer in layers.values() for layer in per_layer})
+    per_layer = [[str(n), *(_number(layers[m].get(n), ".3f") for m in layers)] for n in numbers]
+    return [
+        "Routing on the clients' test data, base model -> final model (the routers are frozen, "
+        "so a shift comes from trained attention and grafts), and MoE compute per token:",
+        "",
+        *_table(header, rows),
+        "Routing shift (TV) per MoE layer:",
+        "",
+        *_table(["layer", *layers], per_layer),
+    ]
+
+
 def ablation_families(
     grouped: dict[Setting, dict[str, Summary]],
 ) -> list[tuple[str, list[Setting]]]:
@@ -368,7 +470,9 @@ def render_report(runs: Sequence[Run]) -> str:
         "and `std` are the mean and sample standard deviation over runs (seeds). Traffic is "
         f"bytes per run, and `traffic / {REFERENCE}` compares up plus down with {REFERENCE}. "
         "`held-out ppl increase` is the mean relative increase of held-out perplexity over the "
-        "base model.",
+        "base model. Routing shift is the total-variation distance between the base and the "
+        "final model's expert utilisation (0: unchanged, 1: disjoint); the grafted gate mean is "
+        "the mean sigmoid gate of the grafted experts over test tokens.",
         "",
     ]
     for setting, summaries in grouped.items():
@@ -377,6 +481,7 @@ def render_report(runs: Sequence[Run]) -> str:
         lines += [f"## {label}", "", *best_line(label, summaries), *repeated_seeds(summaries)]
         lines += method_table(summaries)
         lines += ["Per-client ROUGE-L (mean over seeds):", "", *client_table(summaries)]
+        lines += knowledge_table(summaries) + routing_table(summaries)
         lines += [f"![{kind}]({PLOTS_DIR}/{file})" for kind, file in plots.items()] + [""]
     lines += ablation_section(grouped, labels)
     rows = [
