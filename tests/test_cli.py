@@ -142,6 +142,22 @@ def test_eval_mmlu_and_perplexity_on_a_personalised_model(tmp_path, olmoe_dir, a
     assert "shakespeare" in capsys.readouterr().out
 
 
+def test_eval_cost_grafts_each_count_and_prices_it_against_the_base(tmp_path, olmoe_dir, capsys):
+    out = tmp_path / "cost.json"
+    argv = ["eval", "cost", "--model", str(olmoe_dir), "--experts-per-layer", "1,2"]
+    small = ["--batches", "1", "--batch-size", "2", "--seq-len", "8", "--repeats", "1"]
+    assert main([*argv, *small, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["experts_per_layer"] for row in rows] == [1, 2]
+    assert [row["experts_per_token"] for row in rows] == [3, 4]  # top-2 plus the grafts
+    assert 1 < rows[0]["flops_ratio"] < rows[1]["flops_ratio"]
+    assert all(row["latency"]["tokens"] == 16 and row["latency"]["ratio"] > 0 for row in rows)
+    assert "latency ratio" in capsys.readouterr().out
+    adapter = ["--adapter", str(tmp_path / "adapter")]
+    assert main([*argv, *adapter]) == 2
+    assert "give --adapter or --experts-per-layer, not both" in capsys.readouterr().err
+
+
 def test_graft_works_with_a_tokenizer_that_has_no_special_tokens(tmp_path, alpaca_file, tokenizer):
     from conftest import build_model
     from transformers import PreTrainedTokenizerFast

@@ -4,7 +4,7 @@ import pytest
 from conftest import build_model, random_batches
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.evaluation.cost import flops_per_token, latency_ratio
+from flexmoe.evaluation.cost import flops_per_token, latency_ratio, text_batches
 from flexmoe.graft import LayerGraft
 from flexmoe.model import FlexModel
 
@@ -53,3 +53,14 @@ def test_latency_ratio_reports_both_models():
     assert (result["repeats"], result["tokens"]) == (3, 40)
     with pytest.raises(FlexMoEError, match="at least one batch and one repeat"):
         latency_ratio(personalised, personalised, random_batches(1), repeats=0)
+
+
+def test_text_batches_cut_the_joined_texts_into_full_windows(tokenizer):
+    texts = ["The quick brown fox.", "def add(a, b): return a + b"] * 5
+    ids = [i for t in texts for i in tokenizer.encode(t, add_special_tokens=False)]
+    batches = text_batches(tokenizer, texts, seq_len=4, batch_size=2, count=3)
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(2, 4)] * 3
+    assert [i for b in batches for i in b["input_ids"].flatten().tolist()] == ids[:24]
+    assert all(bool(b["attention_mask"].all()) for b in batches)
+    with pytest.raises(FlexMoEError, match=r"fewer than the 2048 that .* ask for fewer"):
+        text_batches(tokenizer, texts, seq_len=64, batch_size=8, count=4)

@@ -115,7 +115,10 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     perplexity = benchmarks.add_parser(
         "perplexity", help="held-out perplexity per pretraining domain of the bundled model"
     )
-    for parser in (mmlu, perplexity):
+    cost = benchmarks.add_parser(
+        "cost", help="MoE FLOPs per token and forward latency of grafted models against the base"
+    )
+    for parser in (mmlu, perplexity, cost):
         parser.add_argument("--model", required=True, help="local model folder, or 'tiny'")
         parser.add_argument("--adapter", type=Path, help="a personal adapter to load first")
         parser.add_argument("--out", type=Path, help="also write the JSON result here")
@@ -126,6 +129,15 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     mmlu.set_defaults(command=run_eval_mmlu)
     perplexity.add_argument("--max-tokens", type=int, default=4096, help="per domain")
     perplexity.set_defaults(command=run_eval_perplexity)
+    cost.add_argument(
+        "--experts-per-layer", type=_integers, metavar="R,...", help="graft counts (default 1)"
+    )
+    cost.add_argument("--size-ratio", type=float, default=1.0, metavar="RHO")
+    cost.add_argument("--batches", type=int, default=4, help="of held-out text (default 4)")
+    cost.add_argument("--batch-size", type=int, default=4)
+    cost.add_argument("--seq-len", type=int, default=128)
+    cost.add_argument("--repeats", type=int, default=7, help="timed passes per model")
+    cost.set_defaults(command=run_eval_cost)
 
 
 def _add_info(commands: argparse._SubParsersAction) -> None:
@@ -307,6 +319,61 @@ def run_eval_perplexity(args: argparse.Namespace) -> None:
     for domain, value in result.items():
         print(f"{domain:<15} {value:10.2f}")
     _report(result, args.out)
+
+
+def run_eval_cost(args: argparse.Namespace) -> None:
+    """Side by side on the same held-out text: the base model and the grafted model(s)."""
+    from flexmoe.evaluation.cost import text_batches
+    from flexmoe.evaluation.perplexity import heldout_texts
+    from flexmoe.loading import load_model
+
+    if args.adapter is not None and args.experts_per_layer:
+        raise FlexMoEError("give --adapter or --experts-per-layer, not both")
+    base, tokenizer = load_model(args.model)
+    texts = heldout_texts().values()
+    batches = text_batches(tokenizer, texts, args.seq_len, args.batch_size, args.batches)
+    rows = _grafted_prices(args, base, batches)
+    print(" ".join(f"{title:>{width}}" for title, width in COST_COLUMNS))
+    for row in rows:
+        latency = row["latency"]
+        values = [
+            f"{row['experts_per_token']:.2f}", f"{row['flops_personalised']:,}",
+            f"{row['flops_ratio']:.3f}", f"{1e3 * latency['base_s']:.1f}",
+            f"{1e3 * latency['personalised_s']:.1f}", f"{latency['ratio']:.3f}",
+        ]  # fmt: skip
+        print(" ".join(f"{v:>{width}}" for v, (_, width) in zip(values, COST_COLUMNS, strict=True)))
+    tokens = args.batches * args.batch_size * args.seq_len
+    print(f"{tokens} tokens per pass, median of {args.repeats} interleaved passes per model")
+    _report({"model": args.model, "tokens": tokens, "rows": rows}, args.out)
+
+
+COST_COLUMNS = (
+    ("experts/token", 13), ("MoE FLOPs/token", 15), ("FLOPs ratio", 11),
+    ("base ms", 8), ("grafted ms", 10), ("latency ratio", 13),
+)  # fmt: skip
+
+
+def _grafted_prices(args: argparse.Namespace, base, batches: list) -> list[dict]:
+    """The price of the adapter given, or of a fresh graft of each --experts-per-layer count."""
+    from flexmoe.evaluation.cost import price_of_grafts
+    from flexmoe.loading import load_model
+    from flexmoe.model import FlexConfig, FlexModel
+
+    if args.adapter is not None:
+        personalised, _ = _evaluated_model(args)
+        return [
+            {
+                "adapter": str(args.adapter),
+                **price_of_grafts(personalised, base, batches, args.repeats),
+            }
+        ]
+    rows = []
+    for count in args.experts_per_layer or [1]:
+        config = FlexConfig(experts_per_layer=count, size_ratio=args.size_ratio)
+        grafted, _ = FlexModel.graft(load_model(args.model)[0], batches, config)
+        price = price_of_grafts(grafted.model, base, batches, args.repeats)
+        rows.append({"experts_per_layer": count, "size_ratio": args.size_ratio, **price})
+    return rows
 
 
 def run_info(args: argparse.Namespace) -> None:
