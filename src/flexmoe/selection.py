@@ -124,6 +124,7 @@ def score_sets(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 use_cache=False,
+                logits_to_keep=1,  # only the MoE blocks' inputs are needed, not the vocabulary
             )
             keep = batch["attention_mask"].bool()
             for v in views:

@@ -100,6 +100,7 @@ def routing_statistics(model: nn.Module, batches: Sequence[Batch]) -> dict:
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 use_cache=False,
+                logits_to_keep=1,  # only the MoE blocks' inputs are needed, not the vocabulary
             )
             keep = batch["attention_mask"].bool()
             for layer, tally in tallies.items():
