@@ -190,3 +190,28 @@ def test_every_method_trains_and_aggregates(tmp_path, random_model, dolly_file, 
     fresh = make_strategy(get_method(method), config)
     restore_strategy_state(fresh, state)
     assert strategy_state(fresh).keys() == state.keys()
+
+
+def shared_distance(reply: Message, start) -> float:
+    """Squared distance of a reply's shared parameters from where the round started."""
+    arrays = reply.content["arrays"]
+    return sum(float(((arrays[k].numpy() - start[k].numpy()) ** 2).sum()) for k in start)
+
+
+def test_fedprox_proximal_term_pulls_the_client_toward_the_global_parameters(
+    tmp_path, random_model, dolly_file
+):
+    config = settings(random_model, dolly_file, method="fedprox", local_steps=4)
+    start = initial_arrays(config, get_method("fedprox"))
+    distances = {}
+    for mu in (0.0, 100.0):
+        record = _message_config(config, tmp_path / str(mu))
+        record.update({"server-round": 1, "proximal-mu": mu})
+        message = Message(
+            RecordDict({"arrays": start, "config": ConfigRecord(dict(record))}),
+            dst_node_id=1,
+            message_type="train",
+        )
+        context = Context(1, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), {})
+        distances[mu] = shared_distance(client_app.app(message, context), start)
+    assert 0 < distances[100.0] < 0.5 * distances[0.0]

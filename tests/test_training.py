@@ -5,7 +5,8 @@ import torch
 from conftest import ARCHITECTURES, build_model, random_batches
 
 from flexmoe.data import IGNORE_INDEX
-from flexmoe.training import answer_loss, mean_loss
+from flexmoe.errors import FlexMoEError
+from flexmoe.training import answer_loss, mean_loss, train_steps
 
 
 def labelled(batch: dict[str, torch.Tensor], answer_from: tuple[int, int]) -> dict:
@@ -48,3 +49,14 @@ def test_mean_loss_weights_batches_by_labelled_tokens():
     counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
     expected = sum(loss * n for loss, n in zip(losses, counts, strict=True)) / sum(counts)
     assert mean_loss(model, batches) == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_proximal_anchor_with_other_parameter_names_is_refused():
+    model = build_model("mixtral")
+    named = dict(model.named_parameters())
+    anchor = {f"wrapper.{name}": p.detach().clone() for name, p in named.items()}
+    batches = iter([labelled(b, (4, 4)) for b in random_batches(1)])
+    with pytest.raises(
+        FlexMoEError, match=r"the proximal anchor names \d+ parameters the model does not train"
+    ):
+        train_steps(model, batches, 1, 1e-3, anchor=anchor, proximal_mu=0.1)

@@ -150,7 +150,7 @@ class ClientWorker:
         torch.manual_seed(self.seed * 1_000 + round_)
         lr = cosine_lr(round_, self.config.rounds, self.config.lr, self.config.min_lr)
         losses = train_steps(
-            model,
+            model.model,  # parameter names as in the shared state, for the proximal anchor
             (collate(b, pad_token_id(self.tokenizer)) for b in batches),
             self.config.local_steps,
             lr,

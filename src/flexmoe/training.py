@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexmoe.data import IGNORE_INDEX
+from flexmoe.errors import FlexMoEError
 
 
 def cosine_lr(round_: int, total_rounds: int, lr: float, min_lr: float) -> float:
@@ -52,6 +53,13 @@ def train_steps(
     Returns the task loss of every step.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if anchor is not None:
+        unknown = sorted(set(anchor) - {n for n, _ in named})
+        if unknown:
+            raise FlexMoEError(
+                f"the proximal anchor names {len(unknown)} parameters the model does not train, "
+                f"e.g. {unknown[:2]}; give the anchor and the model with the same names"
+            )
     optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=0.0)
     model.train()
     losses = []
