@@ -315,6 +315,7 @@ def test_report_tabulates_held_out_perplexity_routing_and_flops(tmp_path):
             "base": routing_record([0.5, 0.5], []),
             "final": routing_record(final_use, [0.2 + 0.4 * seed]),
         }
+        results["clients"][0]["grafted_experts"] = {"0": [6], "1": [4] if seed else [1, 2]}
         write_run(tmp_path / "flex" / f"seed{seed}", results)
     write_run(tmp_path / "local", fake_results("local", 0, [10.0], split="pathological", clients=1))
     (tmp_path / "plots").mkdir()
@@ -332,4 +333,9 @@ def test_report_tabulates_held_out_perplexity_routing_and_flops(tmp_path):
         "1.250",
     ]
     assert table_row(report, "0", after="per MoE layer") == ["0", "0.200"]
+    assert table_row(report, "flex", after="Grafted experts") == [
+        "flex",
+        "1 of 2",
+        "0: [6]; 1: [1, 2]",
+    ]
     assert not (tmp_path / "plots" / "from-an-older-report.png").exists()

@@ -202,6 +202,7 @@ class ClientWorker:
                 "final": routing_statistics(model, batches),
             },
             "flops_per_token": {k: flops[k] for k in ("base", "personalised", "ratio")},
+            "grafted_experts": {str(g.layer): list(g.source_experts) for g in model.grafts},
         }
 
     def model_for_round(self, round_: int, global_shared: State) -> FlexModel:

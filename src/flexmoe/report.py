@@ -405,6 +405,26 @@ def routing_table(summaries: dict[str, Summary]) -> list[str]:
     ]
 
 
+def graft_table(summaries: dict[str, Summary], shown: int = 4) -> list[str]:
+    """Per grafting method, the most common per-layer choices of grafted experts and how many
+    clients (over all seeds) made each: personalisation by selection shows as many plans."""
+    measured = _measured(summaries, "grafted_experts")
+    rows = []
+    for method, plans in measured.items():
+        counts: dict[str, int] = {}
+        for plan in plans:
+            key = "; ".join(f"{layer}: {experts}" for layer, experts in plan.items())
+            counts[key] = counts.get(key, 0) + 1
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        rows += [[method, f"{n} of {len(plans)}", plan] for plan, n in ranked[:shown]]
+        if len(ranked) > shown:
+            rows.append([method, f"{len(plans) - sum(n for _, n in ranked[:shown])} more", "..."])
+    if not rows:
+        return []
+    title = "Grafted experts (MoE layer: source experts), by how many clients chose them:"
+    return [title, "", *_table(["method", "clients", "grafted experts"], rows)]
+
+
 def ablation_families(
     grouped: dict[Setting, dict[str, Summary]],
 ) -> list[tuple[str, list[Setting]]]:
@@ -481,7 +501,7 @@ def render_report(runs: Sequence[Run]) -> str:
         lines += [f"## {label}", "", *best_line(label, summaries), *repeated_seeds(summaries)]
         lines += method_table(summaries)
         lines += ["Per-client ROUGE-L (mean over seeds):", "", *client_table(summaries)]
-        lines += knowledge_table(summaries) + routing_table(summaries)
+        lines += knowledge_table(summaries) + routing_table(summaries) + graft_table(summaries)
         lines += [f"![{kind}]({PLOTS_DIR}/{file})" for kind, file in plots.items()] + [""]
     lines += ablation_section(grouped, labels)
     rows = [
