@@ -148,11 +148,12 @@ def test_settings_that_differ_in_one_ablated_field_form_an_ablation(tmp_path):
     for r, score in ((1, 30.0), (2, 34.0), (3, 33.0)):
         for seed in (0, 1):
             results = fake_results("flex", seed, [score + seed], experts_per_layer=r)
+            results["flops_ratio"] = 1 + 0.25 * r
             write_run(tmp_path / f"experts-per-layer-{r}" / "flex" / f"seed{seed}", results)
     report = write_report(tmp_path).read_text()
     assert "## pathological, experts-per-layer 2" in report
     assert "### experts-per-layer (pathological)" in report
-    assert table_row(report, "2")[:5] == ["2", "flex", "2", "34.50", "0.71"]
+    assert table_row(report, "2") == ["2", "flex", "2", "34.50", "0.71", "-", "1.500", "0.010"]
     assert (tmp_path / "plots" / "ablation-experts-per-layer-pathological.png").is_file()
 
 

@@ -449,12 +449,13 @@ def ablation_section(
         lines += [f"### {_kebab(name)} ({_family_label(labels[members[0]], name)})", ""]
         rows = [
             [str(dict(s)[name]), m, str(x.n), f"{x.rouge:.2f}", _number(x.rouge_std),
-             _percent(x.ppl_increase), _megabytes_cell(x.traffic("bytes_up"))]
+             _percent(x.ppl_increase), _number(x.flops_ratio, ".3f"),
+             _megabytes_cell(x.traffic("bytes_up"))]
             for s in members
             for m, x in grouped[s].items()
         ]  # fmt: skip
         header = [_kebab(name), "method", "seeds", "mean ROUGE-L", "std", "held-out ppl increase"]
-        lines += _table([*header, "MB up / run"], rows)
+        lines += _table([*header, "MoE FLOPs ratio", "MB up / run"], rows)
         lines += [f"![{name}]({PLOTS_DIR}/{ablation_plot(labels[members[0]], name)})", ""]
     return ["## Ablations", "", *lines] if lines else []
 
