@@ -147,6 +147,9 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
     info.set_defaults(command=run_info)
 
 
+BENCH_OVERRIDES = ("rounds", "local_steps", "max_train", "max_test", "max_new_tokens")
+
+
 def _add_bench(commands: argparse._SubParsersAction) -> None:
     from flexmoe.bench import DEFAULT_ROOT, MATRICES
 
@@ -163,8 +166,10 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--methods", type=_names, help="comma-separated, e.g. flex,fedavg")
     bench.add_argument("--seeds", type=_integers, help="comma-separated, e.g. 0,1,2")
     bench.add_argument("--splits", type=_names, help="groups to keep, e.g. pathological,dirichlet")
-    for name in ("rounds", "local-steps", "max-train", "max-test", "max-new-tokens"):
-        bench.add_argument(f"--{name}", type=int, metavar="N", help="for every cell")
+    for name in BENCH_OVERRIDES:
+        bench.add_argument(
+            f"--{name.replace('_', '-')}", type=int, metavar="N", help="for every cell"
+        )
     bench.add_argument("--list", action="store_true", help="print the cells and run nothing")
     bench.set_defaults(command=run_bench)
 
@@ -342,7 +347,7 @@ def run_eval_cost(args: argparse.Namespace) -> None:
             f"{1e3 * latency['personalised_s']:.1f}", f"{latency['ratio']:.3f}",
         ]  # fmt: skip
         print(" ".join(f"{v:>{width}}" for v, (_, width) in zip(values, COST_COLUMNS, strict=True)))
-    tokens = args.batches * args.batch_size * args.seq_len
+    tokens = rows[0]["latency"]["tokens"]
     print(f"{tokens} tokens per pass, median of {args.repeats} interleaved passes per model")
     _report({"model": args.model, "tokens": tokens, "rows": rows}, args.out)
 
@@ -411,10 +416,9 @@ def run_info(args: argparse.Namespace) -> None:
 def run_bench(args: argparse.Namespace) -> None:
     """Run a benchmark matrix, then write its report; fail if any cell failed."""
     from flexmoe.bench import MATRICES, describe, failures, run_cells, select
-    from flexmoe.report import write_report
+    from flexmoe.report import RESULTS_NAME, write_report
 
-    names = ("rounds", "local_steps", "max_train", "max_test", "max_new_tokens")
-    overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    overrides = {n: getattr(args, n) for n in BENCH_OVERRIDES if getattr(args, n) is not None}
     matrix = select(MATRICES[args.matrix], args.methods, args.seeds, args.splits, overrides)
     cells, root = matrix.cells(), args.out / matrix.name
     if args.list:
@@ -423,7 +427,7 @@ def run_bench(args: argparse.Namespace) -> None:
         return
     print(f"flexmoe bench: matrix {matrix.name}, {len(cells)} cells -> {root}")
     failed = failures(run_cells(root, cells, args.jobs))
-    if any(root.rglob("results.json")):
+    if any(root.rglob(RESULTS_NAME)):
         print(f"report written to {write_report(root)}")
     if failed:
         lines = "\n".join(describe(outcome) for outcome in failed)

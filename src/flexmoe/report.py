@@ -103,10 +103,7 @@ class Summary:
 
     @property
     def ppl_increase(self) -> float | None:
-        values = [
-            r.results["mean_ppl_increase"] for r in self.runs if "mean_ppl_increase" in r.results
-        ]
-        return statistics.fmean(values) if values else None
+        return _mean_or_none(r.results.get("mean_ppl_increase") for r in self.runs)
 
     def traffic(self, key: str) -> float:
         """Mean bytes per run, ``bytes_up`` or ``bytes_down``."""
@@ -342,34 +339,29 @@ def knowledge_table(summaries: dict[str, Summary]) -> list[str]:
 
 
 def routing_summary(routed: list[dict]) -> dict[str, float | None]:
-    """How clients' routing records moved from the base model to the final one, as means over
-    clients, MoE layers and seeds."""
-    from flexmoe.evaluation.routing import utilisation_shift
+    """Entropies before and after, and the grafted gates' mean, over clients, layers and seeds."""
 
     def mean_of(stage: str, key: str) -> float:
         return statistics.fmean(layer[key] for r in routed for layer in r[stage]["layers"])
 
-    shifts = [
-        t["total_variation"] for r in routed for t in utilisation_shift(r["base"], r["final"])
-    ]
     gates = [g for r in routed for layer in r["final"]["layers"] for g in layer["gate_means"]]
     entropies = {
         f"{key}_{stage}": mean_of(stage, key)
         for key in ("utilisation_entropy", "token_entropy")
         for stage in ("base", "final")
     }
-    return {"shift": statistics.fmean(shifts), **entropies, "gate": _mean_or_none(gates)}
+    return {**entropies, "gate": _mean_or_none(gates)}
 
 
-def layer_shifts(routed: list[dict]) -> dict[int, float]:
-    """Per MoE layer, the mean total-variation distance of utilisation, base to final."""
+def layer_shifts(routed: list[dict]) -> dict[int, list[float]]:
+    """Per MoE layer, every client's total-variation distance of utilisation, base to final."""
     from flexmoe.evaluation.routing import utilisation_shift
 
     shifts: dict[int, list[float]] = {}
     for record in routed:
         for shift in utilisation_shift(record["base"], record["final"]):
             shifts.setdefault(shift["layer"], []).append(shift["total_variation"])
-    return {layer: statistics.fmean(values) for layer, values in sorted(shifts.items())}
+    return dict(sorted(shifts.items()))
 
 
 def routing_table(summaries: dict[str, Summary]) -> list[str]:
@@ -378,11 +370,13 @@ def routing_table(summaries: dict[str, Summary]) -> list[str]:
     measured = _measured(summaries, "routing")
     if not measured:
         return []
+    shifts = {method: layer_shifts(routed) for method, routed in measured.items()}
     rows = []
     for method, routed in measured.items():
         r = routing_summary(routed)
+        overall = statistics.fmean(v for values in shifts[method].values() for v in values)
         rows.append([
-            method, format(r["shift"], ".3f"),
+            method, format(overall, ".3f"),
             f"{r['utilisation_entropy_base']:.3f} -> {r['utilisation_entropy_final']:.3f}",
             f"{r['token_entropy_base']:.3f} -> {r['token_entropy_final']:.3f}",
             _number(r["gate"], ".3f"), _number(summaries[method].flops_ratio, ".3f"),
@@ -391,7 +385,7 @@ def routing_table(summaries: dict[str, Summary]) -> list[str]:
         "method", "routing shift (TV)", "utilisation entropy", "token entropy",
         "grafted gate mean", "MoE FLOPs / token vs base",
     ]  # fmt: skip
-    layers = {method: layer_shifts(routed) for method, routed in measured.items()}
+    layers = {m: {n: statistics.fmean(v) for n, v in per.items()} for m, per in shifts.items()}
     numbers = sorted({layer for per_layer in layers.values() for layer in per_layer})
     per_layer = [[str(n), *(_number(layers[m].get(n), ".3f") for m in layers)] for n in numbers]
     return [

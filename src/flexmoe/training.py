@@ -84,10 +84,10 @@ def _proximal_term(
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, batches: list[Mapping[str, torch.Tensor]]) -> float:
-    """Token-weighted mean loss over ``batches`` (labels with -100 are skipped)."""
+    """Token-weighted mean loss over ``batches`` (unlabelled positions are skipped)."""
     total, count = 0.0, 0
     for batch in batches:
-        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         total += answer_loss(model, batch).item() * tokens
         count += tokens
     return total / max(1, count)
