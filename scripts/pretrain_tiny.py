@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 import torch
+from corpus import DOMAINS, DomainSplit, load_corpus
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2MoeConfig
-
-from flexmoe.corpus import DOMAINS, DomainSplit, load_corpus
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "flexmoe" / "assets"
 EOS = "<|endoftext|>"

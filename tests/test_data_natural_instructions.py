@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
 import sys
 import tarfile
 from collections import Counter
@@ -12,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+import flexmoe.cache as flexmoe_cache
+from flexmoe.cache import CACHE_ENV, cache_dir
 from flexmoe.data import (
     NI_CATEGORIES,
     NI_TASK_CATEGORIES,
     InstructionExample,
-    default_cache_dir,
     fetch_bigbench_sdist,
     load_dataset,
     load_natural_instructions,
@@ -202,10 +204,10 @@ def test_damaged_cache_file(cache):
 
 
 def test_cache_dir_defaults_and_env_override(monkeypatch, tmp_path):
-    monkeypatch.delenv(ni.CACHE_ENV, raising=False)
-    assert default_cache_dir() == Path.home() / ".cache" / "flexmoe"
-    monkeypatch.setenv(ni.CACHE_ENV, str(tmp_path))
-    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    assert cache_dir() == Path.home() / ".cache" / "flexmoe"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    assert cache_dir() == tmp_path
 
 
 def test_fetch_runs_pip_download_once_into_the_cache(monkeypatch, tmp_path):
@@ -214,10 +216,10 @@ def test_fetch_runs_pip_download_once_into_the_cache(monkeypatch, tmp_path):
     def fake_run(command, **kwargs):
         calls.append(command)
         build_sdist(Path(command[command.index("-d") + 1]) / ni.SDIST_FILENAME)
-        return ni.subprocess.CompletedProcess(command, 0, "", "")
+        return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(ni.subprocess, "run", fake_run)
-    monkeypatch.setenv(ni.CACHE_ENV, str(tmp_path / "c"))
+    monkeypatch.setattr(flexmoe_cache.subprocess, "run", fake_run)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
     path = fetch_bigbench_sdist()
     assert path == tmp_path / "c" / "bigbench" / ni.SDIST_FILENAME and path.is_file()
     assert calls[0][:4] == [sys.executable, "-m", "pip", "download"]
@@ -229,14 +231,14 @@ def test_fetch_runs_pip_download_once_into_the_cache(monkeypatch, tmp_path):
 
 def test_failed_download_names_the_manual_fix(monkeypatch, tmp_path):
     def failing_run(command, **kwargs):
-        return ni.subprocess.CompletedProcess(command, 1, "", "ERROR: network unreachable")
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: network unreachable")
 
-    monkeypatch.setattr(ni.subprocess, "run", failing_run)
+    monkeypatch.setattr(flexmoe_cache.subprocess, "run", failing_run)
     with pytest.raises(FlexMoEError, match=r"network unreachable.*place it at"):
         fetch_bigbench_sdist(tmp_path)
 
 
-REAL_CACHE = default_cache_dir()
+REAL_CACHE = cache_dir()
 
 
 @pytest.mark.slow

@@ -1,12 +1,15 @@
 """The federated layer: what crosses the wire, checkpoints, resume, and errors."""
 
+from dataclasses import replace
+
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from safetensors.numpy import load_file
 
 from flexmoe.cli import main
 from flexmoe.federated import client_app
-from flexmoe.federated.federation import _message_config, initial_arrays
+from flexmoe.federated.federation import initial_arrays, round_instructions
+from flexmoe.federated.protocol import TrainReply, request_content, run_config_of
 from flexmoe.federated.records import wire_bytes
 from flexmoe.methods import get_method
 from flexmoe.runconfig import RunConfig
@@ -26,18 +29,23 @@ def settings(model, data, **overrides) -> RunConfig:
     return RunConfig(model=str(model), data=str(data), **{**small, **overrides})
 
 
-def train_reply(config: RunConfig, out) -> Message:
-    """Drive the real ClientApp with a real train message for client 0."""
-    record = _message_config(config, out)
-    record["server-round"] = 1
-    arrays = initial_arrays(config, get_method(config.method))
+def client_reply(config: RunConfig, out, client: int, arrays, proximal_mu: float = 0.0):
+    """Drive the real ClientApp with a real train message, the run's settings in its context.
+
+    ``proximal_mu`` is what the FedProx strategy adds to the request (0: another strategy).
+    """
+    instructions = replace(round_instructions(out, 1), proximal_mu=proximal_mu)
     message = Message(
-        RecordDict({"arrays": arrays, "config": ConfigRecord(dict(record))}),
-        dst_node_id=1,
-        message_type="train",
+        request_content(arrays, instructions), dst_node_id=client + 1, message_type="train"
     )
-    context = Context(1, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), {})
-    return client_app.app(message, context)
+    node = {"partition-id": client, "num-partitions": config.clients}
+    run_config = run_config_of(config, str(out))
+    return client_app.app(message, Context(1, client + 1, node, RecordDict(), run_config))
+
+
+def train_reply(config: RunConfig, out) -> Message:
+    """The reply of client 0 to round 1 of ``config``."""
+    return client_reply(config, out, 0, initial_arrays(config, get_method(config.method)))
 
 
 PRIVATE = ("grafted", "experts", "gate", "router")
@@ -139,18 +147,6 @@ def test_resuming_a_folder_without_a_checkpoint_fails_clearly(capsys, tmp_path):
     assert "damaged" in capsys.readouterr().err
 
 
-def client_reply(config: RunConfig, out, client: int, arrays) -> Message:
-    record = _message_config(config, out)
-    record["server-round"] = 1
-    message = Message(
-        RecordDict({"arrays": arrays, "config": ConfigRecord(dict(record))}),
-        dst_node_id=client + 1,
-        message_type="train",
-    )
-    node = {"partition-id": client, "num-partitions": config.clients}
-    return client_app.app(message, Context(1, client + 1, node, RecordDict(), {}))
-
-
 def remember_global(strategy, arrays) -> None:
     """What ``configure_train`` records for server optimisers (it needs a live Grid to call)."""
     from flwr.serverapp.strategy import FedAvgM
@@ -203,15 +199,40 @@ def test_fedprox_proximal_term_pulls_the_client_toward_the_global_parameters(
 ):
     config = settings(random_model, dolly_file, method="fedprox", local_steps=4)
     start = initial_arrays(config, get_method("fedprox"))
-    distances = {}
-    for mu in (0.0, 100.0):
-        record = _message_config(config, tmp_path / str(mu))
-        record.update({"server-round": 1, "proximal-mu": mu})
-        message = Message(
-            RecordDict({"arrays": start, "config": ConfigRecord(dict(record))}),
-            dst_node_id=1,
-            message_type="train",
-        )
-        context = Context(1, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), {})
-        distances[mu] = shared_distance(client_app.app(message, context), start)
+    distances = {
+        mu: shared_distance(client_reply(config, tmp_path / str(mu), 0, start, mu), start)
+        for mu in (0.0, 100.0)
+    }
     assert 0 < distances[100.0] < 0.5 * distances[0.0]
+
+
+@pytest.mark.parametrize(
+    ("method", "mu"), [("fedavg", 0.0), ("flex", 0.0), ("fedadam", 0.0), ("fedprox", 0.25)]
+)
+def test_only_fedprox_clients_train_with_a_proximal_term(
+    tmp_path, random_model, dolly_file, method, mu
+):
+    """The request is built by the method's own strategy, and the reply says what mu it used."""
+    from flexmoe.federated.strategies import make_strategy
+
+    config = settings(random_model, dolly_file, method=method, proximal_mu=0.25)
+    arrays = initial_arrays(config, get_method(method))
+    strategy = make_strategy(get_method(method), config)
+    requests = strategy.configure_train(
+        1, arrays, round_instructions(tmp_path, 1).to_record(), Nodes(config.clients)
+    )
+    request = next(r for r in requests if r.metadata.dst_node_id == 1)
+    node = {"partition-id": 0, "num-partitions": config.clients}
+    context = Context(1, 1, node, RecordDict(), run_config_of(config, str(tmp_path)))
+    reply = client_app.app(request, context)
+    assert TrainReply.from_message(reply).proximal_mu == mu
+
+
+class Nodes:
+    """The part of a Grid a strategy's configure_train uses: ``count`` connected nodes."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.count + 1))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TEXTS, build_model, make_tokenizer, random_batches
 
-from flexmoe.data import default_cache_dir
+from flexmoe.cache import cache_dir
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluation.mmlu import (
     LETTERS,
@@ -271,7 +271,7 @@ def test_fetch_mmlu_uses_the_cache_and_explains_download_failures(tmp_path, monk
     assert fetch_mmlu(tmp_path) == cached
 
 
-REAL = default_cache_dir() / "mmlu" / MMLU_FILENAME
+REAL = cache_dir() / "mmlu" / MMLU_FILENAME
 
 
 @pytest.mark.skipif(not REAL.is_file(), reason="the real MMLU file is not cached (fetch_mmlu)")

@@ -59,3 +59,14 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, dolly_file, random_model
     for path in (tmp_path / "straight" / CHECKPOINT_DIR).glob("*.safetensors"):
         names = load_file(path).keys()
         assert not any(w in n for n in names for w in ("grafted", "experts", "gate.weight"))
+
+
+@pytest.mark.parametrize(("method", "mu"), [("fedavg", 0.0), ("fedprox", 0.3)])
+def test_rounds_record_the_proximal_mu_each_client_used(
+    tmp_path, dolly_file, random_model, method, mu
+):
+    common = ["--model", str(random_model), "--data", str(dolly_file), "--rounds", "2"]
+    run(tmp_path, *common, "--method", method, "--proximal-mu", "0.3", "--local-steps", "1")
+    rounds = json.loads((tmp_path / "rounds.json").read_text())
+    used = [client["proximal_mu"] for record in rounds for client in record["clients"]]
+    assert used == [mu] * 4

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus import DOMAINS, chunk_text, split_documents
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from flexmoe.corpus import DOMAINS, chunk_text, split_documents
 
 TINY = Path(str(files("flexmoe") / "assets" / "tiny"))
 HELDOUT = Path(str(files("flexmoe") / "assets" / "heldout"))

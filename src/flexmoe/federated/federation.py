@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from flexmoe.errors import FlexMoEError
+from flexmoe.federated.protocol import EvaluateReply, RoundInstructions, TrainReply
 from flexmoe.federated.records import state_to_arrays, wire_bytes
 from flexmoe.federated.strategies import make_strategy, restore_strategy_state, strategy_state
 from flexmoe.io import atomic_write, atomic_write_text, read_json
@@ -36,6 +37,7 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FILE = "checkpoint.json"
 RESULTS_FILE = "results.json"
 ROUNDS_FILE = "rounds.json"
+CLIENTS_DIR = "clients"
 KEEP_CHECKPOINTS = 2
 
 
@@ -63,8 +65,8 @@ def run_federation(grid: Grid, config: RunConfig, out: Path, progress: bool = Tr
     for round_ in tqdm(rounds, desc=f"{config.method} rounds", disable=not progress):
         round_started = time.perf_counter()
         random.seed(config.seed * 1_000 + round_)  # node sampling, when fraction-train < 1
-        train_config = _message_config(config, out)
-        messages = list(strategy.configure_train(round_, arrays, train_config, grid))
+        request = round_instructions(out, round_).to_record()
+        messages = list(strategy.configure_train(round_, arrays, request, grid))
         replies = _replies(grid, messages)
         if method.federated:
             arrays, _ = strategy.aggregate_train(round_, replies)
@@ -116,21 +118,20 @@ def evaluate_clients(
     detailed: bool = False,
 ) -> list[dict]:
     """Every client scores the model it would use, on its own test split."""
-    message_config = _message_config(config, out)
-    message_config["detailed"] = detailed
-    messages = strategy.configure_evaluate(round_, arrays, message_config, grid)
+    request = round_instructions(out, round_, detailed).to_record()
+    messages = strategy.configure_evaluate(round_, arrays, request, grid)
     clients = []
-    for reply in _replies(grid, list(messages)):
-        metrics, client = reply.content["metrics"], reply.content["client"]
+    for message in _replies(grid, list(messages)):
+        reply = EvaluateReply.from_message(message)
         clients.append(
             {
-                "client_id": int(metrics["client-id"]),
-                "categories": list(client["categories"]),
-                "n_train": int(metrics["n-train"]),
-                "n_test": int(metrics["num-examples"]),
-                "rouge_l": float(metrics["rouge_l"]),
-                "test_loss": float(metrics["test_loss"]),
-                **json.loads(str(client["detail"])),
+                "client_id": reply.client_id,
+                "categories": reply.categories,
+                "n_train": reply.n_train,
+                "n_test": reply.n_test,
+                "rouge_l": reply.rouge_l,
+                "test_loss": reply.test_loss,
+                **reply.detail,
             }
         )
     return sorted(clients, key=lambda c: c["client_id"])
@@ -228,13 +229,13 @@ def _read_checkpoint(out: Path) -> dict:
     return read_json(out / CHECKPOINT_FILE, "give the output folder of an earlier 'flexmoe run'")
 
 
-def _message_config(config: RunConfig, out: Path) -> ConfigRecord:
-    return ConfigRecord(
-        {
-            **config.to_flat(),
-            "run-key": out.resolve().name,
-            "state-root": str((out / "clients").resolve()),
-        }
+def round_instructions(out: Path, round_: int, detailed: bool = False) -> RoundInstructions:
+    """What every client is asked in ``round_`` (the strategy adds its own values)."""
+    return RoundInstructions(
+        server_round=round_,
+        run_key=out.resolve().name,
+        state_root=str((out / CLIENTS_DIR).resolve()),
+        detailed=detailed,
     )
 
 
@@ -254,20 +255,22 @@ def _round_record(
 ) -> dict:
     down = {m.metadata.dst_node_id: wire_bytes(m.content) for m in messages}
     clients = []
-    for reply in replies:
-        metrics = reply.content["metrics"]
+    for message in replies:
+        reply = TrainReply.from_message(message)
         clients.append(
             {
-                "client_id": int(metrics["client-id"]),
-                "bytes_up": wire_bytes(reply.content),
-                "bytes_down": down[reply.metadata.src_node_id],
-                "train_loss": float(metrics["train_loss"]),
+                "client_id": reply.client_id,
+                "bytes_up": wire_bytes(message.content),
+                "bytes_down": down[message.metadata.src_node_id],
+                "train_loss": reply.train_loss,
+                "proximal_mu": reply.proximal_mu,
+                "lr": reply.lr,
             }
         )
     clients.sort(key=lambda c: c["client_id"])
     return {
         "round": round_,
-        "lr": float(replies[0].content["metrics"]["lr"]),
+        "lr": clients[0]["lr"],
         "mean_train_loss": statistics.fmean(c["train_loss"] for c in clients),
         "bytes_up": sum(c["bytes_up"] for c in clients),
         "bytes_down": sum(c["bytes_down"] for c in clients),

@@ -1,4 +1,4 @@
-"""The Flower ServerApp: a thin shell around ``run_federation``."""
+"""The Flower ServerApp: a thin shell around ``run_federation``, set up by the run config."""
 
 from __future__ import annotations
 
@@ -8,28 +8,15 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from flexmoe.federated.federation import run_federation
-from flexmoe.runconfig import RunConfig
+from flexmoe.federated.protocol import settings_from_run_config
 
-OUT_KEY = "out-dir"
-
-
-def make_server_app(config: RunConfig, out: Path, progress: bool = True) -> ServerApp:
-    """A ServerApp running ``config`` and writing to ``out`` (for in-process simulation)."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config, out, progress)
-
-    return app
-
+DEFAULT_OUT = "runs/flwr-run"
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for `flwr run`: settings come from the run config."""
-    settings = dict(context.run_config)
-    out = Path(str(settings.pop(OUT_KEY, "runs/flwr-run")))
-    run_federation(grid, RunConfig().updated(settings), out, progress=False)
+    """Entry point for `flwr run`: settings and the output folder come from the run config."""
+    settings, out = settings_from_run_config(dict(context.run_config))
+    run_federation(grid, settings, Path(out or DEFAULT_OUT), progress=False)

@@ -13,7 +13,7 @@ from flwr.simulation import run_simulation
 
 from flexmoe.client import client_datasets
 from flexmoe.errors import FlexMoEError
-from flexmoe.federated import client_app
+from flexmoe.federated.client_app import make_client_app
 from flexmoe.federated.federation import RESULTS_FILE, run_federation
 from flexmoe.loading import load_model
 from flexmoe.methods import get_method
@@ -38,7 +38,7 @@ def simulate(config: RunConfig, out: Path, progress: bool = True) -> dict:
     _quiet_flower()
     run_simulation(
         server_app=server,
-        client_app=client_app.app,
+        client_app=make_client_app(config),
         num_supernodes=config.clients,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -56,7 +56,7 @@ def simulate(config: RunConfig, out: Path, progress: bool = True) -> dict:
 def check_run(config: RunConfig) -> None:
     """Fail early, with a clear error, on a bad model or data set rather than inside a client."""
     model, _ = load_model(config.model)
-    if get_method(config.method).graft != "none":
+    if get_method(config.method).grafts:
         find_moe_blocks(model)
     client_datasets(config)
 

