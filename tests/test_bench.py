@@ -8,60 +8,83 @@ from pathlib import Path
 
 import pytest
 
-from flexmoe import bench
-from flexmoe.bench import MATRICES, Cell, describe, failures, run_cells, select
+from flexmoe.benchmark import runner
+from flexmoe.benchmark.matrix import MATRICES, Cell, select
+from flexmoe.benchmark.plots import loss_curve, mean_curve, rouge_curve
+from flexmoe.benchmark.report import REPORT_FILE, write_report
+from flexmoe.benchmark.runner import describe, failures, run_cells
+from flexmoe.benchmark.summary import Run, load_runs
 from flexmoe.cli import main
 from flexmoe.errors import FlexMoEError
 from flexmoe.methods import METHODS
-from flexmoe.plots import loss_curve, mean_curve, rouge_curve
-from flexmoe.report import REPORT_FILE, Run, load_runs, write_report
+from flexmoe.results import (
+    ClientResult,
+    Knowledge,
+    RougePoint,
+    RoundRecord,
+    RunResults,
+    Traffic,
+    to_plain,
+    write_results,
+    write_rounds,
+)
 from flexmoe.runconfig import RunConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_results(method: str, seed: int, rouges: list[float], **settings) -> dict:
-    """A results.json as ``flexmoe run`` writes it, with one client per ROUGE-L score."""
+def fake_results(method: str, seed: int, rouges: list[float], **settings) -> RunResults:
+    """A run's results as ``flexmoe run`` makes them, with one client per ROUGE-L score."""
     config = RunConfig().updated({"method": method, "seed": seed, **settings})
     up = 1_000_000 if method == "fedavg-full" else 10_000
     clients = [
-        {
-            "client_id": i,
-            "categories": [f"task-{i}"],
-            "n_train": 10,
-            "n_test": 4,
-            "rouge_l": score,
-            "test_loss": 1.0,
-            "bytes_up": up // len(rouges),
-            "bytes_down": up // len(rouges),
-        }
+        ClientResult(
+            client_id=i,
+            categories=[f"task-{i}"],
+            n_train=10,
+            n_test=4,
+            rouge_l=score,
+            test_loss=1.0,
+            bytes_up=up // len(rouges),
+            bytes_down=up // len(rouges),
+        )
         for i, score in enumerate(rouges)
     ]
-    return {
-        "method": method,
-        "split": config.split,
-        "alpha": config.alpha,
-        "seed": seed,
-        "rounds": config.rounds,
-        "clients": clients,
-        "mean_rouge_l": statistics.fmean(rouges),
-        "mean_test_loss": 1.0,
-        "comm": {"bytes_up": up, "bytes_down": up, "per_round": []},
-        "wall_s": 12.3 + seed,  # differs between runs; must not change the report
-        "config": asdict(config),
-    }
+    return RunResults(
+        method=method,
+        split=config.split,
+        alpha=config.alpha,
+        seed=seed,
+        rounds=config.rounds,
+        clients=clients,
+        mean_rouge_l=statistics.fmean(rouges),
+        mean_test_loss=1.0,
+        comm=Traffic(bytes_up=up, bytes_down=up),
+        wall_s=12.3 + seed,  # differs between runs; must not change the report
+        config=asdict(config),
+    )
 
 
-def cell_results(cell: Cell, rouges: list[float]) -> dict:
+def cell_results(cell: Cell, rouges: list[float]) -> RunResults:
     settings = dict(cell.overrides)
     return fake_results(settings.pop("method"), settings.pop("seed"), rouges, **settings)
 
 
-def write_run(folder: Path, results: dict, rounds: list[dict] | None = None) -> Path:
+def train_losses(*losses: float) -> list[RoundRecord]:
+    """rounds.json records with these mean training losses, rounds from 1."""
+    return [
+        RoundRecord(
+            round=r, lr=1e-3, mean_train_loss=loss, bytes_up=0, bytes_down=0, wall_s=1.0, clients=[]
+        )
+        for r, loss in enumerate(losses, start=1)
+    ]
+
+
+def write_run(folder: Path, results: RunResults, rounds: list[RoundRecord] | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps(results))
+    write_results(folder, results)
     if rounds is not None:
-        (folder / "rounds.json").write_text(json.dumps(rounds))
+        write_rounds(folder, rounds)
     return folder
 
 
@@ -79,8 +102,8 @@ def bench_dir(tmp_path) -> Path:
         for seed, rouges in seeds.items():
             results = fake_results(method, seed, rouges, split="pathological", clients=2)
             if method == "flex":
-                results["mean_ppl_increase"] = 0.01 * (seed + 1)
-            losses = [{"round": r, "mean_train_loss": 3.0 / r} for r in (1, 2, 3)]
+                results.mean_ppl_increase = 0.01 * (seed + 1)
+            losses = train_losses(3.0, 1.5, 1.0)
             write_run(tmp_path / "pathological" / method / f"seed{seed}", results, losses)
     return tmp_path
 
@@ -148,7 +171,7 @@ def test_settings_that_differ_in_one_ablated_field_form_an_ablation(tmp_path):
     for r, score in ((1, 30.0), (2, 34.0), (3, 33.0)):
         for seed in (0, 1):
             results = fake_results("flex", seed, [score + seed], experts_per_layer=r)
-            results["flops_ratio"] = 1 + 0.25 * r
+            results.flops_ratio = 1 + 0.25 * r
             write_run(tmp_path / f"experts-per-layer-{r}" / "flex" / f"seed{seed}", results)
     report = write_report(tmp_path).read_text()
     assert "## pathological, experts-per-layer 2" in report
@@ -159,9 +182,9 @@ def test_settings_that_differ_in_one_ablated_field_form_an_ablation(tmp_path):
 
 def test_curves_prefer_rouge_per_round_and_average_over_seeds():
     results = fake_results("flex", 0, [1.0])
-    run = Run("x", results, [{"round": 1, "mean_train_loss": 2.0}, {"round": 2}])
+    run = Run("x", results, train_losses(2.0))
     assert rouge_curve(run) == [] and loss_curve(run) == [(1, 2.0)]
-    results["rouge_per_round"] = [{"round": 1, "mean_rouge_l": 5.0}]
+    results.rouge_per_round = [RougePoint(round=1, mean_rouge_l=5.0)]
     assert rouge_curve(Run("x", results, None)) == [(1, 5.0)]
     assert mean_curve([[(1, 1.0), (2, 3.0)], [(1, 3.0)]]) == [(1, 2.0), (2, 3.0)]
 
@@ -231,12 +254,12 @@ WRITE = (
 )
 
 
-def fake_command(failing: str = "") -> bench.CommandBuilder:
+def fake_command(failing: str = "") -> runner.CommandBuilder:
     """`python -c` writing a fake results.json, or exiting 3 for the method named ``failing``."""
 
     def build(cell: Cell, out: Path) -> list[str]:
         fails = cell.overrides["method"] == failing
-        payload = json.dumps(cell_results(cell, [10.0]))
+        payload = json.dumps(to_plain(cell_results(cell, [10.0])))
         return [sys.executable, "-c", WRITE, str(out), payload, "3" if fails else "0"]
 
     return build
@@ -272,7 +295,7 @@ def test_finished_cells_are_skipped_and_stale_ones_refused(tmp_path):
 def test_bench_command_reports_failed_cells_writes_the_report_and_exits_nonzero(
     tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(bench, "flexmoe_command", fake_command("fedavg"))
+    monkeypatch.setattr(runner, "flexmoe_command", fake_command("fedavg"))
     argv = ["bench", "--matrix", "smoke", "--seeds", "0,1", "--out", str(tmp_path), "--jobs", "2"]
     assert main([*argv, "--rounds", "1"]) == 2
     err = capsys.readouterr().err
@@ -286,7 +309,7 @@ def test_bench_command_reports_failed_cells_writes_the_report_and_exits_nonzero(
 
 
 def test_run_summary_table_states_traffic_in_megabytes():
-    from flexmoe.report import results_table
+    from flexmoe.cli.run import results_table
 
     table = results_table(fake_results("fedavg-full", 0, [10.0, 30.0]))
     assert table.splitlines()[-1].startswith(
@@ -307,16 +330,17 @@ def routing_record(utilisation: list[float], gates: list[float]) -> dict:
 def test_report_tabulates_held_out_perplexity_routing_and_flops(tmp_path):
     for seed, (ppl, final_use) in enumerate([(12.0, [0.7, 0.3]), (16.0, [0.3, 0.7])]):
         results = fake_results("flex", seed, [30.0], split="pathological", clients=1)
-        results["flops_ratio"] = 1.25
-        results["clients"][0]["knowledge"] = {
-            "heldout_ppl": {"prose": ppl, "code": 2 * ppl},
-            "heldout_ppl_base": {"prose": 10.0, "code": 20.0},
-        }
-        results["clients"][0]["routing"] = {
+        results.flops_ratio = 1.25
+        client = results.clients[0]
+        client.knowledge = Knowledge(
+            heldout_ppl={"prose": ppl, "code": 2 * ppl},
+            heldout_ppl_base={"prose": 10.0, "code": 20.0},
+        )
+        client.routing = {
             "base": routing_record([0.5, 0.5], []),
             "final": routing_record(final_use, [0.2 + 0.4 * seed]),
         }
-        results["clients"][0]["grafted_experts"] = {"0": [6], "1": [4] if seed else [1, 2]}
+        client.grafted_experts = {"0": [6], "1": [4] if seed else [1, 2]}
         write_run(tmp_path / "flex" / f"seed{seed}", results)
     write_run(tmp_path / "local", fake_results("local", 0, [10.0], split="pathological", clients=1))
     (tmp_path / "plots").mkdir()

@@ -83,7 +83,7 @@ def test_full_fedavg_ships_the_experts(tmp_path, random_model, dolly_file):
 @pytest.mark.parametrize(
     ("overrides", "phrase"),
     [
-        (["--method", "fedmagic"], "unknown method"),
+        (["--method", "fedmagic"], "method must be one of"),
         (["--clients", "50"], "use fewer clients"),
         (["--model", "/nonexistent/model"], "does not exist"),
         (["--model", "/"], "no config.json"),

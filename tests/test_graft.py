@@ -8,7 +8,8 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.graft import GraftedMoEBlock, apply_grafts, grafted_blocks
 from flexmoe.model import FlexConfig, FlexModel
 from flexmoe.moe import find_moe_blocks
-from flexmoe.roles import Role, SharedConfig
+from flexmoe.roles import Role
+from flexmoe.sharing import SharedConfig
 
 ALL = sorted(ARCHITECTURES)
 

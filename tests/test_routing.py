@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, build_model, random_batches
 
-from flexmoe.evaluation.routing import routing_statistics, utilisation_shift
+from flexmoe.benchmark.summary import utilisation_shift
+from flexmoe.evaluation.routing import routing_statistics
 from flexmoe.graft import grafted_blocks
 from flexmoe.model import FlexConfig, FlexModel
 from flexmoe.moe import find_moe_blocks

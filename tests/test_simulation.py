@@ -6,7 +6,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from flexmoe.cli import main
-from flexmoe.federated.federation import CHECKPOINT_DIR, CHECKPOINT_FILE
+from flexmoe.results import CHECKPOINT_DIR, CHECKPOINT_FILE
 
 pytestmark = pytest.mark.slow
 

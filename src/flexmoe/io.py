@@ -7,9 +7,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
+from typing import Any
 
 from flexmoe.errors import FlexMoEError
 
@@ -35,16 +33,16 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
-    contiguous = {name: t.detach().contiguous() for name, t in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(contiguous, str(tmp)))
-
-
-def read_json(path: Path, missing: str) -> dict:
-    """A JSON file that must exist; ``missing`` says what the user should give instead."""
+def read_json(path: Path, missing: str, kind: type = dict) -> Any:
+    """A JSON file holding a ``kind`` (an object by default) that must exist; ``missing`` says
+    what the user should give instead."""
     if not path.is_file():
         raise FlexMoEError(f"{str(path)!r} does not exist; {missing}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FlexMoEError(f"{str(path)!r} is not valid JSON ({error}); it is damaged") from None
+    if not isinstance(data, kind):
+        expected = "an object" if kind is dict else f"a {kind.__name__}"
+        raise FlexMoEError(f"{str(path)!r} does not hold {expected}; it is damaged")
+    return data

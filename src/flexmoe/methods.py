@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.roles import SharedConfig
+from flexmoe.sharing import SharedConfig
 
 
 class GraftSource(StrEnum):

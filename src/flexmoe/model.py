@@ -14,24 +14,24 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flexmoe import __version__
 from flexmoe.errors import FlexMoEError
 from flexmoe.graft import LayerGraft, apply_grafts, plan_grafts
-from flexmoe.io import atomic_save_safetensors, atomic_write_text, read_json
+from flexmoe.io import atomic_write, atomic_write_text, read_json
 from flexmoe.loading import fingerprint
 from flexmoe.moe import find_moe_blocks
 from flexmoe.roles import (
     Role,
-    SharedConfig,
     add_shared_adapter,
     parameter_roles,
     resolve_targets,
     set_trainable,
 )
 from flexmoe.selection import Batch, LayerChoice, select_experts
+from flexmoe.sharing import SharedConfig
 
 CONFIG_NAME = "flexmoe_config.json"
 PERSONAL_WEIGHTS = "personal.safetensors"
@@ -128,9 +128,9 @@ class FlexModel(nn.Module):
         """Write personal weights (and, if asked, shared ones) plus the config, atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(self.personal_state_dict(), directory / PERSONAL_WEIGHTS)
+        _save_tensors(self.personal_state_dict(), directory / PERSONAL_WEIGHTS)
         if include_shared:
-            atomic_save_safetensors(self.shared_state_dict(), directory / SHARED_WEIGHTS)
+            _save_tensors(self.shared_state_dict(), directory / SHARED_WEIGHTS)
         atomic_write_text(directory / CONFIG_NAME, json.dumps(self._config_dict(), indent=2))
         return directory
 
@@ -171,3 +171,8 @@ class FlexModel(nn.Module):
 def _read_config(directory: Path) -> dict:
     missing = "give a folder written by 'flexmoe graft' or FlexModel.save_pretrained"
     return read_json(directory / CONFIG_NAME, missing)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    contiguous = {name: t.detach().contiguous() for name, t in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp)))

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from enum import StrEnum
 
 from peft import LoraConfig, inject_adapter_in_model
@@ -18,9 +18,8 @@ from torch import nn
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.graft import PERSONAL_PREFIX
+from flexmoe.sharing import DEFAULT_TARGETS, SharedConfig
 
-SHARED_MODES = ("lora", "full", "all")
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj")
 ATTENTION_NAMES = ("self_attn", "attention", "attn")
 OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "dense")
 
@@ -29,23 +28,6 @@ class Role(StrEnum):
     FROZEN = "frozen"
     SHARED = "shared"
     PERSONAL = "personal"
-
-
-@dataclass(frozen=True)
-class SharedConfig:
-    """What the federation trains and averages."""
-
-    mode: str = "lora"
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    lora_r: int = 32
-    lora_alpha: int = 64
-    lora_dropout: float = 0.05
-    personal_lora_b: bool = False
-
-    def __post_init__(self) -> None:
-        if self.mode not in SHARED_MODES:
-            raise FlexMoEError(f"unknown shared mode {self.mode!r}; choose one of {SHARED_MODES}")
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
 
 def resolve_targets(model: nn.Module, shared: SharedConfig) -> SharedConfig:

@@ -1,59 +1,112 @@
-"""Settings of one federated run: defaults, a TOML file, command-line overrides, validation."""
+"""Settings of one federated run: defaults, a TOML file, command-line overrides, validation.
+
+Every setting carries a one-line description (for ``--help`` and the README) and its valid range,
+checked when the settings are made, so a bad value fails in one line before any process starts.
+"""
 
 from __future__ import annotations
 
+import math
 import tomllib
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from flexmoe.data import SCHEMES
 from flexmoe.errors import FlexMoEError
-from flexmoe.methods import get_method
+from flexmoe.methods import METHODS
 
 Scalar = str | int | float | bool
+Check = Callable[[Any], str | None]  # a problem with a value, or None when it is valid
+
+
+def at_least(low: float) -> Check:
+    return lambda v: None if v >= low else f"must be at least {low}"
+
+
+def above(low: float) -> Check:
+    return lambda v: None if v > low else f"must be above {low}"
+
+
+def between(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Check:
+    """``low <= v <= high``, either end open if asked."""
+
+    def check(v: float) -> str | None:
+        inside = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        if inside:
+            return None
+        return f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+    return check
+
+
+def one_of(names: tuple[str, ...]) -> Check:
+    return lambda v: None if v in names else f"must be one of: {', '.join(names)}"
+
+
+def split_scheme(name: str) -> str | None:
+    from flexmoe.data import SCHEMES  # the data layer imports torch; only checks need it
+
+    return one_of(SCHEMES)(name)
+
+
+def nonempty(text: str) -> str | None:
+    return None if text.strip() else "must not be empty"
+
+
+def setting(default: Scalar, help: str, check: Check | None = None) -> Any:
+    """A RunConfig field: its default, a one-line description, and its valid range."""
+    return field(default=default, metadata={"help": help, "check": check})
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that decides a run's result; the default is the embedded `make run` job."""
 
-    method: str = "flex"
-    split: str = "pathological"
-    alpha: float = 1.0
-    clients: int = 4
-    rounds: int = 10
-    local_steps: int = 10
-    batch_size: int = 8
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    seed: int = 0
-    model: str = "tiny"
-    data: str = "ni"
-    fraction_train: float = 1.0
-    experts_per_layer: int = 1
-    size_ratio: float = 1.0
-    gate_bias: float = 0.0
-    max_new_tokens: int = 32
-    max_length: int = 256
-    max_train: int = 300
-    max_test: int = 24
-    test_fraction: float = 0.2
-    max_per_task: int = 400
-    proximal_mu: float = 0.01
-    eval_every: int = 0  # also score ROUGE-L every this many rounds (0: only at the end)
+    method: str = setting(
+        "flex", "FLEx, an ablation or a baseline (see Methods)", one_of(tuple(METHODS))
+    )
+    split: str = setting(
+        "pathological", "one category per client, or Dirichlet(alpha)", split_scheme
+    )
+    alpha: float = setting(1.0, "Dirichlet concentration over categories", above(0))
+    clients: int = setting(4, "federation size", at_least(1))
+    rounds: int = setting(10, "federated rounds", at_least(1))
+    local_steps: int = setting(10, "local AdamW steps per round", at_least(1))
+    batch_size: int = setting(8, "examples per step", at_least(1))
+    lr: float = setting(1e-3, "learning rate, cosine-decayed across rounds", above(0))
+    min_lr: float = setting(1e-5, "learning rate of the last round", at_least(0))
+    seed: int = setting(0, "data split, initialisation, batches", at_least(0))
+    model: str = setting("tiny", "a local Hugging Face MoE folder, or tiny", nonempty)
+    data: str = setting("ni", "ni (Natural Instructions v1) or an Alpaca/Dolly file", nonempty)
+    fraction_train: float = setting(1.0, "share of clients sampled per round", between(0, 1, True))
+    experts_per_layer: int = setting(1, "experts grafted per MoE layer (FLEx)", at_least(1))
+    size_ratio: float = setting(
+        1.0, "share of a grafted expert's neurons kept", between(0, 1, True)
+    )
+    gate_bias: float = setting(0.0, "initial bias of the grafted experts' gates")
+    max_new_tokens: int = setting(32, "greedy generation length for ROUGE-L", at_least(1))
+    max_length: int = setting(256, "tokens per example (longer ones are left out)", at_least(2))
+    max_train: int = setting(300, "training examples per client", at_least(1))
+    max_test: int = setting(24, "test examples per client", at_least(1))
+    test_fraction: float = setting(
+        0.2, "share of a client's examples held out", between(0, 1, True, True)
+    )
+    max_per_task: int = setting(400, "Natural Instructions examples per task", at_least(1))
+    proximal_mu: float = setting(0.01, "FedProx's mu (fedprox only)", at_least(0))
+    eval_every: int = setting(
+        0, "also score ROUGE-L every this many rounds (0: at the end only)", at_least(0)
+    )
 
     def __post_init__(self) -> None:
-        get_method(self.method)
-        if self.split not in SCHEMES:
-            raise FlexMoEError(f"unknown split {self.split!r}; choose one of {SCHEMES}")
-        for name in ("clients", "rounds", "local_steps", "batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise FlexMoEError(f"{name.replace('_', '-')} must be at least 1")
-        if not 0.0 < self.fraction_train <= 1.0:
-            raise FlexMoEError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
-        if self.alpha <= 0:
-            raise FlexMoEError(f"alpha must be positive, got {self.alpha}")
+        for spec in fields(self):
+            value = _typed(spec.name, type(spec.default), getattr(self, spec.name))
+            object.__setattr__(self, spec.name, value)
+            problem = spec.metadata["check"] and spec.metadata["check"](value)
+            if problem:
+                raise FlexMoEError(f"{_option(spec.name)} {problem}, got {value!r}")
+        if self.min_lr > self.lr:
+            raise FlexMoEError(f"min-lr ({self.min_lr}) must not exceed lr ({self.lr})")
 
     @classmethod
     def from_toml(cls, path: str | Path) -> RunConfig:
@@ -61,26 +114,67 @@ class RunConfig:
         if not path.is_file():
             raise FlexMoEError(f"config file {str(path)!r} does not exist")
         try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as error:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise FlexMoEError(f"{str(path)!r} is not valid TOML: {error}") from None
         return cls().updated(data)
 
     def updated(self, values: dict[str, Any]) -> RunConfig:
-        """A copy with ``values`` (keys with ``-`` or ``_``) applied; unknown keys are refused."""
-        known = {f.name: f.type for f in fields(self)}
+        """A copy with ``values`` (keys with ``-`` or ``_``) applied; unknown keys are refused.
+
+        Values keep their types (TOML, Flower's run config); a string for a number is parsed,
+        as the command line gives them.
+        """
+        known = {f.name: type(f.default) for f in fields(self)}
         changes = {}
         for key, value in values.items():
             name = key.replace("-", "_")
             if name not in known:
                 raise FlexMoEError(f"unknown setting {key!r}; known: {', '.join(sorted(known))}")
-            default = getattr(self, name)
-            try:
-                changes[name] = type(default)(value)
-            except (TypeError, ValueError):
-                raise FlexMoEError(f"setting {key!r} must be {type(default).__name__}") from None
+            changes[name] = _parsed(name, known[name], value)
         return replace(self, **changes)
 
     def to_flat(self) -> dict[str, Scalar]:
         """Kebab-case keys, as Flower run configs and ConfigRecords carry them."""
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+        return {_option(k): v for k, v in asdict(self).items()}
+
+
+def describe_settings() -> list[tuple[str, Scalar, str]]:
+    """(option, default, description) of every setting, in declaration order."""
+    return [(_option(f.name), f.default, f.metadata["help"]) for f in fields(RunConfig)]
+
+
+def settings_table() -> str:
+    """The README's table of settings, made from the descriptions above."""
+    rows = [f"| `{name}` | {default} | {text} |" for name, default, text in describe_settings()]
+    return "\n".join(["| setting | default | meaning |", "| --- | --- | --- |", *rows])
+
+
+def _option(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _parsed(name: str, kind: type, value: Any) -> Any:
+    """A command-line string parsed as the setting's type; other values as they are."""
+    if not isinstance(value, str) or kind is str:
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise FlexMoEError(f"{_option(name)} must be {_kind_name(kind)}, got {value!r}") from None
+
+
+def _typed(name: str, kind: type, value: Any) -> Any:
+    """``value`` if it has the setting's type (an int is a float too); a finite one if a number."""
+    valid = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, valid = float(value), True
+    if not valid:
+        raise FlexMoEError(f"{_option(name)} must be {_kind_name(kind)}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise FlexMoEError(f"{_option(name)} must be a finite number, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type) -> str:
+    return {int: "a whole number", float: "a number", str: "text"}[kind]

@@ -16,7 +16,7 @@ recomputed with the block's ``MoEBlockView`` (its router logits and checked rout
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -107,14 +107,3 @@ def routing_statistics(model: nn.Module, batches: Sequence[Batch]) -> dict:
                 tally.add(inputs[layer][keep.to(inputs[layer].device)])
     model.train(was_training)
     return {"layers": [tallies[layer].summary() for layer in sorted(tallies)]}
-
-
-def utilisation_shift(before: Mapping, after: Mapping) -> list[dict]:
-    """Per layer, the total-variation distance between two runs' expert utilisation."""
-    shifts = []
-    for old, new in zip(before["layers"], after["layers"], strict=True):
-        pairs = zip(old["utilisation"], new["utilisation"], strict=True)
-        shifts.append(
-            {"layer": old["layer"], "total_variation": 0.5 * sum(abs(a - b) for a, b in pairs)}
-        )
-    return shifts

@@ -31,13 +31,21 @@ from flexmoe.io import atomic_write, atomic_write_text, read_json
 from flexmoe.loading import load_model
 from flexmoe.methods import Method, get_method
 from flexmoe.model import FlexConfig, FlexModel
+from flexmoe.results import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILE,
+    CLIENTS_DIR,
+    ClientResult,
+    ClientRound,
+    RoundRecord,
+    RunResults,
+    from_plain,
+    to_plain,
+    write_results,
+    write_rounds,
+)
 from flexmoe.runconfig import RunConfig
 
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_FILE = "checkpoint.json"
-RESULTS_FILE = "results.json"
-ROUNDS_FILE = "rounds.json"
-CLIENTS_DIR = "clients"
 KEEP_CHECKPOINTS = 2
 
 
@@ -47,12 +55,12 @@ class ServerState:
 
     config: RunConfig
     round: int = 0
-    history: list[dict] = field(default_factory=list)
+    history: list[RoundRecord] = field(default_factory=list)
     wall_s: float = 0.0
     random_state: list | None = None
 
 
-def run_federation(grid: Grid, config: RunConfig, out: Path, progress: bool = True) -> dict:
+def run_federation(grid: Grid, config: RunConfig, out: Path, progress: bool = True) -> RunResults:
     """Run (or resume) ``config.rounds`` rounds on ``grid``, evaluate, and write the results."""
     method = get_method(config.method)
     strategy = make_strategy(method, config)
@@ -73,15 +81,15 @@ def run_federation(grid: Grid, config: RunConfig, out: Path, progress: bool = Tr
         record = _round_record(round_, messages, replies, round_started)
         if config.eval_every and round_ % config.eval_every == 0 and round_ < config.rounds:
             scores = evaluate_clients(grid, strategy, arrays, config, out, round_)
-            record["mean_rouge_l"] = statistics.fmean(c["rouge_l"] for c in scores)
+            record.mean_rouge_l = statistics.fmean(c.rouge_l for c in scores)
         state.history.append(record)
         state.round, state.random_state = round_, _random_state()
         state.wall_s = wall_before + time.perf_counter() - session_started
         save_checkpoint(out, state, arrays, strategy)
     evaluation = evaluate_clients(grid, strategy, arrays, config, out, state.round, detailed=True)
     state.wall_s = wall_before + time.perf_counter() - session_started
-    results = build_results(state, evaluation)
-    atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2))
+    results = RunResults.summarise(asdict(config), state.history, evaluation, state.wall_s)
+    write_results(out, results)
     return results
 
 
@@ -116,76 +124,24 @@ def evaluate_clients(
     out: Path,
     round_: int,
     detailed: bool = False,
-) -> list[dict]:
+) -> list[ClientResult]:
     """Every client scores the model it would use, on its own test split."""
     request = round_instructions(out, round_, detailed).to_record()
     messages = strategy.configure_evaluate(round_, arrays, request, grid)
     clients = []
     for message in _replies(grid, list(messages)):
         reply = EvaluateReply.from_message(message)
-        clients.append(
-            {
-                "client_id": reply.client_id,
-                "categories": reply.categories,
-                "n_train": reply.n_train,
-                "n_test": reply.n_test,
-                "rouge_l": reply.rouge_l,
-                "test_loss": reply.test_loss,
-                **reply.detail,
-            }
-        )
-    return sorted(clients, key=lambda c: c["client_id"])
-
-
-def build_results(state: ServerState, evaluation: list[dict]) -> dict:
-    config = state.config
-    per_client = {}
-    for record in state.history:
-        for client in record["clients"]:
-            totals = per_client.setdefault(client["client_id"], {"bytes_up": 0, "bytes_down": 0})
-            totals["bytes_up"] += client["bytes_up"]
-            totals["bytes_down"] += client["bytes_down"]
-    clients = [{**c, **per_client.get(c["client_id"], {})} for c in evaluation]
-    return {
-        "method": config.method,
-        "split": config.split,
-        "alpha": config.alpha,
-        "seed": config.seed,
-        "rounds": state.round,
-        "clients": clients,
-        "mean_rouge_l": statistics.fmean(c["rouge_l"] for c in clients),
-        "mean_test_loss": statistics.fmean(c["test_loss"] for c in clients),
-        "rouge_per_round": [
-            {"round": r["round"], "mean_rouge_l": r["mean_rouge_l"]}
-            for r in state.history
-            if "mean_rouge_l" in r
-        ]
-        + [{"round": state.round, "mean_rouge_l": statistics.fmean(c["rouge_l"] for c in clients)}],
-        **_knowledge_summary(clients),
-        "comm": {
-            "bytes_up": sum(r["bytes_up"] for r in state.history),
-            "bytes_down": sum(r["bytes_down"] for r in state.history),
-            "per_round": [
-                {k: r[k] for k in ("round", "bytes_up", "bytes_down")} for r in state.history
-            ],
-        },
-        "wall_s": round(state.wall_s, 2),
-        "config": asdict(config),
-    }
-
-
-def _knowledge_summary(clients: list[dict]) -> dict:
-    """Mean relative increase of held-out perplexity over the base model, and the FLOPs ratio."""
-    if not all("knowledge" in c for c in clients):
-        return {}
-    increases = []
-    for client in clients:
-        final, base = client["knowledge"]["heldout_ppl"], client["knowledge"]["heldout_ppl_base"]
-        increases.append(statistics.fmean(final[d] / base[d] - 1 for d in base))
-    return {
-        "mean_ppl_increase": statistics.fmean(increases),
-        "flops_ratio": statistics.fmean(c["flops_per_token"]["ratio"] for c in clients),
-    }
+        client = {
+            "client_id": reply.client_id,
+            "categories": reply.categories,
+            "n_train": reply.n_train,
+            "n_test": reply.n_test,
+            "rouge_l": reply.rouge_l,
+            "test_loss": reply.test_loss,
+            **reply.detail,
+        }
+        clients.append(from_plain(ClientResult, client, f"client {reply.client_id}'s reply"))
+    return sorted(clients, key=lambda c: c.client_id)
 
 
 def save_checkpoint(out: Path, state: ServerState, arrays: ArrayRecord, strategy: FedAvg) -> None:
@@ -195,8 +151,8 @@ def save_checkpoint(out: Path, state: ServerState, arrays: ArrayRecord, strategy
     atomic_write(folder / f"shared-{tag}.safetensors", lambda p: save_file(shared, str(p)))
     server = strategy_state(strategy)
     atomic_write(folder / f"strategy-{tag}.safetensors", lambda p: save_file(server, str(p)))
-    record = {**asdict(state), "config": asdict(state.config), "tag": tag}
-    atomic_write_text(out / ROUNDS_FILE, json.dumps(state.history, indent=2))
+    record = {**to_plain(state), "config": asdict(state.config), "tag": tag}
+    write_rounds(out, state.history)
     atomic_write_text(out / CHECKPOINT_FILE, json.dumps(record, indent=2))
     for old in sorted(folder.glob("*-round-*.safetensors"))[: -2 * KEEP_CHECKPOINTS]:
         if tag not in old.name:
@@ -213,10 +169,11 @@ def load_checkpoint(
     folder = out / CHECKPOINT_DIR
     shared = load_file(folder / f"shared-{saved['tag']}.safetensors")
     restore_strategy_state(strategy, load_file(folder / f"strategy-{saved['tag']}.safetensors"))
-    random_state = saved["random_state"]
+    random_state = saved.get("random_state")
     if random_state is not None:
         random.setstate((random_state[0], tuple(random_state[1]), random_state[2]))
-    state = ServerState(config, saved["round"], saved["history"], saved["wall_s"], random_state)
+    history = [from_plain(RoundRecord, r, out / CHECKPOINT_FILE) for r in saved["history"]]
+    state = ServerState(config, saved["round"], history, saved["wall_s"], random_state)
     return state, ArrayRecord({k: Array(v) for k, v in shared.items()})
 
 
@@ -252,31 +209,31 @@ def _replies(grid: Grid, messages: list[Message]) -> list[Message]:
 
 def _round_record(
     round_: int, messages: Iterable[Message], replies: list[Message], started: float
-) -> dict:
+) -> RoundRecord:
     down = {m.metadata.dst_node_id: wire_bytes(m.content) for m in messages}
-    clients = []
+    clients, lrs = [], []
     for message in replies:
         reply = TrainReply.from_message(message)
+        lrs.append(reply.lr)
         clients.append(
-            {
-                "client_id": reply.client_id,
-                "bytes_up": wire_bytes(message.content),
-                "bytes_down": down[message.metadata.src_node_id],
-                "train_loss": reply.train_loss,
-                "proximal_mu": reply.proximal_mu,
-                "lr": reply.lr,
-            }
+            ClientRound(
+                client_id=reply.client_id,
+                bytes_up=wire_bytes(message.content),
+                bytes_down=down[message.metadata.src_node_id],
+                train_loss=reply.train_loss,
+                proximal_mu=reply.proximal_mu,
+            )
         )
-    clients.sort(key=lambda c: c["client_id"])
-    return {
-        "round": round_,
-        "lr": clients[0]["lr"],
-        "mean_train_loss": statistics.fmean(c["train_loss"] for c in clients),
-        "bytes_up": sum(c["bytes_up"] for c in clients),
-        "bytes_down": sum(c["bytes_down"] for c in clients),
-        "wall_s": round(time.perf_counter() - started, 2),
-        "clients": clients,
-    }
+    clients.sort(key=lambda c: c.client_id)
+    return RoundRecord(
+        round=round_,
+        lr=lrs[0],
+        mean_train_loss=statistics.fmean(c.train_loss for c in clients),
+        bytes_up=sum(c.bytes_up for c in clients),
+        bytes_down=sum(c.bytes_down for c in clients),
+        wall_s=round(time.perf_counter() - started, 2),
+        clients=clients,
+    )
 
 
 def _random_state() -> list:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -14,14 +13,15 @@ from flwr.simulation import run_simulation
 from flexmoe.client import client_datasets
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.client_app import make_client_app
-from flexmoe.federated.federation import RESULTS_FILE, run_federation
+from flexmoe.federated.federation import run_federation
 from flexmoe.loading import load_model
 from flexmoe.methods import get_method
 from flexmoe.moe import find_moe_blocks
+from flexmoe.results import RESULTS_FILE, RunResults, read_results
 from flexmoe.runconfig import RunConfig
 
 
-def simulate(config: RunConfig, out: Path, progress: bool = True) -> dict:
+def simulate(config: RunConfig, out: Path, progress: bool = True) -> RunResults:
     """Run ``config`` on ``config.clients`` simulated SuperNodes; returns the results."""
     check_run(config)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,14 +50,20 @@ def simulate(config: RunConfig, out: Path, progress: bool = True) -> dict:
     results = out / RESULTS_FILE
     if not results.is_file():
         raise FlexMoEError(f"the run ended without writing {results}; see the log above")
-    return json.loads(results.read_text())
+    return read_results(results)
 
 
 def check_run(config: RunConfig) -> None:
-    """Fail early, with a clear error, on a bad model or data set rather than inside a client."""
+    """Fail early, with a clear error, on a bad model, data set or setting that needs the model,
+    rather than inside a client."""
     model, _ = load_model(config.model)
     if get_method(config.method).grafts:
-        find_moe_blocks(model)
+        experts = min(view.num_experts for view in find_moe_blocks(model))
+        if config.experts_per_layer > experts:
+            raise FlexMoEError(
+                f"experts-per-layer {config.experts_per_layer} is more than the {experts} "
+                f"experts per layer of {config.model}; give at most {experts}"
+            )
     client_datasets(config)
 
 

@@ -1,0 +1,82 @@
+"""``flexmoe bench`` and ``flexmoe report``: benchmark matrices and their reports."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flexmoe.benchmark.matrix import DEFAULT_ROOT, MATRICES
+from flexmoe.cli.options import integers, names
+from flexmoe.errors import FlexMoEError
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    _add_bench(commands)
+    _add_report(commands)
+
+
+BENCH_OVERRIDES = ("rounds", "local_steps", "max_train", "max_test", "max_new_tokens")
+
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark matrix (methods x splits x seeds) and write its report",
+        description="Run every cell of a matrix as its own 'flexmoe run' process (up to --jobs "
+        "at a time, each logged beside its folder), skip cells whose results.json exists, then "
+        "write report.md and plots. Exits non-zero if any cell failed.",
+    )
+    bench.add_argument("--matrix", default="default", choices=sorted(MATRICES))
+    bench.add_argument("--out", type=Path, default=DEFAULT_ROOT, help=f"default {DEFAULT_ROOT}")
+    bench.add_argument("--jobs", type=int, help="parallel runs (default: half the CPU cores)")
+    bench.add_argument("--methods", type=names, help="comma-separated, e.g. flex,fedavg")
+    bench.add_argument("--seeds", type=integers, help="comma-separated, e.g. 0,1,2")
+    bench.add_argument("--splits", type=names, help="groups to keep, e.g. pathological,dirichlet")
+    for name in BENCH_OVERRIDES:
+        bench.add_argument(
+            f"--{name.replace('_', '-')}", type=int, metavar="N", help="for every cell"
+        )
+    bench.add_argument("--list", action="store_true", help="print the cells and run nothing")
+    bench.set_defaults(command=run_bench)
+
+
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    report = commands.add_parser(
+        "report",
+        help="summarise every results.json under a folder in report.md and plots",
+        description="Read every results.json under DIR and write DIR/report.md (means and "
+        "standard deviations over seeds, per-client scores, knowledge loss, traffic, ablations) "
+        "and PNG plots under DIR/plots.",
+    )
+    report.add_argument("directory", type=Path, metavar="DIR")
+    report.set_defaults(command=run_report)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    """Run a benchmark matrix, then write its report; fail if any cell failed."""
+    from flexmoe.benchmark.matrix import select
+    from flexmoe.benchmark.report import write_report
+    from flexmoe.benchmark.runner import describe, failures, run_cells
+    from flexmoe.results import RESULTS_FILE
+
+    overrides = {n: getattr(args, n) for n in BENCH_OVERRIDES if getattr(args, n) is not None}
+    matrix = select(MATRICES[args.matrix], args.methods, args.seeds, args.splits, overrides)
+    cells, root = matrix.cells(), args.out / matrix.name
+    if args.list:
+        for cell in cells:
+            print(f"{cell.name}  {' '.join(cell.arguments())}")
+        return
+    print(f"flexmoe bench: matrix {matrix.name}, {len(cells)} cells -> {root}")
+    failed = failures(run_cells(root, cells, args.jobs))
+    if any(root.rglob(RESULTS_FILE)):
+        print(f"report written to {write_report(root)}")
+    if failed:
+        lines = "\n".join(describe(outcome) for outcome in failed)
+        raise FlexMoEError(f"{len(failed)} of {len(cells)} cells failed:\n{lines}")
+
+
+def run_report(args: argparse.Namespace) -> None:
+    """Write report.md and plots for every results.json under a folder."""
+    from flexmoe.benchmark.report import write_report
+
+    print(f"report written to {write_report(args.directory)}")

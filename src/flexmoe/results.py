@@ -1,0 +1,257 @@
+"""What a run writes: its file names and the records of ``results.json`` and ``rounds.json``.
+
+Defined once: the federation writes through these records, the report and the benchmark read
+through them, and the tests build their fixtures with them. A field that is ``None`` is left out
+of the file (not measured), and a file from an older run that lacks a newer field reads as
+``None`` there.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+from flexmoe.errors import FlexMoEError
+from flexmoe.io import atomic_write_text, read_json
+
+RESULTS_FILE = "results.json"
+ROUNDS_FILE = "rounds.json"
+CHECKPOINT_FILE = "checkpoint.json"
+CHECKPOINT_DIR = "checkpoints"
+CLIENTS_DIR = "clients"
+
+
+# --- rounds.json: one record per round ---
+
+
+@dataclass(kw_only=True)
+class ClientRound:
+    """One client's part in one training round."""
+
+    client_id: int
+    bytes_up: int
+    bytes_down: int
+    train_loss: float
+    proximal_mu: float | None = None  # the FedProx mu it trained with (None: not recorded)
+
+
+@dataclass(kw_only=True)
+class RoundRecord:
+    """One training round as the server saw it."""
+
+    round: int
+    lr: float
+    mean_train_loss: float
+    bytes_up: int
+    bytes_down: int
+    wall_s: float
+    clients: list[ClientRound]
+    mean_rouge_l: float | None = None  # when the round was also scored (eval-every)
+
+
+# --- results.json: the run's final evaluation ---
+
+
+@dataclass(kw_only=True)
+class Knowledge:
+    """Held-out perplexity per pretraining domain of a client's model and of the base model."""
+
+    heldout_ppl: dict[str, float]
+    heldout_ppl_base: dict[str, float]
+
+    @property
+    def increase(self) -> float:
+        """Mean relative increase of held-out perplexity over the base model."""
+        base = self.heldout_ppl_base
+        return statistics.fmean(self.heldout_ppl[d] / base[d] - 1 for d in base)
+
+
+@dataclass(kw_only=True)
+class FlopsPerToken:
+    """MoE FLOPs per token of the base model and of the personalised one."""
+
+    base: float
+    personalised: float
+    ratio: float
+
+
+@dataclass(kw_only=True)
+class ClientResult:
+    """One client's final scores, the diagnostics of its model, and its traffic."""
+
+    client_id: int
+    categories: list[str]
+    n_train: int
+    n_test: int
+    rouge_l: float
+    test_loss: float
+    knowledge: Knowledge | None = None
+    routing: dict[str, Any] | None = None  # base and final routing_statistics on its test data
+    flops_per_token: FlopsPerToken | None = None
+    grafted_experts: dict[str, list[int]] | None = None  # MoE layer -> source experts
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+@dataclass(kw_only=True)
+class RoundTraffic:
+    round: int
+    bytes_up: int
+    bytes_down: int
+
+
+@dataclass(kw_only=True)
+class Traffic:
+    """Bytes of every training message, as serialised on the wire."""
+
+    bytes_up: int
+    bytes_down: int
+    per_round: list[RoundTraffic] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class RougePoint:
+    round: int
+    mean_rouge_l: float
+
+
+@dataclass(kw_only=True)
+class RunResults:
+    """``results.json``: what a finished run scored, cost and was configured with."""
+
+    method: str
+    split: str | None = None
+    alpha: float | None = None
+    seed: int | None = None
+    rounds: int | None = None
+    clients: list[ClientResult]
+    mean_rouge_l: float
+    mean_test_loss: float | None = None
+    rouge_per_round: list[RougePoint] = field(default_factory=list)
+    mean_ppl_increase: float | None = None
+    flops_ratio: float | None = None
+    comm: Traffic
+    wall_s: float | None = None
+    config: dict[str, Any] | None = None  # the RunConfig, as saved
+
+    @classmethod
+    def summarise(
+        cls,
+        config: dict[str, Any],
+        history: list[RoundRecord],
+        clients: list[ClientResult],
+        wall_s: float,
+    ) -> RunResults:
+        """The results of a run whose rounds were ``history`` and whose clients scored
+        ``clients``; each client's traffic is summed over the rounds."""
+        for client in clients:
+            rounds = [c for r in history for c in r.clients if c.client_id == client.client_id]
+            client.bytes_up = sum(c.bytes_up for c in rounds)
+            client.bytes_down = sum(c.bytes_down for c in rounds)
+        mean_rouge = statistics.fmean(c.rouge_l for c in clients)
+        final_round = history[-1].round if history else 0
+        scored = [RougePoint(round=r.round, mean_rouge_l=r.mean_rouge_l) for r in history]
+        knowledge = [c.knowledge for c in clients]
+        flops = [c.flops_per_token for c in clients]
+        return cls(
+            method=config["method"],
+            split=config["split"],
+            alpha=config["alpha"],
+            seed=config["seed"],
+            rounds=final_round,
+            clients=clients,
+            mean_rouge_l=mean_rouge,
+            mean_test_loss=statistics.fmean(c.test_loss for c in clients),
+            rouge_per_round=[p for p in scored if p.mean_rouge_l is not None]
+            + [RougePoint(round=final_round, mean_rouge_l=mean_rouge)],
+            mean_ppl_increase=None
+            if None in knowledge
+            else statistics.fmean(k.increase for k in knowledge),
+            flops_ratio=None if None in flops else statistics.fmean(f.ratio for f in flops),
+            comm=Traffic(
+                bytes_up=sum(r.bytes_up for r in history),
+                bytes_down=sum(r.bytes_down for r in history),
+                per_round=[
+                    RoundTraffic(round=r.round, bytes_up=r.bytes_up, bytes_down=r.bytes_down)
+                    for r in history
+                ],
+            ),
+            wall_s=round(wall_s, 2),
+            config=config,
+        )
+
+
+# --- files ---
+
+
+def write_results(folder: Path, results: RunResults) -> Path:
+    return atomic_write_text(folder / RESULTS_FILE, json.dumps(to_plain(results), indent=2))
+
+
+def read_results(path: Path) -> RunResults:
+    """A results.json, or one error naming the file and what is wrong with it."""
+    return from_plain(RunResults, read_json(path, "give a folder of 'flexmoe run' outputs"), path)
+
+
+def write_rounds(folder: Path, history: list[RoundRecord]) -> Path:
+    return atomic_write_text(folder / ROUNDS_FILE, json.dumps(to_plain(history), indent=2))
+
+
+def read_rounds(path: Path) -> list[RoundRecord]:
+    """A rounds.json, or one error naming the file."""
+    records = read_json(path, "give a folder of 'flexmoe run' outputs", kind=list)
+    return [from_plain(RoundRecord, r, path) for r in records]
+
+
+# --- records <-> JSON values ---
+
+Record = TypeVar("Record")
+
+
+def to_plain(value: Any) -> Any:
+    """JSON values for records (fields that are None left out), lists and dicts of them."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: to_plain(getattr(value, f.name))
+            for f in fields(value)
+            if getattr(value, f.name) is not None
+        }
+    if isinstance(value, list | tuple):
+        return [to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    return value
+
+
+def from_plain(cls: type[Record], data: Any, source: Path | str) -> Record:
+    """A ``cls`` record from the JSON values ``to_plain`` made; an error names ``source``."""
+    if not isinstance(data, dict):
+        raise FlexMoEError(f"{str(source)!r}: expected a {cls.__name__} object, got {data!r:.40}")
+    hints = get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        if f.name in data:
+            values[f.name] = _typed(hints[f.name], data[f.name], source)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise FlexMoEError(
+                f"{str(source)!r} is not a flexmoe results file (no {f.name!r} in a {cls.__name__})"
+            )
+    return cls(**values)
+
+
+def _typed(hint: Any, value: Any, source: Path | str) -> Any:
+    """``value`` as the record type ``hint`` names (a record, an optional one, or a list)."""
+    if value is None:
+        return None
+    if get_origin(hint) is list:
+        item = get_args(hint)[0]
+        if not is_dataclass(item):
+            return value
+        if not isinstance(value, list):
+            raise FlexMoEError(f"{str(source)!r}: expected a list of {item.__name__} records")
+        return [from_plain(item, v, source) for v in value]
+    records = [t for t in (hint, *get_args(hint)) if is_dataclass(t)]
+    return from_plain(records[0], value, source) if records else value
