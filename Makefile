@@ -22,6 +22,7 @@ run: install
 lint: install
 	$(PY) -m ruff check src tests scripts
 	$(PY) -m ruff format --check src tests scripts
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(PY) -m ruff check --fix src tests scripts

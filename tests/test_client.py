@@ -24,3 +24,14 @@ def test_only_whole_examples_that_fit_are_kept_and_the_answer_is_cached(
         fitting_examples(examples[2:], tokenizer, 4)
     monkeypatch.setattr(type(tokenizer), "__call__", lambda *a, **k: pytest.fail("not cached"))
     assert fitting_examples(examples, tokenizer, limit) == kept
+
+
+def test_the_fitting_cache_depends_on_the_prompt_template(tmp_path, monkeypatch, tokenizer):
+    from flexmoe.client import datasets
+
+    monkeypatch.setenv("FLEXMOE_CACHE", str(tmp_path))
+    examples = [InstructionExample("Say it.", "", "word")]
+    fitting_examples(examples, tokenizer, 200)
+    monkeypatch.setattr(datasets, "PROMPT_NO_INPUT", "Q: {instruction}\nA: ")
+    fitting_examples(examples, tokenizer, 200)
+    assert len(list((tmp_path / "fitting").glob("*.json"))) == 2

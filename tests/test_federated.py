@@ -11,7 +11,7 @@ from flexmoe.federated import client_app
 from flexmoe.federated.federation import initial_arrays, round_instructions
 from flexmoe.federated.protocol import TrainReply, request_content, run_config_of
 from flexmoe.federated.records import wire_bytes
-from flexmoe.methods import get_method
+from flexmoe.methods import METHODS, get_method
 from flexmoe.runconfig import RunConfig
 
 
@@ -236,3 +236,29 @@ class Nodes:
 
     def get_node_ids(self) -> list[int]:
         return list(range(1, self.count + 1))
+
+
+def test_every_aggregation_has_its_own_strategy_and_local_aggregates_nothing():
+    from flwr.serverapp.strategy import FedAvg, FedProx
+
+    from flexmoe.federated.strategies import STRATEGIES, make_strategy
+    from flexmoe.methods import Aggregation
+
+    assert set(STRATEGIES) == set(Aggregation) - {Aggregation.NONE}
+    config = RunConfig(proximal_mu=0.5)
+    for method in METHODS.values():
+        strategy = make_strategy(method, config)
+        assert isinstance(strategy, FedAvg)
+        assert isinstance(strategy, FedProx) == (method.aggregation is Aggregation.FEDPROX)
+    assert make_strategy(get_method("fedprox"), config).proximal_mu == 0.5
+
+
+def test_a_request_without_the_round_is_refused_clearly():
+    from flwr.app import ConfigRecord
+
+    from flexmoe.errors import FlexMoEError
+    from flexmoe.federated.protocol import RoundInstructions
+
+    message = Message(RecordDict({"config": ConfigRecord({"run-key": "r"})}), 1, "train")
+    with pytest.raises(FlexMoEError, match="no 'server-round' setting"):
+        RoundInstructions.from_message(message)

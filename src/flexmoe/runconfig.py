@@ -17,6 +17,8 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.methods import METHODS
 
 Scalar = str | int | float | bool
+# the partition schemes of flexmoe.data (a test keeps them equal; data imports torch, this not)
+SPLITS = ("pathological", "dirichlet")
 Check = Callable[[Any], str | None]  # a problem with a value, or None when it is valid
 
 
@@ -44,12 +46,6 @@ def one_of(names: tuple[str, ...]) -> Check:
     return lambda v: None if v in names else f"must be one of: {', '.join(names)}"
 
 
-def split_scheme(name: str) -> str | None:
-    from flexmoe.data import SCHEMES  # the data layer imports torch; only checks need it
-
-    return one_of(SCHEMES)(name)
-
-
 def nonempty(text: str) -> str | None:
     return None if text.strip() else "must not be empty"
 
@@ -67,7 +63,7 @@ class RunConfig:
         "flex", "FLEx, an ablation or a baseline (see Methods)", one_of(tuple(METHODS))
     )
     split: str = setting(
-        "pathological", "one category per client, or Dirichlet(alpha)", split_scheme
+        "pathological", "one category per client, or Dirichlet(alpha)", one_of(SPLITS)
     )
     alpha: float = setting(1.0, "Dirichlet concentration over categories", above(0))
     clients: int = setting(4, "federation size", at_least(1))
