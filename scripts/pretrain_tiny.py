@@ -1,6 +1,6 @@
 """Pretrain the tiny Qwen2-MoE model bundled in `flexmoe/assets/tiny`, reproducibly from a seed.
 
-Builds the multi-domain corpus (`flexmoe.corpus`), trains a byte-level BPE tokenizer on the
+Builds the multi-domain corpus (`scripts/corpus.py`), trains a byte-level BPE tokenizer on the
 train split, pretrains a small Qwen2-MoE with balanced domain sampling and the router aux loss,
 writes a held-out text sample per domain to `assets/heldout/`, and records held-out perplexity
 (trained vs untrained) and per-domain expert usage in `pretrain_report.json`.

@@ -20,8 +20,11 @@ from flexmoe.methods import METHODS
 from flexmoe.results import (
     ClientResult,
     Knowledge,
+    LayerRouting,
     RougePoint,
     RoundRecord,
+    Routing,
+    RoutingStatistics,
     RunResults,
     Traffic,
     to_plain,
@@ -318,13 +321,12 @@ def test_run_summary_table_states_traffic_in_megabytes():
     assert "task-1" in table
 
 
-def routing_record(utilisation: list[float], gates: list[float]) -> dict:
-    return {
-        "layers": [
-            {"layer": 0, "utilisation": utilisation, "token_entropy": 0.5,
-             "utilisation_entropy": 0.6, "gate_means": gates},
-        ]
-    }  # fmt: skip
+def routing_record(utilisation: list[float], gates: list[float]) -> RoutingStatistics:
+    layer = LayerRouting(
+        layer=0, num_experts=2, top_k=1, tokens=8, utilisation=utilisation, token_entropy=0.5,
+        utilisation_entropy=0.6, max_entropy=0.7, gate_means=gates,
+    )  # fmt: skip
+    return RoutingStatistics(layers=[layer])
 
 
 def test_report_tabulates_held_out_perplexity_routing_and_flops(tmp_path):
@@ -336,10 +338,10 @@ def test_report_tabulates_held_out_perplexity_routing_and_flops(tmp_path):
             heldout_ppl={"prose": ppl, "code": 2 * ppl},
             heldout_ppl_base={"prose": 10.0, "code": 20.0},
         )
-        client.routing = {
-            "base": routing_record([0.5, 0.5], []),
-            "final": routing_record(final_use, [0.2 + 0.4 * seed]),
-        }
+        client.routing = Routing(
+            base=routing_record([0.5, 0.5], []),
+            final=routing_record(final_use, [0.2 + 0.4 * seed]),
+        )
         client.grafted_experts = {"0": [6], "1": [4] if seed else [1, 2]}
         write_run(tmp_path / "flex" / f"seed{seed}", results)
     write_run(tmp_path / "local", fake_results("local", 0, [10.0], split="pathological", clients=1))

@@ -17,6 +17,7 @@ from flexmoe.cli import main
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated import deploy
 from flexmoe.federated.deploy import deploy_local, find_app_dir, format_config
+from flexmoe.results import RESULTS_FILE, read_results
 
 PYPROJECT = """\
 [project]
@@ -158,9 +159,9 @@ def test_deploy_local_runs_flexmoe_on_every_supernode_over_tls(
     assert main(argv) == 0
     assert "mean ROUGE-L" in capsys.readouterr().out
 
-    results = json.loads((out / "results.json").read_text())
-    assert [c["client_id"] for c in results["clients"]] == [0, 1]
-    assert results["rounds"] == 1 and results["comm"]["bytes_up"] > 0
+    results = read_results(out / RESULTS_FILE)
+    assert [c.client_id for c in results.clients] == [0, 1]
+    assert results.rounds == 1 and results.comm.bytes_up > 0
     for index in range(2):  # each SuperNode keeps its personal state in its own folder
         state = out / "supernodes" / f"node-{index}"
         assert [p.parent.parent.name for p in state.rglob("personal.safetensors")] == [

@@ -1,7 +1,5 @@
 """The federated layer: what crosses the wire, checkpoints, resume, and errors."""
 
-from dataclasses import replace
-
 import pytest
 from flwr.app import Context, Message, RecordDict
 from safetensors.numpy import load_file
@@ -9,7 +7,16 @@ from safetensors.numpy import load_file
 from flexmoe.cli import main
 from flexmoe.federated import client_app
 from flexmoe.federated.federation import initial_arrays, round_instructions
-from flexmoe.federated.protocol import TrainReply, request_content, run_config_of
+from flexmoe.federated.protocol import (
+    ARRAYS,
+    CONFIG,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    NodeConfig,
+    RoundInstructions,
+    TrainReply,
+    run_config_of,
+)
 from flexmoe.federated.records import wire_bytes
 from flexmoe.methods import METHODS, get_method
 from flexmoe.runconfig import RunConfig
@@ -34,11 +41,11 @@ def client_reply(config: RunConfig, out, client: int, arrays, proximal_mu: float
 
     ``proximal_mu`` is what the FedProx strategy adds to the request (0: another strategy).
     """
-    instructions = replace(round_instructions(out, 1), proximal_mu=proximal_mu)
-    message = Message(
-        request_content(arrays, instructions), dst_node_id=client + 1, message_type="train"
-    )
-    node = {"partition-id": client, "num-partitions": config.clients}
+    record = round_instructions(out, 1).to_record()
+    record.update({SERVER_ROUND: 1, PROXIMAL_MU: proximal_mu})  # as FedProx's strategy does
+    content = RecordDict({ARRAYS: arrays, CONFIG: record})
+    message = Message(content, dst_node_id=client + 1, message_type="train")
+    node = NodeConfig(client, config.clients).to_flat()
     run_config = run_config_of(config, str(out))
     return client_app.app(message, Context(1, client + 1, node, RecordDict(), run_config))
 
@@ -222,7 +229,7 @@ def test_only_fedprox_clients_train_with_a_proximal_term(
         1, arrays, round_instructions(tmp_path, 1).to_record(), Nodes(config.clients)
     )
     request = next(r for r in requests if r.metadata.dst_node_id == 1)
-    node = {"partition-id": 0, "num-partitions": config.clients}
+    node = NodeConfig(0, config.clients).to_flat()
     context = Context(1, 1, node, RecordDict(), run_config_of(config, str(tmp_path)))
     reply = client_app.app(request, context)
     assert TrainReply.from_message(reply).proximal_mu == mu
@@ -257,8 +264,7 @@ def test_a_request_without_the_round_is_refused_clearly():
     from flwr.app import ConfigRecord
 
     from flexmoe.errors import FlexMoEError
-    from flexmoe.federated.protocol import RoundInstructions
 
     message = Message(RecordDict({"config": ConfigRecord({"run-key": "r"})}), 1, "train")
-    with pytest.raises(FlexMoEError, match="no 'server-round' setting"):
+    with pytest.raises(FlexMoEError, match="has no 'server-round' value"):
         RoundInstructions.from_message(message)

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from flexmoe.evaluation.routing import routing_statistics
 from flexmoe.graft import grafted_blocks
 from flexmoe.model import FlexConfig, FlexModel
 from flexmoe.moe import find_moe_blocks
+from flexmoe.results import LayerRouting, RoutingStatistics, to_plain
 
 ALL = sorted(ARCHITECTURES)
 
@@ -40,23 +42,23 @@ def test_utilisation_and_entropy_match_the_routers_own_forward(model_type):
     stats = routing_statistics(model, batches)
     views = find_moe_blocks(model)
     inputs = captured_inputs(model, {v.layer: v.block for v in views}, batches)
-    assert [s["layer"] for s in stats["layers"]] == [v.layer for v in views]
-    for view, layer in zip(views, stats["layers"], strict=True):
+    assert [s.layer for s in stats.layers] == [v.layer for v in views]
+    for view, layer in zip(views, stats.layers, strict=True):
         logits, _, indices = view.router(inputs[view.layer])
         counts = torch.bincount(indices.flatten(), minlength=view.num_experts).double()
-        utilisation = torch.tensor(layer["utilisation"], dtype=torch.float64)
-        assert layer["tokens"] == 60 == len(inputs[view.layer])
+        utilisation = torch.tensor(layer.utilisation, dtype=torch.float64)
+        assert layer.tokens == 60 == len(inputs[view.layer])
         assert utilisation.sum().item() == pytest.approx(1.0)
         torch.testing.assert_close(utilisation, counts / counts.sum())
         scores = logits.softmax(-1) if view.rule.scoring == "softmax" else logits.sigmoid()
         p = scores / scores.sum(-1, keepdim=True)
         token_entropy = -(p * p.log()).sum(-1).mean().item()
-        assert layer["token_entropy"] == pytest.approx(token_entropy, rel=1e-5)
+        assert layer.token_entropy == pytest.approx(token_entropy, rel=1e-5)
         nonzero = utilisation[utilisation > 0]
-        assert layer["utilisation_entropy"] == pytest.approx(-(nonzero * nonzero.log()).sum())
-        assert layer["utilisation_entropy"] <= layer["max_entropy"] == math.log(view.num_experts)
-        assert layer["gate_means"] == []
-    json.dumps(stats)
+        assert layer.utilisation_entropy == pytest.approx(-(nonzero * nonzero.log()).sum())
+        assert layer.utilisation_entropy <= layer.max_entropy == math.log(view.num_experts)
+        assert layer.gate_means == []
+    json.dumps(to_plain(stats))
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3"])
@@ -73,14 +75,14 @@ def test_gate_means_are_sigmoid_gates_averaged_over_real_tokens(model_type):
     stats = routing_statistics(flex.model, batches)
     layers = [g.layer for g in flex.grafts]
     inputs = captured_inputs(flex.model, dict(zip(layers, blocks, strict=True)), batches)
-    for layer, block in zip(stats["layers"], blocks, strict=True):
-        x = inputs[layer["layer"]]
+    for layer, block in zip(stats.layers, blocks, strict=True):
+        x = inputs[layer.layer]
         by_hand = [torch.sigmoid(gate(x)).mean().item() for gate in block.grafted_gates]
-        assert len(layer["gate_means"]) == 2
-        assert layer["gate_means"] == pytest.approx(by_hand, rel=1e-5)
+        assert len(layer.gate_means) == 2
+        assert layer.gate_means == pytest.approx(by_hand, rel=1e-5)
         assert min(by_hand) > 0.0 and max(by_hand) < 1.0
     # the first MoE layer sees the same tokens with or without grafts; later layers need not
-    assert stats["layers"][0]["utilisation"] == before["layers"][0]["utilisation"]
+    assert stats.layers[0].utilisation == before.layers[0].utilisation
 
 
 def test_closed_gates_give_the_base_statistics():
@@ -91,13 +93,19 @@ def test_closed_gates_give_the_base_statistics():
         for block in grafted_blocks(flex.model):
             block.grafted_gates[0].bias.fill_(float("-inf"))
     after = routing_statistics(flex.model, batches)
-    for old, new in zip(before["layers"], after["layers"], strict=True):
-        assert new["gate_means"] == [0.0]
-        assert {**new, "gate_means": []} == old
-    assert [s["total_variation"] for s in utilisation_shift(before, after)] == [0.0, 0.0]
+    for old, new in zip(before.layers, after.layers, strict=True):
+        assert new.gate_means == [0.0]
+        assert replace(new, gate_means=[]) == old
+    assert list(utilisation_shift(before, after).values()) == [0.0, 0.0]
 
 
 def test_utilisation_shift_is_total_variation():
-    before = {"layers": [{"layer": 3, "utilisation": [0.5, 0.5, 0.0]}]}
-    after = {"layers": [{"layer": 3, "utilisation": [0.25, 0.25, 0.5]}]}
-    assert utilisation_shift(before, after) == [{"layer": 3, "total_variation": 0.5}]
+    def statistics(utilisation: list[float]) -> RoutingStatistics:
+        layer = LayerRouting(
+            layer=3, num_experts=3, top_k=1, tokens=4, utilisation=utilisation,
+            token_entropy=0.0, utilisation_entropy=0.0, max_entropy=1.0, gate_means=[],
+        )  # fmt: skip
+        return RoutingStatistics(layers=[layer])
+
+    shift = utilisation_shift(statistics([0.5, 0.5, 0.0]), statistics([0.25, 0.25, 0.5]))
+    assert shift == {3: 0.5}

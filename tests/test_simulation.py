@@ -1,12 +1,18 @@
 """Whole runs on Flower's simulation engine (Ray): results, checkpoints, resume, traffic."""
 
-import json
-
 import pytest
 from safetensors.numpy import load_file
 
 from flexmoe.cli import main
-from flexmoe.results import CHECKPOINT_DIR, CHECKPOINT_FILE
+from flexmoe.results import (
+    CHECKPOINT_DIR,
+    RESULTS_FILE,
+    ROUNDS_FILE,
+    RunResults,
+    read_checkpoint,
+    read_results,
+    read_rounds,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +34,9 @@ SMALL = [
 ]
 
 
-def run(out, *extra) -> dict:
+def run(out, *extra) -> RunResults:
     assert main(["run", "--out", str(out), *SMALL, *extra]) == 0
-    return json.loads((out / "results.json").read_text())
+    return read_results(out / RESULTS_FILE)
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, dolly_file, random_model):
@@ -38,24 +44,22 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, dolly_file, random_model
     straight = run(tmp_path / "straight", *common, "--rounds", "2", "--eval-every", "1")
     run(tmp_path / "resumed", *common, "--rounds", "1")
     resumed = run(tmp_path / "resumed", "--resume", str(tmp_path / "resumed"), "--rounds", "2")
-    assert resumed["rounds"] == straight["rounds"] == 2
-    assert resumed["mean_rouge_l"] == straight["mean_rouge_l"]
-    assert resumed["mean_test_loss"] == pytest.approx(straight["mean_test_loss"], abs=1e-6)
+    assert resumed.rounds == straight.rounds == 2
+    assert resumed.mean_rouge_l == straight.mean_rouge_l
+    assert resumed.mean_test_loss == pytest.approx(straight.mean_test_loss, abs=1e-6)
     # downlink carries the run's folder name, which differs here; uplink must not differ at all
-    assert resumed["comm"]["bytes_up"] == straight["comm"]["bytes_up"]
-    assert [c["rouge_l"] for c in resumed["clients"]] == [c["rouge_l"] for c in straight["clients"]]
-    saved = json.loads((tmp_path / "resumed" / CHECKPOINT_FILE).read_text())
-    assert saved["round"] == 2 and len(saved["history"]) == 2
-    assert [r["round"] for r in straight["rouge_per_round"]] == [1, 2]
-    assert straight["flops_ratio"] > 1 and straight["mean_ppl_increase"] > -1
-    for client in straight["clients"]:
-        assert set(client) >= {"client_id", "categories", "n_train", "n_test", "rouge_l"}
-        assert set(client["knowledge"]["heldout_ppl"]) == set(
-            client["knowledge"]["heldout_ppl_base"]
-        )
-        final, base = client["routing"]["final"]["layers"], client["routing"]["base"]["layers"]
-        assert all(len(layer["gate_means"]) == 1 for layer in final)
-        assert all(layer["gate_means"] == [] for layer in base)
+    assert resumed.comm.bytes_up == straight.comm.bytes_up
+    assert [c.rouge_l for c in resumed.clients] == [c.rouge_l for c in straight.clients]
+    saved = read_checkpoint(tmp_path / "resumed")
+    assert saved.round == 2 and len(saved.history) == 2
+    assert [p.round for p in straight.rouge_per_round] == [1, 2]
+    assert straight.flops_ratio > 1 and straight.mean_ppl_increase > -1
+    for client in straight.clients:
+        assert client.categories and client.n_train > 0 and client.n_test > 0
+        assert set(client.knowledge.heldout_ppl) == set(client.knowledge.heldout_ppl_base)
+        final, base = client.routing.final.layers, client.routing.base.layers
+        assert all(len(layer.gate_means) == 1 for layer in final)
+        assert all(layer.gate_means == [] for layer in base)
     for path in (tmp_path / "straight" / CHECKPOINT_DIR).glob("*.safetensors"):
         names = load_file(path).keys()
         assert not any(w in n for n in names for w in ("grafted", "experts", "gate.weight"))
@@ -67,6 +71,6 @@ def test_rounds_record_the_proximal_mu_each_client_used(
 ):
     common = ["--model", str(random_model), "--data", str(dolly_file), "--rounds", "2"]
     run(tmp_path, *common, "--method", method, "--proximal-mu", "0.3", "--local-steps", "1")
-    rounds = json.loads((tmp_path / "rounds.json").read_text())
-    used = [client["proximal_mu"] for record in rounds for client in record["clients"]]
+    rounds = read_rounds(tmp_path / ROUNDS_FILE)
+    used = [client.proximal_mu for record in rounds for client in record.clients]
     assert used == [mu] * 4

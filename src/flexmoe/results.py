@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
@@ -79,6 +79,44 @@ class FlopsPerToken:
 
 
 @dataclass(kw_only=True)
+class LayerRouting:
+    """Routing of one MoE layer over a client's test tokens (see flexmoe.evaluation.routing)."""
+
+    layer: int
+    num_experts: int
+    top_k: int
+    tokens: int
+    utilisation: list[float]  # share of all top-k assignments per expert
+    token_entropy: float  # mean entropy (nats) of each token's routing distribution
+    utilisation_entropy: float
+    max_entropy: float
+    gate_means: list[float]  # mean sigmoid gate of each grafted expert
+
+
+@dataclass(kw_only=True)
+class RoutingStatistics:
+    layers: list[LayerRouting]
+
+
+@dataclass(kw_only=True)
+class Routing:
+    """Routing of the base model and of the client's final model on the same tokens."""
+
+    base: RoutingStatistics
+    final: RoutingStatistics
+
+
+@dataclass(kw_only=True)
+class Diagnostics:
+    """What personalisation costs a client's model, each beside the base model's."""
+
+    knowledge: Knowledge
+    routing: Routing
+    flops_per_token: FlopsPerToken
+    grafted_experts: dict[str, list[int]]  # MoE layer -> source experts
+
+
+@dataclass(kw_only=True)
 class ClientResult:
     """One client's final scores, the diagnostics of its model, and its traffic."""
 
@@ -88,12 +126,17 @@ class ClientResult:
     n_test: int
     rouge_l: float
     test_loss: float
-    knowledge: Knowledge | None = None
-    routing: dict[str, Any] | None = None  # base and final routing_statistics on its test data
+    knowledge: Knowledge | None = None  # the Diagnostics, when the evaluation measured them
+    routing: Routing | None = None
     flops_per_token: FlopsPerToken | None = None
-    grafted_experts: dict[str, list[int]] | None = None  # MoE layer -> source experts
+    grafted_experts: dict[str, list[int]] | None = None
     bytes_up: int = 0
     bytes_down: int = 0
+
+    def with_diagnostics(self, diagnostics: Diagnostics | None) -> ClientResult:
+        if diagnostics is None:
+            return self
+        return replace(self, **{f.name: getattr(diagnostics, f.name) for f in fields(diagnostics)})
 
 
 @dataclass(kw_only=True)
@@ -147,10 +190,7 @@ class RunResults:
     ) -> RunResults:
         """The results of a run whose rounds were ``history`` and whose clients scored
         ``clients``; each client's traffic is summed over the rounds."""
-        for client in clients:
-            rounds = [c for r in history for c in r.clients if c.client_id == client.client_id]
-            client.bytes_up = sum(c.bytes_up for c in rounds)
-            client.bytes_down = sum(c.bytes_down for c in rounds)
+        clients = [_with_traffic(client, history) for client in clients]
         mean_rouge = statistics.fmean(c.rouge_l for c in clients)
         final_round = history[-1].round if history else 0
         scored = [RougePoint(round=r.round, mean_rouge_l=r.mean_rouge_l) for r in history]
@@ -184,6 +224,35 @@ class RunResults:
         )
 
 
+def _with_traffic(client: ClientResult, history: list[RoundRecord]) -> ClientResult:
+    """``client`` with its bytes summed over the rounds it took part in."""
+    rounds = [c for r in history for c in r.clients if c.client_id == client.client_id]
+    return replace(
+        client,
+        bytes_up=sum(c.bytes_up for c in rounds),
+        bytes_down=sum(c.bytes_down for c in rounds),
+    )
+
+
+# --- checkpoint.json: where the server stands between rounds ---
+
+
+@dataclass(kw_only=True)
+class Checkpoint:
+    """What the server saves after every round, besides the arrays under ``checkpoints/``."""
+
+    config: dict[str, Any]  # the RunConfig
+    round: int = 0
+    history: list[RoundRecord] = field(default_factory=list)
+    wall_s: float = 0.0
+    random_state: list | None = None  # Python's random state, for node sampling
+
+    @property
+    def tag(self) -> str:
+        """Names the arrays of this round under ``checkpoints/``."""
+        return f"round-{self.round:04d}"
+
+
 # --- files ---
 
 
@@ -194,6 +263,17 @@ def write_results(folder: Path, results: RunResults) -> Path:
 def read_results(path: Path) -> RunResults:
     """A results.json, or one error naming the file and what is wrong with it."""
     return from_plain(RunResults, read_json(path, "give a folder of 'flexmoe run' outputs"), path)
+
+
+def write_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
+    return atomic_write_text(folder / CHECKPOINT_FILE, json.dumps(to_plain(checkpoint), indent=2))
+
+
+def read_checkpoint(folder: Path) -> Checkpoint:
+    """The checkpoint saved in ``folder``, or one error naming the file."""
+    path = folder / CHECKPOINT_FILE
+    data = read_json(path, "give the output folder of an earlier 'flexmoe run'")
+    return from_plain(Checkpoint, data, path)
 
 
 def write_rounds(folder: Path, history: list[RoundRecord]) -> Path:

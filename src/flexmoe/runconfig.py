@@ -80,7 +80,7 @@ class RunConfig:
     size_ratio: float = setting(
         1.0, "share of a grafted expert's neurons kept", between(0, 1, True)
     )
-    gate_bias: float = setting(0.0, "initial bias of the grafted experts' gates")
+    gate_bias: float = setting(0.0, "initial bias of the grafted experts' gates", between(-30, 30))
     max_new_tokens: int = setting(32, "greedy generation length for ROUGE-L", at_least(1))
     max_length: int = setting(256, "tokens per example (longer ones are left out)", at_least(2))
     max_train: int = setting(300, "training examples per client", at_least(1))
@@ -100,7 +100,7 @@ class RunConfig:
             object.__setattr__(self, spec.name, value)
             problem = spec.metadata["check"] and spec.metadata["check"](value)
             if problem:
-                raise FlexMoEError(f"{_option(spec.name)} {problem}, got {value!r}")
+                raise FlexMoEError(f"{option_name(spec.name)} {problem}, got {value!r}")
         if self.min_lr > self.lr:
             raise FlexMoEError(f"min-lr ({self.min_lr}) must not exceed lr ({self.lr})")
 
@@ -124,7 +124,7 @@ class RunConfig:
         known = {f.name: type(f.default) for f in fields(self)}
         changes = {}
         for key, value in values.items():
-            name = key.replace("-", "_")
+            name = field_name(key)
             if name not in known:
                 raise FlexMoEError(f"unknown setting {key!r}; known: {', '.join(sorted(known))}")
             changes[name] = _parsed(name, known[name], value)
@@ -132,12 +132,12 @@ class RunConfig:
 
     def to_flat(self) -> dict[str, Scalar]:
         """Kebab-case keys, as Flower run configs and ConfigRecords carry them."""
-        return {_option(k): v for k, v in asdict(self).items()}
+        return {option_name(k): v for k, v in asdict(self).items()}
 
 
 def describe_settings() -> list[tuple[str, Scalar, str]]:
     """(option, default, description) of every setting, in declaration order."""
-    return [(_option(f.name), f.default, f.metadata["help"]) for f in fields(RunConfig)]
+    return [(option_name(f.name), f.default, f.metadata["help"]) for f in fields(RunConfig)]
 
 
 def settings_table() -> str:
@@ -146,8 +146,14 @@ def settings_table() -> str:
     return "\n".join(["| setting | default | meaning |", "| --- | --- | --- |", *rows])
 
 
-def _option(name: str) -> str:
-    return name.replace("_", "-")
+def option_name(field: str) -> str:
+    """A setting's name on the command line and in Flower's run config (``local-steps``)."""
+    return field.replace("_", "-")
+
+
+def field_name(option: str) -> str:
+    """A setting's RunConfig field name (``local_steps``)."""
+    return option.replace("-", "_")
 
 
 def _parsed(name: str, kind: type, value: Any) -> Any:
@@ -157,7 +163,9 @@ def _parsed(name: str, kind: type, value: Any) -> Any:
     try:
         return kind(value)
     except ValueError:
-        raise FlexMoEError(f"{_option(name)} must be {_kind_name(kind)}, got {value!r}") from None
+        raise FlexMoEError(
+            f"{option_name(name)} must be {_kind_name(kind)}, got {value!r}"
+        ) from None
 
 
 def _typed(name: str, kind: type, value: Any) -> Any:
@@ -166,9 +174,9 @@ def _typed(name: str, kind: type, value: Any) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, valid = float(value), True
     if not valid:
-        raise FlexMoEError(f"{_option(name)} must be {_kind_name(kind)}, got {value!r}")
+        raise FlexMoEError(f"{option_name(name)} must be {_kind_name(kind)}, got {value!r}")
     if kind is float and not math.isfinite(value):
-        raise FlexMoEError(f"{_option(name)} must be a finite number, got {value!r}")
+        raise FlexMoEError(f"{option_name(name)} must be a finite number, got {value!r}")
     return value
 
 

@@ -14,13 +14,13 @@ from flexmoe.benchmark.summary import (
     ablation_plot,
     family_label,
     group_runs,
-    kebab,
     layer_shifts,
     routing_summary,
     setting_labels,
     setting_plots,
 )
 from flexmoe.results import Knowledge
+from flexmoe.runconfig import option_name
 
 REFERENCE = "fedavg-full"  # traffic is compared with naive dense FL
 
@@ -213,7 +213,7 @@ def ablation_section(
 ) -> list[str]:
     lines = []
     for name, members in ablation_families(grouped):
-        lines += [f"### {kebab(name)} ({family_label(labels[members[0]], name)})", ""]
+        lines += [f"### {option_name(name)} ({family_label(labels[members[0]], name)})", ""]
         rows = [
             [str(dict(s)[name]), m, str(x.n), f"{x.rouge:.2f}", _number(x.rouge_std),
              _percent(x.ppl_increase), _number(x.flops_ratio, ".3f"),
@@ -221,7 +221,14 @@ def ablation_section(
             for s in members
             for m, x in grouped[s].items()
         ]  # fmt: skip
-        header = [kebab(name), "method", "seeds", "mean ROUGE-L", "std", "held-out ppl increase"]
+        header = [
+            option_name(name),
+            "method",
+            "seeds",
+            "mean ROUGE-L",
+            "std",
+            "held-out ppl increase",
+        ]
         lines += _table([*header, "MoE FLOPs ratio", "MB up / run"], rows)
         lines += [f"![{name}]({PLOTS_DIR}/{ablation_plot(labels[members[0]], name)})", ""]
     return ["## Ablations", "", *lines] if lines else []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.methods import METHODS
-from flexmoe.runconfig import RunConfig, Scalar
+from flexmoe.runconfig import RunConfig, Scalar, field_name, option_name
 
 DEFAULT_ROOT = Path("benchmarks") / "results"
 DEFAULT_SEEDS = (0, 1, 2)
@@ -36,7 +36,7 @@ class Cell:
 
     def arguments(self) -> list[str]:
         """The ``flexmoe run`` options giving this cell's settings, sorted by name."""
-        flat = {key.replace("_", "-"): value for key, value in self.overrides.items()}
+        flat = {option_name(key): value for key, value in self.overrides.items()}
         return [part for key in sorted(flat) for part in (f"--{key}", str(flat[key]))]
 
 
@@ -94,7 +94,7 @@ def split_groups(names: Iterable[str] = SPLITS) -> tuple[Group, ...]:
 def ablation_groups() -> tuple[Group, ...]:
     """One group per value of every ablated setting, on top of that ablation's split."""
     return tuple(
-        Group(f"{setting}-{value}", {**SPLITS[split], setting.replace("-", "_"): value})
+        Group(f"{setting}-{value}", {**SPLITS[split], field_name(setting): value})
         for setting, (split, values) in ABLATIONS.items()
         for value in values
     )

@@ -20,6 +20,7 @@ from flexmoe.benchmark.summary import (
     setting_labels,
     setting_plots,
 )
+from flexmoe.runconfig import option_name
 
 Curve = list[tuple[int, float]]
 
@@ -99,7 +100,7 @@ def plot_ablation(
         axes.errorbar(
             xs, ys, yerr=[x.rouge_std or 0.0 for _, x in points], marker="o", label=method
         )
-    _finish(figure, axes, title, name.replace("_", "-"), "mean ROUGE-L", path)
+    _finish(figure, axes, title, option_name(name), "mean ROUGE-L", path)
 
 
 def _finish(figure, axes, title: str, xlabel: str, ylabel: str, path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from flexmoe.benchmark.matrix import Cell
 from flexmoe.errors import FlexMoEError
 from flexmoe.results import RESULTS_FILE, RunResults, read_results
+from flexmoe.runconfig import field_name
 
 CommandBuilder = Callable[[Cell, Path], list[str]]
 
@@ -47,7 +48,7 @@ def log_path(root: Path, cell: Cell) -> Path:
 def stale_settings(results: RunResults, cell: Cell) -> list[str]:
     """Settings of ``cell`` that a finished run's results.json disagrees with."""
     saved, config = results.config or {}, asdict(cell.config())
-    wanted = {name: config[name] for name in (k.replace("-", "_") for k in cell.overrides)}
+    wanted = {name: config[name] for name in (field_name(k) for k in cell.overrides)}
     return [
         f"{key} {saved[key]!r} != {value!r}"
         for key, value in sorted(wanted.items())

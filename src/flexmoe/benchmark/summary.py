@@ -7,7 +7,7 @@ any machine that has the results.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,13 @@ from flexmoe.results import (
     ROUNDS_FILE,
     ClientResult,
     RoundRecord,
+    Routing,
+    RoutingStatistics,
     RunResults,
     read_results,
     read_rounds,
 )
-from flexmoe.runconfig import RunConfig
+from flexmoe.runconfig import RunConfig, option_name
 
 PLOTS_DIR = "plots"
 
@@ -144,7 +146,7 @@ def setting_labels(settings: Iterable[Setting]) -> dict[Setting, str]:
     for split, configs in by_split.items():
         varied = _varied_fields(configs)
         for config in configs:
-            parts = [split, *(f"{kebab(f)} {config.get(f)}" for f in varied)]
+            parts = [split, *(f"{option_name(f)} {config.get(f)}" for f in varied)]
             labels[tuple(sorted(config.items()))] = ", ".join(parts)
     return labels
 
@@ -152,10 +154,6 @@ def setting_labels(settings: Iterable[Setting]) -> dict[Setting, str]:
 def _varied_fields(configs: list[dict]) -> list[str]:
     names = sorted({name for config in configs for name in config})
     return [n for n in names if len({repr(c.get(n)) for c in configs}) > 1]
-
-
-def kebab(name: str) -> str:
-    return name.replace("_", "-")
 
 
 def _setting_order(setting: Setting) -> tuple:
@@ -198,7 +196,7 @@ def ablation_families(
 
 def family_label(label: str, name: str) -> str:
     """A setting's label without the ablated field."""
-    return ", ".join(p for p in label.split(", ") if not p.startswith(f"{kebab(name)} "))
+    return ", ".join(p for p in label.split(", ") if not p.startswith(f"{option_name(name)} "))
 
 
 def _slug(text: str) -> str:
@@ -206,7 +204,7 @@ def _slug(text: str) -> str:
 
 
 def ablation_plot(label: str, name: str) -> str:
-    return f"ablation-{kebab(name)}-{_slug(family_label(label, name))}.png"
+    return f"ablation-{option_name(name)}-{_slug(family_label(label, name))}.png"
 
 
 def setting_plots(label: str) -> dict[str, str]:
@@ -215,13 +213,14 @@ def setting_plots(label: str) -> dict[str, str]:
     return {kind: f"{slug}-{kind}.png" for kind in ("curves", "clients", "quality-vs-uplink")}
 
 
-def routing_summary(routed: list[dict]) -> dict[str, float | None]:
+def routing_summary(routed: list[Routing]) -> dict[str, float | None]:
     """Entropies before and after, and the grafted gates' mean, over clients, layers and seeds."""
 
     def mean_of(stage: str, key: str) -> float:
-        return statistics.fmean(layer[key] for r in routed for layer in r[stage]["layers"])
+        layers = [layer for r in routed for layer in getattr(r, stage).layers]
+        return statistics.fmean(getattr(layer, key) for layer in layers)
 
-    gates = [g for r in routed for layer in r["final"]["layers"] for g in layer["gate_means"]]
+    gates = [g for r in routed for layer in r.final.layers for g in layer.gate_means]
     entropies = {
         f"{key}_{stage}": mean_of(stage, key)
         for key in ("utilisation_entropy", "token_entropy")
@@ -230,21 +229,19 @@ def routing_summary(routed: list[dict]) -> dict[str, float | None]:
     return {**entropies, "gate": mean_or_none(gates)}
 
 
-def layer_shifts(routed: list[dict]) -> dict[int, list[float]]:
+def layer_shifts(routed: list[Routing]) -> dict[int, list[float]]:
     """Per MoE layer, every client's total-variation distance of utilisation, base to final."""
     shifts: dict[int, list[float]] = {}
     for record in routed:
-        for shift in utilisation_shift(record["base"], record["final"]):
-            shifts.setdefault(shift["layer"], []).append(shift["total_variation"])
+        for layer, distance in utilisation_shift(record.base, record.final).items():
+            shifts.setdefault(layer, []).append(distance)
     return dict(sorted(shifts.items()))
 
 
-def utilisation_shift(before: Mapping, after: Mapping) -> list[dict]:
-    """Per layer, the total-variation distance between two runs' expert utilisation."""
-    shifts = []
-    for old, new in zip(before["layers"], after["layers"], strict=True):
-        pairs = zip(old["utilisation"], new["utilisation"], strict=True)
-        shifts.append(
-            {"layer": old["layer"], "total_variation": 0.5 * sum(abs(a - b) for a, b in pairs)}
-        )
-    return shifts
+def utilisation_shift(before: RoutingStatistics, after: RoutingStatistics) -> dict[int, float]:
+    """Per layer, the total-variation distance between two models' expert utilisation."""
+    return {
+        old.layer: 0.5
+        * sum(abs(a - b) for a, b in zip(old.utilisation, new.utilisation, strict=True))
+        for old, new in zip(before.layers, after.layers, strict=True)
+    }

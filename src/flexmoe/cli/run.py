@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 
 from flexmoe.results import RESULTS_FILE, RunResults
-from flexmoe.runconfig import RunConfig, describe_settings
+from flexmoe.runconfig import RunConfig, describe_settings, field_name
+
+METAVARS = {int: "N", float: "X", str: "TEXT"}
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -43,13 +45,13 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file of settings")
     parser.add_argument("--out", type=Path, help="output folder (default runs/<time>-<method>)")
     for name, default, text in describe_settings():
-        metavar = name.split("-")[-1].upper()
+        metavar = METAVARS[type(default)]
         parser.add_argument(f"--{name}", metavar=metavar, help=f"{text} (default {default})")
 
 
 def settings(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
     """Settings from --config (or ``base``), then the options given on the command line."""
-    given = {name: getattr(args, name.replace("-", "_")) for name, _, _ in describe_settings()}
+    given = {name: getattr(args, field_name(name)) for name, _, _ in describe_settings()}
     overrides = {name: value for name, value in given.items() if value is not None}
     if base is None:
         base = RunConfig.from_toml(args.config) if args.config else RunConfig()

@@ -11,8 +11,6 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from flexmoe.cache import cache_dir
 from flexmoe.data import (
-    PROMPT_NO_INPUT,
-    PROMPT_WITH_INPUT,
     ClientData,
     InstructionExample,
     build_client_datasets,
@@ -42,12 +40,11 @@ def fitting_examples(
 
     Tokenizing a whole data set takes a while, and every client process needs the answer, so
     the kept indices are cached on disk under a hash of everything they depend on: the
-    tokenizer, the prompt template and the examples.
+    tokenizer and each example's prompt (as the template makes it) and answer.
     """
     key = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-    key.update(json.dumps([PROMPT_WITH_INPUT, PROMPT_NO_INPUT]).encode())
     for example in examples:
-        key.update(json.dumps([example.instruction, example.input, example.output]).encode())
+        key.update(json.dumps([format_prompt(example), example.output]).encode())
     cache = cache_dir() / "fitting" / f"{key.hexdigest()[:24]}-{max_length}.json"
     if cache.is_file():
         kept = json.loads(cache.read_text())

@@ -5,7 +5,7 @@ Core code: the Flower ClientApp only translates messages to and from these calls
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from flexmoe.evaluation.generation import generate_answers, rouge_l
 from flexmoe.loading import load_model, load_tokenizer
 from flexmoe.methods import GraftSource, get_method
 from flexmoe.model import FlexConfig, FlexModel
+from flexmoe.results import Diagnostics
 from flexmoe.roles import Role
 from flexmoe.runconfig import RunConfig
 from flexmoe.training import cosine_lr, mean_loss, train_steps
@@ -46,11 +47,11 @@ class TrainResult:
 
 @dataclass
 class Evaluation:
-    """Scores of the model a client would use; ``detail`` holds the diagnostics when asked."""
+    """Scores of the model a client would use, with its diagnostics when asked."""
 
     rouge_l: float
     test_loss: float
-    detail: dict = field(default_factory=dict)
+    diagnostics: Diagnostics | None = None
 
 
 class ClientWorker:
@@ -119,7 +120,9 @@ class ClientWorker:
         evaluation = Evaluation(100 * sum(scores) / len(scores), mean_loss(model, batches))
         if detailed:
             base, _ = load_model(self.config.model)
-            evaluation.detail = diagnostics(model, base, self.config.model, self.tokenizer, batches)
+            evaluation.diagnostics = diagnostics(
+                model, base, self.config.model, self.tokenizer, batches
+            )
         return evaluation
 
     def model_for_round(self, round_: int, global_shared: State) -> FlexModel:

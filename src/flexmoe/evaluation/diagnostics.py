@@ -18,6 +18,7 @@ from flexmoe.evaluation.perplexity import domain_perplexities
 from flexmoe.evaluation.routing import routing_statistics
 from flexmoe.loading import load_model
 from flexmoe.model import FlexModel
+from flexmoe.results import Diagnostics, FlopsPerToken, Knowledge, Routing
 
 HELDOUT_TOKENS = 2048  # per pretraining domain
 
@@ -28,21 +29,22 @@ def diagnostics(
     base_name: str,
     tokenizer: PreTrainedTokenizerBase,
     batches: Sequence[Mapping[str, torch.Tensor]],
-) -> dict:
+) -> Diagnostics:
     """Knowledge, routing on ``batches`` and FLOPs of ``model``, each beside ``base``'s."""
     flops = flops_per_token(model)
-    return {
-        "knowledge": {
-            "heldout_ppl": domain_perplexities(model, tokenizer, HELDOUT_TOKENS),
-            "heldout_ppl_base": base_heldout_perplexities(base_name),
-        },
-        "routing": {
-            "base": routing_statistics(base, batches),
-            "final": routing_statistics(model, batches),
-        },
-        "flops_per_token": {k: flops[k] for k in ("base", "personalised", "ratio")},
-        "grafted_experts": {str(g.layer): list(g.source_experts) for g in model.grafts},
-    }
+    return Diagnostics(
+        knowledge=Knowledge(
+            heldout_ppl=domain_perplexities(model, tokenizer, HELDOUT_TOKENS),
+            heldout_ppl_base=base_heldout_perplexities(base_name),
+        ),
+        routing=Routing(
+            base=routing_statistics(base, batches), final=routing_statistics(model, batches)
+        ),
+        flops_per_token=FlopsPerToken(
+            base=flops["base"], personalised=flops["personalised"], ratio=flops["ratio"]
+        ),
+        grafted_experts={str(g.layer): list(g.source_experts) for g in model.grafts},
+    )
 
 
 @functools.lru_cache(maxsize=2)

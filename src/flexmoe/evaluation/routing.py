@@ -24,6 +24,7 @@ from torch import nn
 
 from flexmoe.graft import GraftedMoEBlock, grafted_blocks
 from flexmoe.moe import MoEBlockView, RoutingRule, find_moe_blocks
+from flexmoe.results import LayerRouting, RoutingStatistics
 from flexmoe.selection import Batch, capture_block_inputs
 
 
@@ -56,20 +57,20 @@ class _LayerTally:
                 [torch.sigmoid(gate(x)).double().sum() for gate in self.grafted.grafted_gates]
             ).cpu()
 
-    def summary(self) -> dict:
+    def summary(self) -> LayerRouting:
         utilisation = self.assignments / self.assignments.sum().clamp(min=1)
         tokens = max(self.tokens, 1)
-        return {
-            "layer": self.view.layer,
-            "num_experts": self.view.num_experts,
-            "top_k": self.view.rule.top_k,
-            "tokens": self.tokens,
-            "utilisation": utilisation.tolist(),
-            "token_entropy": self.entropy_sum / tokens,
-            "utilisation_entropy": entropy(utilisation).item(),
-            "max_entropy": math.log(self.view.num_experts),
-            "gate_means": (self.gate_sums / tokens).tolist(),
-        }
+        return LayerRouting(
+            layer=self.view.layer,
+            num_experts=self.view.num_experts,
+            top_k=self.view.rule.top_k,
+            tokens=self.tokens,
+            utilisation=utilisation.tolist(),
+            token_entropy=self.entropy_sum / tokens,
+            utilisation_entropy=entropy(utilisation).item(),
+            max_entropy=math.log(self.view.num_experts),
+            gate_means=(self.gate_sums / tokens).tolist(),
+        )
 
 
 def routing_distribution(rule: RoutingRule, logits: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,7 @@ def entropy(probabilities: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def routing_statistics(model: nn.Module, batches: Sequence[Batch]) -> dict:
+def routing_statistics(model: nn.Module, batches: Sequence[Batch]) -> RoutingStatistics:
     """Per-layer routing statistics of ``model`` (base or grafted) over non-pad tokens."""
     views = find_moe_blocks(model)
     grafts = {id(g.block): g for g in grafted_blocks(model)}
@@ -106,4 +107,4 @@ def routing_statistics(model: nn.Module, batches: Sequence[Batch]) -> dict:
             for layer, tally in tallies.items():
                 tally.add(inputs[layer][keep.to(inputs[layer].device)])
     model.train(was_training)
-    return {"layers": [tallies[layer].summary() for layer in sorted(tallies)]}
+    return RoutingStatistics(layers=[tallies[layer].summary() for layer in sorted(tallies)])

@@ -33,12 +33,12 @@ def make_client_app(settings: RunConfig | None = None) -> ClientApp:
         worker = client_worker(context, instructions, settings)
         result = worker.train(instructions.server_round, arrays_of(msg), instructions.proximal_mu)
         reply = TrainReply(
-            worker.client_id,
-            result.num_examples,
-            result.train_loss,
-            result.lr,
-            result.proximal_mu,
-            result.shared,
+            client_id=worker.client_id,
+            num_examples=result.num_examples,
+            train_loss=result.train_loss,
+            lr=result.lr,
+            proximal_mu=result.proximal_mu,
+            shared=result.shared,
         )
         return Message(reply.to_content(), reply_to=msg)
 
@@ -51,13 +51,13 @@ def make_client_app(settings: RunConfig | None = None) -> ClientApp:
         )
         data = worker.data
         reply = EvaluateReply(
-            worker.client_id,
-            len(data.train),
-            len(data.test),
-            scores.rouge_l,
-            scores.test_loss,
-            [str(c) for c in data.categories],
-            scores.detail,
+            client_id=worker.client_id,
+            n_train=len(data.train),
+            n_test=len(data.test),
+            rouge_l=scores.rouge_l,
+            test_loss=scores.test_loss,
+            categories=[str(c) for c in data.categories],
+            diagnostics=scores.diagnostics,
         )
         return Message(reply.to_content(), reply_to=msg)
 

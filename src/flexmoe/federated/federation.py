@@ -7,12 +7,11 @@ the round number, the per-round history and the random state under ``OUT/checkpo
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.federated.protocol import EvaluateReply, RoundInstructions, TrainReply
 from flexmoe.federated.records import state_to_arrays, wire_bytes
 from flexmoe.federated.strategies import make_strategy, restore_strategy_state, strategy_state
-from flexmoe.io import atomic_write, atomic_write_text, read_json
+from flexmoe.io import atomic_write
 from flexmoe.loading import load_model
 from flexmoe.methods import Method, get_method
 from flexmoe.model import FlexConfig, FlexModel
@@ -35,12 +34,13 @@ from flexmoe.results import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
     CLIENTS_DIR,
+    Checkpoint,
     ClientResult,
     ClientRound,
     RoundRecord,
     RunResults,
-    from_plain,
-    to_plain,
+    read_checkpoint,
+    write_checkpoint,
     write_results,
     write_rounds,
 )
@@ -49,24 +49,13 @@ from flexmoe.runconfig import RunConfig
 KEEP_CHECKPOINTS = 2
 
 
-@dataclass
-class ServerState:
-    """What the server knows between rounds, apart from arrays."""
-
-    config: RunConfig
-    round: int = 0
-    history: list[RoundRecord] = field(default_factory=list)
-    wall_s: float = 0.0
-    random_state: list | None = None
-
-
 def run_federation(grid: Grid, config: RunConfig, out: Path, progress: bool = True) -> RunResults:
     """Run (or resume) ``config.rounds`` rounds on ``grid``, evaluate, and write the results."""
     method = get_method(config.method)
     strategy = make_strategy(method, config)
-    state, arrays = load_checkpoint(out, config, strategy)
+    state, arrays = load_checkpoint(out, strategy)
     if state is None:
-        state, arrays = ServerState(config), initial_arrays(config, method)
+        state, arrays = Checkpoint(config=asdict(config)), initial_arrays(config, method)
     wait_for_clients(grid, config.clients)
     session_started, wall_before = time.perf_counter(), state.wall_s
     rounds = range(state.round + 1, config.rounds + 1)
@@ -88,7 +77,7 @@ def run_federation(grid: Grid, config: RunConfig, out: Path, progress: bool = Tr
         save_checkpoint(out, state, arrays, strategy)
     evaluation = evaluate_clients(grid, strategy, arrays, config, out, state.round, detailed=True)
     state.wall_s = wall_before + time.perf_counter() - session_started
-    results = RunResults.summarise(asdict(config), state.history, evaluation, state.wall_s)
+    results = RunResults.summarise(state.config, state.history, evaluation, state.wall_s)
     write_results(out, results)
     return results
 
@@ -131,59 +120,49 @@ def evaluate_clients(
     clients = []
     for message in _replies(grid, list(messages)):
         reply = EvaluateReply.from_message(message)
-        client = {
-            "client_id": reply.client_id,
-            "categories": reply.categories,
-            "n_train": reply.n_train,
-            "n_test": reply.n_test,
-            "rouge_l": reply.rouge_l,
-            "test_loss": reply.test_loss,
-            **reply.detail,
-        }
-        clients.append(from_plain(ClientResult, client, f"client {reply.client_id}'s reply"))
+        client = ClientResult(
+            client_id=reply.client_id,
+            categories=reply.categories,
+            n_train=reply.n_train,
+            n_test=reply.n_test,
+            rouge_l=reply.rouge_l,
+            test_loss=reply.test_loss,
+        )
+        clients.append(client.with_diagnostics(reply.diagnostics))
     return sorted(clients, key=lambda c: c.client_id)
 
 
-def save_checkpoint(out: Path, state: ServerState, arrays: ArrayRecord, strategy: FedAvg) -> None:
+def save_checkpoint(out: Path, state: Checkpoint, arrays: ArrayRecord, strategy: FedAvg) -> None:
+    """The arrays of this round first, then rounds.json and checkpoint.json naming them."""
     folder = out / CHECKPOINT_DIR
-    tag = f"round-{state.round:04d}"
     shared = {k: np.ascontiguousarray(a.numpy()) for k, a in arrays.items()}
-    atomic_write(folder / f"shared-{tag}.safetensors", lambda p: save_file(shared, str(p)))
+    atomic_write(folder / f"shared-{state.tag}.safetensors", lambda p: save_file(shared, str(p)))
     server = strategy_state(strategy)
-    atomic_write(folder / f"strategy-{tag}.safetensors", lambda p: save_file(server, str(p)))
-    record = {**to_plain(state), "config": asdict(state.config), "tag": tag}
+    atomic_write(folder / f"strategy-{state.tag}.safetensors", lambda p: save_file(server, str(p)))
     write_rounds(out, state.history)
-    atomic_write_text(out / CHECKPOINT_FILE, json.dumps(record, indent=2))
+    write_checkpoint(out, state)
     for old in sorted(folder.glob("*-round-*.safetensors"))[: -2 * KEEP_CHECKPOINTS]:
-        if tag not in old.name:
+        if state.tag not in old.name:
             old.unlink()
 
 
-def load_checkpoint(
-    out: Path, config: RunConfig, strategy: FedAvg
-) -> tuple[ServerState | None, ArrayRecord | None]:
+def load_checkpoint(out: Path, strategy: FedAvg) -> tuple[Checkpoint | None, ArrayRecord | None]:
     """The state saved in ``out``, if any, with the strategy's state put back."""
     if not (out / CHECKPOINT_FILE).is_file():
         return None, None
-    saved = _read_checkpoint(out)
+    state = read_checkpoint(out)
     folder = out / CHECKPOINT_DIR
-    shared = load_file(folder / f"shared-{saved['tag']}.safetensors")
-    restore_strategy_state(strategy, load_file(folder / f"strategy-{saved['tag']}.safetensors"))
-    random_state = saved.get("random_state")
-    if random_state is not None:
-        random.setstate((random_state[0], tuple(random_state[1]), random_state[2]))
-    history = [from_plain(RoundRecord, r, out / CHECKPOINT_FILE) for r in saved["history"]]
-    state = ServerState(config, saved["round"], history, saved["wall_s"], random_state)
+    shared = load_file(folder / f"shared-{state.tag}.safetensors")
+    restore_strategy_state(strategy, load_file(folder / f"strategy-{state.tag}.safetensors"))
+    if state.random_state is not None:
+        version, internal, gauss = state.random_state
+        random.setstate((version, tuple(internal), gauss))
     return state, ArrayRecord({k: Array(v) for k, v in shared.items()})
 
 
 def read_run_config(out: Path) -> RunConfig:
     """The settings of the run saved in ``out`` (for --resume)."""
-    return RunConfig().updated(_read_checkpoint(out)["config"])
-
-
-def _read_checkpoint(out: Path) -> dict:
-    return read_json(out / CHECKPOINT_FILE, "give the output folder of an earlier 'flexmoe run'")
+    return RunConfig().updated(read_checkpoint(out).config)
 
 
 def round_instructions(out: Path, round_: int, detailed: bool = False) -> RoundInstructions:

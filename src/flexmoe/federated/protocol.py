@@ -4,40 +4,63 @@ What a *run* is (its ``RunConfig``) is not sent with every message: as in Flower
 the run config (``context.run_config``) that ``flwr run`` hands every ServerApp and ClientApp;
 the in-process simulation gives its ClientApp the same settings directly.
 
-What a *round* asks travels in the ``config`` record of each message: ``RoundInstructions``
-(the server round, where the client keeps its state, whether to add diagnostics) plus what the
-strategy itself adds, such as FedProx's ``proximal-mu``, which therefore reaches a client only
-when the strategy is FedProx. Replies carry ``TrainReply`` or ``EvaluateReply``.
+What a *round* asks travels in the ``config`` record of each request: ``RoundInstructions`` (where
+the client keeps its state, whether to add diagnostics) completed by the strategy, which sets the
+server round and, for FedProx only, ``proximal-mu``. So FedProx's mu reaches a client only when
+the strategy is FedProx. Replies carry a ``TrainReply`` or an ``EvaluateReply``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.records import arrays_to_state, state_to_arrays
+from flexmoe.results import Diagnostics, from_plain, to_plain
 from flexmoe.runconfig import RunConfig
 
-# record names in a message's content (the first two are Flower strategies' defaults)
+State = dict[str, torch.Tensor]
+Decoded = TypeVar("Decoded")
+
+# records in a message's content (Flower's strategies read and write the first three)
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 CLIENT = "client"
 
-# keys Flower's strategies write into the config record
+# the config record of a request: set by the server, then by the strategy
+RUN_KEY = "run-key"
+STATE_ROOT = "state-root"
+DETAILED = "detailed"
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"
-# the metric Flower's strategies weight an average by
+
+# the metric record of a reply; Flower's strategies weight their averages by NUM_EXAMPLES
 NUM_EXAMPLES = "num-examples"
+CLIENT_ID = "client-id"
+TRAIN_LOSS = "train_loss"
+LEARNING_RATE = "lr"
+N_TRAIN = "n-train"
+ROUGE_L = "rouge_l"
+TEST_LOSS = "test_loss"
+
+# the client record of an evaluate reply
+CATEGORIES = "categories"
+DIAGNOSTICS = "detail"
+
+# a SuperNode's --node-config
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+STATE_DIR = "state-dir"
+THREADS = "threads"
 
 OUT_DIR = "out-dir"  # the server's output folder: a run-config key that is not a RunConfig field
-
-State = dict[str, torch.Tensor]
 
 
 # --- the run ---
@@ -70,26 +93,26 @@ class NodeConfig:
     @classmethod
     def from_context(cls, context: Context) -> NodeConfig:
         node = context.node_config
-        if "partition-id" not in node:
+        if PARTITION_ID not in node:
             raise FlexMoEError(
                 "this SuperNode has no partition-id; start it with "
                 "--node-config 'partition-id=I num-partitions=N'"
             )
-        partitions = node.get("num-partitions")
+        partitions = node.get(NUM_PARTITIONS)
         return cls(
-            partition_id=int(node["partition-id"]),
+            partition_id=int(node[PARTITION_ID]),
             num_partitions=None if partitions is None else int(partitions),
-            state_dir=str(node["state-dir"]) if node.get("state-dir") else None,
-            threads=int(node.get("threads", 1)),
+            state_dir=str(node[STATE_DIR]) if node.get(STATE_DIR) else None,
+            threads=int(node.get(THREADS, 1)),
         )
 
     def to_flat(self) -> dict[str, int | str]:
         """The ``--node-config`` values of this node."""
-        flat: dict[str, int | str] = {"partition-id": self.partition_id, "threads": self.threads}
+        flat: dict[str, int | str] = {PARTITION_ID: self.partition_id, THREADS: self.threads}
         if self.num_partitions is not None:
-            flat["num-partitions"] = self.num_partitions
+            flat[NUM_PARTITIONS] = self.num_partitions
         if self.state_dir is not None:
-            flat["state-dir"] = self.state_dir
+            flat[STATE_DIR] = self.state_dir
         return flat
 
 
@@ -107,33 +130,30 @@ class RoundInstructions:
     proximal_mu: float = 0.0  # FedProx's mu; set by the FedProx strategy, 0 for every other
 
     def to_record(self) -> ConfigRecord:
-        """The config record a strategy completes (it sets the round, FedProx its mu)."""
+        """The server's part of the config record; the strategy adds the round (and FedProx
+        its mu) when it builds the messages."""
         return ConfigRecord(
-            {"run-key": self.run_key, "state-root": self.state_root, "detailed": self.detailed}
+            {RUN_KEY: self.run_key, STATE_ROOT: self.state_root, DETAILED: self.detailed}
         )
 
     @classmethod
     def from_message(cls, message: Message) -> RoundInstructions:
-        record = message.content[CONFIG]
-        try:
-            return cls(
+        record = _part(message, CONFIG, "request")
+        return _decoded(
+            "request",
+            lambda: cls(
                 server_round=int(record[SERVER_ROUND]),
-                run_key=str(record["run-key"]),
-                state_root=str(record["state-root"]),
-                detailed=bool(record.get("detailed", False)),
+                run_key=str(record[RUN_KEY]),
+                state_root=str(record[STATE_ROOT]),
+                detailed=bool(record.get(DETAILED, False)),
                 proximal_mu=float(record.get(PROXIMAL_MU, 0.0)),
-            )
-        except KeyError as missing:
-            raise FlexMoEError(f"the server's message has no {missing} setting") from None
+            ),
+        )
 
 
-def request_content(arrays: ArrayRecord, instructions: RoundInstructions) -> RecordDict:
-    """A request's content as a strategy builds it (for clients driven without a strategy)."""
-    record = instructions.to_record()
-    record[SERVER_ROUND] = instructions.server_round
-    if instructions.proximal_mu:
-        record[PROXIMAL_MU] = instructions.proximal_mu
-    return RecordDict({ARRAYS: arrays, CONFIG: record})
+def arrays_of(message: Message) -> State:
+    """The tensors a request carries (the global shared parameters)."""
+    return arrays_to_state(_part(message, ARRAYS, "request"))
 
 
 # --- a client's replies ---
@@ -147,29 +167,32 @@ class TrainReply:
     num_examples: int
     train_loss: float
     lr: float
-    proximal_mu: float
-    shared: State = field(default_factory=dict)
+    proximal_mu: float  # the FedProx mu it trained with
+    shared: State | None = None  # sent, never decoded: the strategy reads the arrays
 
     def to_content(self) -> RecordDict:
         metrics = {
             NUM_EXAMPLES: self.num_examples,
-            "client-id": self.client_id,
-            "train_loss": self.train_loss,
-            "lr": self.lr,
+            CLIENT_ID: self.client_id,
+            TRAIN_LOSS: self.train_loss,
+            LEARNING_RATE: self.lr,
             PROXIMAL_MU: self.proximal_mu,
         }
-        return RecordDict({ARRAYS: state_to_arrays(self.shared), METRICS: MetricRecord(metrics)})
+        arrays = state_to_arrays(self.shared or {})
+        return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics)})
 
     @classmethod
     def from_message(cls, message: Message) -> TrainReply:
-        """The reply's record (its arrays stay in the message, for the strategy)."""
-        metrics = message.content[METRICS]
-        return cls(
-            client_id=int(metrics["client-id"]),
-            num_examples=int(metrics[NUM_EXAMPLES]),
-            train_loss=float(metrics["train_loss"]),
-            lr=float(metrics["lr"]),
-            proximal_mu=float(metrics[PROXIMAL_MU]),
+        metrics = _part(message, METRICS, "train reply")
+        return _decoded(
+            "train reply",
+            lambda: cls(
+                client_id=int(metrics[CLIENT_ID]),
+                num_examples=int(metrics[NUM_EXAMPLES]),
+                train_loss=float(metrics[TRAIN_LOSS]),
+                lr=float(metrics[LEARNING_RATE]),
+                proximal_mu=float(metrics[PROXIMAL_MU]),
+            ),
         )
 
 
@@ -183,33 +206,57 @@ class EvaluateReply:
     rouge_l: float
     test_loss: float
     categories: list[str]
-    detail: dict = field(default_factory=dict)
+    diagnostics: Diagnostics | None = None  # when the request was detailed
 
     def to_content(self) -> RecordDict:
         metrics = {
             NUM_EXAMPLES: self.n_test,
-            "client-id": self.client_id,
-            "n-train": self.n_train,
-            "rouge_l": self.rouge_l,
-            "test_loss": self.test_loss,
+            CLIENT_ID: self.client_id,
+            N_TRAIN: self.n_train,
+            ROUGE_L: self.rouge_l,
+            TEST_LOSS: self.test_loss,
         }
-        client = {"categories": list(self.categories), "detail": json.dumps(self.detail)}
+        client = {
+            CATEGORIES: list(self.categories),
+            DIAGNOSTICS: json.dumps(to_plain(self.diagnostics)),
+        }
         return RecordDict({METRICS: MetricRecord(metrics), CLIENT: ConfigRecord(client)})
 
     @classmethod
     def from_message(cls, message: Message) -> EvaluateReply:
-        metrics, client = message.content[METRICS], message.content[CLIENT]
-        return cls(
-            client_id=int(metrics["client-id"]),
-            n_train=int(metrics["n-train"]),
-            n_test=int(metrics[NUM_EXAMPLES]),
-            rouge_l=float(metrics["rouge_l"]),
-            test_loss=float(metrics["test_loss"]),
-            categories=[str(c) for c in client["categories"]],
-            detail=json.loads(str(client["detail"])),
-        )
+        metrics = _part(message, METRICS, "evaluate reply")
+        client = _part(message, CLIENT, "evaluate reply")
+
+        def decode() -> EvaluateReply:
+            diagnostics = json.loads(str(client[DIAGNOSTICS]))
+            return cls(
+                client_id=int(metrics[CLIENT_ID]),
+                n_train=int(metrics[N_TRAIN]),
+                n_test=int(metrics[NUM_EXAMPLES]),
+                rouge_l=float(metrics[ROUGE_L]),
+                test_loss=float(metrics[TEST_LOSS]),
+                categories=[str(c) for c in client[CATEGORIES]],
+                diagnostics=None
+                if diagnostics is None
+                else from_plain(Diagnostics, diagnostics, "an evaluate reply"),
+            )
+
+        return _decoded("evaluate reply", decode)
 
 
-def arrays_of(message: Message) -> State:
-    """The tensors a request carries (the global shared parameters)."""
-    return arrays_to_state(message.content[ARRAYS])
+def _part(message: Message, name: str, kind: str) -> Any:
+    if name not in message.content:
+        raise FlexMoEError(f"a {kind} has no {name!r} record; are both sides the same flexmoe?")
+    return message.content[name]
+
+
+def _decoded(kind: str, decode: Callable[[], Decoded]) -> Decoded:
+    """``decode()``, with a missing or malformed value as one error naming the message kind."""
+    try:
+        return decode()
+    except KeyError as missing:
+        raise FlexMoEError(
+            f"a {kind} has no {missing} value; are both sides the same flexmoe?"
+        ) from None
+    except (TypeError, ValueError) as error:
+        raise FlexMoEError(f"a {kind} holds a malformed value ({error})") from None
