@@ -16,6 +16,7 @@ from flexmoe.data import (
     category_counts,
     load_dataset,
     load_instructions,
+    partition_examples,
 )
 from flexmoe.errors import FlexMoEError
 
@@ -170,7 +171,6 @@ def test_non_utf8_file(tmp_path):
     [
         ({"input": "x", "output": "y"}, "'instruction'"),
         ({"instruction": "x", "input": "y"}, "'output' or 'response'"),
-        ({"instruction": "x", "context": "y", "output": None}, "'output' or 'response'"),
     ],
 )
 def test_record_missing_fields_names_index_and_accepted_fields(tmp_path, record, missing):
@@ -190,3 +190,34 @@ def test_field_of_the_wrong_type(tmp_path):
     record = {"instruction": "x", "output": 5}
     message = error_message(write_jsonl(tmp_path / "d.jsonl", [record]))
     assert "record 0 of" in message and "'output' must be a string, not int" in message
+
+
+@pytest.mark.parametrize(
+    ("record", "phrase"),
+    [
+        ({"instruction": "Add.", "output": None}, "field 'output' is null"),
+        ({"instruction": "Add.", "output": "  "}, "field 'output' is empty"),
+        ({"instruction": "", "output": "2"}, "field 'instruction' is empty"),
+    ],
+)
+def test_null_and_empty_required_fields_are_named(tmp_path, record, phrase):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(FlexMoEError, match=phrase):
+        load_instructions(path)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"instruction": "Hi", "output": "Yo"}]).encode())
+    assert load_instructions(path)[0].output == "Yo"
+
+
+def test_iid_split_needs_no_category():
+    examples = [InstructionExample(f"q{i}", "", f"a{i}") for i in range(10)]
+    partition = partition_examples(examples, 3, "iid", seed=0)
+    indices = sorted(i for client in partition.client_indices for i in client)
+    assert indices == list(range(10)) and [len(c) for c in partition.client_indices] == [4, 3, 3]
+    assert partition.categories == ["uncategorised"]
+    with pytest.raises(FlexMoEError, match="use split iid"):
+        partition_examples(examples, 3, "pathological", seed=0)

@@ -164,8 +164,8 @@ def test_partition_examples_dispatches_by_scheme():
     assert pathological.client_indices == pathological_partition(examples, 4, 0).client_indices
     dirichlet = partition_examples(examples, 4, "dirichlet", seed=0, alpha=0.3)
     assert dirichlet.client_indices == dirichlet_partition(examples, 4, 0.3, 0).client_indices
-    with pytest.raises(FlexMoEError, match="unknown partition scheme 'iid'"):
-        partition_examples(examples, 4, "iid", seed=0)
+    with pytest.raises(FlexMoEError, match="unknown partition scheme 'random'"):
+        partition_examples(examples, 4, "random", seed=0)
     with pytest.raises(FlexMoEError, match="only supported by the pathological"):
         partition_examples(examples, 4, "dirichlet", seed=0, categories=["closed_qa"])
 

@@ -41,7 +41,7 @@ def assert_one_error_line(capsys, argv: list[str], phrase: str) -> None:
         ("--rounds", "2.9", "rounds must be a whole number"),
         ("--clients", "0", "clients must be at least 1"),
         ("--fraction-train", "0", "fraction-train must be in (0, 1]"),
-        ("--split", "iid", "split must be one of: pathological, dirichlet"),
+        ("--split", "random", "split must be one of: pathological, dirichlet, iid"),
         ("--min-lr", "0.5", "min-lr (0.5) must not exceed lr"),
     ],
 )

@@ -18,7 +18,7 @@ from flexmoe.methods import METHODS
 
 Scalar = str | int | float | bool
 # the partition schemes of flexmoe.data (a test keeps them equal; data imports torch, this not)
-SPLITS = ("pathological", "dirichlet")
+SPLITS = ("pathological", "dirichlet", "iid")
 Check = Callable[[Any], str | None]  # a problem with a value, or None when it is valid
 
 
@@ -63,7 +63,9 @@ class RunConfig:
         "flex", "FLEx, an ablation or a baseline (see Methods)", one_of(tuple(METHODS))
     )
     split: str = setting(
-        "pathological", "one category per client, or Dirichlet(alpha)", one_of(SPLITS)
+        "pathological",
+        "pathological (a category per client), dirichlet (alpha) or iid",
+        one_of(SPLITS),
     )
     alpha: float = setting(1.0, "Dirichlet concentration over categories", above(0))
     clients: int = setting(4, "federation size", at_least(1))

@@ -15,7 +15,8 @@ from flexmoe.data.records import InstructionExample
 from flexmoe.errors import FlexMoEError
 
 T = TypeVar("T")
-SCHEMES = ("pathological", "dirichlet")
+SCHEMES = ("pathological", "dirichlet", "iid")
+UNCATEGORISED = "uncategorised"
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,9 @@ class ClientData:
     test: list[InstructionExample]
 
     @property
-    def categories(self) -> list[str | None]:
+    def categories(self) -> list[str]:
         """Distinct categories in this client's data, sorted."""
-        return sorted({e.category for e in self.train + self.test}, key=lambda c: c or "")
+        return sorted({e.category or UNCATEGORISED for e in self.train + self.test})
 
 
 def partition_examples(
@@ -54,7 +55,11 @@ def partition_examples(
     alpha: float = 1.0,
     categories: Sequence[str] | None = None,
 ) -> Partition:
-    """Dispatch to `pathological_partition` or `dirichlet_partition` by name."""
+    """Dispatch to `pathological_partition`, `dirichlet_partition` or `iid_partition` by name."""
+    if scheme == "iid":
+        if categories is not None:
+            raise FlexMoEError("choosing categories is only supported by the pathological scheme")
+        return iid_partition(examples, num_clients, seed)
     if scheme == "pathological":
         return pathological_partition(examples, num_clients, seed, categories)
     if scheme == "dirichlet":
@@ -62,6 +67,16 @@ def partition_examples(
             raise FlexMoEError("choosing categories is only supported by the pathological scheme")
         return dirichlet_partition(examples, num_clients, alpha, seed)
     raise FlexMoEError(f"unknown partition scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+
+
+def iid_partition(examples: Sequence[InstructionExample], num_clients: int, seed: int) -> Partition:
+    """Shuffle the examples and deal them out in equal shares: no category needed."""
+    _check_enough_examples(len(examples), num_clients)
+    shuffled = np.random.default_rng(seed).permutation(len(examples))
+    client_indices = [part.tolist() for part in np.array_split(shuffled, num_clients)]
+    categories = sorted({e.category or UNCATEGORISED for e in examples})
+    proportions = np.full((len(categories), num_clients), 1 / num_clients)
+    return Partition(client_indices, categories, proportions)
 
 
 def pathological_partition(
@@ -166,7 +181,8 @@ def _labels(examples: Sequence[InstructionExample]) -> list[str]:
         if example.category is None:
             raise FlexMoEError(
                 f"example {index} has no category, but non-IID partitioning groups examples by "
-                "category; use data with a 'category' field (e.g. Dolly or Natural Instructions)"
+                "category; use split iid, or data with a 'category' field (e.g. Dolly or Natural "
+                "Instructions)"
             )
         labels.append(example.category)
     return labels

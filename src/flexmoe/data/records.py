@@ -70,7 +70,10 @@ def category_counts(examples: Iterable[InstructionExample]) -> dict[str | None, 
 def _text_field(
     record: Mapping[str, Any], names: Sequence[str], where: str, *, required: bool
 ) -> str:
-    """The first present, non-null field among `names`, as a string ("" if optional and absent)."""
+    """The first present, non-null field among `names`, as a string ("" if optional and absent).
+
+    A required field must hold some text: null or blank is refused, naming the field.
+    """
     for name in names:
         value = record.get(name)
         if value is None:
@@ -79,8 +82,13 @@ def _text_field(
             raise FlexMoEError(
                 f"{where}: field {name!r} must be a string, not {type(value).__name__}; {_fix()}"
             )
+        if required and not value.strip():
+            raise FlexMoEError(f"{where}: field {name!r} is empty; every example needs its text")
         return value
     if required:
+        null = [name for name in names if name in record]
+        if null:
+            raise FlexMoEError(f"{where}: field {null[0]!r} is null; every example needs its text")
         present = ", ".join(sorted(map(str, record))) or "none"
         raise FlexMoEError(
             f"{where} has no {' or '.join(map(repr, names))} field (fields present: {present}); "
@@ -95,7 +103,7 @@ def _fix() -> str:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark is not content
     except UnicodeDecodeError as error:
         raise FlexMoEError(
             f"{path} is not UTF-8 text ({error.reason}); re-save it as UTF-8"

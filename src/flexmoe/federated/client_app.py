@@ -56,7 +56,7 @@ def make_client_app(settings: RunConfig | None = None) -> ClientApp:
             n_test=len(data.test),
             rouge_l=scores.rouge_l,
             test_loss=scores.test_loss,
-            categories=[str(c) for c in data.categories],
+            categories=data.categories,
             diagnostics=scores.diagnostics,
         )
         return Message(reply.to_content(), reply_to=msg)
