@@ -366,3 +366,11 @@ def test_report_tabulates_held_out_perplexity_routing_and_flops(tmp_path):
         "0: [6]; 1: [1, 2]",
     ]
     assert not (tmp_path / "plots" / "from-an-older-report.png").exists()
+
+
+def test_results_are_strict_json(tmp_path):
+    results = fake_results("flex", 0, [10.0])
+    results.mean_ppl_increase = float("nan")
+    with pytest.raises(FlexMoEError, match="non-finite number; not written"):
+        write_results(tmp_path, results)
+    assert not list(tmp_path.iterdir())

@@ -268,3 +268,26 @@ def test_a_request_without_the_round_is_refused_clearly():
     message = Message(RecordDict({"config": ConfigRecord({"run-key": "r"})}), 1, "train")
     with pytest.raises(FlexMoEError, match="has no 'server-round' value"):
         RoundInstructions.from_message(message)
+
+
+def test_a_diverging_client_fails_its_round_and_saves_nothing(tmp_path, random_model, dolly_file):
+    from flexmoe.errors import FlexMoEError
+
+    config = settings(random_model, dolly_file, lr=1e30, min_lr=1e29, local_steps=3)
+    with pytest.raises(FlexMoEError, match=r"client 0, round 1: .*lower the learning rate"):
+        train_reply(config, tmp_path)
+    assert not list((tmp_path / "clients").rglob("personal.safetensors"))
+
+
+def test_the_server_refuses_non_finite_arrays():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from flexmoe.errors import FlexMoEError
+    from flexmoe.federated.federation import check_finite
+
+    good = np.zeros(3, dtype=np.float32)
+    check_finite(ArrayRecord({"a": Array(good)}), "an update", 1)
+    bad = ArrayRecord({"a": Array(good), "b": Array(np.array([1.0, np.nan], dtype=np.float32))})
+    with pytest.raises(FlexMoEError, match=r"round 2: an update holds non-finite values .* b\)"):
+        check_finite(bad, "an update", 2)

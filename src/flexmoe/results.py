@@ -257,7 +257,7 @@ class Checkpoint:
 
 
 def write_results(folder: Path, results: RunResults) -> Path:
-    return atomic_write_text(folder / RESULTS_FILE, json.dumps(to_plain(results), indent=2))
+    return _write_json(folder / RESULTS_FILE, results)
 
 
 def read_results(path: Path) -> RunResults:
@@ -266,7 +266,7 @@ def read_results(path: Path) -> RunResults:
 
 
 def write_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
-    return atomic_write_text(folder / CHECKPOINT_FILE, json.dumps(to_plain(checkpoint), indent=2))
+    return _write_json(folder / CHECKPOINT_FILE, checkpoint)
 
 
 def read_checkpoint(folder: Path) -> Checkpoint:
@@ -277,13 +277,22 @@ def read_checkpoint(folder: Path) -> Checkpoint:
 
 
 def write_rounds(folder: Path, history: list[RoundRecord]) -> Path:
-    return atomic_write_text(folder / ROUNDS_FILE, json.dumps(to_plain(history), indent=2))
+    return _write_json(folder / ROUNDS_FILE, history)
 
 
 def read_rounds(path: Path) -> list[RoundRecord]:
     """A rounds.json, or one error naming the file."""
     records = read_json(path, "give a folder of 'flexmoe run' outputs", kind=list)
     return [from_plain(RoundRecord, r, path) for r in records]
+
+
+def _write_json(path: Path, records: Any) -> Path:
+    """Strict JSON (no NaN or Infinity, which JSON does not have), written atomically."""
+    try:
+        text = json.dumps(to_plain(records), indent=2, allow_nan=False)
+    except ValueError:
+        raise FlexMoEError(f"{str(path)!r} would hold a non-finite number; not written") from None
+    return atomic_write_text(path, text)
 
 
 # --- records <-> JSON values ---

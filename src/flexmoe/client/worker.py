@@ -5,6 +5,7 @@ Core code: the Flower ClientApp only translates messages to and from these calls
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,9 +96,26 @@ class ClientWorker:
             anchor=global_shared if proximal_mu > 0 else None,
             proximal_mu=proximal_mu,
         )
+        self.check_finite(round_, losses, model)
         self.store.save(model, round_, include_shared=not self.method.federated)
         shared = model.shared_state_dict() if self.method.federated else {}
         return TrainResult(shared, len(self.data.train), sum(losses) / len(losses), lr, proximal_mu)
+
+    def check_finite(self, round_: int, losses: list[float], model: FlexModel) -> None:
+        """Refuse a round whose loss or trained parameters are not finite, before it is saved."""
+        if not all(math.isfinite(loss) for loss in losses):
+            raise FlexMoEError(
+                f"client {self.client_id}, round {round_}: the training loss became "
+                f"{next(x for x in losses if not math.isfinite(x))}; lower the learning rate"
+            )
+        trained = [n for n, p in model.model.named_parameters() if p.requires_grad]
+        parameters = dict(model.model.named_parameters())
+        broken = [n for n in trained if not torch.isfinite(parameters[n]).all()]
+        if broken:
+            raise FlexMoEError(
+                f"client {self.client_id}, round {round_}: {len(broken)} trained parameters "
+                f"hold non-finite values (e.g. {broken[0]}); lower the learning rate"
+            )
 
     def evaluate(self, round_: int, global_shared: State, detailed: bool = False) -> Evaluation:
         """ROUGE-L and test loss of the model this client would use after ``round_``.

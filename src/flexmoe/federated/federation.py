@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.federated.protocol import EvaluateReply, RoundInstructions, TrainReply
+from flexmoe.federated.protocol import ARRAYS, EvaluateReply, RoundInstructions, TrainReply
 from flexmoe.federated.records import state_to_arrays, wire_bytes
 from flexmoe.federated.strategies import make_strategy, restore_strategy_state, strategy_state
 from flexmoe.io import atomic_write
@@ -66,7 +66,10 @@ def run_federation(grid: Grid, config: RunConfig, out: Path, progress: bool = Tr
         messages = list(strategy.configure_train(round_, arrays, request, grid))
         replies = _replies(grid, messages)
         if method.federated:
+            for reply in replies:
+                check_finite(reply.content[ARRAYS], f"client {_client_of(reply)}'s update", round_)
             arrays, _ = strategy.aggregate_train(round_, replies)
+            check_finite(arrays, "the aggregated parameters", round_)
         record = _round_record(round_, messages, replies, round_started)
         if config.eval_every and round_ % config.eval_every == 0 and round_ < config.rounds:
             scores = evaluate_clients(grid, strategy, arrays, config, out, round_)
@@ -213,6 +216,20 @@ def _round_record(
         wall_s=round(time.perf_counter() - started, 2),
         clients=clients,
     )
+
+
+def check_finite(arrays: ArrayRecord, what: str, round_: int) -> None:
+    """Refuse to aggregate, or keep, parameters that are not finite."""
+    broken = [name for name, array in arrays.items() if not np.isfinite(array.numpy()).all()]
+    if broken:
+        raise FlexMoEError(
+            f"round {round_}: {what} holds non-finite values ({len(broken)} arrays, e.g. "
+            f"{broken[0]}); nothing was aggregated or saved"
+        )
+
+
+def _client_of(reply: Message) -> int:
+    return TrainReply.from_message(reply).client_id
 
 
 def _random_state() -> list:
