@@ -41,7 +41,7 @@ def client_reply(config: RunConfig, out, client: int, arrays, proximal_mu: float
 
     ``proximal_mu`` is what the FedProx strategy adds to the request (0: another strategy).
     """
-    record = round_instructions(out, 1).to_record()
+    record = round_instructions(out, "test-run", 1).to_record()
     record.update({SERVER_ROUND: 1, PROXIMAL_MU: proximal_mu})  # as FedProx's strategy does
     content = RecordDict({ARRAYS: arrays, CONFIG: record})
     message = Message(content, dst_node_id=client + 1, message_type="train")
@@ -226,7 +226,7 @@ def test_only_fedprox_clients_train_with_a_proximal_term(
     arrays = initial_arrays(config, get_method(method))
     strategy = make_strategy(get_method(method), config)
     requests = strategy.configure_train(
-        1, arrays, round_instructions(tmp_path, 1).to_record(), Nodes(config.clients)
+        1, arrays, round_instructions(tmp_path, "test-run", 1).to_record(), Nodes(config.clients)
     )
     request = next(r for r in requests if r.metadata.dst_node_id == 1)
     node = NodeConfig(0, config.clients).to_flat()

@@ -1,5 +1,7 @@
 """Whole runs on Flower's simulation engine (Ray): results, checkpoints, resume, traffic."""
 
+import shutil
+
 import pytest
 from safetensors.numpy import load_file
 
@@ -42,16 +44,22 @@ def run(out, *extra) -> RunResults:
 def test_resumed_run_equals_uninterrupted_run(tmp_path, dolly_file, random_model):
     common = ["--model", str(random_model), "--data", str(dolly_file)]
     straight = run(tmp_path / "straight", *common, "--rounds", "2", "--eval-every", "1")
-    run(tmp_path / "resumed", *common, "--rounds", "1")
+    run(tmp_path / "first", *common, "--rounds", "1")
+    # a run folder moved elsewhere resumes as itself: its clients' state travels with it
+    shutil.copytree(tmp_path / "first", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "first")
     resumed = run(tmp_path / "resumed", "--resume", str(tmp_path / "resumed"), "--rounds", "2")
     assert resumed.rounds == straight.rounds == 2
     assert resumed.mean_rouge_l == straight.mean_rouge_l
     assert resumed.mean_test_loss == pytest.approx(straight.mean_test_loss, abs=1e-6)
-    # downlink carries the run's folder name, which differs here; uplink must not differ at all
+    # downlink carries the state folder's path, which differs here; uplink must not differ at all
     assert resumed.comm.bytes_up == straight.comm.bytes_up
     assert [c.rouge_l for c in resumed.clients] == [c.rouge_l for c in straight.clients]
     saved = read_checkpoint(tmp_path / "resumed")
     assert saved.round == 2 and len(saved.history) == 2
+    states = tmp_path / "resumed" / "clients" / saved.run_id
+    assert sorted(p.name for p in (states / "client-0").iterdir()) == ["round-0001", "round-0002"]
+    assert not list((tmp_path / "resumed").glob("**/.*"))  # no lock or temporary file left
     assert [p.round for p in straight.rouge_per_round] == [1, 2]
     assert straight.flops_ratio > 1 and straight.mean_ppl_increase > -1
     for client in straight.clients:

@@ -241,6 +241,7 @@ def _with_traffic(client: ClientResult, history: list[RoundRecord]) -> ClientRes
 class Checkpoint:
     """What the server saves after every round, besides the arrays under ``checkpoints/``."""
 
+    run_id: str  # made when the run starts; names its clients' personal state
     config: dict[str, Any]  # the RunConfig
     round: int = 0
     history: list[RoundRecord] = field(default_factory=list)

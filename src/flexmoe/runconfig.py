@@ -132,6 +132,11 @@ class RunConfig:
             changes[name] = _parsed(name, known[name], value)
         return replace(self, **changes)
 
+    def differences(self, other: RunConfig) -> dict[str, tuple[Scalar, Scalar]]:
+        """``{setting: (mine, other's)}`` for every setting in which the two differ."""
+        mine, theirs = asdict(self), asdict(other)
+        return {option_name(k): (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+
     def to_flat(self) -> dict[str, Scalar]:
         """Kebab-case keys, as Flower run configs and ConfigRecords carry them."""
         return {option_name(k): v for k, v in asdict(self).items()}

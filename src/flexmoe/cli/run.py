@@ -75,18 +75,19 @@ def run_run(args: argparse.Namespace) -> None:
     print(
         f"flexmoe run: {config.method}, {config.clients} clients, {config.rounds} rounds -> {out}"
     )
-    print(results_table(simulate(config, out)))
+    print(results_table(simulate(config, out, resume=args.resume is not None)))
     print(f"results written to {out / RESULTS_FILE}")
 
 
 def run_deploy_local(args: argparse.Namespace) -> None:
     """Run the app on a local TLS deployment of Flower and print its results."""
     from flexmoe.federated.deploy import deploy_local, find_app_dir
-    from flexmoe.federated.simulation import check_run
+    from flexmoe.federated.simulation import check_out, check_run
     from flexmoe.results import read_results
 
     config = settings(args).updated({"clients": args.supernodes})
     out = (args.out or default_out(config, "deploy-")).resolve()
+    check_out(out, config, resume=False)
     check_run(config)
     print(f"flexmoe deploy-local: {args.supernodes} SuperNodes over TLS -> {out}")
     deploy_local(find_app_dir(), args.supernodes, out, config.to_flat(), args.timeout)

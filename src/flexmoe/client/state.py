@@ -37,13 +37,18 @@ class StateStore:
         return self.root / f"round-{round_:04d}"
 
     def save(self, model: FlexModel, round_: int, include_shared: bool) -> Path:
-        """Write ``model``'s personal state for ``round_``, then prune older rounds."""
+        """Write ``model``'s personal state for ``round_``, then prune the rounds before it.
+
+        Only earlier rounds are pruned: a later round left by an interrupted attempt is never
+        read (a round starts from the latest *earlier* one) and is overwritten when redone.
+        """
         final = self.folder(round_)
         staging = self.root / f".{final.name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging, include_shared=include_shared)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        for old in self.rounds()[: -self.keep]:
+        earlier = [r for r in self.rounds() if r < round_]
+        for old in earlier[: len(earlier) - (self.keep - 1)]:
             shutil.rmtree(self.folder(old), ignore_errors=True)
         return final

@@ -8,6 +8,7 @@ the round number, the per-round history and the random state under ``OUT/checkpo
 from __future__ import annotations
 
 import random
+import secrets
 import statistics
 import time
 from collections.abc import Iterable
@@ -26,7 +27,7 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.federated.protocol import ARRAYS, EvaluateReply, RoundInstructions, TrainReply
 from flexmoe.federated.records import state_to_arrays, wire_bytes
 from flexmoe.federated.strategies import make_strategy, restore_strategy_state, strategy_state
-from flexmoe.io import atomic_write
+from flexmoe.io import atomic_write, folder_lock
 from flexmoe.loading import load_model
 from flexmoe.methods import Method, get_method
 from flexmoe.model import FlexConfig, FlexModel
@@ -34,6 +35,7 @@ from flexmoe.results import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
     CLIENTS_DIR,
+    RESULTS_FILE,
     Checkpoint,
     ClientResult,
     ClientRound,
@@ -49,40 +51,98 @@ from flexmoe.runconfig import RunConfig
 KEEP_CHECKPOINTS = 2
 
 
-def run_federation(grid: Grid, config: RunConfig, out: Path, progress: bool = True) -> RunResults:
-    """Run (or resume) ``config.rounds`` rounds on ``grid``, evaluate, and write the results."""
-    method = get_method(config.method)
-    strategy = make_strategy(method, config)
-    state, arrays = load_checkpoint(out, strategy)
-    if state is None:
-        state, arrays = Checkpoint(config=asdict(config)), initial_arrays(config, method)
-    wait_for_clients(grid, config.clients)
-    session_started, wall_before = time.perf_counter(), state.wall_s
-    rounds = range(state.round + 1, config.rounds + 1)
-    for round_ in tqdm(rounds, desc=f"{config.method} rounds", disable=not progress):
-        round_started = time.perf_counter()
-        random.seed(config.seed * 1_000 + round_)  # node sampling, when fraction-train < 1
-        request = round_instructions(out, round_).to_record()
-        messages = list(strategy.configure_train(round_, arrays, request, grid))
-        replies = _replies(grid, messages)
-        if method.federated:
-            for reply in replies:
-                check_finite(reply.content[ARRAYS], f"client {_client_of(reply)}'s update", round_)
-            arrays, _ = strategy.aggregate_train(round_, replies)
-            check_finite(arrays, "the aggregated parameters", round_)
-        record = _round_record(round_, messages, replies, round_started)
-        if config.eval_every and round_ % config.eval_every == 0 and round_ < config.rounds:
-            scores = evaluate_clients(grid, strategy, arrays, config, out, round_)
-            record.mean_rouge_l = statistics.fmean(c.rouge_l for c in scores)
-        state.history.append(record)
-        state.round, state.random_state = round_, _random_state()
+def run_federation(
+    grid: Grid, config: RunConfig, out: Path, progress: bool = True, resume: bool = True
+) -> RunResults:
+    """Run ``config.rounds`` rounds on ``grid``, evaluate, and write the results to ``out``.
+
+    ``out`` belongs to one run at a time (a lock file holds it). A folder holding a run is
+    continued when ``resume`` is set and its settings agree (except the number of rounds), and
+    refused otherwise.
+    """
+    with folder_lock(out):
+        method = get_method(config.method)
+        strategy = make_strategy(method, config)
+        state, arrays = start_or_resume(out, config, method, strategy, resume)
+        wait_for_clients(grid, config.clients)
+        session_started, wall_before = time.perf_counter(), state.wall_s
+        rounds = range(state.round + 1, config.rounds + 1)
+        for round_ in tqdm(rounds, desc=f"{config.method} rounds", disable=not progress):
+            round_started = time.perf_counter()
+            random.seed(config.seed * 1_000 + round_)  # node sampling, when fraction-train < 1
+            request = round_instructions(out, state.run_id, round_).to_record()
+            messages = list(strategy.configure_train(round_, arrays, request, grid))
+            replies = _replies(grid, messages)
+            if method.federated:
+                arrays = aggregate(strategy, round_, replies)
+            record = _round_record(round_, messages, replies, round_started)
+            if config.eval_every and round_ % config.eval_every == 0 and round_ < config.rounds:
+                scores = evaluate_clients(grid, strategy, arrays, out, state.run_id, round_)
+                record.mean_rouge_l = statistics.fmean(c.rouge_l for c in scores)
+            state.history.append(record)
+            state.round, state.random_state = round_, _random_state()
+            state.wall_s = wall_before + time.perf_counter() - session_started
+            save_checkpoint(out, state, arrays, strategy)
+        evaluation = evaluate_clients(
+            grid, strategy, arrays, out, state.run_id, state.round, detailed=True
+        )
         state.wall_s = wall_before + time.perf_counter() - session_started
-        save_checkpoint(out, state, arrays, strategy)
-    evaluation = evaluate_clients(grid, strategy, arrays, config, out, state.round, detailed=True)
-    state.wall_s = wall_before + time.perf_counter() - session_started
-    results = RunResults.summarise(state.config, state.history, evaluation, state.wall_s)
-    write_results(out, results)
-    return results
+        results = RunResults.summarise(state.config, state.history, evaluation, state.wall_s)
+        write_results(out, results)
+        return results
+
+
+def start_or_resume(
+    out: Path, config: RunConfig, method: Method, strategy: FedAvg, resume: bool
+) -> tuple[Checkpoint, ArrayRecord]:
+    """The saved state of the run in ``out``, or a new run's, saved at once as round 0."""
+    if (out / CHECKPOINT_FILE).is_file():
+        if not resume:
+            raise FlexMoEError(f"{describe_run(out)}; continue it with --resume {out}")
+        check_resumable(out, config)
+        state, arrays = load_checkpoint(out, strategy)
+        state.config = asdict(config)  # the same settings, but for the number of rounds
+        return state, arrays
+    if (out / RESULTS_FILE).is_file():
+        raise FlexMoEError(f"{out} holds the results of an earlier run; give another --out")
+    state = Checkpoint(run_id=secrets.token_hex(8), config=asdict(config))
+    arrays = initial_arrays(config, method)
+    save_checkpoint(out, state, arrays, strategy)
+    return state, arrays
+
+
+def check_resumable(out: Path, config: RunConfig) -> None:
+    """Refuse to continue the run in ``out`` with other settings (the rounds may change)."""
+    saved = read_run_config(out)
+    changed = [
+        f"{name} {before!r} -> {after!r}"
+        for name, (before, after) in saved.differences(config).items()
+        if name != "rounds"
+    ]
+    if changed:
+        raise FlexMoEError(
+            f"{describe_run(out)} with other settings ({'; '.join(changed)}); resume it "
+            "with its own settings (only --rounds may change) or start a run in another folder"
+        )
+
+
+def describe_run(out: Path) -> str:
+    """``OUT holds run ID (round k of n)``, from its checkpoint."""
+    state = read_checkpoint(out)
+    return (
+        f"{out} holds run {state.run_id} (round {state.round} of {state.config['rounds']}, "
+        f"method {state.config['method']})"
+    )
+
+
+def aggregate(strategy: FedAvg, round_: int, replies: list[Message]) -> ArrayRecord:
+    """The strategy's aggregate of the replies' updates, each checked to be finite first."""
+    for reply in replies:
+        client = TrainReply.from_message(reply).client_id
+        check_finite(reply.content[ARRAYS], f"client {client}'s update", round_)
+    arrays, _ = strategy.aggregate_train(round_, replies)
+    check_finite(arrays, "the aggregated parameters", round_)
+    return arrays
 
 
 def wait_for_clients(grid: Grid, count: int, timeout_s: float = 600.0) -> None:
@@ -112,13 +172,13 @@ def evaluate_clients(
     grid: Grid,
     strategy: FedAvg,
     arrays: ArrayRecord,
-    config: RunConfig,
     out: Path,
+    run_id: str,
     round_: int,
     detailed: bool = False,
 ) -> list[ClientResult]:
     """Every client scores the model it would use, on its own test split."""
-    request = round_instructions(out, round_, detailed).to_record()
+    request = round_instructions(out, run_id, round_, detailed).to_record()
     messages = strategy.configure_evaluate(round_, arrays, request, grid)
     clients = []
     for message in _replies(grid, list(messages)):
@@ -168,11 +228,17 @@ def read_run_config(out: Path) -> RunConfig:
     return RunConfig().updated(read_checkpoint(out).config)
 
 
-def round_instructions(out: Path, round_: int, detailed: bool = False) -> RoundInstructions:
-    """What every client is asked in ``round_`` (the strategy adds its own values)."""
+def round_instructions(
+    out: Path, run_id: str, round_: int, detailed: bool = False
+) -> RoundInstructions:
+    """What every client is asked in ``round_`` (the strategy adds its own values).
+
+    Personal state is kept under the run's id, not the folder's name, so a run folder that is
+    copied or moved resumes with its own clients' state.
+    """
     return RoundInstructions(
         server_round=round_,
-        run_key=out.resolve().name,
+        run_key=run_id,
         state_root=str((out / CLIENTS_DIR).resolve()),
         detailed=detailed,
     )
@@ -226,10 +292,6 @@ def check_finite(arrays: ArrayRecord, what: str, round_: int) -> None:
             f"round {round_}: {what} holds non-finite values ({len(broken)} arrays, e.g. "
             f"{broken[0]}); nothing was aggregated or saved"
         )
-
-
-def _client_of(reply: Message) -> int:
-    return TrainReply.from_message(reply).client_id
 
 
 def _random_state() -> list:

@@ -13,16 +13,22 @@ from flwr.simulation import run_simulation
 from flexmoe.client import client_datasets
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.client_app import make_client_app
-from flexmoe.federated.federation import run_federation
+from flexmoe.federated.federation import check_resumable, describe_run, run_federation
 from flexmoe.loading import load_model
 from flexmoe.methods import get_method
 from flexmoe.moe import find_moe_blocks
-from flexmoe.results import RESULTS_FILE, RunResults, read_results
+from flexmoe.results import CHECKPOINT_FILE, RESULTS_FILE, RunResults, read_results
 from flexmoe.runconfig import RunConfig
 
 
-def simulate(config: RunConfig, out: Path, progress: bool = True) -> RunResults:
-    """Run ``config`` on ``config.clients`` simulated SuperNodes; returns the results."""
+def simulate(
+    config: RunConfig, out: Path, progress: bool = True, resume: bool = False
+) -> RunResults:
+    """Run ``config`` on ``config.clients`` simulated SuperNodes; returns the results.
+
+    ``resume`` continues the run saved in ``out``; without it a folder holding a run is refused.
+    """
+    check_out(out, config, resume)
     check_run(config)
     out.mkdir(parents=True, exist_ok=True)
     failures: list[BaseException] = []
@@ -31,7 +37,7 @@ def simulate(config: RunConfig, out: Path, progress: bool = True) -> RunResults:
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_federation(grid, config, out, progress)
+            run_federation(grid, config, out, progress, resume)
         except BaseException as error:  # re-raised below, outside Flower's runtime
             failures.append(error)
 
@@ -51,6 +57,18 @@ def simulate(config: RunConfig, out: Path, progress: bool = True) -> RunResults:
     if not results.is_file():
         raise FlexMoEError(f"the run ended without writing {results}; see the log above")
     return read_results(results)
+
+
+def check_out(out: Path, config: RunConfig, resume: bool) -> None:
+    """Refuse, before anything starts, an output folder that holds another run or its results."""
+    if (out / CHECKPOINT_FILE).is_file():
+        if not resume:
+            raise FlexMoEError(f"{describe_run(out)}; continue it with --resume {out}")
+        check_resumable(out, config)
+    elif resume:
+        raise FlexMoEError(f"{out} holds no run to resume; give the output folder of a run")
+    elif (out / RESULTS_FILE).is_file():
+        raise FlexMoEError(f"{out} holds the results of an earlier run; give another --out")
 
 
 def check_run(config: RunConfig) -> None:

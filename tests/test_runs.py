@@ -1,0 +1,89 @@
+"""A run owns its output folder: one run at a time, no silent reuse, resumable only as itself."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+
+from flexmoe.cli import main
+from flexmoe.client.state import StateStore
+from flexmoe.errors import FlexMoEError
+from flexmoe.federated.simulation import check_out
+from flexmoe.io import LOCK_FILE, folder_lock
+from flexmoe.results import Checkpoint, write_checkpoint
+from flexmoe.runconfig import RunConfig
+
+
+def saved_run(folder, **settings) -> RunConfig:
+    """A folder holding run 'abc' at round 1 of ``settings``."""
+    config = RunConfig(**settings)
+    write_checkpoint(folder, Checkpoint(run_id="abc", config=asdict(config), round=1))
+    return config
+
+
+def test_a_folder_holding_a_run_is_not_reused_without_resume(tmp_path, capsys):
+    saved_run(tmp_path, rounds=3)
+    assert main(["run", "--out", str(tmp_path), "--method", "fedavg"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds run abc (round 1 of 3, method flex)" in err
+    assert f"continue it with --resume {tmp_path}" in err
+
+
+def test_resume_refuses_other_settings_but_may_change_the_rounds(tmp_path, capsys):
+    config = saved_run(tmp_path, rounds=3)
+    check_out(tmp_path, config.updated({"rounds": 5}), resume=True)
+    assert main(["run", "--resume", str(tmp_path), "--lr", "0.5", "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (lr 0.001 -> 0.5; seed 0 -> 3)" in err
+
+
+def test_finished_results_without_a_checkpoint_are_not_overwritten(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(FlexMoEError, match="holds the results of an earlier run"):
+        check_out(tmp_path, RunConfig(), resume=False)
+    with pytest.raises(FlexMoEError, match="holds no run to resume"):
+        check_out(tmp_path / "empty", RunConfig(), resume=True)
+
+
+def test_a_held_folder_is_refused_and_released_after(tmp_path):
+    with folder_lock(tmp_path):
+        holder = json.loads((tmp_path / LOCK_FILE).read_text())
+        assert holder["pid"] == os.getpid()
+        with (
+            pytest.raises(FlexMoEError, match=f"in use by process {os.getpid()}"),
+            folder_lock(tmp_path),
+        ):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_lock_whose_process_is_gone_is_taken_over(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    lock = tmp_path / LOCK_FILE
+    lock.write_text(json.dumps({"pid": int(gone.stdout), "host": os.uname().nodename}))
+    with folder_lock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    lock.write_text(json.dumps({"pid": 1, "host": "another-host"}))
+    with pytest.raises(FlexMoEError, match="on another-host"), folder_lock(tmp_path):
+        pass
+
+
+class Saved:
+    """Stands in for a FlexModel: save_pretrained writes a marker file."""
+
+    def save_pretrained(self, folder, include_shared=False):
+        folder.mkdir(parents=True)
+        (folder / "personal.safetensors").write_text("x")
+
+
+def test_pruning_removes_only_earlier_rounds_of_this_store(tmp_path):
+    store = StateStore(tmp_path)
+    for round_ in (7, 1, 2, 3):  # round 7: left by an interrupted attempt
+        store.save(Saved(), round_, include_shared=False)
+    assert store.rounds() == [2, 3, 7]
+    assert store.latest(before=4) == tmp_path / "round-0003"
+    assert not list(tmp_path.glob(".*"))
