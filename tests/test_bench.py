@@ -18,6 +18,7 @@ from flexmoe.cli import main
 from flexmoe.errors import FlexMoEError
 from flexmoe.methods import METHODS
 from flexmoe.results import (
+    Checkpoint,
     ClientResult,
     Knowledge,
     LayerRouting,
@@ -28,6 +29,7 @@ from flexmoe.results import (
     RunResults,
     Traffic,
     to_plain,
+    write_checkpoint,
     write_results,
     write_rounds,
 )
@@ -374,3 +376,14 @@ def test_results_are_strict_json(tmp_path):
     with pytest.raises(FlexMoEError, match="non-finite number; not written"):
         write_results(tmp_path, results)
     assert not list(tmp_path.iterdir())
+
+
+def test_an_interrupted_cell_is_resumed_with_its_own_settings(tmp_path):
+    from flexmoe.benchmark.runner import flexmoe_command
+
+    cell = select(MATRICES["smoke"], ["flex"], [0]).cells()[0]
+    assert flexmoe_command(cell, tmp_path)[3:6] == ["run", "--out", str(tmp_path)]
+    write_checkpoint(tmp_path, Checkpoint(run_id="r", config=asdict(cell.config())))
+    command = flexmoe_command(cell, tmp_path)
+    assert command[3:6] == ["run", "--resume", str(tmp_path)]
+    assert command[6:] == cell.arguments()

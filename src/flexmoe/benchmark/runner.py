@@ -13,15 +13,17 @@ from pathlib import Path
 
 from flexmoe.benchmark.matrix import Cell
 from flexmoe.errors import FlexMoEError
-from flexmoe.results import RESULTS_FILE, RunResults, read_results
+from flexmoe.results import CHECKPOINT_FILE, RESULTS_FILE, RunResults, read_results
 from flexmoe.runconfig import field_name
 
 CommandBuilder = Callable[[Cell, Path], list[str]]
 
 
 def flexmoe_command(cell: Cell, out: Path) -> list[str]:
-    """``flexmoe run`` for ``cell`` in this interpreter (it resumes from a checkpoint in out)."""
-    return [sys.executable, "-m", "flexmoe", "run", "--out", str(out), *cell.arguments()]
+    """``flexmoe run`` for ``cell`` in this interpreter; a cell interrupted earlier (its
+    checkpoint is there) is resumed, with the same settings."""
+    folder = ["--resume" if (out / CHECKPOINT_FILE).is_file() else "--out", str(out)]
+    return [sys.executable, "-m", "flexmoe", "run", *folder, *cell.arguments()]
 
 
 @dataclass(frozen=True)
