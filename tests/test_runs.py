@@ -6,7 +6,9 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from flexmoe.cli import main
 from flexmoe.client.state import StateStore
@@ -21,6 +23,11 @@ def saved_run(folder, **settings) -> RunConfig:
     """A folder holding run 'abc' at round 1 of ``settings``."""
     config = RunConfig(**settings)
     write_checkpoint(folder, Checkpoint(run_id="abc", config=asdict(config), round=1))
+    (folder / "checkpoints").mkdir()
+    for kind in ("shared", "strategy"):
+        save_file(
+            {"w": np.zeros(2)}, str(folder / "checkpoints" / f"{kind}-round-0001.safetensors")
+        )
     return config
 
 

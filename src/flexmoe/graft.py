@@ -123,6 +123,7 @@ def apply_grafts(model: nn.Module, grafts: Sequence[LayerGraft], gate_bias: floa
         view = views.get(graft.layer)
         if view is None:
             raise FlexMoEError(f"layer {graft.layer} has no MoE block to graft onto")
+        _check_in_range(graft, view)
         parent_path, _, attr = view.path.rpartition(".")
         parent = model.get_submodule(parent_path)
         if isinstance(parent, GraftedMoEBlock):
@@ -133,6 +134,21 @@ def apply_grafts(model: nn.Module, grafts: Sequence[LayerGraft], gate_bias: floa
         ]
         gates = [_gate_from_router(view, e, gate_bias) for e in graft.source_experts]
         setattr(parent, attr, GraftedMoEBlock(view.block, experts, gates))
+
+
+def _check_in_range(graft: LayerGraft, view: MoEBlockView) -> None:
+    if len(graft.source_experts) != len(graft.neurons):
+        raise FlexMoEError(f"layer {graft.layer} lists a different number of experts and neurons")
+    for expert, neurons in zip(graft.source_experts, graft.neurons, strict=True):
+        if not 0 <= expert < view.num_experts:
+            raise FlexMoEError(
+                f"layer {graft.layer} has experts 0..{view.num_experts - 1}, not {expert}"
+            )
+        if not neurons or not all(0 <= n < view.intermediate_size for n in neurons):
+            raise FlexMoEError(
+                f"layer {graft.layer}: expert {expert}'s kept neurons must be in "
+                f"0..{view.intermediate_size - 1}"
+            )
 
 
 @torch.no_grad()

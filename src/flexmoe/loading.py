@@ -17,6 +17,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from flexmoe.errors import FlexMoEError
 
 TINY = "tiny"
+FINGERPRINT_SAMPLE = 1024  # values hashed per parameter
 
 
 def quiet_transformers() -> None:
@@ -71,21 +72,33 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
 
 @contextlib.contextmanager
 def _loading(path: Path) -> Iterator[None]:
-    """Turn transformers' loading failures into one clear error."""
+    """Turn any failure to load the files in ``path`` into one error naming the folder.
+
+    Damaged weights or config fail in many ways deep inside transformers, safetensors or torch
+    (a truncated file, a wrong type, a missing key, shapes that do not fit): all of them mean
+    the folder does not hold a loadable model.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
-    except (OSError, ValueError, KeyError) as error:
-        raise FlexMoEError(f"cannot load a causal LM from {str(path)!r}: {error}") from None
+    except Exception as error:  # the boundary between the user's files and the libraries
+        reason = " ".join(str(error).split())  # one line, however the library wrote it
+        raise FlexMoEError(f"cannot load a causal LM from {str(path)!r}: {reason}") from None
 
 
 @torch.no_grad()
 def fingerprint(model: nn.Module) -> str:
-    """A short hash telling base models apart: parameter names and shapes, and router weights."""
+    """A short hash telling base models apart, over every parameter: its name, shape and a
+    strided sample of its values.
+
+    The sample is rounded to bfloat16 first, so the same base held in float32 or bfloat16, on
+    any device, has the same fingerprint.
+    """
     digest = hashlib.sha256(getattr(model.config, "model_type", "").encode())
     for name, parameter in model.named_parameters():
+        flat = parameter.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLE)][:FINGERPRINT_SAMPLE]
         digest.update(f"{name}:{tuple(parameter.shape)}".encode())
-        if name.endswith(("gate.weight", "router.weight")) or "embed_tokens" in name:
-            digest.update(parameter.detach().flatten()[:4096].float().numpy().tobytes())
+        digest.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -36,6 +37,7 @@ from flexmoe.sharing import SharedConfig
 CONFIG_NAME = "flexmoe_config.json"
 PERSONAL_WEIGHTS = "personal.safetensors"
 SHARED_WEIGHTS = "shared.safetensors"
+GRAFT_PLAN_KEY = "flexmoe_grafts"  # personal weights' metadata: [layer, experts, sizes] each
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,9 @@ class FlexModel(nn.Module):
         """Write personal weights (and, if asked, shared ones) plus the config, atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _save_tensors(self.personal_state_dict(), directory / PERSONAL_WEIGHTS)
+        _save_tensors(
+            self.personal_state_dict(), directory / PERSONAL_WEIGHTS, _plan_of(self.grafts)
+        )
         if include_shared:
             _save_tensors(self.shared_state_dict(), directory / SHARED_WEIGHTS)
         atomic_write_text(directory / CONFIG_NAME, json.dumps(self._config_dict(), indent=2))
@@ -136,20 +140,31 @@ class FlexModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base: nn.Module, directory: str | Path) -> FlexModel:
-        """Put a saved personal state (and shared state, if saved) back onto ``base``."""
+        """Put a saved personal state (and shared state, if saved) back onto ``base``.
+
+        A damaged or inconsistent adapter is one error naming its file: a config that does not
+        parse, weights that do not load, a base other than the one it was made for, or grafts
+        that disagree with the plan its weights were saved with.
+        """
         directory = Path(directory)
         saved = _read_config(directory)
-        if fingerprint(base) != saved["base_model"]["fingerprint"]:
+        personal, metadata = _load_tensors(directory / PERSONAL_WEIGHTS)
+        if fingerprint(base) != saved.fingerprint:
             raise FlexMoEError(
                 f"the adapter in {str(directory)!r} was made for base model "
-                f"{saved['base_model']['name_or_path']!r}, not for this one; "
-                "load it onto that base model"
+                f"{saved.base_name!r}, not for this one; load it onto that base model"
             )
-        grafts = [LayerGraft.from_dict(g) for g in saved["grafts"]]
-        model = cls(base, grafts, FlexConfig.from_dict(saved["config"]))
-        model.load_state_of(Role.PERSONAL, load_file(directory / PERSONAL_WEIGHTS))
+        plan = _plan_of(saved.grafts)
+        if metadata.get(GRAFT_PLAN_KEY, plan) != plan:
+            raise FlexMoEError(
+                f"{str(directory / CONFIG_NAME)!r} names grafts {plan} but its weights were "
+                f"saved for {metadata[GRAFT_PLAN_KEY]}; the config was edited or belongs to "
+                "other weights"
+            )
+        model = cls(base, saved.grafts, saved.config)
+        model.load_state_of(Role.PERSONAL, personal)
         if (directory / SHARED_WEIGHTS).is_file():
-            model.load_state_of(Role.SHARED, load_file(directory / SHARED_WEIGHTS))
+            model.load_state_of(Role.SHARED, _load_tensors(directory / SHARED_WEIGHTS)[0])
         return model
 
     def _config_dict(self) -> dict:
@@ -168,11 +183,54 @@ class FlexModel(nn.Module):
         }
 
 
-def _read_config(directory: Path) -> dict:
-    missing = "give a folder written by 'flexmoe graft' or FlexModel.save_pretrained"
-    return read_json(directory / CONFIG_NAME, missing)
+@dataclass(frozen=True)
+class SavedAdapter:
+    """An adapter's config as read from its ``flexmoe_config.json``."""
+
+    fingerprint: str
+    base_name: str
+    grafts: list[LayerGraft]
+    config: FlexConfig
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _read_config(directory: Path) -> SavedAdapter:
+    path = directory / CONFIG_NAME
+    saved = read_json(path, "give a folder written by 'flexmoe graft' or FlexModel.save_pretrained")
+    try:
+        base = saved["base_model"]
+        return SavedAdapter(
+            fingerprint=str(base["fingerprint"]),
+            base_name=str(base.get("name_or_path", "")),
+            grafts=[LayerGraft.from_dict(g) for g in saved["grafts"]],
+            config=FlexConfig.from_dict(saved["config"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise FlexMoEError(
+            f"{str(path)!r} is not a valid adapter config ({type(error).__name__}: {error}); "
+            "make the adapter again"
+        ) from None
+
+
+def _plan_of(grafts: Sequence[LayerGraft]) -> str:
+    """Which experts are grafted where, saved with the weights to check the config by."""
+    return json.dumps([[g.layer, list(g.source_experts), g.intermediate_sizes] for g in grafts])
+
+
+def _save_tensors(
+    tensors: dict[str, torch.Tensor], path: Path, graft_plan: str | None = None
+) -> None:
     contiguous = {name: t.detach().contiguous() for name, t in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp)))
+    metadata = None if graft_plan is None else {GRAFT_PLAN_KEY: graft_plan}
+    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+
+
+def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata, or one error naming the damaged file."""
+    if not path.is_file():
+        raise FlexMoEError(f"{str(path)!r} is missing; the adapter is incomplete, make it again")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(path), metadata
+    except (SafetensorError, OSError, ValueError) as error:
+        raise FlexMoEError(f"{str(path)!r} is damaged ({error}); make the adapter again") from None

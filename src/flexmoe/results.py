@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import statistics
+import types
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_write_text, read_json
@@ -333,15 +334,29 @@ def from_plain(cls: type[Record], data: Any, source: Path | str) -> Record:
 
 
 def _typed(hint: Any, value: Any, source: Path | str) -> Any:
-    """``value`` as the record type ``hint`` names (a record, an optional one, or a list)."""
+    """``value`` as the type ``hint`` names (a record, a list of them, a number, text, an
+    optional one of these), or one error naming ``source`` when it is not one."""
+    options = [t for t in get_args(hint) if t is not type(None)] if _is_union(hint) else [hint]
     if value is None:
-        return None
-    if get_origin(hint) is list:
-        item = get_args(hint)[0]
-        if not is_dataclass(item):
-            return value
-        if not isinstance(value, list):
-            raise FlexMoEError(f"{str(source)!r}: expected a list of {item.__name__} records")
-        return [from_plain(item, v, source) for v in value]
-    records = [t for t in (hint, *get_args(hint)) if is_dataclass(t)]
-    return from_plain(records[0], value, source) if records else value
+        if len(options) < len(get_args(hint)):  # None is allowed
+            return None
+        raise FlexMoEError(f"{str(source)!r} is damaged: a value is null where none may be")
+    kind = options[0]
+    if is_dataclass(kind):
+        return from_plain(kind, value, source)
+    origin = get_origin(kind) or kind
+    if origin is list and isinstance(value, list):
+        item = get_args(kind)[0] if get_args(kind) else Any
+        return [from_plain(item, v, source) for v in value] if is_dataclass(item) else value
+    if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if origin is Any or (isinstance(value, origin) and not isinstance(value, bool)):
+        return value
+    raise FlexMoEError(
+        f"{str(source)!r} is damaged: {value!r:.40} where {getattr(origin, '__name__', origin)} "
+        "belongs"
+    )
+
+
+def _is_union(hint: Any) -> bool:
+    return isinstance(hint, types.UnionType) or get_origin(hint) is Union

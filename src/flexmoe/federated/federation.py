@@ -20,6 +20,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -214,13 +215,30 @@ def load_checkpoint(out: Path, strategy: FedAvg) -> tuple[Checkpoint | None, Arr
     if not (out / CHECKPOINT_FILE).is_file():
         return None, None
     state = read_checkpoint(out)
-    folder = out / CHECKPOINT_DIR
-    shared = load_file(folder / f"shared-{state.tag}.safetensors")
-    restore_strategy_state(strategy, load_file(folder / f"strategy-{state.tag}.safetensors"))
+    shared, server = checkpoint_arrays(out, state)
+    restore_strategy_state(strategy, server)
     if state.random_state is not None:
         version, internal, gauss = state.random_state
         random.setstate((version, tuple(internal), gauss))
     return state, ArrayRecord({k: Array(v) for k, v in shared.items()})
+
+
+def checkpoint_arrays(
+    out: Path, state: Checkpoint
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The shared parameters and the strategy's state saved with ``state``; a missing or damaged
+    file is one error naming it."""
+    arrays = []
+    for kind in ("shared", "strategy"):
+        path = out / CHECKPOINT_DIR / f"{kind}-{state.tag}.safetensors"
+        try:
+            arrays.append(load_file(path))
+        except (SafetensorError, OSError) as error:
+            raise FlexMoEError(
+                f"{str(path)!r} cannot be read ({error}); the checkpoint of {out} is damaged, "
+                "so the run cannot resume: start it again in a new folder"
+            ) from None
+    return arrays[0], arrays[1]
 
 
 def read_run_config(out: Path) -> RunConfig:

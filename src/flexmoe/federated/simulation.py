@@ -13,11 +13,22 @@ from flwr.simulation import run_simulation
 from flexmoe.client import client_datasets
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.client_app import make_client_app
-from flexmoe.federated.federation import check_resumable, describe_run, run_federation
+from flexmoe.federated.federation import (
+    check_resumable,
+    checkpoint_arrays,
+    describe_run,
+    run_federation,
+)
 from flexmoe.loading import load_model
 from flexmoe.methods import get_method
 from flexmoe.moe import find_moe_blocks
-from flexmoe.results import CHECKPOINT_FILE, RESULTS_FILE, RunResults, read_results
+from flexmoe.results import (
+    CHECKPOINT_FILE,
+    RESULTS_FILE,
+    RunResults,
+    read_checkpoint,
+    read_results,
+)
 from flexmoe.runconfig import RunConfig
 
 
@@ -65,6 +76,7 @@ def check_out(out: Path, config: RunConfig, resume: bool) -> None:
         if not resume:
             raise FlexMoEError(f"{describe_run(out)}; continue it with --resume {out}")
         check_resumable(out, config)
+        checkpoint_arrays(out, read_checkpoint(out))
     elif resume:
         raise FlexMoEError(f"{out} holds no run to resume; give the output folder of a run")
     elif (out / RESULTS_FILE).is_file():
