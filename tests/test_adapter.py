@@ -7,6 +7,7 @@ import torch
 from conftest import build_model, random_batches
 
 from flexmoe.errors import FlexMoEError
+from flexmoe.loading import fingerprint
 from flexmoe.model import CONFIG_NAME, PERSONAL_WEIGHTS, SHARED_WEIGHTS, FlexConfig, FlexModel
 from flexmoe.roles import Role
 
@@ -84,3 +85,18 @@ def test_personal_file_holds_only_personal_tensors(tmp_path):
     flex.save_pretrained(tmp_path)
     names = load_file(tmp_path / PERSONAL_WEIGHTS).keys()
     assert names and all("grafted_" in n for n in names)
+
+
+def test_a_base_that_differs_only_in_expert_and_attention_weights_is_told_apart(tmp_path):
+    base = build_model("qwen2_moe")
+    flex, _ = FlexModel.graft(base, random_batches())
+    flex.save_pretrained(tmp_path)
+    other = build_model("qwen2_moe")  # the same weights, then experts and attention changed
+    with torch.no_grad():
+        for name, parameter in other.named_parameters():
+            if "experts" in name or "self_attn" in name:
+                parameter.mul_(1.5)
+    with pytest.raises(FlexMoEError, match="made for base model"):
+        FlexModel.from_pretrained(other, tmp_path)
+    same = build_model("qwen2_moe")
+    assert fingerprint(same) == fingerprint(same.to(torch.bfloat16)) == flex.base_fingerprint
