@@ -20,13 +20,13 @@ run: install
 	$(VENV)/bin/flexmoe run
 
 lint: install
-	$(PY) -m ruff check src tests scripts
-	$(PY) -m ruff format --check src tests scripts
+	$(PY) -m ruff check src tests scripts benchmarks
+	$(PY) -m ruff format --check src tests scripts benchmarks
 	$(VENV)/bin/lint-imports
 
 format: install
-	$(PY) -m ruff check --fix src tests scripts
-	$(PY) -m ruff format src tests scripts
+	$(PY) -m ruff check --fix src tests scripts benchmarks
+	$(PY) -m ruff format src tests scripts benchmarks
 
 test: install lint
 	$(PY) -m pytest

@@ -62,6 +62,7 @@ def run_federation(
     refused otherwise.
     """
     with folder_lock(out):
+        remove_temporary_files(out)
         method = get_method(config.method)
         strategy = make_strategy(method, config)
         state, arrays = start_or_resume(out, config, method, strategy, resume)
@@ -110,6 +111,13 @@ def start_or_resume(
     arrays = initial_arrays(config, method)
     save_checkpoint(out, state, arrays, strategy)
     return state, arrays
+
+
+def remove_temporary_files(out: Path) -> None:
+    """Remove what a write killed midway left (the lock held means no write is under way)."""
+    for pattern in (".*.tmp", f"{CHECKPOINT_DIR}/.*.tmp"):
+        for leftover in out.glob(pattern):
+            leftover.unlink()
 
 
 def check_resumable(out: Path, config: RunConfig) -> None:
