@@ -387,3 +387,11 @@ def test_an_interrupted_cell_is_resumed_with_its_own_settings(tmp_path):
     command = flexmoe_command(cell, tmp_path)
     assert command[3:6] == ["run", "--resume", str(tmp_path)]
     assert command[6:] == cell.arguments()
+
+
+def test_an_interrupted_cell_with_other_settings_is_not_resumed(tmp_path):
+    cell = select(MATRICES["smoke"], ["flex"], [0]).cells()[0]
+    other = cell.config().updated({"rounds": cell.config().rounds + 1})
+    write_checkpoint(tmp_path / cell.name, Checkpoint(run_id="r", config=asdict(other)))
+    [outcome] = run_cells(tmp_path, [cell], jobs=1, command=fake_command(), echo=lambda _: None)
+    assert outcome.status == "failed" and "rounds 3 -> 2" in outcome.reason

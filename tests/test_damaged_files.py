@@ -57,10 +57,12 @@ def edit(change: Callable[[dict], None]) -> Damage:
 BYTES = {"truncate": truncate, "empty": empty, "delete": delete, "flip": flip}
 
 
-def assert_one_error_line(capsys, argv: list[str]) -> str:
+def assert_one_error_line(capsys, argv: list[str], damaged: Path) -> str:
+    """One error line that names the damaged file or the folder holding it."""
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("flexmoe: error:") and err.count("\n") == 1, err
+    assert str(damaged.parent) in err, err
     return err
 
 
@@ -83,7 +85,7 @@ MODEL_DAMAGE = [
 @pytest.mark.parametrize(("case", "name", "damage"), MODEL_DAMAGE, ids=[c[0] for c in MODEL_DAMAGE])
 def test_damaged_model_folder(capsys, tmp_path, olmoe_dir, case, name, damage):
     model = damaged_copy(olmoe_dir, tmp_path / "model", name, damage)
-    assert_one_error_line(capsys, ["info", str(model)])
+    assert_one_error_line(capsys, ["info", str(model)], model / name)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,8 @@ def test_damaged_adapter(capsys, tmp_path, olmoe_dir, adapter, case, name, damag
     source = json.loads((adapter / "flexmoe_config.json").read_text())
     assert source["grafts"][0]["source_experts"] != [5]  # so that 'other-expert' is an edit
     damaged = damaged_copy(adapter, tmp_path / "adapter", name, damage)
-    err = assert_one_error_line(capsys, ["info", str(olmoe_dir), "--adapter", str(damaged)])
+    argv = ["info", str(olmoe_dir), "--adapter", str(damaged)]
+    err = assert_one_error_line(capsys, argv, damaged / name)
     if case == "config-other-expert":
         assert "the config was edited or belongs to other weights" in err
 
@@ -142,7 +145,13 @@ def run_folder(tmp_path, random_model, dolly_file) -> tuple[Path, list[str]]:
 
 CHECKPOINT_DAMAGE = [
     *((f"checkpoint.json-{k}", "checkpoint.json", d) for k, d in BYTES.items() if k != "delete"),
-    ("checkpoint.json-no-run-id", "checkpoint.json", edit(lambda c: c.pop("run_id"))),
+    ("checkpoint.json-no-config", "checkpoint.json", edit(lambda c: c.pop("config"))),
+    ("checkpoint.json-empty-config", "checkpoint.json", edit(lambda c: c.update(config={}))),
+    (
+        "checkpoint.json-bad-random-state",
+        "checkpoint.json",
+        edit(lambda c: c.update(random_state=[1])),
+    ),
     ("checkpoint.json-wrong-type", "checkpoint.json", edit(lambda c: c.update(round="one"))),
     ("checkpoint.json-bad-settings", "checkpoint.json", edit(lambda c: c["config"].update(lr=-1))),
     *((f"shared-{k}", "checkpoints/shared-round-0001.safetensors", d) for k, d in BYTES.items()),
@@ -156,7 +165,7 @@ CHECKPOINT_DAMAGE = [
 def test_damaged_checkpoint(capsys, run_folder, case, name, damage):
     out, argv = run_folder
     damage(out / name)
-    assert_one_error_line(capsys, argv)
+    assert_one_error_line(capsys, argv, out / name)
 
 
 DATA_DAMAGE = [
@@ -173,7 +182,7 @@ DATA_DAMAGE = [
 def test_damaged_data_file(capsys, tmp_path, olmoe_dir, alpaca_file, case, damage):
     damage(alpaca_file)
     argv = ["graft", "--model", str(olmoe_dir), "--data", str(alpaca_file), "--out"]
-    assert_one_error_line(capsys, [*argv, str(tmp_path / "out")])
+    assert_one_error_line(capsys, [*argv, str(tmp_path / "out")], alpaca_file)
 
 
 RESULTS_DAMAGE = [
@@ -194,4 +203,4 @@ def test_damaged_results(capsys, tmp_path, case, name, damage):
 
     folder = write_run(tmp_path / "run", fake_results("flex", 0, [10.0]), train_losses(1.0))
     damage(folder / name)
-    assert_one_error_line(capsys, ["report", str(tmp_path)])
+    assert_one_error_line(capsys, ["report", str(tmp_path)], folder / name)

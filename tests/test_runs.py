@@ -1,7 +1,7 @@
 """A run owns its output folder: one run at a time, no silent reuse, resumable only as itself."""
 
-import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -57,8 +57,7 @@ def test_finished_results_without_a_checkpoint_are_not_overwritten(tmp_path):
 
 def test_a_held_folder_is_refused_and_released_after(tmp_path):
     with folder_lock(tmp_path):
-        holder = json.loads((tmp_path / LOCK_FILE).read_text())
-        assert holder["pid"] == os.getpid()
+        assert (tmp_path / LOCK_FILE).read_text().startswith(f"process {os.getpid()} on ")
         with (
             pytest.raises(FlexMoEError, match=f"in use by process {os.getpid()}"),
             folder_lock(tmp_path),
@@ -67,16 +66,25 @@ def test_a_held_folder_is_refused_and_released_after(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_a_lock_whose_process_is_gone_is_taken_over(tmp_path):
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    lock = tmp_path / LOCK_FILE
-    lock.write_text(json.dumps({"pid": int(gone.stdout), "host": os.uname().nodename}))
-    with folder_lock(tmp_path):
-        assert json.loads(lock.read_text())["pid"] == os.getpid()
-    lock.write_text(json.dumps({"pid": 1, "host": "another-host"}))
-    with pytest.raises(FlexMoEError, match="on another-host"), folder_lock(tmp_path):
+def test_a_lock_held_by_a_killed_process_is_taken_over(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from flexmoe.io import folder_lock\n"
+         "with folder_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)",
+         str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    with (
+        pytest.raises(FlexMoEError, match=f"in use by process {holder.pid} on"),
+        folder_lock(tmp_path),
+    ):
         pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert (tmp_path / LOCK_FILE).exists()  # left behind, but no longer held
+    with folder_lock(tmp_path):
+        assert f"process {os.getpid()}" in (tmp_path / LOCK_FILE).read_text()
 
 
 class Saved:
@@ -94,3 +102,19 @@ def test_pruning_removes_only_earlier_rounds_of_this_store(tmp_path):
     assert store.rounds() == [2, 3, 7]
     assert store.latest(before=4) == tmp_path / "round-0003"
     assert not list(tmp_path.glob(".*"))
+
+
+def test_resume_takes_neither_another_folder_nor_fewer_rounds_than_done(tmp_path, capsys):
+    config = saved_run(tmp_path, rounds=3)
+    assert main(["run", "--resume", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "give neither --config nor --out" in capsys.readouterr().err
+    write_checkpoint(tmp_path, Checkpoint(run_id="abc", config=asdict(config), round=3))
+    with pytest.raises(FlexMoEError, match="cannot resume to 2 rounds"):
+        check_out(tmp_path, config.updated({"rounds": 2}), resume=True)
+
+
+def test_pruning_keeps_as_many_rounds_as_asked(tmp_path):
+    store = StateStore(tmp_path, keep=4)
+    for round_ in (1, 2, 3, 4, 5):
+        store.save(Saved(), round_, include_shared=False)
+        assert store.rounds() == list(range(max(1, round_ - 3), round_ + 1))

@@ -45,8 +45,18 @@ class LayerGraft:
 
     @classmethod
     def from_dict(cls, data: dict) -> LayerGraft:
-        neurons = tuple(tuple(n) for n in data["neurons"])
-        return cls(data["layer"], tuple(data["source_experts"]), neurons)
+        """A graft as ``to_dict`` wrote it; a TypeError names a field of the wrong type."""
+        neurons = tuple(_whole_numbers(n, "neurons") for n in data["neurons"])
+        [layer] = _whole_numbers([data["layer"]], "layer")
+        return cls(layer, _whole_numbers(data["source_experts"], "source_experts"), neurons)
+
+
+def _whole_numbers(values: object, field: str) -> tuple[int, ...]:
+    if not isinstance(values, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in values
+    ):
+        raise TypeError(f"{field} must hold whole numbers, got {values!r:.40}")
+    return tuple(values)
 
 
 class GraftedExpert(nn.Module):

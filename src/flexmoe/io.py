@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -40,58 +41,36 @@ LOCK_FILE = ".lock"
 
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
-    """Hold ``folder`` for this process: a second holder is refused until this one exits.
+    """Hold ``folder`` for this process: a second holder is refused until this one ends.
 
-    The lock file names its holder (pid and host); a lock whose process is gone (on this host)
-    is stale and taken over. It is created whole (written aside, then hard-linked into place),
-    so no one ever reads a half-written lock.
+    An advisory ``flock`` on ``folder/.lock``, which the kernel releases when the holder exits,
+    however it exits: a lock left by a killed process is never mistaken for a live one. The
+    file names its holder (pid and host) for the message, and is removed on release.
     """
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_FILE
-    holder = {"pid": os.getpid(), "host": socket.gethostname()}
-    fd, aside = tempfile.mkstemp(dir=folder, prefix=".lock.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(holder, handle)
+    while True:
+        handle = lock.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise FlexMoEError(
+                f"{folder} is in use by {holder}; wait for that run to end"
+            ) from None
+        if lock.exists() and os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+            break  # the file we locked is still the lock (not one its last holder removed)
+        handle.close()
     try:
-        while True:
-            try:
-                os.link(aside, lock)
-                break
-            except FileExistsError:
-                other = _lock_holder(lock)
-                if other is not None and _alive(other):
-                    raise FlexMoEError(
-                        f"{folder} is in use by process {other['pid']} on {other['host']}; "
-                        f"wait for it to end (or, if that process is gone, delete {lock})"
-                    ) from None
-                lock.unlink(missing_ok=True)  # stale: its process is gone
-    finally:
-        os.unlink(aside)
-    try:
+        handle.truncate(0)
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
         yield
     finally:
         lock.unlink(missing_ok=True)
-
-
-def _lock_holder(lock: Path) -> dict | None:
-    try:
-        holder = json.loads(lock.read_text())
-        return holder if isinstance(holder, dict) and {"pid", "host"} <= set(holder) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(holder: dict) -> bool:
-    """Whether the lock's holder still runs; a holder on another host is taken to."""
-    if holder["host"] != socket.gethostname():
-        return True
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        handle.close()
 
 
 def read_json(path: Path, missing: str, kind: type = dict) -> Any:

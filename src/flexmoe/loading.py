@@ -18,6 +18,7 @@ from flexmoe.errors import FlexMoEError
 
 TINY = "tiny"
 FINGERPRINT_SAMPLE = 1024  # values hashed per parameter
+FINGERPRINT_VERSION = 2  # 1: names, shapes, routers and embeddings only
 
 
 def quiet_transformers() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from flexmoe import __version__
 from flexmoe.errors import FlexMoEError
 from flexmoe.graft import LayerGraft, apply_grafts, plan_grafts
 from flexmoe.io import atomic_write, atomic_write_text, read_json
-from flexmoe.loading import fingerprint
+from flexmoe.loading import FINGERPRINT_VERSION, fingerprint
 from flexmoe.moe import find_moe_blocks
 from flexmoe.roles import (
     Role,
@@ -53,6 +53,12 @@ class FlexConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> FlexConfig:
+        """A config as ``asdict`` wrote it; a TypeError names a field of the wrong type."""
+        for spec in fields(cls):
+            kind = type(spec.default) if spec.name != "shared" else dict
+            value = data.get(spec.name, spec.default if spec.name != "shared" else {})
+            if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+                raise TypeError(f"{spec.name} must be {kind.__name__}, got {value!r:.40}")
         return cls(**{**data, "shared": SharedConfig(**data.get("shared", {}))})
 
 
@@ -122,6 +128,12 @@ class FlexModel(nn.Module):
                 f"unexpected {unexpected[:3]}"
             )
         parameters = dict(self.model.named_parameters())
+        wrong = [n for n, v in state.items() if v.shape != parameters[n].shape]
+        if wrong:
+            raise FlexMoEError(
+                f"{role} state does not fit this model: {wrong[0]} has shape "
+                f"{tuple(state[wrong[0]].shape)}, not {tuple(parameters[wrong[0]].shape)}"
+            )
         with torch.no_grad():
             for name, value in state.items():
                 parameters[name].copy_(value)
@@ -149,6 +161,11 @@ class FlexModel(nn.Module):
         directory = Path(directory)
         saved = _read_config(directory)
         personal, metadata = _load_tensors(directory / PERSONAL_WEIGHTS)
+        if saved.fingerprint_version != FINGERPRINT_VERSION:
+            raise FlexMoEError(
+                f"the adapter in {str(directory)!r} was made by an older flexmoe, whose base "
+                "fingerprint this one cannot check; graft it again"
+            )
         if fingerprint(base) != saved.fingerprint:
             raise FlexMoEError(
                 f"the adapter in {str(directory)!r} was made for base model "
@@ -161,10 +178,13 @@ class FlexModel(nn.Module):
                 f"saved for {metadata[GRAFT_PLAN_KEY]}; the config was edited or belongs to "
                 "other weights"
             )
-        model = cls(base, saved.grafts, saved.config)
-        model.load_state_of(Role.PERSONAL, personal)
-        if (directory / SHARED_WEIGHTS).is_file():
-            model.load_state_of(Role.SHARED, _load_tensors(directory / SHARED_WEIGHTS)[0])
+        try:
+            model = cls(base, saved.grafts, saved.config)
+            model.load_state_of(Role.PERSONAL, personal)
+            if (directory / SHARED_WEIGHTS).is_file():
+                model.load_state_of(Role.SHARED, _load_tensors(directory / SHARED_WEIGHTS)[0])
+        except FlexMoEError as error:
+            raise FlexMoEError(f"the adapter in {str(directory)!r} does not fit: {error}") from None
         return model
 
     def _config_dict(self) -> dict:
@@ -175,6 +195,7 @@ class FlexModel(nn.Module):
                 "name_or_path": getattr(base_config, "name_or_path", ""),
                 "model_type": base_config.model_type,
                 "fingerprint": self.base_fingerprint,
+                "fingerprint_version": FINGERPRINT_VERSION,
             },
             "config": asdict(self.config),
             "gate": "sigmoid(w . x + b), w initialised from the source expert's router row, "
@@ -188,6 +209,7 @@ class SavedAdapter:
     """An adapter's config as read from its ``flexmoe_config.json``."""
 
     fingerprint: str
+    fingerprint_version: int
     base_name: str
     grafts: list[LayerGraft]
     config: FlexConfig
@@ -200,6 +222,7 @@ def _read_config(directory: Path) -> SavedAdapter:
         base = saved["base_model"]
         return SavedAdapter(
             fingerprint=str(base["fingerprint"]),
+            fingerprint_version=int(base.get("fingerprint_version", 1)),
             base_name=str(base.get("name_or_path", "")),
             grafts=[LayerGraft.from_dict(g) for g in saved["grafts"]],
             config=FlexConfig.from_dict(saved["config"]),

@@ -242,7 +242,7 @@ def _with_traffic(client: ClientResult, history: list[RoundRecord]) -> ClientRes
 class Checkpoint:
     """What the server saves after every round, besides the arrays under ``checkpoints/``."""
 
-    run_id: str  # made when the run starts; names its clients' personal state
+    run_id: str = ""  # made when the run starts; names its clients' personal state
     config: dict[str, Any]  # the RunConfig
     round: int = 0
     history: list[RoundRecord] = field(default_factory=list)
@@ -336,6 +336,8 @@ def from_plain(cls: type[Record], data: Any, source: Path | str) -> Record:
 def _typed(hint: Any, value: Any, source: Path | str) -> Any:
     """``value`` as the type ``hint`` names (a record, a list of them, a number, text, an
     optional one of these), or one error naming ``source`` when it is not one."""
+    if hint is Any:
+        return value
     options = [t for t in get_args(hint) if t is not type(None)] if _is_union(hint) else [hint]
     if value is None:
         if len(options) < len(get_args(hint)):  # None is allowed
@@ -347,7 +349,10 @@ def _typed(hint: Any, value: Any, source: Path | str) -> Any:
     origin = get_origin(kind) or kind
     if origin is list and isinstance(value, list):
         item = get_args(kind)[0] if get_args(kind) else Any
-        return [from_plain(item, v, source) for v in value] if is_dataclass(item) else value
+        return [_typed(item, v, source) for v in value]
+    if origin is dict and isinstance(value, dict):
+        item = get_args(kind)[1] if get_args(kind) else Any
+        return {key: _typed(item, v, source) for key, v in value.items()}
     if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if origin is Any or (isinstance(value, origin) and not isinstance(value, bool)):

@@ -13,8 +13,14 @@ from pathlib import Path
 
 from flexmoe.benchmark.matrix import Cell
 from flexmoe.errors import FlexMoEError
-from flexmoe.results import CHECKPOINT_FILE, RESULTS_FILE, RunResults, read_results
-from flexmoe.runconfig import field_name
+from flexmoe.results import (
+    CHECKPOINT_FILE,
+    RESULTS_FILE,
+    RunResults,
+    read_checkpoint,
+    read_results,
+)
+from flexmoe.runconfig import RunConfig, field_name
 
 CommandBuilder = Callable[[Cell, Path], list[str]]
 
@@ -68,6 +74,13 @@ def run_cell(root: Path, cell: Cell, command: CommandBuilder | None = None) -> O
             reason = f"{finished} was made with other settings ({', '.join(stale)})"
             return Outcome(cell, "failed", log, reason=reason)
         return Outcome(cell, "skipped", log)
+    interrupted = out / CHECKPOINT_FILE
+    if interrupted.is_file():  # resumed only as exactly this cell, rounds included
+        changed = RunConfig().updated(read_checkpoint(out).config).differences(cell.config())
+        if changed:
+            listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            reason = f"{interrupted} was started with other settings ({listed})"
+            return Outcome(cell, "failed", log, reason=reason)
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with log.open("w") as handle:

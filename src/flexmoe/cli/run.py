@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from flexmoe.errors import FlexMoEError
 from flexmoe.results import RESULTS_FILE, RunResults
 from flexmoe.runconfig import RunConfig, describe_settings, field_name
 
@@ -68,6 +69,9 @@ def run_run(args: argparse.Namespace) -> None:
     from flexmoe.federated.simulation import simulate
 
     if args.resume is not None:
+        if args.config or args.out:
+            raise FlexMoEError("--resume continues a run with its own settings and folder; "
+                               "give neither --config nor --out with it")  # fmt: skip
         config, out = settings(args, read_run_config(args.resume)), args.resume
     else:
         config = settings(args)

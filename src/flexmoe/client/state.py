@@ -39,16 +39,19 @@ class StateStore:
     def save(self, model: FlexModel, round_: int, include_shared: bool) -> Path:
         """Write ``model``'s personal state for ``round_``, then prune the rounds before it.
 
-        Only earlier rounds are pruned: a later round left by an interrupted attempt is never
-        read (a round starts from the latest *earlier* one) and is overwritten when redone.
+        Only earlier rounds are pruned. A later round left by an interrupted attempt is not read
+        by the rounds that redo it (each starts from the latest *earlier* round) and is
+        overwritten when redone; with ``fraction-train`` < 1 a client that the resumed run does
+        not sample again for that round would read it later (see the README).
         """
         final = self.folder(round_)
         staging = self.root / f".{final.name}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
+        for leftover in self.root.glob(".round-*.tmp"):  # one writer per client: all are stale
+            shutil.rmtree(leftover, ignore_errors=True)
         model.save_pretrained(staging, include_shared=include_shared)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         earlier = [r for r in self.rounds() if r < round_]
-        for old in earlier[: len(earlier) - (self.keep - 1)]:
+        for old in earlier[: max(0, len(earlier) - (self.keep - 1))]:
             shutil.rmtree(self.folder(old), ignore_errors=True)
         return final

@@ -136,6 +136,11 @@ class ClientWorker:
         test = tokenize_examples(self.data.test, self.tokenizer, self.config.max_length)
         batches = sequential_batches(test, self.config.batch_size, pad_token_id(self.tokenizer))
         evaluation = Evaluation(100 * sum(scores) / len(scores), mean_loss(model, batches))
+        if not math.isfinite(evaluation.test_loss):
+            raise FlexMoEError(
+                f"client {self.client_id}, round {round_}: the test loss is "
+                f"{evaluation.test_loss}; its model is broken"
+            )
         if detailed:
             base, _ = load_model(self.config.model)
             evaluation.diagnostics = diagnostics(

@@ -28,7 +28,7 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.federated.protocol import ARRAYS, EvaluateReply, RoundInstructions, TrainReply
 from flexmoe.federated.records import state_to_arrays, wire_bytes
 from flexmoe.federated.strategies import make_strategy, restore_strategy_state, strategy_state
-from flexmoe.io import atomic_write, folder_lock
+from flexmoe.io import atomic_write
 from flexmoe.loading import load_model
 from flexmoe.methods import Method, get_method
 from flexmoe.model import FlexConfig, FlexModel
@@ -47,7 +47,7 @@ from flexmoe.results import (
     write_results,
     write_rounds,
 )
-from flexmoe.runconfig import RunConfig
+from flexmoe.runconfig import RunConfig, option_name
 
 KEEP_CHECKPOINTS = 2
 
@@ -57,41 +57,40 @@ def run_federation(
 ) -> RunResults:
     """Run ``config.rounds`` rounds on ``grid``, evaluate, and write the results to ``out``.
 
-    ``out`` belongs to one run at a time (a lock file holds it). A folder holding a run is
-    continued when ``resume`` is set and its settings agree (except the number of rounds), and
-    refused otherwise.
+    The caller holds ``out`` (``folder_lock``). A folder holding a run is continued when
+    ``resume`` is set and its settings agree (except the number of rounds), and refused
+    otherwise.
     """
-    with folder_lock(out):
-        remove_temporary_files(out)
-        method = get_method(config.method)
-        strategy = make_strategy(method, config)
-        state, arrays = start_or_resume(out, config, method, strategy, resume)
-        wait_for_clients(grid, config.clients)
-        session_started, wall_before = time.perf_counter(), state.wall_s
-        rounds = range(state.round + 1, config.rounds + 1)
-        for round_ in tqdm(rounds, desc=f"{config.method} rounds", disable=not progress):
-            round_started = time.perf_counter()
-            random.seed(config.seed * 1_000 + round_)  # node sampling, when fraction-train < 1
-            request = round_instructions(out, state.run_id, round_).to_record()
-            messages = list(strategy.configure_train(round_, arrays, request, grid))
-            replies = _replies(grid, messages)
-            if method.federated:
-                arrays = aggregate(strategy, round_, replies)
-            record = _round_record(round_, messages, replies, round_started)
-            if config.eval_every and round_ % config.eval_every == 0 and round_ < config.rounds:
-                scores = evaluate_clients(grid, strategy, arrays, out, state.run_id, round_)
-                record.mean_rouge_l = statistics.fmean(c.rouge_l for c in scores)
-            state.history.append(record)
-            state.round, state.random_state = round_, _random_state()
-            state.wall_s = wall_before + time.perf_counter() - session_started
-            save_checkpoint(out, state, arrays, strategy)
-        evaluation = evaluate_clients(
-            grid, strategy, arrays, out, state.run_id, state.round, detailed=True
-        )
+    remove_temporary_files(out)
+    method = get_method(config.method)
+    strategy = make_strategy(method, config)
+    state, arrays = start_or_resume(out, config, method, strategy, resume)
+    wait_for_clients(grid, config.clients)
+    session_started, wall_before = time.perf_counter(), state.wall_s
+    rounds = range(state.round + 1, config.rounds + 1)
+    for round_ in tqdm(rounds, desc=f"{config.method} rounds", disable=not progress):
+        round_started = time.perf_counter()
+        random.seed(config.seed * 1_000 + round_)  # node sampling, when fraction-train < 1
+        request = round_instructions(out, state.run_id, round_).to_record()
+        messages = list(strategy.configure_train(round_, arrays, request, grid))
+        replies = _replies(grid, messages)
+        if method.federated:
+            arrays = aggregate(strategy, round_, replies)
+        record = _round_record(round_, messages, replies, round_started)
+        if config.eval_every and round_ % config.eval_every == 0 and round_ < config.rounds:
+            scores = evaluate_clients(grid, strategy, arrays, out, state.run_id, round_)
+            record.mean_rouge_l = statistics.fmean(c.rouge_l for c in scores)
+        state.history.append(record)
+        state.round, state.random_state = round_, _random_state()
         state.wall_s = wall_before + time.perf_counter() - session_started
-        results = RunResults.summarise(state.config, state.history, evaluation, state.wall_s)
-        write_results(out, results)
-        return results
+        save_checkpoint(out, state, arrays, strategy)
+    evaluation = evaluate_clients(
+        grid, strategy, arrays, out, state.run_id, state.round, detailed=True
+    )
+    state.wall_s = wall_before + time.perf_counter() - session_started
+    results = RunResults.summarise(state.config, state.history, evaluation, state.wall_s)
+    write_results(out, results)
+    return results
 
 
 def start_or_resume(
@@ -121,8 +120,11 @@ def remove_temporary_files(out: Path) -> None:
 
 
 def check_resumable(out: Path, config: RunConfig) -> None:
-    """Refuse to continue the run in ``out`` with other settings (the rounds may change)."""
+    """Refuse to continue the run in ``out`` with other settings (the rounds may grow)."""
     saved = read_run_config(out)
+    done = read_checkpoint(out).round
+    if config.rounds < done:
+        raise FlexMoEError(f"{describe_run(out)}: it cannot resume to {config.rounds} rounds")
     changed = [
         f"{name} {before!r} -> {after!r}"
         for name, (before, after) in saved.differences(config).items()
@@ -136,11 +138,11 @@ def check_resumable(out: Path, config: RunConfig) -> None:
 
 
 def describe_run(out: Path) -> str:
-    """``OUT holds run ID (round k of n)``, from its checkpoint."""
-    state = read_checkpoint(out)
+    """``OUT holds run ID (round k of n, method M)``, from its checkpoint."""
+    state, config = read_checkpoint(out), read_run_config(out)
     return (
-        f"{out} holds run {state.run_id} (round {state.round} of {state.config['rounds']}, "
-        f"method {state.config['method']})"
+        f"{out} holds run {state.run_id} (round {state.round} of {config.rounds}, "
+        f"method {config.method})"
     )
 
 
@@ -223,11 +225,18 @@ def load_checkpoint(out: Path, strategy: FedAvg) -> tuple[Checkpoint | None, Arr
     if not (out / CHECKPOINT_FILE).is_file():
         return None, None
     state = read_checkpoint(out)
+    state.run_id = state.run_id or out.resolve().name  # a run made before run ids: its old key
     shared, server = checkpoint_arrays(out, state)
-    restore_strategy_state(strategy, server)
-    if state.random_state is not None:
-        version, internal, gauss = state.random_state
-        random.setstate((version, tuple(internal), gauss))
+    try:
+        restore_strategy_state(strategy, server)
+        if state.random_state is not None:
+            version, internal, gauss = state.random_state
+            random.setstate((version, tuple(internal), gauss))
+    except (KeyError, TypeError, ValueError) as error:
+        raise FlexMoEError(
+            f"{out / CHECKPOINT_FILE}: the saved server state is damaged ({error}); start the "
+            "run again in a new folder"
+        ) from None
     return state, ArrayRecord({k: Array(v) for k, v in shared.items()})
 
 
@@ -250,8 +259,17 @@ def checkpoint_arrays(
 
 
 def read_run_config(out: Path) -> RunConfig:
-    """The settings of the run saved in ``out`` (for --resume)."""
-    return RunConfig().updated(read_checkpoint(out).config)
+    """The settings of the run saved in ``out`` (for --resume), or an error naming the file."""
+    saved = read_checkpoint(out).config
+    try:
+        missing = sorted(set(RunConfig().to_flat()) - {option_name(k) for k in saved})
+        if missing:
+            raise FlexMoEError(f"no {', '.join(missing[:3])}")
+        return RunConfig().updated(saved)
+    except FlexMoEError as error:
+        raise FlexMoEError(
+            f"{out / CHECKPOINT_FILE}: the saved settings are damaged ({error})"
+        ) from None
 
 
 def round_instructions(

@@ -9,6 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flexmoe.federated.federation import run_federation
 from flexmoe.federated.protocol import settings_from_run_config
+from flexmoe.io import folder_lock
 
 DEFAULT_OUT = "runs/flwr-run"
 
@@ -19,4 +20,6 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run`: settings and the output folder come from the run config."""
     settings, out = settings_from_run_config(dict(context.run_config))
-    run_federation(grid, settings, Path(out or DEFAULT_OUT), progress=False)
+    folder = Path(out or DEFAULT_OUT)
+    with folder_lock(folder):
+        run_federation(grid, settings, folder, progress=False)

@@ -15,10 +15,12 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.federated.client_app import make_client_app
 from flexmoe.federated.federation import (
     check_resumable,
-    checkpoint_arrays,
     describe_run,
+    load_checkpoint,
     run_federation,
 )
+from flexmoe.federated.strategies import make_strategy
+from flexmoe.io import folder_lock
 from flexmoe.loading import load_model
 from flexmoe.methods import get_method
 from flexmoe.moe import find_moe_blocks
@@ -26,7 +28,6 @@ from flexmoe.results import (
     CHECKPOINT_FILE,
     RESULTS_FILE,
     RunResults,
-    read_checkpoint,
     read_results,
 )
 from flexmoe.runconfig import RunConfig
@@ -38,10 +39,15 @@ def simulate(
     """Run ``config`` on ``config.clients`` simulated SuperNodes; returns the results.
 
     ``resume`` continues the run saved in ``out``; without it a folder holding a run is refused.
+    The folder is held (``folder_lock``) from the first check to the last write.
     """
-    check_out(out, config, resume)
-    check_run(config)
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out):
+        check_out(out, config, resume)
+        check_run(config)
+        return _simulate(config, out, progress, resume)
+
+
+def _simulate(config: RunConfig, out: Path, progress: bool, resume: bool) -> RunResults:
     failures: list[BaseException] = []
     server = ServerApp()
 
@@ -76,7 +82,7 @@ def check_out(out: Path, config: RunConfig, resume: bool) -> None:
         if not resume:
             raise FlexMoEError(f"{describe_run(out)}; continue it with --resume {out}")
         check_resumable(out, config)
-        checkpoint_arrays(out, read_checkpoint(out))
+        load_checkpoint(out, make_strategy(get_method(config.method), config))
     elif resume:
         raise FlexMoEError(f"{out} holds no run to resume; give the output folder of a run")
     elif (out / RESULTS_FILE).is_file():
