@@ -166,6 +166,7 @@ def main() -> None:
         "settings": SETTINGS,
         "reference": reference,
         "scenarios": report,
+        "all_killed": all(o["killed"] for o in report),
         "all_equal": all(o.get("results_equal_uninterrupted") for o in report),
         "no_leftovers": not any(o["leftovers"] for o in report),
         "no_orphans": not any(o.get("processes_left_after_60_s") for o in report),
@@ -174,8 +175,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "crash_test.json").write_text(json.dumps(summary, indent=2) + "\n")
     shutil.rmtree(work)
-    print(f"all equal: {summary['all_equal']}, no leftovers: {summary['no_leftovers']}, "
-          f"no orphans: {summary['no_orphans']} -> {args.out / 'crash_test.json'}")  # fmt: skip
+    verdicts = ("all_killed", "all_equal", "no_leftovers", "no_orphans")
+    print(", ".join(f"{v}: {summary[v]}" for v in verdicts), "->", args.out / "crash_test.json")
+    sys.exit(0 if all(summary[v] for v in verdicts) else 1)
 
 
 if __name__ == "__main__":
