@@ -37,7 +37,8 @@ SMALL = [
 
 
 def run(out, *extra) -> RunResults:
-    assert main(["run", "--out", str(out), *SMALL, *extra]) == 0
+    folder = [] if "--resume" in extra else ["--out", str(out)]
+    assert main(["run", *folder, *SMALL, *extra]) == 0
     return read_results(out / RESULTS_FILE)
 
 
