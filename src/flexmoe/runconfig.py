@@ -15,6 +15,7 @@ from typing import Any
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.methods import METHODS
+from flexmoe.results import CHECKPOINT_FILE, read_checkpoint
 
 Scalar = str | int | float | bool
 # the partition schemes of flexmoe.data (a test keeps them equal; data imports torch, this not)
@@ -116,6 +117,20 @@ class RunConfig:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise FlexMoEError(f"{str(path)!r} is not valid TOML: {error}") from None
         return cls().updated(data)
+
+    @classmethod
+    def saved_in(cls, out: Path) -> RunConfig:
+        """The settings of the run whose output folder is ``out`` (from its checkpoint)."""
+        saved = read_checkpoint(out).config
+        try:
+            missing = sorted(set(cls().to_flat()) - {option_name(k) for k in saved})
+            if missing:
+                raise FlexMoEError(f"no {', '.join(missing[:3])}")
+            return cls().updated(saved)
+        except FlexMoEError as error:
+            raise FlexMoEError(
+                f"{out / CHECKPOINT_FILE}: the saved settings are damaged ({error})"
+            ) from None
 
     def updated(self, values: dict[str, Any]) -> RunConfig:
         """A copy with ``values`` (keys with ``-`` or ``_``) applied; unknown keys are refused.

@@ -7,6 +7,7 @@ when it runs, so ``flexmoe --help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -17,10 +18,9 @@ from flexmoe.errors import FlexMoEError
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.loads_models:
-            from flexmoe.loading import quiet_transformers
-
-            quiet_transformers()
+        if args.loads_models:  # our own progress bars speak for long work; these are noise
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         args.command(args)
     except FlexMoEError as error:
         print(f"flexmoe: error: {error}", file=sys.stderr)

@@ -65,17 +65,16 @@ def default_out(config: RunConfig, kind: str = "") -> Path:
 
 def run_run(args: argparse.Namespace) -> None:
     """Run (or resume) a federation in simulation and print its results."""
-    from flexmoe.federated.federation import read_run_config
-    from flexmoe.federated.simulation import simulate
-
     if args.resume is not None:
         if args.config or args.out:
             raise FlexMoEError("--resume continues a run with its own settings and folder; "
                                "give neither --config nor --out with it")  # fmt: skip
-        config, out = settings(args, read_run_config(args.resume)), args.resume
+        config, out = settings(args, RunConfig.saved_in(args.resume)), args.resume
     else:
         config = settings(args)
         out = args.out or default_out(config)
+    from flexmoe.federated.simulation import simulate  # after the settings are checked: heavy
+
     print(
         f"flexmoe run: {config.method}, {config.clients} clients, {config.rounds} rounds -> {out}"
     )
@@ -85,11 +84,11 @@ def run_run(args: argparse.Namespace) -> None:
 
 def run_deploy_local(args: argparse.Namespace) -> None:
     """Run the app on a local TLS deployment of Flower and print its results."""
+    config = settings(args).updated({"clients": args.supernodes})
     from flexmoe.federated.deploy import deploy_local, find_app_dir
     from flexmoe.federated.simulation import check_out, check_run
     from flexmoe.results import read_results
 
-    config = settings(args).updated({"clients": args.supernodes})
     out = (args.out or default_out(config, "deploy-")).resolve()
     check_out(out, config, resume=False)
     check_run(config)

@@ -47,7 +47,7 @@ from flexmoe.results import (
     write_results,
     write_rounds,
 )
-from flexmoe.runconfig import RunConfig, option_name
+from flexmoe.runconfig import RunConfig
 
 KEEP_CHECKPOINTS = 2
 
@@ -121,7 +121,7 @@ def remove_temporary_files(out: Path) -> None:
 
 def check_resumable(out: Path, config: RunConfig) -> None:
     """Refuse to continue the run in ``out`` with other settings (the rounds may grow)."""
-    saved = read_run_config(out)
+    saved = RunConfig.saved_in(out)
     done = read_checkpoint(out).round
     if config.rounds < done:
         raise FlexMoEError(f"{describe_run(out)}: it cannot resume to {config.rounds} rounds")
@@ -139,7 +139,7 @@ def check_resumable(out: Path, config: RunConfig) -> None:
 
 def describe_run(out: Path) -> str:
     """``OUT holds run ID (round k of n, method M)``, from its checkpoint."""
-    state, config = read_checkpoint(out), read_run_config(out)
+    state, config = read_checkpoint(out), RunConfig.saved_in(out)
     return (
         f"{out} holds run {state.run_id} (round {state.round} of {config.rounds}, "
         f"method {config.method})"
@@ -256,20 +256,6 @@ def checkpoint_arrays(
                 "so the run cannot resume: start it again in a new folder"
             ) from None
     return arrays[0], arrays[1]
-
-
-def read_run_config(out: Path) -> RunConfig:
-    """The settings of the run saved in ``out`` (for --resume), or an error naming the file."""
-    saved = read_checkpoint(out).config
-    try:
-        missing = sorted(set(RunConfig().to_flat()) - {option_name(k) for k in saved})
-        if missing:
-            raise FlexMoEError(f"no {', '.join(missing[:3])}")
-        return RunConfig().updated(saved)
-    except FlexMoEError as error:
-        raise FlexMoEError(
-            f"{out / CHECKPOINT_FILE}: the saved settings are damaged ({error})"
-        ) from None
 
 
 def round_instructions(
