@@ -4,7 +4,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,3 +120,47 @@ def test_pruning_keeps_as_many_rounds_as_asked(tmp_path):
     for round_ in (1, 2, 3, 4, 5):
         store.save(Saved(), round_, include_shared=False)
         assert store.rounds() == list(range(max(1, round_ - 3), round_ + 1))
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid: int, timeout_s: float = 10) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not alive(pid)
+
+
+STARTER = """
+import subprocess, sys, time
+from flexmoe.federated.reaper import reaped
+with reaped():
+    orphan = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    print(orphan.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="the reaper reads /proc")
+def test_processes_started_in_a_killed_run_die_with_it():
+    starter = subprocess.Popen([sys.executable, "-c", STARTER], stdout=subprocess.PIPE, text=True)
+    orphan = int(starter.stdout.readline())
+    assert alive(orphan)
+    starter.send_signal(signal.SIGKILL)
+    starter.wait()
+    assert wait_gone(orphan)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="the reaper reads /proc")
+def test_processes_left_at_the_end_of_the_block_are_reaped_and_the_starter_spared():
+    from flexmoe.federated.reaper import reaped
+
+    with reaped():
+        orphan = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    assert wait_gone(orphan.pid)
+    orphan.wait()

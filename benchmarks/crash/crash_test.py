@@ -35,7 +35,8 @@ SETTINGS = [
 CHOSEN = [  # (name, text in the path of the write to pause, which such write in one process)
     ("client state write, round 2", ".round-0002.tmp/personal.safetensors", 1),
     ("server checkpoint arrays, round 2", "shared-round-0002", 1),
-    ("server rounds.json, round 1", "rounds.json", 1),
+    ("server rounds.json, at the start (round 0)", "rounds.json", 1),
+    ("server rounds.json, round 1", "rounds.json", 2),
     ("server checkpoint.json, round 2", "checkpoint.json", 3),  # round 0, 1, then 2
 ]
 RANDOM_KILLS = 2

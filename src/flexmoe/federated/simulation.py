@@ -19,6 +19,7 @@ from flexmoe.federated.federation import (
     load_checkpoint,
     run_federation,
 )
+from flexmoe.federated.reaper import reaped
 from flexmoe.federated.strategies import make_strategy
 from flexmoe.io import folder_lock
 from flexmoe.loading import load_model
@@ -59,15 +60,16 @@ def _simulate(config: RunConfig, out: Path, progress: bool, resume: bool) -> Run
             failures.append(error)
 
     _quiet_flower()
-    run_simulation(
-        server_app=server,
-        client_app=make_client_app(config),
-        num_supernodes=config.clients,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": False},
-        },
-    )
+    with reaped():  # no Ray process outlives this one, even if it is killed
+        run_simulation(
+            server_app=server,
+            client_app=make_client_app(config),
+            num_supernodes=config.clients,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": False},
+            },
+        )
     if failures:
         raise failures[0]
     results = out / RESULTS_FILE
