@@ -144,11 +144,15 @@ def main() -> None:
     started = time.monotonic()
     subprocess.run(flexmoe("--out", str(work / "reference"), *SETTINGS), check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    reference_s = time.monotonic() - started
     reference = results_of(work / "reference")
     rng = random.Random(args.seed)
     scenarios = [(name, {"FLEXMOE_CRASH_AT": text, "FLEXMOE_CRASH_NTH": str(nth)}, None)
                  for name, text, nth in CHOSEN]  # fmt: skip
-    scenarios += [(f"random kill {i + 1}", {}, rng.uniform(15, 60)) for i in range(RANDOM_KILLS)]
+    scenarios += [  # somewhere between its start-up and its end, as long as a run takes here
+        (f"random kill {i + 1}", {}, rng.uniform(0.15, 0.9) * reference_s)
+        for i in range(RANDOM_KILLS)
+    ]
     report = []
     for index, (name, hook_env, delay) in enumerate(scenarios):
         folder, marker = work / f"run-{index}", work / f"marker-{index}"
@@ -166,6 +170,7 @@ def main() -> None:
     summary = {
         "settings": SETTINGS,
         "reference": reference,
+        "reference_wall_s": round(reference_s, 1),
         "scenarios": report,
         "all_killed": all(o["killed"] for o in report),
         "all_equal": all(o.get("results_equal_uninterrupted") for o in report),
