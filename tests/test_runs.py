@@ -140,8 +140,12 @@ STARTER = """
 import subprocess, sys, time
 from flexmoe.federated.reaper import reaped
 with reaped():
-    orphan = subprocess.Popen(["sleep", "120"], start_new_session=True)
-    print(orphan.pid, flush=True)
+    carrier = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    # a grandchild with a clean environment, as Ray's agents are started by the raylet
+    shell = "env -i sleep 120 & echo $!; wait"
+    parent = subprocess.Popen(["sh", "-c", shell], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    print(carrier.pid, parent.stdout.readline().strip(), flush=True)
     time.sleep(120)
 """
 
@@ -149,11 +153,12 @@ with reaped():
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="the reaper reads /proc")
 def test_processes_started_in_a_killed_run_die_with_it():
     starter = subprocess.Popen([sys.executable, "-c", STARTER], stdout=subprocess.PIPE, text=True)
-    orphan = int(starter.stdout.readline())
-    assert alive(orphan)
+    orphans = [int(pid) for pid in starter.stdout.readline().split()]
+    assert len(orphans) == 2 and all(alive(pid) for pid in orphans)
+    time.sleep(1.5)  # the watchdog notes the run's processes every second
     starter.send_signal(signal.SIGKILL)
     starter.wait()
-    assert wait_gone(orphan)
+    assert all(wait_gone(pid) for pid in orphans)
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="the reaper reads /proc")

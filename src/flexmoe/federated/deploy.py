@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.protocol import OUT_DIR, NodeConfig
+from flexmoe.federated.reaper import descendants_of, kill_if_alive
 
 ConfigValue = str | int | float | bool
 
@@ -190,7 +191,7 @@ def free_ports(count: int) -> list[int]:
 
 def stop_all(processes: Sequence[Process]) -> None:
     """Terminate every process group (and stray descendants), then kill what remains."""
-    descendants = _descendants(p.popen.pid for p in processes)
+    descendants = descendants_of(p.popen.pid for p in processes)
     for process in processes:
         _signal_group(process.popen, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
@@ -199,11 +200,7 @@ def stop_all(processes: Sequence[Process]) -> None:
             process.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
         _signal_group(process.popen, signal.SIGKILL)
         process.popen.wait()
-    alive = _process_table()
-    for pid, started in descendants.items():
-        if pid in alive and alive[pid][1] == started:  # the same process, not a reused PID
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    kill_if_alive(descendants)
 
 
 def _prepare(out_dir: Path, supernodes: int) -> Deployment:
@@ -469,34 +466,6 @@ def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as file:
         file.write(data)
-
-
-def _descendants(roots: Iterable[int]) -> dict[int, int]:
-    """Descendant PIDs of `roots`, each with its start time (Linux /proc; empty elsewhere)."""
-    table = _process_table()
-    children: dict[int, list[int]] = {}
-    for pid, (parent, _) in table.items():
-        children.setdefault(parent, []).append(pid)
-    found: dict[int, int] = {}
-    stack = list(roots)
-    while stack:
-        for child in children.get(stack.pop(), ()):
-            if child not in found:
-                found[child] = table[child][1]
-                stack.append(child)
-    return found
-
-
-def _process_table() -> dict[int, tuple[int, int]]:
-    """Every visible PID with its parent PID and start time, read from /proc/<pid>/stat."""
-    table = {}
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat_file.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        table[int(stat_file.parent.name)] = (int(fields[1]), int(fields[19]))
-    return table
 
 
 def _signal_group(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:
