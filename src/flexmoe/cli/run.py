@@ -86,7 +86,8 @@ def run_deploy_local(args: argparse.Namespace) -> None:
     """Run the app on a local TLS deployment of Flower and print its results."""
     config = settings(args).updated({"clients": args.supernodes})
     from flexmoe.federated.deploy import deploy_local, find_app_dir
-    from flexmoe.federated.simulation import check_out, check_run
+    from flexmoe.federated.federation import check_out
+    from flexmoe.federated.simulation import check_run
     from flexmoe.results import read_results
 
     out = (args.out or default_out(config, "deploy-")).resolve()

@@ -97,19 +97,30 @@ def start_or_resume(
     out: Path, config: RunConfig, method: Method, strategy: FedAvg, resume: bool
 ) -> tuple[Checkpoint, ArrayRecord]:
     """The saved state of the run in ``out``, or a new run's, saved at once as round 0."""
+    check_out(out, config, resume)
     if (out / CHECKPOINT_FILE).is_file():
-        if not resume:
-            raise FlexMoEError(f"{describe_run(out)}; continue it with --resume {out}")
-        check_resumable(out, config)
         state, arrays = load_checkpoint(out, strategy)
         state.config = asdict(config)  # the same settings, but for the number of rounds
         return state, arrays
-    if (out / RESULTS_FILE).is_file():
-        raise FlexMoEError(f"{out} holds the results of an earlier run; give another --out")
     state = Checkpoint(run_id=secrets.token_hex(8), config=asdict(config))
     arrays = initial_arrays(config, method)
     save_checkpoint(out, state, arrays, strategy)
     return state, arrays
+
+
+def check_out(out: Path, config: RunConfig, resume: bool) -> None:
+    """Refuse an output folder that holds another run, its results, or a damaged checkpoint.
+
+    A folder holding a run is continued only with ``resume`` and the same settings (the rounds
+    may grow); its checkpoint is read whole here, so that damage shows before anything starts.
+    """
+    if (out / CHECKPOINT_FILE).is_file():
+        if not resume:
+            raise FlexMoEError(f"{describe_run(out)}; continue it with --resume {out}")
+        check_resumable(out, config)
+        load_checkpoint(out, make_strategy(get_method(config.method), config))
+    elif (out / RESULTS_FILE).is_file():
+        raise FlexMoEError(f"{out} holds the results of an earlier run; give another --out")
 
 
 def remove_temporary_files(out: Path) -> None:

@@ -14,19 +14,15 @@ from flexmoe.client import client_datasets
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.client_app import make_client_app
 from flexmoe.federated.federation import (
-    check_resumable,
-    describe_run,
-    load_checkpoint,
+    check_out,
     run_federation,
 )
 from flexmoe.federated.reaper import reaped
-from flexmoe.federated.strategies import make_strategy
 from flexmoe.io import folder_lock
 from flexmoe.loading import load_model
 from flexmoe.methods import get_method
 from flexmoe.moe import find_moe_blocks
 from flexmoe.results import (
-    CHECKPOINT_FILE,
     RESULTS_FILE,
     RunResults,
     read_results,
@@ -76,19 +72,6 @@ def _simulate(config: RunConfig, out: Path, progress: bool, resume: bool) -> Run
     if not results.is_file():
         raise FlexMoEError(f"the run ended without writing {results}; see the log above")
     return read_results(results)
-
-
-def check_out(out: Path, config: RunConfig, resume: bool) -> None:
-    """Refuse, before anything starts, an output folder that holds another run or its results."""
-    if (out / CHECKPOINT_FILE).is_file():
-        if not resume:
-            raise FlexMoEError(f"{describe_run(out)}; continue it with --resume {out}")
-        check_resumable(out, config)
-        load_checkpoint(out, make_strategy(get_method(config.method), config))
-    elif resume:
-        raise FlexMoEError(f"{out} holds no run to resume; give the output folder of a run")
-    elif (out / RESULTS_FILE).is_file():
-        raise FlexMoEError(f"{out} holds the results of an earlier run; give another --out")
 
 
 def check_run(config: RunConfig) -> None:
