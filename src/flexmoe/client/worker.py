@@ -108,9 +108,11 @@ class ClientWorker:
                 f"client {self.client_id}, round {round_}: the training loss became "
                 f"{next(x for x in losses if not math.isfinite(x))}; lower the learning rate"
             )
-        trained = [n for n, p in model.model.named_parameters() if p.requires_grad]
-        parameters = dict(model.model.named_parameters())
-        broken = [n for n in trained if not torch.isfinite(parameters[n]).all()]
+        broken = [
+            name
+            for name, parameter in model.model.named_parameters()
+            if parameter.requires_grad and not torch.isfinite(parameter).all()
+        ]
         if broken:
             raise FlexMoEError(
                 f"client {self.client_id}, round {round_}: {len(broken)} trained parameters "

@@ -109,16 +109,15 @@ def start_or_resume(
 
 
 def check_out(out: Path, config: RunConfig, resume: bool) -> None:
-    """Refuse an output folder that holds another run, its results, or a damaged checkpoint.
+    """Refuse an output folder that holds another run or its results.
 
     A folder holding a run is continued only with ``resume`` and the same settings (the rounds
-    may grow); its checkpoint is read whole here, so that damage shows before anything starts.
+    may grow).
     """
     if (out / CHECKPOINT_FILE).is_file():
         if not resume:
             raise FlexMoEError(f"{describe_run(out)}; continue it with --resume {out}")
         check_resumable(out, config)
-        load_checkpoint(out, make_strategy(get_method(config.method), config))
     elif (out / RESULTS_FILE).is_file():
         raise FlexMoEError(f"{out} holds the results of an earlier run; give another --out")
 

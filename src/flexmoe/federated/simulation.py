@@ -15,14 +15,17 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.federated.client_app import make_client_app
 from flexmoe.federated.federation import (
     check_out,
+    load_checkpoint,
     run_federation,
 )
 from flexmoe.federated.reaper import reaped
+from flexmoe.federated.strategies import make_strategy
 from flexmoe.io import folder_lock
 from flexmoe.loading import load_model
 from flexmoe.methods import get_method
 from flexmoe.moe import find_moe_blocks
 from flexmoe.results import (
+    CHECKPOINT_FILE,
     RESULTS_FILE,
     RunResults,
     read_results,
@@ -40,6 +43,8 @@ def simulate(
     """
     with folder_lock(out):
         check_out(out, config, resume)
+        if (out / CHECKPOINT_FILE).is_file():  # read it whole, so damage shows before Ray starts
+            load_checkpoint(out, make_strategy(get_method(config.method), config))
         check_run(config)
         return _simulate(config, out, progress, resume)
 
