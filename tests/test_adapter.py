@@ -100,3 +100,17 @@ def test_a_base_that_differs_only_in_expert_and_attention_weights_is_told_apart(
         FlexModel.from_pretrained(other, tmp_path)
     same = build_model("qwen2_moe")
     assert fingerprint(same) == fingerprint(same.to(torch.bfloat16)) == flex.base_fingerprint
+
+
+def test_an_adapter_keeps_the_criterion_losses_it_was_grafted_with(tmp_path):
+    flex, choices = FlexModel.graft(build_model("qwen2_moe"), random_batches(), FlexConfig())
+    assert [g.losses for g in flex.grafts] == [tuple(c.losses) for c in choices]
+    assert all(len(g.losses) == 6 for g in flex.grafts)
+    flex.save_pretrained(tmp_path)
+    assert FlexModel.from_pretrained(build_model("qwen2_moe"), tmp_path).grafts == flex.grafts
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    for layer in config["grafts"]:
+        del layer["losses"]  # as an adapter saved before losses were kept
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    old = FlexModel.from_pretrained(build_model("qwen2_moe"), tmp_path)
+    assert [g.losses for g in old.grafts] == [(), ()]

@@ -395,3 +395,9 @@ def test_an_interrupted_cell_with_other_settings_is_not_resumed(tmp_path):
     write_checkpoint(tmp_path / cell.name, Checkpoint(run_id="r", config=asdict(other)))
     [outcome] = run_cells(tmp_path, [cell], jobs=1, command=fake_command(), echo=lambda _: None)
     assert outcome.status == "failed" and "rounds 3 -> 2" in outcome.reason
+
+
+def test_bench_runs_every_cell_on_the_model_it_is_given(capsys):
+    assert main(["bench", "--matrix", "smoke", "--list", "--model", "smol-moe"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all("--model smol-moe" in line for line in lines)

@@ -32,6 +32,8 @@ def test_the_fitting_cache_depends_on_the_prompt_template(tmp_path, monkeypatch,
     monkeypatch.setenv("FLEXMOE_CACHE", str(tmp_path))
     examples = [InstructionExample("Say it.", "", "word")]
     fitting_examples(examples, tokenizer, 200)
-    monkeypatch.setattr(datasets, "format_prompt", lambda e: f"Q: {e.instruction}\nA: ")
+    monkeypatch.setattr(
+        datasets, "format_prompt", lambda e, tokenizer=None: f"Q: {e.instruction}\nA: "
+    )
     fitting_examples(examples, tokenizer, 200)
     assert len(list((tmp_path / "fitting").glob("*.json"))) == 2

@@ -1,4 +1,4 @@
-"""Alpaca template, prompt masking, truncation, collation and seeded batching."""
+"""Alpaca and chat templates, prompt masking, truncation, collation and seeded batching."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from flexmoe.data import (
     IGNORE_INDEX,
     PROMPT_NO_INPUT,
+    PROMPT_WITH_INPUT,
     InstructionExample,
     TokenizedExample,
     collate,
@@ -177,3 +178,44 @@ def test_batch_larger_than_the_data_cycles():
 def test_bad_batching_arguments(items, batch_size, seed):
     with pytest.raises(FlexMoEError):
         iterate_batches(items, batch_size, seed)  # checked on the call, not on the first next()
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture
+def chat_tokenizer(tokenizer) -> PreTrainedTokenizerFast:
+    """The same tokenizer with a chat template, a bos it adds by itself, and <|im_end|> as eos."""
+    chat = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer, eos_token="<eos>", pad_token="<pad>"
+    )
+    chat.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chat.eos_token = "<|im_end|>"
+    chat.chat_template = CHAT_TEMPLATE
+    return chat
+
+
+def test_a_model_with_a_chat_template_is_prompted_in_it(chat_tokenizer):
+    expected = (
+        "<|im_start|>user\nTranslate to French.\n\nGood morning<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert format_prompt(WITH_INPUT, chat_tokenizer) == expected
+    assert format_prompt(NO_INPUT, chat_tokenizer).startswith("<|im_start|>user\nName a primary")
+    assert format_prompt(WITH_INPUT) == PROMPT_WITH_INPUT.format(
+        instruction=WITH_INPUT.instruction, input=WITH_INPUT.input
+    )
+
+
+def test_chat_prompts_hold_the_template_tokens_once_and_end_the_answer_with_its_eos(
+    chat_tokenizer,
+):
+    start = chat_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    tokenized = tokenize_example(NO_INPUT, chat_tokenizer, max_length=200)
+    prompt = encode_prompt(NO_INPUT, chat_tokenizer)
+    assert tokenized.input_ids[: len(prompt)] == prompt
+    assert prompt.count(start) == 2  # the user turn and the assistant cue, nothing added
+    assert tokenized.input_ids[-1] == chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert chat_tokenizer.decode(tokenized.input_ids[len(prompt) : -1]) == NO_INPUT.output

@@ -8,8 +8,9 @@ import torch
 from conftest import TEXTS, build_model
 
 import flexmoe
+from flexmoe.data import heldout_texts
 from flexmoe.errors import FlexMoEError
-from flexmoe.evaluation.perplexity import domain_perplexities, heldout_texts, perplexity
+from flexmoe.evaluation.perplexity import domain_perplexities, perplexity
 
 TEXT = " ".join(TEXTS)
 

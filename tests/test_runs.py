@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from flexmoe.cli import main
 from flexmoe.client.state import StateStore
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.federation import check_out
-from flexmoe.io import LOCK_FILE, folder_lock
+from flexmoe.io import LOCK_FILE, atomic_folder, folder_lock
 from flexmoe.results import Checkpoint, write_checkpoint
 from flexmoe.runconfig import RunConfig
 
@@ -67,15 +68,24 @@ def test_a_held_folder_is_refused_and_released_after(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_a_lock_held_by_a_killed_process_is_taken_over(tmp_path):
+def lock_holder(folder: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding ``folder`` for ``seconds``; it touches ``finished`` just before
+    it lets go."""
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time; from pathlib import Path; from flexmoe.io import folder_lock\n"
-         "with folder_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)",
-         str(tmp_path)],
+         "with folder_lock(Path(sys.argv[1])):\n"
+         "    print('held', flush=True); time.sleep(float(sys.argv[2]))\n"
+         "    (Path(sys.argv[1]) / 'finished').touch()",
+         str(folder), str(seconds)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_lock_held_by_a_killed_process_is_taken_over(tmp_path):
+    holder = lock_holder(tmp_path, 60)
     with (
         pytest.raises(FlexMoEError, match=f"in use by process {holder.pid} on"),
         folder_lock(tmp_path),
@@ -86,6 +96,27 @@ def test_a_lock_held_by_a_killed_process_is_taken_over(tmp_path):
     assert (tmp_path / LOCK_FILE).exists()  # left behind, but no longer held
     with folder_lock(tmp_path):
         assert f"process {os.getpid()}" in (tmp_path / LOCK_FILE).read_text()
+
+
+def test_a_waiting_holder_is_told_who_holds_the_folder_and_gets_it_when_released(tmp_path):
+    holder = lock_holder(tmp_path, 1)
+    told = []
+    with folder_lock(tmp_path, waiting=told.append):
+        assert (tmp_path / "finished").exists()  # written by the first holder just before release
+        assert f"process {os.getpid()}" in (tmp_path / LOCK_FILE).read_text()
+    assert told == [f"process {holder.pid} on {socket.gethostname()}"]
+
+
+def test_an_atomic_folder_appears_whole_or_not_at_all(tmp_path):
+    with atomic_folder(tmp_path / "done") as scratch:
+        (scratch / "weights").write_text("w")
+    assert [p.name for p in (tmp_path / "done").iterdir()] == ["weights"]
+    with pytest.raises(RuntimeError), atomic_folder(tmp_path / "failed") as scratch:
+        (scratch / "weights").write_text("partial")
+        raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done"]
+    with pytest.raises(FlexMoEError, match="already exists"), atomic_folder(tmp_path / "done"):
+        pass
 
 
 class Saved:

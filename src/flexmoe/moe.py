@@ -23,7 +23,7 @@ from flexmoe.errors import FlexMoEError
 ROUTER_NAMES = ("gate", "router")
 SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
 SHARED_GATE_NAMES = ("shared_expert_gate",)
-TESTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v3")
+TESTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v3", "glm4_moe")
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,8 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlockView]:
             f"model type {_model_type(model)!r} has no sparse MoE block with fused experts. "
             f"flexmoe supports transformers 5.x MoE models whose experts are fused "
             f"'gate_up_proj'/'down_proj' parameters with a router named 'gate' or 'router' "
-            f"(tested: {', '.join(TESTED_MODEL_TYPES)}); a dense model cannot be grafted."
+            f"(tested: {', '.join(TESTED_MODEL_TYPES)}); a dense model cannot be grafted: carve "
+            "it into experts first with `flexmoe carve`."
         )
     return views
 

@@ -115,6 +115,7 @@ class Diagnostics:
     routing: Routing
     flops_per_token: FlopsPerToken
     grafted_experts: dict[str, list[int]]  # MoE layer -> source experts
+    graft_losses: dict[str, list[float]] = field(default_factory=dict)  # layer -> L({e}) per expert
 
 
 @dataclass(kw_only=True)
@@ -131,6 +132,7 @@ class ClientResult:
     routing: Routing | None = None
     flops_per_token: FlopsPerToken | None = None
     grafted_experts: dict[str, list[int]] | None = None
+    graft_losses: dict[str, list[float]] | None = None
     bytes_up: int = 0
     bytes_down: int = 0
 

@@ -76,7 +76,7 @@ class RunConfig:
     lr: float = setting(1e-3, "learning rate, cosine-decayed across rounds", above(0))
     min_lr: float = setting(1e-5, "learning rate of the last round", at_least(0))
     seed: int = setting(0, "data split, initialisation, batches", at_least(0))
-    model: str = setting("tiny", "a local Hugging Face MoE folder, or tiny", nonempty)
+    model: str = setting("tiny", "a local Hugging Face MoE folder, or tiny or smol-moe", nonempty)
     data: str = setting("ni", "ni (Natural Instructions v1) or an Alpaca/Dolly file", nonempty)
     fraction_train: float = setting(1.0, "share of clients sampled per round", between(0, 1, True))
     experts_per_layer: int = setting(1, "experts grafted per MoE layer (FLEx)", at_least(1))

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from flexmoe.benchmark.matrix import DEFAULT_ROOT, MATRICES
-from flexmoe.cli.options import integers, names
+from flexmoe.cli.options import MODEL_HELP, integers, names
 from flexmoe.errors import FlexMoEError
 
 
@@ -15,7 +15,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _add_report(commands)
 
 
-BENCH_OVERRIDES = ("rounds", "local_steps", "max_train", "max_test", "max_new_tokens")
+BENCH_OVERRIDES = {  # settings one option sets for every cell
+    "model": (str, "MODEL", MODEL_HELP),
+    **{
+        name: (int, "N", "for every cell")
+        for name in ("rounds", "local_steps", "max_train", "max_test", "max_new_tokens")
+    },
+}
 
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:
@@ -32,10 +38,8 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--methods", type=names, help="comma-separated, e.g. flex,fedavg")
     bench.add_argument("--seeds", type=integers, help="comma-separated, e.g. 0,1,2")
     bench.add_argument("--splits", type=names, help="groups to keep, e.g. pathological,dirichlet")
-    for name in BENCH_OVERRIDES:
-        bench.add_argument(
-            f"--{name.replace('_', '-')}", type=int, metavar="N", help="for every cell"
-        )
+    for name, (kind, metavar, text) in BENCH_OVERRIDES.items():
+        bench.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar=metavar, help=text)
     bench.add_argument("--list", action="store_true", help="print the cells and run nothing")
     bench.set_defaults(command=run_bench)
 
@@ -57,6 +61,7 @@ def run_bench(args: argparse.Namespace) -> None:
     from flexmoe.benchmark.matrix import select
     from flexmoe.benchmark.report import write_report
     from flexmoe.benchmark.runner import describe, failures, run_cells
+    from flexmoe.loading import resolve_model_path
     from flexmoe.results import RESULTS_FILE
 
     overrides = {n: getattr(args, n) for n in BENCH_OVERRIDES if getattr(args, n) is not None}
@@ -67,6 +72,8 @@ def run_bench(args: argparse.Namespace) -> None:
             print(f"{cell.name}  {' '.join(cell.arguments())}")
         return
     print(f"flexmoe bench: matrix {matrix.name}, {len(cells)} cells -> {root}")
+    for model in sorted({cell.config().model for cell in cells}):
+        resolve_model_path(model)  # build a named model once here, not in every cell at once
     failed = failures(run_cells(root, cells, args.jobs))
     if any(root.rglob(RESULTS_FILE)):
         print(f"report written to {write_report(root)}")

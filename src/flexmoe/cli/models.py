@@ -7,14 +7,47 @@ import json
 import time
 from pathlib import Path
 
-from flexmoe.cli.options import integers
+from flexmoe.cli.options import MODEL_HELP, integers
 from flexmoe.errors import FlexMoEError
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
+    _add_carve(commands)
     _add_graft(commands)
     _add_eval(commands)
     _add_info(commands)
+
+
+def _add_carve(commands: argparse._SubParsersAction) -> None:
+    carve = commands.add_parser(
+        "carve",
+        help="carve a dense causal LM with gated MLPs into an MoE checkpoint",
+        description="Split every FFN of a dense model (Llama, Mistral, Qwen2, SmolLM; a Hugging "
+        "Face folder or a GGUF file) into a shared expert and equal routed experts by "
+        "co-activation on calibration text, fit a router per layer, and save a glm4_moe "
+        "checkpoint that AutoModelForCausalLM loads and flexmoe grafts like any MoE.",
+    )
+    carve.add_argument("--model", required=True, help="dense model folder or .gguf file")
+    carve.add_argument("--out", required=True, type=Path, help="new folder for the MoE")
+    carve.add_argument("--experts", type=int, default=16, help="routed experts per layer")
+    carve.add_argument("--top-k", type=int, default=12, help="routed experts per token")
+    carve.add_argument(
+        "--shared-neurons", type=int, default=512, metavar="S", help="always-active neurons"
+    )
+    carve.add_argument(
+        "--calibration",
+        default="default",
+        help="a UTF-8 text file to calibrate on, or 'default' for flexmoe's packaged text",
+    )
+    carve.add_argument(
+        "--no-refit",
+        dest="refit",
+        action="store_false",
+        help="keep the dense down projections (exact with every expert active) instead of "
+        "refitting them by least squares for the chosen top-k",
+    )
+    carve.add_argument("--seed", type=int, default=0, help="of the clustering")
+    carve.set_defaults(command=run_carve, loads_models=True)
 
 
 def _add_graft(commands: argparse._SubParsersAction) -> None:
@@ -24,7 +57,7 @@ def _add_graft(commands: argparse._SubParsersAction) -> None:
         description="Score every expert of every MoE layer on local data, graft the best, "
         "and write the personal adapter plus graft_report.json to --out.",
     )
-    graft.add_argument("--model", required=True, help="local Hugging Face model folder, or 'tiny'")
+    graft.add_argument("--model", required=True, help=MODEL_HELP)
     graft.add_argument("--data", required=True, help="instruction data: .jsonl, .json or .parquet")
     graft.add_argument("--out", required=True, type=Path, help="folder for the adapter")
     graft.add_argument("--experts-per-layer", type=int, default=1, metavar="R")
@@ -56,7 +89,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         "cost", help="MoE FLOPs per token and forward latency of grafted models against the base"
     )
     for parser in (mmlu, perplexity, cost):
-        parser.add_argument("--model", required=True, help="local model folder, or 'tiny'")
+        parser.add_argument("--model", required=True, help=MODEL_HELP)
         parser.add_argument("--adapter", type=Path, help="a personal adapter to load first")
         parser.add_argument("--out", type=Path, help="also write the JSON result here")
     mmlu.add_argument("--shots", type=int, default=0, metavar="K", help="0..5 (default 0)")
@@ -79,9 +112,46 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
 
 def _add_info(commands: argparse._SubParsersAction) -> None:
     info = commands.add_parser("info", help="describe a model's MoE structure")
-    info.add_argument("model", help="local Hugging Face model folder, or 'tiny'")
+    info.add_argument("model", help=MODEL_HELP)
     info.add_argument("--adapter", type=Path, help="also load and describe a personal adapter")
     info.set_defaults(command=run_info, loads_models=True)
+
+
+def run_carve(args: argparse.Namespace) -> None:
+    """Carve a dense model into an MoE and save it."""
+    from flexmoe.carving import CarveConfig
+    from flexmoe.io import check_new_folder
+    from flexmoe.loading import carve_and_save, load_dense_model
+
+    check_new_folder(args.out)  # before minutes of loading
+    config = CarveConfig(args.experts, args.top_k, args.shared_neurons, args.refit, args.seed)
+    texts = None if args.calibration == "default" else [_calibration_text(Path(args.calibration))]
+    dense, tokenizer = load_dense_model(args.model)
+    config.expert_size(dense.config.intermediate_size)  # a bad setting fails before the work
+    _, report = carve_and_save(dense, tokenizer, config, args.out, texts)
+    lost = [
+        layer.energy_lost if layer.energy_lost_refit is None else layer.energy_lost_refit
+        for layer in report.layers
+    ]
+    print(
+        f"carved {len(report.layers)} layers into {config.experts} experts of "
+        f"{report.expert_size} neurons + {config.shared_neurons} shared, top-{config.top_k}: "
+        f"{report.active_fraction:.0%} of FFN neurons active per token"
+    )
+    print(
+        f"FFN output energy lost at top-{config.top_k} on {report.calibration_tokens:,} "
+        f"calibration tokens: mean {sum(lost) / len(lost):.3f}, worst {max(lost):.3f}"
+    )
+    print(f"written to {args.out} in {report.wall_s:.0f} s (report: {args.out}/carve_report.json)")
+
+
+def _calibration_text(path: Path) -> str:
+    if not path.is_file():
+        raise FlexMoEError(f"calibration file {str(path)!r} does not exist; give a text file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FlexMoEError(f"calibration file {str(path)!r} is not UTF-8 text") from None
 
 
 def run_graft(args: argparse.Namespace) -> None:
@@ -167,8 +237,7 @@ def run_eval_perplexity(args: argparse.Namespace) -> None:
 
 def run_eval_cost(args: argparse.Namespace) -> None:
     """Side by side on the same held-out text: the base model and the grafted model(s)."""
-    from flexmoe.evaluation.cost import text_batches
-    from flexmoe.evaluation.perplexity import heldout_texts
+    from flexmoe.data import heldout_texts, text_batches
     from flexmoe.loading import load_model
 
     if args.adapter is not None and args.experts_per_layer:
@@ -241,6 +310,12 @@ def run_info(args: argparse.Namespace) -> None:
         ("expert size", f"hidden {first.hidden_size}, intermediate {first.intermediate_size}"),
         ("shared expert", shared),
     ]
+    carving = getattr(model.config, "flexmoe_carving", None)
+    if carving:
+        rows.append(
+            ("carved from", f"{carving['source']}: {carving['active_fraction']:.0%} of FFN "
+             f"neurons active per token, {carving['calibration_tokens']:,} calibration tokens")
+        )  # fmt: skip
     if args.adapter is not None:
         from flexmoe.model import FlexModel
 

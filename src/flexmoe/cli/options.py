@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+MODEL_HELP = "a local Hugging Face MoE folder, or a named model: tiny, smol-moe"
+
 
 def names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]

@@ -15,11 +15,12 @@ from flexmoe.data import (
     InstructionExample,
     build_client_datasets,
     format_prompt,
+    heldout_texts,
     load_dataset,
     partition_examples,
+    prompt_ids,
 )
 from flexmoe.errors import FlexMoEError
-from flexmoe.evaluation.perplexity import heldout_texts
 from flexmoe.io import atomic_write_text
 from flexmoe.loading import load_tokenizer
 from flexmoe.runconfig import RunConfig
@@ -44,12 +45,12 @@ def fitting_examples(
     """
     key = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
     for example in examples:
-        key.update(json.dumps([format_prompt(example), example.output]).encode())
+        key.update(json.dumps([format_prompt(example, tokenizer), example.output]).encode())
     cache = cache_dir() / "fitting" / f"{key.hexdigest()[:24]}-{max_length}.json"
     if cache.is_file():
         kept = json.loads(cache.read_text())
     else:
-        prompts = tokenizer([format_prompt(e) for e in examples])["input_ids"]
+        prompts = prompt_ids(examples, tokenizer)
         answers = tokenizer([e.output for e in examples], add_special_tokens=False)["input_ids"]
         lengths = [len(p) + len(a) for p, a in zip(prompts, answers, strict=True)]
         kept = [i for i, length in enumerate(lengths) if length < max_length]

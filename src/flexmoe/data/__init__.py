@@ -19,7 +19,12 @@ from flexmoe.data.partition import (
     pathological_partition,
     train_test_split,
 )
-from flexmoe.data.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_prompt
+from flexmoe.data.prompts import (
+    PROMPT_NO_INPUT,
+    PROMPT_WITH_INPUT,
+    format_prompt,
+    has_chat_template,
+)
 from flexmoe.data.records import (
     InstructionExample,
     category_counts,
@@ -27,6 +32,7 @@ from flexmoe.data.records import (
     load_instructions,
 )
 from flexmoe.data.sources import NATURAL_INSTRUCTIONS, NATURAL_INSTRUCTIONS_NAMES, load_dataset
+from flexmoe.data.texts import calibration_texts, heldout_texts, packaged_texts, text_batches
 from flexmoe.data.tokenization import (
     IGNORE_INDEX,
     TokenizedExample,
@@ -36,6 +42,7 @@ from flexmoe.data.tokenization import (
     eos_token_id,
     iterate_batches,
     pad_token_id,
+    prompt_ids,
     sequential_batches,
     tokenize_example,
     tokenize_examples,
@@ -56,6 +63,7 @@ __all__ = [
     "Partition",
     "TokenizedExample",
     "build_client_datasets",
+    "calibration_texts",
     "category_counts",
     "collate",
     "collate_prompts",
@@ -65,16 +73,21 @@ __all__ = [
     "example_from_record",
     "fetch_bigbench_sdist",
     "format_prompt",
+    "has_chat_template",
+    "heldout_texts",
     "iterate_batches",
     "load_dataset",
     "load_instructions",
     "load_natural_instructions",
     "natural_instructions_tasks",
+    "packaged_texts",
     "pad_token_id",
     "partition_examples",
     "pathological_partition",
+    "prompt_ids",
     "read_tasks_from_tarball",
     "sequential_batches",
+    "text_batches",
     "tokenize_example",
     "tokenize_examples",
     "train_test_split",

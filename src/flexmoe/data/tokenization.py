@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 import torch
 
-from flexmoe.data.prompts import format_prompt
+from flexmoe.data.prompts import format_prompt, has_chat_template
 from flexmoe.data.records import InstructionExample
 from flexmoe.errors import FlexMoEError
 
@@ -41,11 +41,20 @@ def encode_prompt(
     example: InstructionExample, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
 ) -> list[int]:
     """Prompt token ids for generation; if too long, keeps the last `max_length` tokens."""
-    ids = tokenizer.encode(format_prompt(example), add_special_tokens=True)
+    ids = prompt_ids([example], tokenizer)[0]
     if max_length is not None:
         _check_max_length(max_length)
         ids = ids[-max_length:]
     return ids
+
+
+def prompt_ids(
+    examples: Sequence[InstructionExample], tokenizer: PreTrainedTokenizerBase
+) -> list[list[int]]:
+    """Token ids of each example's prompt in the model's template; a chat template writes its
+    own special tokens, so the tokenizer adds none to it."""
+    prompts = [format_prompt(example, tokenizer) for example in examples]
+    return tokenizer(prompts, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
 
 
 def tokenize_example(
@@ -59,7 +68,7 @@ def tokenize_example(
     ``terminate=False`` leaves out the eos, for scoring text with tokenizers that have none.
     """
     _check_max_length(max_length)
-    prompt = tokenizer.encode(format_prompt(example), add_special_tokens=True)
+    prompt = prompt_ids([example], tokenizer)[0]
     response = tokenizer.encode(example.output, add_special_tokens=False)
     if terminate:
         response.append(eos_token_id(tokenizer))

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.graft import GraftedMoEBlock, grafted_blocks
@@ -105,25 +104,6 @@ def latency_ratio(
     tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
     ratio = medians["personalised_s"] / medians["base_s"]
     return {**medians, "ratio": ratio, "repeats": repeats, "tokens": tokens}
-
-
-def text_batches(
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Iterable[str],
-    seq_len: int,
-    batch_size: int,
-    count: int,
-) -> list[Batch]:
-    """``count`` full batches of ``seq_len``-token windows cut from ``texts`` joined."""
-    ids = [i for text in texts for i in tokenizer.encode(text, add_special_tokens=False)]
-    needed = count * batch_size * seq_len
-    if len(ids) < needed:
-        raise FlexMoEError(
-            f"the texts give {len(ids)} tokens, fewer than the {needed} that {count} batches of "
-            f"{batch_size} x {seq_len} need; ask for fewer or shorter batches"
-        )
-    windows = torch.tensor(ids[:needed]).view(count, batch_size, seq_len)
-    return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows]
 
 
 def price_of_grafts(

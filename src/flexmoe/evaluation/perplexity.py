@@ -9,30 +9,14 @@ log-likelihood over all windows.
 from __future__ import annotations
 
 import math
-from importlib import resources
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from flexmoe.data import IGNORE_INDEX, TokenizedExample, collate, pad_token_id
+from flexmoe.data import IGNORE_INDEX, TokenizedExample, collate, heldout_texts, pad_token_id
 from flexmoe.errors import FlexMoEError
-
-HELDOUT_FOLDER = ("assets", "heldout")
-
-
-def heldout_texts() -> dict[str, str]:
-    """The packaged held-out text of every domain, by domain name, sorted."""
-    folder = resources.files("flexmoe").joinpath(*HELDOUT_FOLDER)
-    texts = {
-        entry.name.removesuffix(".txt"): entry.read_text(encoding="utf-8")
-        for entry in folder.iterdir()
-        if entry.name.endswith(".txt")
-    }
-    if not texts:
-        raise FlexMoEError("no held-out texts in flexmoe/assets/heldout; reinstall flexmoe")
-    return dict(sorted(texts.items()))
 
 
 @torch.no_grad()
