@@ -3,6 +3,7 @@
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from flexmoe.cli import main
 from flexmoe.client.state import StateStore
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.federation import check_out
-from flexmoe.io import LOCK_FILE, atomic_folder, folder_lock
+from flexmoe.io import LOCK_FILE, atomic_folder, atomic_write_text, folder_lock
 from flexmoe.results import Checkpoint, write_checkpoint
 from flexmoe.runconfig import RunConfig
 
@@ -117,6 +118,30 @@ def test_an_atomic_folder_appears_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done"]
     with pytest.raises(FlexMoEError, match="already exists"), atomic_folder(tmp_path / "done"):
         pass
+
+
+@pytest.mark.parametrize(
+    ("umask", "file_mode", "folder_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)]
+)
+def test_atomic_writes_get_the_permissions_of_a_plain_write(
+    tmp_path, umask, file_mode, folder_mode
+):
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "plain.json").write_text("{}")
+        atomic_write_text(tmp_path / "atomic.json", "{}")
+        with atomic_folder(tmp_path / "folder"):
+            pass
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {
+        "plain.json": file_mode,
+        "atomic.json": file_mode,
+        "plain": folder_mode,
+        "folder": folder_mode,
+    }
 
 
 class Saved:

@@ -1,6 +1,6 @@
 """How much smol-moe keeps of its dense source, SmolLM2-135M-Instruct, measured side by side.
 
-    python benchmarks/smol_moe/quality.py [--mmlu-limit 10] [--top-k 8,10,12,14,16]
+    python benchmarks/smol_moe/quality.py [--mmlu-limit 20] [--top-k 8,10,12,14,16]
 
 Held-out perplexity per domain of the dense model and of the carving at each top-k; MMLU 0-shot
 of both on the same questions (with the paired difference); how differently the carving routes
@@ -82,11 +82,13 @@ def mmlu(dense, carved, tokenizer, limit: int) -> dict:
     first, _ = split_few_shot(test, limit)
     questions = [q for group in first.values() for q in group]
     prompts = [build_prompt(q) for q in questions]
-    right = {}
+    right, letters, chosen = {}, {}, {}
     for name, model in (("dense", dense), ("carved", carved)):
         logprobs, _ = choice_logprobs(model, tokenizer, prompts, batch_size=8)
         picks = logprobs.argmax(dim=-1).tolist()
         right[name] = [int(p == q.answer) for p, q in zip(picks, questions, strict=True)]
+        letters[name] = [picks.count(c) / len(picks) for c in range(4)]  # a letter bias shows
+        chosen[name] = picks
     differences = [c - d for c, d in zip(right["carved"], right["dense"], strict=True)]
     n = len(questions)
     return {
@@ -96,7 +98,12 @@ def mmlu(dense, carved, tokenizer, limit: int) -> dict:
         "carved": statistics.fmean(right["carved"]),
         "difference": statistics.fmean(differences),
         "difference_se": statistics.stdev(differences) / math.sqrt(n),
-        "same_answer": statistics.fmean(int(d == 0) for d in differences),
+        "same_correctness": statistics.fmean(int(d == 0) for d in differences),
+        "same_pick": statistics.fmean(
+            int(a == b) for a, b in zip(chosen["dense"], chosen["carved"], strict=True)
+        ),
+        "letter_share": letters,  # of the model's picks, for A, B, C, D
+        "answer_share": [sum(q.answer == c for q in questions) / n for c in range(4)],
     }
 
 
@@ -146,7 +153,7 @@ def answers(dense, carved, tokenizer) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mmlu-limit", type=int, default=10, help="questions per topic")
+    parser.add_argument("--mmlu-limit", type=int, default=20, help="questions per topic")
     parser.add_argument("--top-k", default="8,10,12,14,16", help="top-k values for perplexity")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -16,11 +16,22 @@ from typing import Any
 from flexmoe.errors import FlexMoEError
 
 
+def _umask() -> int:
+    """The process's file-creation mask (Linux shows it; elsewhere it is read by setting it)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write`` on a temporary file beside ``path``, flush it to disk, then rename it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())  # as open() would make it, not mkstemp's owner-only 0600
     os.close(fd)
     try:
         write(Path(temporary))
@@ -53,6 +64,7 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     check_new_folder(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    scratch.chmod(0o777 & ~_umask())  # as mkdir would make it, not mkdtemp's owner-only 0700
     try:
         yield scratch
         check_new_folder(target)  # another process may have written it meanwhile
