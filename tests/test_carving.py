@@ -16,6 +16,7 @@ from flexmoe.cli import main
 from flexmoe.errors import FlexMoEError
 from flexmoe.graft import GraftedMoEBlock, LayerGraft, apply_grafts
 from flexmoe.loading import (
+    CALIBRATION_BATCHES,
     CARVE_REPORT,
     SMOL_MOE,
     SMOL_MOE_VERSION,
@@ -66,6 +67,20 @@ def test_every_expert_active_computes_the_dense_model(model_type):
     assert max_logit_difference(dense, carved) < 1e-4
     sparse, _ = carve(copy.deepcopy(dense), calibration(), SPARSE)
     assert max_logit_difference(dense, sparse) > 1e-3  # top-2 of 4 is a real approximation
+
+
+def test_carving_with_eager_attention_is_exact_and_keeps_no_cache():
+    dense = dense_model()
+    dense.config._attn_implementation = "eager"  # its mask must match the keys: no cache growth
+    carved, _ = carve(copy.deepcopy(dense), calibration(), ALL_ACTIVE)
+    assert max_logit_difference(dense, carved) < 1e-4
+
+
+def test_calibration_is_capped_at_a_bounded_number_of_tokens(tmp_path, tokenizer):
+    _, report = carve_and_save(
+        dense_model(), tokenizer, SPARSE, tmp_path / "moe", texts=TEXTS * 4000, progress=False
+    )
+    assert report.calibration_tokens == CALIBRATION_BATCHES * 8 * 256
 
 
 def test_experts_are_equal_disjoint_groups_covering_every_neuron():
@@ -187,6 +202,7 @@ def dense_of(model_type: str, **settings):
         (lambda: dense_of("phi"), "no gated MLP"),
         (lambda: dense_of("phi3"), "no gated MLP"),  # gate and up fused in one 2-D weight
         (lambda: dense_of("gpt2", n_embd=32, n_layer=2, n_head=4), "cannot find the decoder"),
+        (lambda: dense_of("gemma", head_dim=8), "'gemma' cannot be carved"),  # (1 + w) norms
         (lambda: dense_of("llama", mlp_bias=True), "has biases"),
         (lambda: dense_of("mistral", sliding_window=64), "sliding window of 64 tokens"),
     ],
@@ -225,6 +241,24 @@ def test_carve_command(tmp_path, tokenizer, capsys):
     assert main([*args, "--experts", "5", "--out", str(tmp_path / "x")]) == 2
     assert "do not split" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (lambda: build_model("qwen2_moe"), "is already a mixture of experts"),
+        (lambda: dense_of("gpt2", n_embd=32, n_layer=2, n_head=4), "cannot find the decoder"),
+    ],
+)
+def test_carve_command_names_a_model_it_cannot_carve_before_the_settings(
+    tmp_path, tokenizer, capsys, model, message
+):
+    source = tmp_path / "source"
+    model().save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    assert main(["carve", "--model", str(source), "--out", str(tmp_path / "moe")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flexmoe: error:") and message in err[0]
 
 
 def test_smol_moe_is_loaded_from_the_cache_once_built(tmp_path, monkeypatch, tokenizer, capsys):

@@ -100,7 +100,7 @@ def test_a_lock_held_by_a_killed_process_is_taken_over(tmp_path):
 
 
 def test_a_waiting_holder_is_told_who_holds_the_folder_and_gets_it_when_released(tmp_path):
-    holder = lock_holder(tmp_path, 1)
+    holder = lock_holder(tmp_path, 3)  # long enough to still hold it on a busy machine
     told = []
     with folder_lock(tmp_path, waiting=told.append):
         assert (tmp_path / "finished").exists()  # written by the first holder just before release

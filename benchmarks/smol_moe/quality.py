@@ -6,7 +6,8 @@ Held-out perplexity per domain of the dense model and of the carving at each top
 of both on the same questions (with the paired difference); how differently the carving routes
 each domain (expert specialisation); and greedy answers of both to instructions written for this
 benchmark (not from Natural Instructions or MMLU). Each part is saved to
-``benchmarks/results/smol_moe/quality.json`` as it finishes and skipped on a re-run.
+``benchmarks/results/smol_moe/quality.json`` as it finishes and skipped on a re-run with the
+same build of smol-moe (its carve report unchanged).
 """
 
 from __future__ import annotations
@@ -157,10 +158,11 @@ def main() -> None:
     parser.add_argument("--top-k", default="8,10,12,14,16", help="top-k values for perplexity")
     args = parser.parse_args()
     torch.manual_seed(0)
+    carving = json.loads((smol_moe_path() / "carve_report.json").read_text())
+    carving.pop("layers")
     results = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    folder = smol_moe_path()
-    results["carving"] = json.loads((folder / "carve_report.json").read_text())
-    results["carving"].pop("layers")
+    if results.get("carving") != carving:  # parts measured on another build are not kept
+        results = {"carving": carving}
     carved, tokenizer = load_model(SMOL_MOE)
     dense, _ = load_dense_model(cache_dir() / "models" / Path(SMOL_GGUF).name)
     ks = [int(k) for k in args.top_k.split(",")]

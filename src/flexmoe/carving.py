@@ -108,7 +108,8 @@ class CarveReport:
 
 
 def check_carvable(model: PreTrainedModel) -> None:
-    """Refuse a model that is already MoE or whose decoder MLPs are not gated."""
+    """Refuse a model that is already MoE, whose decoder MLPs are not gated, or whose layout
+    glm4_moe does not compute alike."""
     model_type = getattr(model.config, "model_type", type(model).__name__)
     fused = [p for n, p in model.named_parameters() if n.endswith("gate_up_proj") and p.dim() == 3]
     counts = [getattr(model.config, n, None) for n in ("num_experts", "num_local_experts")]
@@ -128,6 +129,12 @@ def check_carvable(model: PreTrainedModel) -> None:
             )
         if any(p.bias is not None for p in projections):
             raise FlexMoEError(f"layer {index}'s MLP has biases; carving needs bias-free MLPs")
+    if model_type not in DENSE_ARCHITECTURES:  # e.g. Gemma's (1 + w) norms, Granite's scales
+        raise FlexMoEError(
+            f"model type {model_type!r} cannot be carved: carving copies the attention and norm "
+            f"weights into glm4_moe, which computes them as {', '.join(DENSE_ARCHITECTURES)} do "
+            "(SmolLM is llama); other layouts would silently compute another function"
+        )
     types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
     if len(types) > 1:
         raise FlexMoEError(
@@ -269,13 +276,13 @@ def _first_layer_inputs(model: PreTrainedModel, batches: Sequence[Batch]) -> tup
     try:
         for batch in batches:
             with contextlib.suppress(_Captured):
-                model(**{k: v.to(model.device) for k, v in batch.items()})
+                model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False)
     finally:
         handle.remove()
-    for layer_kwargs in kwargs:
+    for layer_kwargs in kwargs:  # a cache would grow with every layer call made while carving
         layer_kwargs["use_cache"] = False
-        layer_kwargs.pop("past_key_values", None)
-        layer_kwargs.pop("past_key_value", None)
+        for name in ("cache", "past_key_values", "past_key_value"):
+            layer_kwargs.pop(name, None)
     return hidden, kwargs
 
 

@@ -56,7 +56,8 @@ class RoutingRule:
         if allowed is not None:
             logits = logits.float().masked_fill(~allowed, float("-inf"))
         weights, indices = self.route(logits)
-        return torch.zeros(logits.shape, dtype=weights.dtype).scatter(-1, indices, weights)
+        dense = torch.zeros(logits.shape, dtype=weights.dtype, device=weights.device)
+        return dense.scatter(-1, indices, weights)
 
     def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
         grouped = choice.unflatten(-1, (self.n_group, -1))

@@ -44,7 +44,7 @@ def diagnostics(
             base=flops["base"], personalised=flops["personalised"], ratio=flops["ratio"]
         ),
         grafted_experts={str(g.layer): list(g.source_experts) for g in model.grafts},
-        graft_losses={str(g.layer): list(g.losses) for g in model.grafts},
+        graft_losses={str(g.layer): list(g.losses) for g in model.grafts if g.losses},
     )
 
 
