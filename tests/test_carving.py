@@ -12,12 +12,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from flexmoe import loading
 from flexmoe.carving import CarveConfig, balanced_kmeans, carve
-from flexmoe.cli import main
+from flexmoe.cli import build_parser, main
 from flexmoe.errors import FlexMoEError
 from flexmoe.graft import GraftedMoEBlock, LayerGraft, apply_grafts
 from flexmoe.loading import (
     CALIBRATION_BATCHES,
     CARVE_REPORT,
+    SMOL_CARVING,
     SMOL_MOE,
     SMOL_MOE_VERSION,
     carve_and_save,
@@ -223,6 +224,14 @@ def test_models_carving_cannot_express_are_refused_before_any_work(model, messag
 def test_settings_that_do_not_divide_the_ffn_are_refused(config, message):
     with pytest.raises(FlexMoEError, match=message):
         config.expert_size(48)
+
+
+def test_the_carve_command_defaults_are_the_smol_moe_recipe():
+    args = build_parser().parse_args(["carve", "--model", "dense", "--out", "moe"])
+    assert (
+        CarveConfig(args.experts, args.top_k, args.shared_neurons, args.refit, args.seed)
+        == SMOL_CARVING
+    )
 
 
 def test_carve_command(tmp_path, tokenizer, capsys):

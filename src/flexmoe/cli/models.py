@@ -22,18 +22,20 @@ def _add_carve(commands: argparse._SubParsersAction) -> None:
     carve = commands.add_parser(
         "carve",
         help="carve a dense causal LM with gated MLPs into an MoE checkpoint",
-        description="Split every FFN of a dense model (Llama, Mistral, Qwen2, SmolLM; a Hugging "
-        "Face folder or a GGUF file) into a shared expert and equal routed experts by "
+        description="Split every FFN of a dense model (Llama, Mistral, Qwen2, Qwen3, SmolLM; a "
+        "Hugging Face folder or a GGUF file) into a shared expert and equal routed experts by "
         "co-activation on calibration text, fit a router per layer, and save a glm4_moe "
         "checkpoint that AutoModelForCausalLM loads and flexmoe grafts like any MoE.",
     )
     carve.add_argument("--model", required=True, help="dense model folder or .gguf file")
     carve.add_argument("--out", required=True, type=Path, help="new folder for the MoE")
-    carve.add_argument("--experts", type=int, default=16, help="routed experts per layer")
-    carve.add_argument("--top-k", type=int, default=12, help="routed experts per token")
-    carve.add_argument(
-        "--shared-neurons", type=int, default=512, metavar="S", help="always-active neurons"
-    )
+    for option, metavar, default, text in (
+        ("--experts", "E", 16, "routed experts per layer"),
+        ("--top-k", "K", 12, "routed experts per token"),
+        ("--shared-neurons", "S", 512, "always-active neurons"),
+    ):
+        carve.add_argument(option, type=int, default=default, metavar=metavar, help=f"{text} "
+                           "(default %(default)s)")  # fmt: skip
     carve.add_argument(
         "--calibration",
         default="default",
@@ -46,7 +48,9 @@ def _add_carve(commands: argparse._SubParsersAction) -> None:
         help="keep the dense down projections (exact with every expert active) instead of "
         "refitting them by least squares for the chosen top-k",
     )
-    carve.add_argument("--seed", type=int, default=0, help="of the clustering")
+    carve.add_argument(
+        "--seed", type=int, default=0, help="of the clustering (default %(default)s)"
+    )
     carve.set_defaults(command=run_carve, loads_models=True)
 
 
