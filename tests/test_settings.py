@@ -100,10 +100,13 @@ def test_every_setting_has_a_description_in_help(capsys):
         assert f"--{name} " in help_text
 
 
-def test_the_command_line_imports_no_torch_until_a_command_needs_it():
+@pytest.mark.parametrize(
+    "call", ["build_parser()", "main(['run', '--lr', 'nan'])"], ids=["parser", "bad setting"]
+)
+def test_the_command_line_imports_no_torch_until_a_command_needs_it(call):
     heavy = ("torch", "transformers", "peft", "flwr", "matplotlib")
     code = (
-        "import sys, flexmoe.cli; flexmoe.cli.build_parser(); "
+        f"import sys, flexmoe.cli; flexmoe.cli.{call}; "
         f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
