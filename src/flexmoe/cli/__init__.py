@@ -21,6 +21,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.loads_models:  # our own progress bars speak for long work; these are noise
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            if "transformers" in sys.modules:  # called in-process: too late for the variables
+                from flexmoe.loading import quiet_transformers
+
+                quiet_transformers()
         args.command(args)
     except FlexMoEError as error:
         print(f"flexmoe: error: {error}", file=sys.stderr)
