@@ -265,6 +265,7 @@ def test_carve_command_names_a_model_it_cannot_carve_before_the_settings(
     source = tmp_path / "source"
     model().save_pretrained(source)
     tokenizer.save_pretrained(source)
+    capsys.readouterr()  # what saving the source printed
     assert main(["carve", "--model", str(source), "--out", str(tmp_path / "moe")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("flexmoe: error:") and message in err[0]

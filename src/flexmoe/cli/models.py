@@ -123,7 +123,7 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
 
 def run_carve(args: argparse.Namespace) -> None:
     """Carve a dense model into an MoE and save it."""
-    from flexmoe.carving import CarveConfig, check_carvable
+    from flexmoe.carving import CarveConfig
     from flexmoe.io import check_new_folder
     from flexmoe.loading import carve_and_save, load_dense_model
 
@@ -131,8 +131,6 @@ def run_carve(args: argparse.Namespace) -> None:
     config = CarveConfig(args.experts, args.top_k, args.shared_neurons, args.refit, args.seed)
     texts = None if args.calibration == "default" else [_calibration_text(Path(args.calibration))]
     dense, tokenizer = load_dense_model(args.model)
-    check_carvable(dense)
-    config.expert_size(dense.config.intermediate_size)  # a bad setting fails before the work
     _, report = carve_and_save(dense, tokenizer, config, args.out, texts)
     lost = [
         layer.energy_lost if layer.energy_lost_refit is None else layer.energy_lost_refit
