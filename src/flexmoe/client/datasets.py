@@ -14,11 +14,11 @@ from flexmoe.data import (
     ClientData,
     InstructionExample,
     build_client_datasets,
+    encode_prompts,
     format_prompt,
     heldout_texts,
     load_dataset,
     partition_examples,
-    prompt_ids,
 )
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_write_text
@@ -43,16 +43,17 @@ def fitting_examples(
     the kept indices are cached on disk under a hash of everything they depend on: the
     tokenizer and each example's prompt (as the template makes it) and answer.
     """
+    prompts = [format_prompt(example, tokenizer) for example in examples]
     key = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-    for example in examples:
-        key.update(json.dumps([format_prompt(example, tokenizer), example.output]).encode())
+    for prompt, example in zip(prompts, examples, strict=True):
+        key.update(json.dumps([prompt, example.output]).encode())
     cache = cache_dir() / "fitting" / f"{key.hexdigest()[:24]}-{max_length}.json"
     if cache.is_file():
         kept = json.loads(cache.read_text())
     else:
-        prompts = prompt_ids(examples, tokenizer)
+        prompt_ids = encode_prompts(prompts, tokenizer)
         answers = tokenizer([e.output for e in examples], add_special_tokens=False)["input_ids"]
-        lengths = [len(p) + len(a) for p, a in zip(prompts, answers, strict=True)]
+        lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answers, strict=True)]
         kept = [i for i, length in enumerate(lengths) if length < max_length]
         atomic_write_text(cache, json.dumps(kept))
     if not kept:

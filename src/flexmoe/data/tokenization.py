@@ -41,20 +41,22 @@ def encode_prompt(
     example: InstructionExample, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
 ) -> list[int]:
     """Prompt token ids for generation; if too long, keeps the last `max_length` tokens."""
-    ids = prompt_ids([example], tokenizer)[0]
+    ids = _prompt_ids(example, tokenizer)
     if max_length is not None:
         _check_max_length(max_length)
         ids = ids[-max_length:]
     return ids
 
 
-def prompt_ids(
-    examples: Sequence[InstructionExample], tokenizer: PreTrainedTokenizerBase
-) -> list[list[int]]:
-    """Token ids of each example's prompt in the model's template; a chat template writes its
-    own special tokens, so the tokenizer adds none to it."""
-    prompts = [format_prompt(example, tokenizer) for example in examples]
-    return tokenizer(prompts, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+def encode_prompts(prompts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Token ids of prompts made by ``format_prompt``; a chat template writes its own special
+    tokens, so the tokenizer adds none to it."""
+    special = not has_chat_template(tokenizer)
+    return tokenizer(list(prompts), add_special_tokens=special)["input_ids"]
+
+
+def _prompt_ids(example: InstructionExample, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    return encode_prompts([format_prompt(example, tokenizer)], tokenizer)[0]
 
 
 def tokenize_example(
@@ -68,7 +70,7 @@ def tokenize_example(
     ``terminate=False`` leaves out the eos, for scoring text with tokenizers that have none.
     """
     _check_max_length(max_length)
-    prompt = prompt_ids([example], tokenizer)[0]
+    prompt = _prompt_ids(example, tokenizer)
     response = tokenizer.encode(example.output, add_special_tokens=False)
     if terminate:
         response.append(eos_token_id(tokenizer))
