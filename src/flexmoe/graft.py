@@ -21,6 +21,9 @@ from flexmoe.moe import MoEBlockView, find_moe_blocks
 from flexmoe.selection import LayerChoice
 
 PERSONAL_PREFIX = "grafted_"  # every personal parameter name contains it
+# trained adapters keep float32 master weights whatever the frozen base's dtype, so that small
+# updates are not rounded away in bfloat16
+ADAPTER_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,8 @@ class GraftedExpert(nn.Module):
         """A trainable copy of ``expert`` keeping only the intermediate ``neurons``."""
         gate, up, down = view.expert_weights(expert)
         keep = torch.as_tensor(neurons, dtype=torch.long)
-        grafted = cls(view.hidden_size, len(keep), view.activation).to(down)
+        with torch.device(down.device):  # made where it will live: no host copy of a GPU expert
+            grafted = cls(view.hidden_size, len(keep), view.activation).to(ADAPTER_DTYPE)
         grafted.gate_proj.weight.copy_(gate[keep])
         grafted.up_proj.weight.copy_(up[keep])
         grafted.down_proj.weight.copy_(down[:, keep])
@@ -101,16 +105,20 @@ class GraftedMoEBlock(nn.Module):
         self.block = block
         self.grafted_experts = nn.ModuleList(experts)
         self.grafted_gates = nn.ModuleList(gates)
+        self.enabled = True  # False: computes the pretrained block alone
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         output = self.block(hidden_states, *args, **kwargs)
+        if not self.enabled:
+            return output
+        x = hidden_states.to(ADAPTER_DTYPE)
         extra = sum(
-            torch.sigmoid(gate(hidden_states)) * expert(hidden_states)
+            torch.sigmoid(gate(x)) * expert(x)
             for gate, expert in zip(self.grafted_gates, self.grafted_experts, strict=True)
         )
         if isinstance(output, tuple):
-            return (output[0] + extra, *output[1:])
-        return output + extra
+            return (output[0] + extra.to(output[0].dtype), *output[1:])
+        return output + extra.to(output.dtype)
 
 
 def plan_grafts(
@@ -170,7 +178,8 @@ def _check_in_range(graft: LayerGraft, view: MoEBlockView) -> None:
 @torch.no_grad()
 def _gate_from_router(view: MoEBlockView, expert: int, bias: float) -> nn.Linear:
     weight = view.router.weight
-    gate = nn.Linear(view.hidden_size, 1, bias=True).to(device=weight.device, dtype=weight.dtype)
+    with torch.device(weight.device):
+        gate = nn.Linear(view.hidden_size, 1, bias=True).to(ADAPTER_DTYPE)
     gate.weight.copy_(weight[expert : expert + 1])
     gate.bias.fill_(bias)
     return gate
@@ -178,3 +187,11 @@ def _gate_from_router(view: MoEBlockView, expert: int, bias: float) -> nn.Linear
 
 def grafted_blocks(model: nn.Module) -> list[GraftedMoEBlock]:
     return [m for m in model.modules() if isinstance(m, GraftedMoEBlock)]
+
+
+def remove_grafts(model: nn.Module) -> None:
+    """Put every grafted block's pretrained block back in its place (undoes ``apply_grafts``)."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, GraftedMoEBlock):
+            parent_path, _, attr = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), attr, module.block)

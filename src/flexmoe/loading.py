@@ -27,6 +27,7 @@ from flexmoe.cache import cache_dir, fetch_package_file
 from flexmoe.carving import CarveConfig, CarveReport, carve
 from flexmoe.data import calibration_texts, text_batches
 from flexmoe.errors import FlexMoEError
+from flexmoe.hardware import Placement
 from flexmoe.io import atomic_folder, atomic_write, atomic_write_text, folder_lock
 
 TINY = "tiny"
@@ -78,12 +79,19 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 
 
 def load_model(
-    name_or_path: str | Path, dtype: torch.dtype = torch.float32
+    name_or_path: str | Path, placement: Placement | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a local folder, in evaluation mode."""
+    """Load a causal LM and its tokenizer from a local folder, in evaluation mode.
+
+    The weights go straight to ``placement``'s device in its dtype (float32 on the CPU when
+    none is given); safetensors files are memory-mapped, never read whole into host memory.
+    """
+    placement = placement or Placement.resolve("cpu", "float32")
     path = resolve_model_path(name_or_path)
     with _loading(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=placement.dtype, device_map=placement.device, local_files_only=True
+        )
     model.config.name_or_path = str(name_or_path)
     return model.eval(), load_tokenizer(name_or_path)
 
@@ -226,12 +234,15 @@ def fingerprint(model: nn.Module) -> str:
     strided sample of its values.
 
     The sample is rounded to bfloat16 first, so the same base held in float32 or bfloat16, on
-    any device, has the same fingerprint.
+    any device, has the same fingerprint. A model on the meta device has no values: its
+    fingerprint covers names and shapes only.
     """
     digest = hashlib.sha256(getattr(model.config, "model_type", "").encode())
     for name, parameter in model.named_parameters():
+        digest.update(f"{name}:{tuple(parameter.shape)}".encode())
+        if parameter.is_meta:
+            continue
         flat = parameter.detach().flatten()
         sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLE)][:FINGERPRINT_SAMPLE]
-        digest.update(f"{name}:{tuple(parameter.shape)}".encode())
         digest.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -8,8 +8,9 @@ Shared and personal state dicts use the base model's own parameter names.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from flexmoe import __version__
 from flexmoe.errors import FlexMoEError
-from flexmoe.graft import LayerGraft, apply_grafts, plan_grafts
+from flexmoe.graft import LayerGraft, apply_grafts, grafted_blocks, plan_grafts, remove_grafts
 from flexmoe.io import atomic_write, atomic_write_text, read_json
 from flexmoe.loading import FINGERPRINT_VERSION, fingerprint
 from flexmoe.moe import find_moe_blocks
@@ -28,7 +29,9 @@ from flexmoe.roles import (
     Role,
     add_shared_adapter,
     parameter_roles,
+    remove_shared_adapter,
     resolve_targets,
+    set_shared_adapter_enabled,
     set_trainable,
 )
 from flexmoe.selection import Batch, LayerChoice, select_experts
@@ -74,9 +77,10 @@ class FlexModel(nn.Module):
         self.grafts = list(grafts)
         self.base_fingerprint = fingerprint(base)
         apply_grafts(base, self.grafts, self.config.gate_bias)
+        was_training = base.training
         add_shared_adapter(base, self.config.shared)
         set_trainable(base, self.config.shared)
-        self.model = base
+        self.model = base.train(was_training)  # new modules (LoRA dropout) take the base's mode
 
     @classmethod
     def graft(
@@ -96,6 +100,31 @@ class FlexModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def base_only(self) -> Iterator[FlexModel]:
+        """Compute as the base model within the block: grafts and LoRA switched off."""
+        blocks = grafted_blocks(self.model)
+        for block in blocks:
+            block.enabled = False
+        set_shared_adapter_enabled(self.model, False)
+        try:
+            yield self
+        finally:
+            set_shared_adapter_enabled(self.model, True)
+            for block in blocks:
+                block.enabled = True
+
+    def unload(self) -> nn.Module:
+        """Take grafts and LoRA off and freeze the base again; returns the base model.
+
+        As PEFT's ``unload``: the base is as it was unless the shared mode trained its weights.
+        """
+        remove_grafts(self.model)
+        remove_shared_adapter(self.model)
+        self.model.requires_grad_(False)
+        base, self.model, self.grafts = self.model, None, []
+        return base
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)

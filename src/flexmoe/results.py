@@ -37,6 +37,7 @@ class ClientRound:
     bytes_down: int
     train_loss: float
     proximal_mu: float | None = None  # the FedProx mu it trained with (None: not recorded)
+    seconds: dict[str, float] = field(default_factory=dict)  # load, restore, compute, save
 
 
 @dataclass(kw_only=True)
@@ -51,6 +52,12 @@ class RoundRecord:
     wall_s: float
     clients: list[ClientRound]
     mean_rouge_l: float | None = None  # when the round was also scored (eval-every)
+
+    @property
+    def client_seconds(self) -> float:
+        """The longest client's seconds in this round: the round's wall time were the
+        clients all in parallel and Flower free."""
+        return max((sum(c.seconds.values()) for c in self.clients), default=0.0)
 
 
 # --- results.json: the run's final evaluation ---
@@ -135,6 +142,7 @@ class ClientResult:
     graft_losses: dict[str, list[float]] | None = None
     bytes_up: int = 0
     bytes_down: int = 0
+    eval_seconds: dict[str, float] = field(default_factory=dict)  # load, restore, compute
 
     def with_diagnostics(self, diagnostics: Diagnostics | None) -> ClientResult:
         if diagnostics is None:

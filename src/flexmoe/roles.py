@@ -14,10 +14,11 @@ from dataclasses import replace
 from enum import StrEnum
 
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.graft import PERSONAL_PREFIX
+from flexmoe.graft import ADAPTER_DTYPE, PERSONAL_PREFIX
 from flexmoe.sharing import DEFAULT_TARGETS, SharedConfig
 
 ATTENTION_NAMES = ("self_attn", "attention", "attn")
@@ -62,6 +63,29 @@ def add_shared_adapter(model: nn.Module, shared: SharedConfig) -> None:
         raise FlexMoEError(
             f"cannot put LoRA on target modules {list(shared.target_modules)}: {error}"
         ) from None
+    for name, parameter in model.named_parameters():  # PEFT gives them the base's dtype
+        if ".lora_" in name:
+            parameter.data = parameter.data.to(ADAPTER_DTYPE)
+
+
+def remove_shared_adapter(model: nn.Module) -> None:
+    """Put every LoRA-wrapped module's base layer back in its place (PEFT's ``unload``)."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent_path, _, attr = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), attr, module.get_base_layer())
+    if hasattr(model, "peft_config"):  # left by inject_adapter_in_model; the next would add to it
+        del model.peft_config
+
+
+def set_shared_adapter_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every LoRA layer on or off, leaving which parameters train as it was."""
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(enabled)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(trainable[name])
 
 
 def role_of(name: str, shared: SharedConfig) -> Role:

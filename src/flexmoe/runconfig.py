@@ -15,11 +15,13 @@ from typing import Any
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.methods import METHODS
+from flexmoe.placement import DEVICE_FORMS, device_problem, dtype_problem
 from flexmoe.results import CHECKPOINT_FILE, read_checkpoint
 
 Scalar = str | int | float | bool
 # the partition schemes of flexmoe.data (a test keeps them equal; data imports torch, this not)
 SPLITS = ("pathological", "dirichlet", "iid")
+TRUTH = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 Check = Callable[[Any], str | None]  # a problem with a value, or None when it is valid
 
 
@@ -95,6 +97,18 @@ class RunConfig:
     proximal_mu: float = setting(0.01, "FedProx's mu (fedprox only)", at_least(0))
     eval_every: int = setting(
         0, "also score ROUGE-L every this many rounds (0: at the end only)", at_least(0)
+    )
+    device: str = setting(
+        "auto", f"where clients hold the model: {DEVICE_FORMS} (auto: CUDA if any)", device_problem
+    )
+    dtype: str = setting(
+        "auto",
+        "the frozen base's precision: auto (bfloat16 on CUDA, float32 on CPU), float32, "
+        "bfloat16 or float16; adapters train in float32",
+        dtype_problem,
+    )
+    gradient_checkpointing: bool = setting(
+        False, "recompute activations in the backward pass: less memory, slower steps"
     )
 
     def __post_init__(self) -> None:
@@ -182,6 +196,10 @@ def _parsed(name: str, kind: type, value: Any) -> Any:
     """A command-line string parsed as the setting's type; other values as they are."""
     if not isinstance(value, str) or kind is str:
         return value
+    if kind is bool:
+        if value.lower() not in TRUTH:
+            raise FlexMoEError(f"{option_name(name)} must be true or false, got {value!r}")
+        return TRUTH[value.lower()]
     try:
         return kind(value)
     except ValueError:
@@ -192,7 +210,7 @@ def _parsed(name: str, kind: type, value: Any) -> Any:
 
 def _typed(name: str, kind: type, value: Any) -> Any:
     """``value`` if it has the setting's type (an int is a float too); a finite one if a number."""
-    valid = isinstance(value, kind) and not isinstance(value, bool)
+    valid = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, valid = float(value), True
     if not valid:
@@ -203,4 +221,4 @@ def _typed(name: str, kind: type, value: Any) -> Any:
 
 
 def _kind_name(kind: type) -> str:
-    return {int: "a whole number", float: "a number", str: "text"}[kind]
+    return {int: "a whole number", float: "a number", str: "text", bool: "true or false"}[kind]

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from flexmoe.data import on_model_device
 from flexmoe.errors import FlexMoEError
 from flexmoe.moe import MoEBlockView
 
@@ -112,7 +113,7 @@ def score_sets(
     scores = {
         v.layer: _LayerScores(
             torch.zeros(len(allowed[v.layer]), dtype=torch.float64),
-            torch.zeros(v.num_experts, v.intermediate_size),
+            torch.zeros(v.num_experts, v.intermediate_size, device=v.experts.down_proj.device),
         )
         for v in views
     }
@@ -120,6 +121,7 @@ def score_sets(
     model.eval()
     with capture_block_inputs(views) as inputs:
         for batch in tqdm(batches, desc="scoring experts", disable=not progress, leave=False):
+            batch = on_model_device(batch, model)
             model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
@@ -142,11 +144,12 @@ def _accumulate(
     logits = view.router_logits(x)
     chunk = max(1, MAX_MIXED_ELEMENTS // max(1, x.numel()))
     losses = []
-    for sets in allowed.split(chunk):
+    for sets in allowed.to(logits.device).split(chunk):
         weights = view.rule.dense(logits.expand(len(sets), *logits.shape), sets[:, None, :])
         mixed = torch.einsum("sne,enh->snh", weights, outputs)
         losses.append((routed - mixed).flatten(1).norm(dim=1))
-    scores.set_losses += torch.cat(losses).double()
+    # summed in float64 on the host (MPS has no float64): one small copy per batch and layer
+    scores.set_losses += torch.cat(losses).cpu().double()
     scores.activation_sum += activations.abs().sum(dim=1).float()
     scores.tokens += len(x)
 
@@ -242,5 +245,5 @@ def _layer_choice(
         losses=scores.set_losses[: view.num_experts].tolist(),
         chosen=chosen,
         set_loss=set_loss,
-        importance=scores.activation_sum[chosen] / max(1, scores.tokens),
+        importance=scores.activation_sum[chosen].cpu() / max(1, scores.tokens),
     )

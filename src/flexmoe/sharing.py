@@ -25,6 +25,11 @@ class SharedConfig:
     lora_dropout: float = 0.05
     personal_lora_b: bool = False
 
+    @property
+    def trains_base_weights(self) -> bool:
+        """Whether training changes pretrained weights (modes ``full`` and ``all``)."""
+        return self.mode != "lora"
+
     def __post_init__(self) -> None:
         if self.mode not in SHARED_MODES:
             raise FlexMoEError(f"unknown shared mode {self.mode!r}; choose one of {SHARED_MODES}")

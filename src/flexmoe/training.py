@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexmoe.data import IGNORE_INDEX
+from flexmoe.data import IGNORE_INDEX, on_model_device
 from flexmoe.errors import FlexMoEError
 
 
@@ -27,6 +28,7 @@ def answer_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Te
     cost about half of a training step, so logits are made only at the positions (shared by the
     batch) that predict a labelled token.
     """
+    batch = on_model_device(batch, model)
     targets = batch["labels"][:, 1:]
     positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     logits = model(
@@ -47,10 +49,12 @@ def train_steps(
     lr: float,
     anchor: Mapping[str, torch.Tensor] | None = None,
     proximal_mu: float = 0.0,
+    gradient_checkpointing: bool = False,
 ) -> list[float]:
     """Run ``steps`` optimizer steps; with ``anchor``, add FedProx's ``mu/2 ||w - w_global||^2``.
 
-    Returns the task loss of every step.
+    ``gradient_checkpointing`` recomputes each decoder layer's activations in the backward pass
+    (a transformers model's own checkpointing). Returns the task loss of every step.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if anchor is not None:
@@ -60,19 +64,39 @@ def train_steps(
                 f"the proximal anchor names {len(unknown)} parameters the model does not train, "
                 f"e.g. {unknown[:2]}; give the anchor and the model with the same names"
             )
+        anchor = {n: anchor[n].to(p) for n, p in named if n in anchor}  # once, not every step
     optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=0.0)
-    model.train()
     losses = []
-    for _ in range(steps):
-        batch = next(batches)
-        loss = answer_loss(model, batch)
-        total = loss + _proximal_term(named, anchor, proximal_mu) if anchor else loss
-        total.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval()
+    with _training(model, gradient_checkpointing):
+        for _ in range(steps):
+            batch = next(batches)
+            loss = answer_loss(model, batch)
+            total = loss + _proximal_term(named, anchor, proximal_mu) if anchor else loss
+            total.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
     return losses
+
+
+@contextlib.contextmanager
+def _training(model: nn.Module, gradient_checkpointing: bool) -> Iterator[None]:
+    """``model`` in training mode (and checkpointing, if asked) for the block, then back."""
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise FlexMoEError(
+                f"{type(model).__name__} does not support gradient checkpointing; "
+                "turn gradient-checkpointing off"
+            )
+        # non-reentrant: works with a frozen embedding, and with inputs that need no grad
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    try:
+        yield
+    finally:
+        model.eval()
+        if gradient_checkpointing:
+            model.activation_checkpointing_disable()
 
 
 def _proximal_term(
@@ -87,7 +111,7 @@ def mean_loss(model: nn.Module, batches: list[Mapping[str, torch.Tensor]]) -> fl
     """Token-weighted mean loss over ``batches`` (unlabelled positions are skipped)."""
     total, count = 0.0, 0
     for batch in batches:
-        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # counted on the host
         total += answer_loss(model, batch).item() * tokens
         count += tokens
     return total / max(1, count)

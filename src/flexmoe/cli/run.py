@@ -10,7 +10,7 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.results import RESULTS_FILE, RunResults
 from flexmoe.runconfig import RunConfig, describe_settings, field_name
 
-METAVARS = {int: "N", float: "X", str: "TEXT"}
+METAVARS = {int: "N", float: "X", str: "TEXT", bool: "BOOL"}
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -34,7 +34,24 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     deploy.add_argument("--supernodes", type=int, required=True, metavar="N")
     add_run_options(deploy)
     deploy.add_argument("--timeout", type=float, default=1800, help="seconds (default 1800)")
+    deploy.add_argument(
+        "--no-node-worker",
+        dest="node_workers",
+        action="store_false",
+        help="let every message's ClientApp process load the model itself (Flower's way) "
+        "instead of a node worker per SuperNode that keeps it loaded",
+    )
     deploy.set_defaults(command=run_deploy_local, loads_models=True)
+
+    worker = commands.add_parser(
+        "node-worker",
+        help="serve a SuperNode's jobs from a process that keeps the model loaded",
+        description="Listen on a Unix socket for the jobs of this node's ClientApp processes "
+        "(name it in the SuperNode's --node-config as worker-socket=PATH) and run them, "
+        "keeping the client's data and base model loaded between messages. Stops on SIGTERM.",
+    )
+    worker.add_argument("--socket", type=Path, required=True, help="node-local socket path")
+    worker.set_defaults(command=run_node_worker, loads_models=True)
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +91,9 @@ def run_run(args: argparse.Namespace) -> None:
         config = settings(args)
         out = args.out or default_out(config)
     from flexmoe.federated.simulation import simulate  # after the settings are checked: heavy
+    from flexmoe.hardware import Placement
+
+    Placement.resolve(config.device, config.dtype)  # a device this machine lacks: before all
 
     print(
         f"flexmoe run: {config.method}, {config.clients} clients, {config.rounds} rounds -> {out}"
@@ -88,15 +108,27 @@ def run_deploy_local(args: argparse.Namespace) -> None:
     from flexmoe.federated.deploy import deploy_local, find_app_dir
     from flexmoe.federated.federation import check_out
     from flexmoe.federated.simulation import check_run
+    from flexmoe.hardware import Placement
     from flexmoe.results import read_results
 
     out = (args.out or default_out(config, "deploy-")).resolve()
+    Placement.resolve(config.device, config.dtype)
     check_out(out, config, resume=False)
     check_run(config)
     print(f"flexmoe deploy-local: {args.supernodes} SuperNodes over TLS -> {out}")
-    deploy_local(find_app_dir(), args.supernodes, out, config.to_flat(), args.timeout)
+    deploy_local(
+        find_app_dir(), args.supernodes, out, config.to_flat(), args.timeout, args.node_workers
+    )
     print(results_table(read_results(out / RESULTS_FILE)))
     print(f"results written to {out / RESULTS_FILE}; logs in {out / 'logs'}")
+
+
+def run_node_worker(args: argparse.Namespace) -> None:
+    """Serve this node's jobs until stopped."""
+    from flexmoe.federated.client_app import run_job
+    from flexmoe.federated.node_worker import serve
+
+    serve(args.socket, run_job)
 
 
 def results_table(results: RunResults) -> str:

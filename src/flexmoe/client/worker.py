@@ -5,12 +5,15 @@ Core code: the Flower ClientApp only translates messages to and from these calls
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from flexmoe.client.base_models import BASE_MODELS
 from flexmoe.client.datasets import client_datasets, generic_texts
 from flexmoe.client.state import StateStore
 from flexmoe.data import (
@@ -24,6 +27,7 @@ from flexmoe.data import (
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluation.diagnostics import diagnostics
 from flexmoe.evaluation.generation import generate_answers, rouge_l
+from flexmoe.hardware import Placement, Stopwatch
 from flexmoe.loading import load_model, load_tokenizer
 from flexmoe.methods import GraftSource, get_method
 from flexmoe.model import FlexConfig, FlexModel
@@ -44,6 +48,7 @@ class TrainResult:
     train_loss: float
     lr: float
     proximal_mu: float
+    seconds: dict[str, float]  # load, restore, compute, save
 
 
 @dataclass
@@ -52,6 +57,7 @@ class Evaluation:
 
     rouge_l: float
     test_loss: float
+    seconds: dict[str, float]  # load, restore, compute
     diagnostics: Diagnostics | None = None
 
 
@@ -68,6 +74,7 @@ class ClientWorker:
             raise FlexMoEError(f"client {client_id} is not among the {len(datasets)} clients")
         self.data = datasets[client_id]
         self.tokenizer = load_tokenizer(config.model)
+        self.placement = Placement.resolve(config.device, config.dtype)
         self.train_examples = tokenize_examples(self.data.train, self.tokenizer, config.max_length)
 
     @property
@@ -79,27 +86,32 @@ class ClientWorker:
 
         ``proximal_mu`` > 0 adds FedProx's proximal term towards ``global_shared``.
         """
-        model = self.model_for_round(round_, global_shared)
         batches = iterate_batches(
             self.train_examples,
             self.config.batch_size,
             self.seed,
             start_step=(round_ - 1) * self.config.local_steps,
         )
-        torch.manual_seed(self.seed * 1_000 + round_)
         lr = cosine_lr(round_, self.config.rounds, self.config.lr, self.config.min_lr)
-        losses = train_steps(
-            model.model,  # parameter names as in the shared state, for the proximal anchor
-            (collate(b, pad_token_id(self.tokenizer)) for b in batches),
-            self.config.local_steps,
-            lr,
-            anchor=global_shared if proximal_mu > 0 else None,
-            proximal_mu=proximal_mu,
-        )
-        self.check_finite(round_, losses, model)
-        self.store.save(model, round_, include_shared=not self.method.federated)
-        shared = model.shared_state_dict() if self.method.federated else {}
-        return TrainResult(shared, len(self.data.train), sum(losses) / len(losses), lr, proximal_mu)
+        clock = Stopwatch(self.placement.device)
+        with self.model_for_round(round_, global_shared, clock) as model:
+            torch.manual_seed(self.seed * 1_000 + round_)
+            with clock.lap("compute"):
+                losses = train_steps(
+                    model.model,  # names as in the shared state, for the proximal anchor
+                    (collate(b, pad_token_id(self.tokenizer)) for b in batches),
+                    self.config.local_steps,
+                    lr,
+                    anchor=global_shared if proximal_mu > 0 else None,
+                    proximal_mu=proximal_mu,
+                    gradient_checkpointing=self.config.gradient_checkpointing,
+                )
+            self.check_finite(round_, losses, model)
+            with clock.lap("save"):
+                self.store.save(model, round_, include_shared=not self.method.federated)
+                shared = _on_host(model.shared_state_dict()) if self.method.federated else {}
+        mean = sum(losses) / len(losses)
+        return TrainResult(shared, len(self.data.train), mean, lr, proximal_mu, clock.seconds)
 
     def check_finite(self, round_: int, losses: list[float], model: FlexModel) -> None:
         """Refuse a round whose loss or trained parameters are not finite, before it is saved."""
@@ -125,34 +137,65 @@ class ClientWorker:
         ``detailed`` adds what it costs in knowledge, routing and compute (see
         ``flexmoe.evaluation.diagnostics``).
         """
-        model = self.model_for_round(round_ + 1, global_shared)
-        answers = generate_answers(
-            model,
-            self.tokenizer,
-            self.data.test,
-            self.config.max_new_tokens,
-            self.config.max_length,
-            self.config.batch_size,
-        )
-        scores = rouge_l(answers, [e.output for e in self.data.test])
         test = tokenize_examples(self.data.test, self.tokenizer, self.config.max_length)
         batches = sequential_batches(test, self.config.batch_size, pad_token_id(self.tokenizer))
-        evaluation = Evaluation(100 * sum(scores) / len(scores), mean_loss(model, batches))
-        if not math.isfinite(evaluation.test_loss):
-            raise FlexMoEError(
-                f"client {self.client_id}, round {round_}: the test loss is "
-                f"{evaluation.test_loss}; its model is broken"
+        clock = Stopwatch(self.placement.device)
+        with self.model_for_round(round_ + 1, global_shared, clock) as model, clock.lap("compute"):
+            answers = generate_answers(
+                model,
+                self.tokenizer,
+                self.data.test,
+                self.config.max_new_tokens,
+                self.config.max_length,
+                self.config.batch_size,
             )
-        if detailed:
-            base, _ = load_model(self.config.model)
-            evaluation.diagnostics = diagnostics(
-                model, base, self.config.model, self.tokenizer, batches
-            )
-        return evaluation
+            scores = rouge_l(answers, [e.output for e in self.data.test])
+            test_loss = mean_loss(model, batches)
+            if not math.isfinite(test_loss):
+                raise FlexMoEError(
+                    f"client {self.client_id}, round {round_}: the test loss is {test_loss}; "
+                    "its model is broken"
+                )
+            details = self.measure_diagnostics(model, batches) if detailed else None
+        return Evaluation(100 * sum(scores) / len(scores), test_loss, clock.seconds, details)
 
-    def model_for_round(self, round_: int, global_shared: State) -> FlexModel:
-        """The latest state saved before ``round_`` (or a fresh graft), with global parameters."""
-        base, _ = load_model(self.config.model)
+    def measure_diagnostics(
+        self, model: FlexModel, batches: list[dict[str, torch.Tensor]]
+    ) -> Diagnostics:
+        """``flexmoe.evaluation.diagnostics`` of ``model`` beside the pristine base."""
+        if not self.method.shared.trains_base_weights:
+            return diagnostics(model, self.config.model, self.tokenizer, batches)
+        base, _ = load_model(self.config.model, self.placement)  # its weights were trained
+        return diagnostics(model, self.config.model, self.tokenizer, batches, base)
+
+    @contextlib.contextmanager
+    def model_for_round(
+        self, round_: int, global_shared: State, clock: Stopwatch | None = None
+    ) -> Iterator[FlexModel]:
+        """The latest state saved before ``round_`` (or a fresh graft) with the global
+        parameters, on this process's base model for the length of the block.
+
+        ``clock`` times getting the base (``load``) and putting the state on and off it
+        (``restore``).
+        """
+        clock = clock or Stopwatch(self.placement.device)
+        trains_weights = self.method.shared.trains_base_weights
+        with contextlib.ExitStack() as lending:
+            with clock.lap("load"):
+                base = lending.enter_context(
+                    BASE_MODELS.lend(self.config.model, self.placement, trains_weights)
+                )
+            with clock.lap("restore"):
+                model = self.restored_model(base, round_, global_shared)
+            try:
+                yield model
+            finally:
+                with clock.lap("restore"):
+                    model.unload()
+
+    def restored_model(self, base: torch.nn.Module, round_: int, global_shared: State) -> FlexModel:
+        """``base`` with this client's state saved before ``round_`` (or a fresh graft) and
+        the global shared parameters."""
         previous = self.store.latest(before=round_)
         model = (
             self.fresh_model(base)
@@ -186,3 +229,8 @@ class ClientWorker:
             ids = [self.tokenizer.encode(t)[: self.config.max_length] for t in generic_texts()]
             examples = [TokenizedExample(i, i) for i in ids if i]
         return sequential_batches(examples, self.config.batch_size, pad_token_id(self.tokenizer))
+
+
+def _on_host(state: State) -> State:
+    """``state`` in host memory, for the reply (the model may sit on an accelerator)."""
+    return {name: tensor.cpu() for name, tensor in state.items()}

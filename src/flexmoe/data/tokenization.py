@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -129,6 +129,14 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.T
     labels = _pad([example.labels for example in batch], IGNORE_INDEX, left=False)
     mask = _pad([[1] * len(example.input_ids) for example in batch], 0, left=False)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def on_model_device(
+    batch: Mapping[str, torch.Tensor], model: torch.nn.Module
+) -> dict[str, torch.Tensor]:
+    """``batch`` on the device of ``model``'s weights (tensors are made on the host)."""
+    device = next(model.parameters()).device
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
 def collate_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -13,14 +13,15 @@ Element-wise work (activations, softmax, top-k, the weighted sum) is left out.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from flexmoe.data import on_model_device
 from flexmoe.errors import FlexMoEError
 from flexmoe.graft import GraftedMoEBlock, grafted_blocks
+from flexmoe.hardware import Stopwatch
 from flexmoe.moe import MoEBlockView, find_moe_blocks
 from flexmoe.selection import Batch
 
@@ -70,17 +71,16 @@ def flops_per_token(model: nn.Module) -> dict:
 @torch.no_grad()
 def _forward_seconds(model: nn.Module, batches: Sequence[Batch]) -> float:
     """Wall-clock seconds of one forward over every batch."""
-    _synchronize()
-    start = time.perf_counter()
-    for batch in batches:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    _synchronize()
-    return time.perf_counter() - start
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    batches = [on_model_device(batch, model) for batch in batches]  # not timed
+    clock = Stopwatch(next(model.parameters()).device)
+    with clock.lap("forward"):
+        for batch in batches:
+            model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                use_cache=False,
+            )
+    return clock.seconds["forward"]
 
 
 def latency_ratio(

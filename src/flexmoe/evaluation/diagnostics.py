@@ -6,7 +6,6 @@ FLOPs per token, and which experts it grafted: the ``detail`` of a client's fina
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -16,7 +15,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from flexmoe.evaluation.cost import flops_per_token
 from flexmoe.evaluation.perplexity import domain_perplexities
 from flexmoe.evaluation.routing import routing_statistics
-from flexmoe.loading import load_model
+from flexmoe.hardware import Placement
+from flexmoe.loading import load_model, load_tokenizer
 from flexmoe.model import FlexModel
 from flexmoe.results import Diagnostics, FlopsPerToken, Knowledge, Routing
 
@@ -25,21 +25,28 @@ HELDOUT_TOKENS = 2048  # per pretraining domain
 
 def diagnostics(
     model: FlexModel,
-    base: nn.Module,
     base_name: str,
     tokenizer: PreTrainedTokenizerBase,
     batches: Sequence[Mapping[str, torch.Tensor]],
+    base: nn.Module | None = None,
 ) -> Diagnostics:
-    """Knowledge, routing on ``batches`` and FLOPs of ``model``, each beside ``base``'s."""
+    """Knowledge, routing on ``batches`` and FLOPs of ``model``, each beside the base's.
+
+    The base is ``model`` with its adapters switched off, unless a pristine ``base`` is given
+    (needed when training changed pretrained weights).
+    """
     flops = flops_per_token(model)
+    if base is None:
+        with model.base_only():
+            base_routing = routing_statistics(model, batches)
+    else:
+        base_routing = routing_statistics(base, batches)
     return Diagnostics(
         knowledge=Knowledge(
             heldout_ppl=domain_perplexities(model, tokenizer, HELDOUT_TOKENS),
-            heldout_ppl_base=base_heldout_perplexities(base_name),
+            heldout_ppl_base=base_heldout_perplexities(base_name, model),
         ),
-        routing=Routing(
-            base=routing_statistics(base, batches), final=routing_statistics(model, batches)
-        ),
+        routing=Routing(base=base_routing, final=routing_statistics(model, batches)),
         flops_per_token=FlopsPerToken(
             base=flops["base"], personalised=flops["personalised"], ratio=flops["ratio"]
         ),
@@ -48,12 +55,23 @@ def diagnostics(
     )
 
 
-@functools.lru_cache(maxsize=2)
-def _base_heldout(model: str) -> tuple[tuple[str, float], ...]:
-    base, tokenizer = load_model(model)
-    return tuple(domain_perplexities(base, tokenizer, HELDOUT_TOKENS).items())
+def base_heldout_perplexities(name: str, model: FlexModel) -> dict[str, float]:
+    """The base model's held-out perplexity per domain, computed once per process.
+
+    It is computed with ``model``'s adapters switched off, or on a freshly loaded base when
+    ``model`` trained pretrained weights.
+    """
+    weight = next(model.parameters())
+    key = (name, str(weight.dtype))
+    if key not in _BASE_HELDOUT:
+        if model.config.shared.trains_base_weights:
+            base, tokenizer = load_model(name, Placement(weight.device, weight.dtype))
+            _BASE_HELDOUT[key] = domain_perplexities(base, tokenizer, HELDOUT_TOKENS)
+        else:
+            with model.base_only():
+                perplexities = domain_perplexities(model, load_tokenizer(name), HELDOUT_TOKENS)
+            _BASE_HELDOUT[key] = perplexities
+    return dict(_BASE_HELDOUT[key])
 
 
-def base_heldout_perplexities(model: str) -> dict[str, float]:
-    """The base model's held-out perplexity per domain, computed once per process."""
-    return dict(_base_heldout(model))
+_BASE_HELDOUT: dict[tuple[str, str], dict[str, float]] = {}

@@ -14,6 +14,7 @@ from flexmoe.data import (
     collate_prompts,
     encode_prompt,
     eos_token_id,
+    on_model_device,
     pad_token_id,
 )
 
@@ -33,6 +34,7 @@ def generate_answers(
     answers = []
     for start in range(0, len(prompts), batch_size):
         batch = collate_prompts(prompts[start : start + batch_size], pad_token_id(tokenizer))
+        batch = on_model_device(batch, model)
         output = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flexmoe.graft import GraftedMoEBlock, grafted_blocks
+from flexmoe.data import on_model_device
+from flexmoe.graft import ADAPTER_DTYPE, GraftedMoEBlock, grafted_blocks
 from flexmoe.moe import MoEBlockView, RoutingRule, find_moe_blocks
 from flexmoe.results import LayerRouting, RoutingStatistics
 from flexmoe.selection import Batch, capture_block_inputs
@@ -54,7 +55,10 @@ class _LayerTally:
         self.tokens += len(x)
         if self.grafted is not None:
             self.gate_sums += torch.stack(
-                [torch.sigmoid(gate(x)).double().sum() for gate in self.grafted.grafted_gates]
+                [
+                    torch.sigmoid(gate(x.to(ADAPTER_DTYPE))).double().sum()
+                    for gate in self.grafted.grafted_gates
+                ]
             ).cpu()
 
     def summary(self) -> LayerRouting:
@@ -91,12 +95,13 @@ def entropy(probabilities: torch.Tensor) -> torch.Tensor:
 def routing_statistics(model: nn.Module, batches: Sequence[Batch]) -> RoutingStatistics:
     """Per-layer routing statistics of ``model`` (base or grafted) over non-pad tokens."""
     views = find_moe_blocks(model)
-    grafts = {id(g.block): g for g in grafted_blocks(model)}
+    grafts = {id(g.block): g for g in grafted_blocks(model) if g.enabled}
     tallies = {v.layer: _LayerTally(v, grafts.get(id(v.block))) for v in views}
     was_training = model.training
     model.eval()
     with capture_block_inputs(views) as inputs:
         for batch in batches:
+            batch = on_model_device(batch, model)
             model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
@@ -105,6 +110,6 @@ def routing_statistics(model: nn.Module, batches: Sequence[Batch]) -> RoutingSta
             )
             keep = batch["attention_mask"].bool()
             for layer, tally in tallies.items():
-                tally.add(inputs[layer][keep.to(inputs[layer].device)])
+                tally.add(inputs[layer][keep])
     model.train(was_training)
     return RoutingStatistics(layers=[tallies[layer].summary() for layer in sorted(tallies)])

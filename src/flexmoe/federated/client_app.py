@@ -1,4 +1,10 @@
-"""The Flower ClientApp: a thin shell that turns messages into calls on a ClientWorker."""
+"""The Flower ClientApp: a thin shell that turns messages into jobs on a ClientWorker.
+
+In simulation the job runs in the app's own process (a Ray actor, reused from message to
+message). A deployment starts a process per message, so there a SuperNode whose node config names
+a ``worker-socket`` hands the job to its long-lived node worker (``flexmoe.federated.node_worker``)
+that keeps the model loaded.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,8 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flexmoe.client import ClientWorker
 from flexmoe.errors import FlexMoEError
+from flexmoe.federated.node_worker import Job, submit
 from flexmoe.federated.protocol import (
     EvaluateReply,
     NodeConfig,
@@ -19,7 +25,6 @@ from flexmoe.federated.protocol import (
     arrays_of,
     settings_from_run_config,
 )
-from flexmoe.loading import quiet_transformers
 from flexmoe.runconfig import RunConfig
 
 
@@ -29,64 +34,81 @@ def make_client_app(settings: RunConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        instructions = RoundInstructions.from_message(msg)
-        worker = client_worker(context, instructions, settings)
-        result = worker.train(instructions.server_round, arrays_of(msg), instructions.proximal_mu)
-        reply = TrainReply(
-            client_id=worker.client_id,
-            num_examples=result.num_examples,
-            train_loss=result.train_loss,
-            lr=result.lr,
-            proximal_mu=result.proximal_mu,
-            shared=result.shared,
-        )
+        reply = answer(job_of("train", msg, context, settings), context)
         return Message(reply.to_content(), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        instructions = RoundInstructions.from_message(msg)
-        worker = client_worker(context, instructions, settings)
-        scores = worker.evaluate(
-            instructions.server_round, arrays_of(msg), detailed=instructions.detailed
-        )
-        data = worker.data
-        reply = EvaluateReply(
-            client_id=worker.client_id,
-            n_train=len(data.train),
-            n_test=len(data.test),
-            rouge_l=scores.rouge_l,
-            test_loss=scores.test_loss,
-            categories=data.categories,
-            diagnostics=scores.diagnostics,
-        )
+        reply = answer(job_of("evaluate", msg, context, settings), context)
         return Message(reply.to_content(), reply_to=msg)
 
     return app
 
 
-def client_worker(
-    context: Context, instructions: RoundInstructions, settings: RunConfig | None
-) -> ClientWorker:
-    """This node's worker for the run (one per process, reused across messages)."""
+def job_of(kind: str, msg: Message, context: Context, settings: RunConfig | None) -> Job:
+    """What ``msg`` asks of this node, with the run's settings and the node's own."""
     if settings is None:
         settings, _ = settings_from_run_config(dict(context.run_config))
     node = NodeConfig.from_context(context)
+    if node.device:
+        settings = settings.updated({"device": node.device})
     partitions = node.num_partitions or settings.clients
     if partitions != settings.clients:
         raise FlexMoEError(
             f"{partitions} SuperNodes serve a run configured for {settings.clients} clients; "
             "set clients to the number of SuperNodes"
         )
+    instructions = RoundInstructions.from_message(msg)
     root = node.state_dir or instructions.state_root
     state_dir = Path(root) / instructions.run_key / f"client-{node.partition_id}"
-    torch.set_num_threads(node.threads)
-    return _cached_worker(settings, node.partition_id, state_dir)
+    return Job(
+        kind, settings, node.partition_id, state_dir, node.threads, instructions, arrays_of(msg)
+    )
+
+
+def answer(job: Job, context: Context) -> TrainReply | EvaluateReply:
+    """``job`` run here, or by the node worker when the node names one."""
+    socket = NodeConfig.from_context(context).worker_socket
+    return submit(Path(socket), job) if socket else run_job(job)
+
+
+def run_job(job: Job) -> TrainReply | EvaluateReply:
+    """Train or evaluate as ``job`` asks, on this process's worker for the client."""
+    torch.set_num_threads(job.threads)
+    worker = _cached_worker(job.settings, job.partition_id, job.state_dir)
+    instructions = job.instructions
+    if job.kind == "train":
+        result = worker.train(instructions.server_round, job.shared, instructions.proximal_mu)
+        return TrainReply(
+            client_id=worker.client_id,
+            num_examples=result.num_examples,
+            train_loss=result.train_loss,
+            lr=result.lr,
+            proximal_mu=result.proximal_mu,
+            seconds=result.seconds,
+            shared=result.shared,
+        )
+    scores = worker.evaluate(instructions.server_round, job.shared, instructions.detailed)
+    return EvaluateReply(
+        client_id=worker.client_id,
+        n_train=len(worker.data.train),
+        n_test=len(worker.data.test),
+        rouge_l=scores.rouge_l,
+        test_loss=scores.test_loss,
+        categories=worker.data.categories,
+        seconds=scores.seconds,
+        diagnostics=scores.diagnostics,
+    )
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_worker(settings: RunConfig, partition: int, state_dir: Path) -> ClientWorker:
+def _cached_worker(settings: RunConfig, partition: int, state_dir: Path):
+    # transformers only where jobs run: a message's process that forwards it needs none
+    from flexmoe.client import ClientWorker
+    from flexmoe.loading import quiet_transformers
+
+    quiet_transformers()
     return ClientWorker(settings, partition, state_dir)
 
 
-quiet_transformers()
 app = make_client_app()

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from flexmoe.errors import FlexMoEError
+from flexmoe.federated.node_worker import key_path
 from flexmoe.federated.protocol import OUT_DIR, NodeConfig
 from flexmoe.federated.reaper import descendants_of, kill_if_alive
 
@@ -64,6 +65,7 @@ class Deployment:
     superlink_port: int
     supernode_ports: list[int]
     env: dict[str, str]
+    node_workers: bool = True  # one per SuperNode, keeping its model loaded between messages
     processes: list[Process] = field(default_factory=list)
 
     @property
@@ -75,6 +77,13 @@ class Deployment:
     def logs(self) -> Path:
         """The folder holding one log file per process."""
         return self.out_dir / "logs"
+
+    def state_dir(self, index: int) -> Path:
+        """SuperNode ``index``'s node-local folder (personal state, its worker's socket)."""
+        return self.out_dir / "supernodes" / f"node-{index}"
+
+    def worker_socket(self, index: int) -> Path | None:
+        return self.state_dir(index) / "worker.sock" if self.node_workers else None
 
 
 def find_app_dir() -> Path:
@@ -95,18 +104,27 @@ def deploy_local(
     out_dir: Path,
     run_config: Mapping[str, ConfigValue],
     timeout_s: float = 600,
+    node_workers: bool = True,
 ) -> None:
-    """Start a TLS SuperLink and `supernodes` SuperNodes, run the app on them, stop them all."""
+    """Start a TLS SuperLink and `supernodes` SuperNodes, run the app on them, stop them all.
+
+    With ``node_workers`` each SuperNode gets a node worker that keeps its model loaded; without,
+    every message's ClientApp process loads it (Flower's own behaviour).
+    """
     if supernodes < 1:
         raise FlexMoEError(f"--supernodes must be at least 1, got {supernodes}")
     config = {**run_config, OUT_DIR: str(out_dir.resolve())}
     _check_app_dir(app_dir, config)
     deadline = time.monotonic() + timeout_s
-    deployment = _prepare(out_dir.resolve(), supernodes)
+    deployment = _prepare(out_dir.resolve(), supernodes, node_workers)
     with _sigterm_as_exit():
         try:
             _launch(deployment, "superlink", superlink_command(deployment))
             for index in range(supernodes):
+                socket_path = deployment.worker_socket(index)
+                if socket_path is not None:
+                    _launch(deployment, f"node-worker-{index}", node_worker_command(socket_path))
+                    _wait_for_file(deployment, key_path(socket_path), deadline)
                 _launch(deployment, f"supernode-{index}", supernode_command(deployment, index))
             _write_manifest(deployment)
             _wait_for_supernodes(deployment, deadline)
@@ -133,8 +151,13 @@ def superlink_command(deployment: Deployment) -> list[str]:
 def supernode_command(deployment: Deployment, index: int) -> list[str]:
     """The `flower-supernode` command line for partition `index`, trusting the private CA."""
     certs = deployment.certs
-    state_dir = deployment.out_dir / "supernodes" / f"node-{index}"
-    node = NodeConfig(index, len(deployment.supernode_ports), str(state_dir))
+    socket_path = deployment.worker_socket(index)
+    node = NodeConfig(
+        index,
+        len(deployment.supernode_ports),
+        str(deployment.state_dir(index)),
+        worker_socket=None if socket_path is None else str(socket_path),
+    )
     return [
         *_console_script("flower-supernode"),
         "--superlink", deployment.superlink_address,
@@ -147,6 +170,11 @@ def supernode_command(deployment: Deployment, index: int) -> list[str]:
         "--ssl-keyfile", str(certs.key),
         "--isolation", "subprocess",
     ]  # fmt: skip
+
+
+def node_worker_command(socket_path: Path) -> list[str]:
+    """The `flexmoe node-worker` command line serving one SuperNode's jobs."""
+    return [sys.executable, "-m", "flexmoe", "node-worker", "--socket", str(socket_path)]
 
 
 def format_config(config: Mapping[str, ConfigValue]) -> str:
@@ -203,7 +231,7 @@ def stop_all(processes: Sequence[Process]) -> None:
     kill_if_alive(descendants)
 
 
-def _prepare(out_dir: Path, supernodes: int) -> Deployment:
+def _prepare(out_dir: Path, supernodes: int, node_workers: bool) -> Deployment:
     """Create the output folders, certificates, `flwr` CLI config and ports of a deployment."""
     for sub in ("logs", "supernodes", "flwr-home"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -214,6 +242,7 @@ def _prepare(out_dir: Path, supernodes: int) -> Deployment:
         superlink_port=ports[0],
         supernode_ports=ports[1:],
         env=_child_env(out_dir / "flwr-home"),
+        node_workers=node_workers,
     )
     _write_flwr_config(deployment)
     return deployment
@@ -285,6 +314,15 @@ def _wait_for_exit(deployment: Deployment, process: Process, deadline: float) ->
         if time.monotonic() > deadline:
             raise FlexMoEError(f"the Flower run timed out; see {process.log}")
         time.sleep(0.5)
+
+
+def _wait_for_file(deployment: Deployment, path: Path, deadline: float) -> None:
+    """Wait until ``path`` exists (a node worker writes its key once it listens)."""
+    while not path.exists():
+        _check_alive(deployment)
+        if time.monotonic() > deadline:
+            raise FlexMoEError(f"{path} did not appear; see {deployment.logs}")
+        time.sleep(0.2)
 
 
 def _wait_for_port(deployment: Deployment, port: int, deadline: float) -> None:

@@ -211,6 +211,7 @@ def evaluate_clients(
             n_test=reply.n_test,
             rouge_l=reply.rouge_l,
             test_loss=reply.test_loss,
+            eval_seconds={k: round(v, 3) for k, v in reply.seconds.items()},
         )
         clients.append(client.with_diagnostics(reply.diagnostics))
     return sorted(clients, key=lambda c: c.client_id)
@@ -310,6 +311,7 @@ def _round_record(
                 bytes_down=down[message.metadata.src_node_id],
                 train_loss=reply.train_loss,
                 proximal_mu=reply.proximal_mu,
+                seconds={k: round(v, 3) for k, v in reply.seconds.items()},
             )
         )
     clients.sort(key=lambda c: c.client_id)

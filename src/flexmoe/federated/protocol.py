@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -49,6 +49,7 @@ LEARNING_RATE = "lr"
 N_TRAIN = "n-train"
 ROUGE_L = "rouge_l"
 TEST_LOSS = "test_loss"
+SECONDS = "seconds-"  # + a phase of the client's work: load, restore, compute, save
 
 # the client record of an evaluate reply
 CATEGORIES = "categories"
@@ -58,6 +59,8 @@ DIAGNOSTICS = "detail"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 STATE_DIR = "state-dir"
+WORKER_SOCKET = "worker-socket"
+DEVICE = "device"
 THREADS = "threads"
 
 OUT_DIR = "out-dir"  # the server's output folder: a run-config key that is not a RunConfig field
@@ -89,6 +92,8 @@ class NodeConfig:
     num_partitions: int | None = None
     state_dir: str | None = None  # node-local folder for personal state
     threads: int = 1  # torch threads of a client process
+    worker_socket: str | None = None  # a node worker's socket: jobs go there (deployments)
+    device: str | None = None  # this node's device, over the run's (a GPU host among CPU ones)
 
     @classmethod
     def from_context(cls, context: Context) -> NodeConfig:
@@ -104,6 +109,8 @@ class NodeConfig:
             num_partitions=None if partitions is None else int(partitions),
             state_dir=str(node[STATE_DIR]) if node.get(STATE_DIR) else None,
             threads=int(node.get(THREADS, 1)),
+            worker_socket=str(node[WORKER_SOCKET]) if node.get(WORKER_SOCKET) else None,
+            device=str(node[DEVICE]) if node.get(DEVICE) else None,
         )
 
     def to_flat(self) -> dict[str, int | str]:
@@ -113,6 +120,10 @@ class NodeConfig:
             flat[NUM_PARTITIONS] = self.num_partitions
         if self.state_dir is not None:
             flat[STATE_DIR] = self.state_dir
+        if self.worker_socket is not None:
+            flat[WORKER_SOCKET] = self.worker_socket
+        if self.device is not None:
+            flat[DEVICE] = self.device
         return flat
 
 
@@ -168,6 +179,7 @@ class TrainReply:
     train_loss: float
     lr: float
     proximal_mu: float  # the FedProx mu it trained with
+    seconds: dict[str, float] = field(default_factory=dict)  # by phase of its work
     shared: State | None = None  # sent, never decoded: the strategy reads the arrays
 
     def to_content(self) -> RecordDict:
@@ -177,6 +189,7 @@ class TrainReply:
             TRAIN_LOSS: self.train_loss,
             LEARNING_RATE: self.lr,
             PROXIMAL_MU: self.proximal_mu,
+            **_seconds_metrics(self.seconds),
         }
         arrays = state_to_arrays(self.shared or {})
         return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics)})
@@ -192,6 +205,7 @@ class TrainReply:
                 train_loss=float(metrics[TRAIN_LOSS]),
                 lr=float(metrics[LEARNING_RATE]),
                 proximal_mu=float(metrics[PROXIMAL_MU]),
+                seconds=_seconds_of(metrics),
             ),
         )
 
@@ -206,6 +220,7 @@ class EvaluateReply:
     rouge_l: float
     test_loss: float
     categories: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)  # by phase of its work
     diagnostics: Diagnostics | None = None  # when the request was detailed
 
     def to_content(self) -> RecordDict:
@@ -215,6 +230,7 @@ class EvaluateReply:
             N_TRAIN: self.n_train,
             ROUGE_L: self.rouge_l,
             TEST_LOSS: self.test_loss,
+            **_seconds_metrics(self.seconds),
         }
         client = {
             CATEGORIES: list(self.categories),
@@ -236,12 +252,21 @@ class EvaluateReply:
                 rouge_l=float(metrics[ROUGE_L]),
                 test_loss=float(metrics[TEST_LOSS]),
                 categories=[str(c) for c in client[CATEGORIES]],
+                seconds=_seconds_of(metrics),
                 diagnostics=None
                 if diagnostics is None
                 else from_plain(Diagnostics, diagnostics, "an evaluate reply"),
             )
 
         return _decoded("evaluate reply", decode)
+
+
+def _seconds_metrics(seconds: dict[str, float]) -> dict[str, float]:
+    return {SECONDS + phase: float(value) for phase, value in seconds.items()}
+
+
+def _seconds_of(metrics: MetricRecord) -> dict[str, float]:
+    return {k.removeprefix(SECONDS): float(v) for k, v in metrics.items() if k.startswith(SECONDS)}
 
 
 def _part(message: Message, name: str, kind: str) -> Any:

@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
@@ -20,6 +21,7 @@ from flexmoe.federated.federation import (
 )
 from flexmoe.federated.reaper import reaped
 from flexmoe.federated.strategies import make_strategy
+from flexmoe.hardware import Placement
 from flexmoe.io import folder_lock
 from flexmoe.loading import load_model
 from flexmoe.methods import get_method
@@ -67,7 +69,9 @@ def _simulate(config: RunConfig, out: Path, progress: bool, resume: bool) -> Run
             client_app=make_client_app(config),
             num_supernodes=config.clients,
             backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "client_resources": client_resources(
+                    Placement.resolve(config.device, config.dtype)
+                ),
                 "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": False},
             },
         )
@@ -79,10 +83,27 @@ def _simulate(config: RunConfig, out: Path, progress: bool, resume: bool) -> Run
     return read_results(results)
 
 
+def client_resources(placement: Placement) -> dict[str, float]:
+    """What each simulated client process (a Ray actor holding one base model) reserves.
+
+    On CUDA one GPU each, so there are as many processes as GPUs and each holds its base
+    model alone; on the CPU one core each.
+    """
+    if placement.device.type != "cuda":
+        return {"num_cpus": 1, "num_gpus": 0.0}
+    gpus = torch.cuda.device_count()
+    return {"num_cpus": max(1, (os.cpu_count() or 1) // gpus), "num_gpus": 1.0}
+
+
 def check_run(config: RunConfig) -> None:
     """Fail early, with a clear error, on a bad model, data set or setting that needs the model,
-    rather than inside a client."""
-    model, _ = load_model(config.model)
+    rather than inside a client.
+
+    The model is checked on the host in the clients' dtype, so that the clients' accelerators
+    hold only their own copies.
+    """
+    placement = Placement.resolve(config.device, config.dtype)  # no such device: one line
+    model, _ = load_model(config.model, Placement(torch.device("cpu"), placement.dtype))
     if get_method(config.method).grafts:
         experts = min(view.num_experts for view in find_moe_blocks(model))
         if config.experts_per_layer > experts:

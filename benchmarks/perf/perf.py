@@ -1,0 +1,406 @@
+"""The performance ratios of issue 11, each measured side by side in one run of its section.
+
+    python benchmarks/perf/perf.py [--only SECTION,...] [--force]
+
+Sections (each writes ``OUT/<section>.json``; a finished section is skipped unless ``--force``,
+so an interrupted run resumes):
+
+- ``dtype``: FLEx training step in bfloat16 against float32 on this CPU (tiny, smol-moe);
+- ``uplink``: bytes of a real FLEx train reply against a real ``fedavg-full`` one (tiny,
+  smol-moe), and ``flexmoe plan``'s ratio for the paper's Qwen1.5-MoE-A2.7B;
+- ``grafting``: selection + surgery against one forward pass over the same data;
+- ``steps``: a FLEx local step against a full fine-tuning step of the same model and batches;
+- ``latency``: the personalised model's forward (one grafted expert per layer) against the base's;
+- ``overhead``: a client's per-round load + restore + save against its compute on smol-moe, with
+  the base model kept loaded (now) and reloaded for every round (before);
+- ``rounds``: simulation round wall time against the clients' compute, two clients in parallel;
+- ``clients``: peak memory of the whole process tree and time per round, 100 clients sampling 10
+  per round against 4 clients.
+
+Then prints every ratio with its goal and the numbers behind it, and writes ``OUT/summary.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from flexmoe.client import ClientWorker
+from flexmoe.client.base_models import BASE_MODELS
+from flexmoe.data import heldout_texts, text_batches
+from flexmoe.evaluation.cost import latency_ratio
+from flexmoe.evaluation.plan import plan
+from flexmoe.federated.federation import initial_arrays
+from flexmoe.federated.protocol import TrainReply
+from flexmoe.federated.records import arrays_to_state, wire_bytes
+from flexmoe.hardware import Placement, Stopwatch
+from flexmoe.loading import load_model
+from flexmoe.methods import get_method
+from flexmoe.model import FlexConfig, FlexModel
+from flexmoe.results import read_rounds
+from flexmoe.runconfig import RunConfig
+from flexmoe.training import train_steps
+
+OUT = Path(__file__).resolve().parents[1] / "results" / "perf"
+MODELS = ("tiny", "smol-moe")
+CPU32 = Placement.resolve("cpu", "float32")
+CPU16 = Placement.resolve("cpu", "bfloat16")
+
+
+def calibration(name: str, batches: int = 4, batch_size: int = 4, seq_len: int = 128) -> list:
+    """Batches of held-out text with labels (every token), the same for every measurement."""
+    _, tokenizer = load_model(name)
+    out = text_batches(tokenizer, heldout_texts().values(), seq_len, batch_size, batches)
+    return [
+        {**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)} for b in out
+    ]
+
+
+def step_seconds(model: torch.nn.Module, batches: list, steps: int = 3) -> tuple[float, float]:
+    """Median seconds of one optimizer step after a warm-up step, and the first step's loss."""
+    losses = train_steps(model, iter(batches), 1, 1e-4)
+    seconds = []
+    for i in range(steps):
+        clock = Stopwatch(next(model.parameters()).device)
+        with clock.lap("step"):
+            train_steps(model, iter(batches[i % len(batches) :]), 1, 1e-4)
+        seconds.append(clock.seconds["step"])
+    return statistics.median(seconds), losses[0]
+
+
+def flex_model(name: str, placement: Placement, batches: list, method: str = "flex") -> FlexModel:
+    base, _ = load_model(name, placement)
+    torch.manual_seed(0)
+    shared = get_method(method).shared
+    if get_method(method).grafts:
+        return FlexModel.graft(base, batches, FlexConfig(shared=shared))[0]
+    return FlexModel(base, config=FlexConfig(shared=shared))
+
+
+def section_dtype() -> dict:
+    rows = {}
+    for name in MODELS:
+        # bfloat16 matrix products are slow here: smol-moe gets one short sequence
+        shape = (4, 4, 128) if name == "tiny" else (1, 1, 32)
+        batches = calibration(name, *shape)
+        row = {"tokens_per_step": int(batches[0]["attention_mask"].sum())}
+        for placement in (CPU32, CPU16):
+            steps = 2 if name == "tiny" else 1
+            seconds, loss = step_seconds(flex_model(name, placement, batches).model, batches, steps)
+            row[str(placement.dtype)] = {"step_s": seconds, "first_loss": loss}
+        rows[name] = row
+    return rows
+
+
+def reply_bytes(name: str, method: str) -> int:
+    config = RunConfig(
+        model=name,
+        method=method,
+        clients=4,
+        rounds=1,
+        local_steps=1,
+        batch_size=2,
+        max_train=8,
+        max_test=2,
+        device="cpu",
+        dtype="float32",
+    )
+    worker = ClientWorker(config, 0, OUT / "scratch" / f"{name}-{method}")
+    shared = arrays_to_state(initial_arrays(config, get_method(method)))
+    result = worker.train(1, shared)
+    reply = TrainReply(
+        0, result.num_examples, result.train_loss, result.lr, 0.0, shared=result.shared
+    )
+    return wire_bytes(reply.to_content())
+
+
+def section_uplink() -> dict:
+    rows = {name: {m: reply_bytes(name, m) for m in ("flex", "fedavg-full")} for name in MODELS}
+    paper = plan("qwen1.5-moe-a2.7b", [get_method("flex"), get_method("fedavg-full")])
+    rows["qwen1.5-moe-a2.7b (plan)"] = {m.method: m.bytes_up for m in paper.methods}
+    return rows
+
+
+def section_grafting() -> dict:
+    rows = {}
+    for name in MODELS:
+        batches = calibration(name)
+        base, _ = load_model(name, CPU32)
+        clock = Stopwatch(CPU32.device)
+        with torch.no_grad(), clock.lap("forward"):
+            for batch in batches:
+                base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        with clock.lap("graft"):
+            FlexModel.graft(base, batches)
+        rows[name] = {
+            **clock.seconds,
+            "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+        }
+    return rows
+
+
+def section_steps() -> dict:
+    rows = {}
+    for name in MODELS:
+        batches = calibration(name, 3, 2, 128)
+        rows[name] = {
+            method: step_seconds(flex_model(name, CPU32, batches, method).model, batches)[0]
+            for method in ("flex", "fedavg-full")
+        }
+    return rows
+
+
+def section_latency() -> dict:
+    rows = {}
+    for name in MODELS:
+        batches = calibration(name)
+        personalised = flex_model(name, CPU32, batches).model
+        rows[name] = latency_ratio(personalised, load_model(name, CPU32)[0], batches, repeats=7)
+    return rows
+
+
+def section_overhead() -> dict:
+    """Three rounds of one smol-moe client, the base kept and the base reloaded every round."""
+    config = RunConfig(
+        model="smol-moe",
+        clients=4,
+        rounds=3,
+        local_steps=4,
+        batch_size=4,
+        max_train=64,
+        max_test=8,
+        device="cpu",
+        dtype="float32",
+    )
+    shared = arrays_to_state(initial_arrays(config, get_method("flex")))
+    rows = {}
+    for mode in ("kept", "reloaded"):
+        BASE_MODELS.drop()
+        worker = ClientWorker(config, 0, OUT / "scratch" / f"overhead-{mode}")
+        rounds = []
+        for round_ in range(1, 4):
+            if mode == "reloaded":
+                BASE_MODELS.drop()  # as before: every message loaded the base afresh
+            rounds.append(worker.train(round_, shared).seconds)
+        rows[mode] = rounds
+    return rows
+
+
+def simulate(args: list[str], out: Path) -> dict:
+    """``flexmoe run`` in a subprocess, sampling the peak memory of its whole process tree."""
+    process = psutil.Popen(
+        [sys.executable, "-m", "flexmoe", "run", "--out", str(out), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    peak = {"bytes": 0}
+    started = time.perf_counter()
+
+    def sample() -> None:
+        while process.poll() is None:
+            peak["bytes"] = max(peak["bytes"], tree_memory(process))
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    process.wait()
+    sampler.join()
+    if process.returncode != 0:
+        raise SystemExit(f"flexmoe run {' '.join(args)} failed ({process.returncode})")
+    rounds = [
+        {"wall_s": r.wall_s, "clients": len(r.clients), "client_s": r.client_seconds}
+        for r in read_rounds(out)
+    ]
+    return {"peak_bytes": peak["bytes"], "wall_s": time.perf_counter() - started, "rounds": rounds}
+
+
+def tree_memory(process: psutil.Process) -> int:
+    """Proportional set size of ``process`` and every descendant (shared pages counted once)."""
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):  # it just ended
+            total += member.memory_full_info().pss
+    return total
+
+
+SMALL = [
+    "--rounds",
+    "3",
+    "--local-steps",
+    "4",
+    "--batch-size",
+    "4",
+    "--max-train",
+    "32",
+    "--max-test",
+    "2",
+    "--max-new-tokens",
+    "4",
+    "--device",
+    "cpu",
+]
+
+
+def section_rounds() -> dict:
+    return simulate(["--clients", "2", *SMALL], OUT / "scratch" / "rounds")
+
+
+def section_clients() -> dict:
+    return {
+        "4": simulate(["--clients", "4", *SMALL], OUT / "scratch" / "clients-4"),
+        "100": simulate(
+            ["--clients", "100", "--fraction-train", "0.1", *SMALL], OUT / "scratch" / "clients-100"
+        ),
+    }
+
+
+SECTIONS = {
+    "dtype": section_dtype,
+    "uplink": section_uplink,
+    "grafting": section_grafting,
+    "steps": section_steps,
+    "latency": section_latency,
+    "overhead": section_overhead,
+    "rounds": section_rounds,
+    "clients": section_clients,
+}
+
+
+def ratios(results: dict) -> list[tuple[str, float, str, str]]:
+    """(what, ratio, goal, the numbers behind it) for every ratio measured."""
+    rows = []
+    if "dtype" in results:
+        for name, row in results["dtype"].items():
+            b16, f32 = row["torch.bfloat16"], row["torch.float32"]
+            rows.append(
+                (
+                    f"bf16 / fp32 FLEx step, {name}",
+                    b16["step_s"] / f32["step_s"],
+                    "pick the faster",
+                    f"{b16['step_s']:.2f} s / {f32['step_s']:.2f} s, "
+                    f"loss {b16['first_loss']:.4f} vs {f32['first_loss']:.4f}",
+                )
+            )
+    for name, row in results.get("uplink", {}).items():
+        goal = {"tiny": "<= 0.05", "smol-moe": "<= 0.01"}.get(name, "<= 0.01")
+        rows.append(
+            (
+                f"FLEx / fedavg-full uplink, {name}",
+                row["flex"] / row["fedavg-full"],
+                goal,
+                f"{row['flex']:,} B / {row['fedavg-full']:,} B",
+            )
+        )
+    for name, row in results.get("grafting", {}).items():
+        rows.append(
+            (
+                f"grafting / one forward, {name}",
+                row["graft"] / row["forward"],
+                "<= 2",
+                f"{row['graft']:.2f} s / {row['forward']:.2f} s on {row['tokens']} tokens",
+            )
+        )
+    for name, row in results.get("steps", {}).items():
+        rows.append(
+            (
+                f"FLEx step / full fine-tuning step, {name}",
+                row["flex"] / row["fedavg-full"],
+                "<= 0.8",
+                f"{row['flex']:.3f} s / {row['fedavg-full']:.3f} s",
+            )
+        )
+    for name, row in results.get("latency", {}).items():
+        rows.append(
+            (
+                f"personalised / base latency (r=1), {name}",
+                row["ratio"],
+                "<= 1.15",
+                f"{1e3 * row['personalised_s']:.1f} ms / {1e3 * row['base_s']:.1f} ms",
+            )
+        )
+    if "overhead" in results:
+        for mode, rounds in results["overhead"].items():
+            later = rounds[1:]  # round 1 grafts: selection is compute, timed under restore
+            overhead = sum(r["load"] + r["restore"] + r["save"] for r in later)
+            compute = sum(r["compute"] for r in later)
+            rows.append(
+                (
+                    f"client overhead / compute, smol-moe, base {mode}",
+                    overhead / compute,
+                    "<= 0.10",
+                    f"{overhead:.2f} s / {compute:.2f} s over rounds 2-3",
+                )
+            )
+    if "rounds" in results:
+        later = results["rounds"]["rounds"][1:]  # round 1 starts Ray and the clients
+        wall, compute = sum(r["wall_s"] for r in later), sum(r["client_s"] for r in later)
+        rows.append(
+            (
+                "round wall / clients' compute, 2 in parallel",
+                wall / compute,
+                "<= 1.2",
+                f"{wall:.2f} s / {compute:.2f} s over rounds 2-3",
+            )
+        )
+    if "clients" in results:
+        small, large = results["clients"]["4"], results["clients"]["100"]
+        rows.append(
+            (
+                "peak memory, 100 clients / 4",
+                large["peak_bytes"] / small["peak_bytes"],
+                "<= 1.3",
+                f"{large['peak_bytes'] / 1e9:.2f} GB / {small['peak_bytes'] / 1e9:.2f} GB",
+            )
+        )
+        per_client = [
+            statistics.fmean(r["wall_s"] / r["clients"] for r in run["rounds"][1:])
+            for run in (large, small)
+        ]
+        rows.append(
+            (
+                "round wall per sampled client, 100 (10 sampled) / 4",
+                per_client[0] / per_client[1],
+                "about 1",
+                f"{per_client[0]:.2f} s / {per_client[1]:.2f} s",
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated sections (default: all)")
+    parser.add_argument("--force", action="store_true", help="measure finished sections again")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    chosen = args.only.split(",") if args.only else list(SECTIONS)
+    for name in chosen:
+        path = OUT / f"{name}.json"
+        if path.is_file() and not args.force:
+            continue
+        print(f"measuring {name} ...", flush=True)
+        started = time.perf_counter()
+        result = SECTIONS[name]()
+        path.write_text(json.dumps(result, indent=1))
+        print(f"  {name} done in {time.perf_counter() - started:.0f} s", flush=True)
+    results = {p.stem: json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))}
+    lines = [f"{'ratio':<52} {'value':>8}  {'goal':<16} numbers"]
+    for what, value, goal, numbers in ratios(results):
+        lines.append(f"{what:<52} {value:>8.3f}  {goal:<16} {numbers}")
+    text = "\n".join(lines)
+    (OUT / "summary.txt").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

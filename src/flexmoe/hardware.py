@@ -1,0 +1,95 @@
+"""``--device`` and ``--dtype`` resolved on this machine, with a one-line error when it lacks one.
+
+``auto`` means the first CUDA device in bfloat16 where there is one (float16 on GPUs without
+bfloat16), otherwise the CPU in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from flexmoe.errors import FlexMoEError
+from flexmoe.placement import device_problem, dtype_problem
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The device and dtype a frozen base model is held in."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def resolve(cls, device: str = "auto", dtype: str = "auto") -> Placement:
+        resolved = resolve_device(device)
+        return cls(resolved, resolve_dtype(dtype, resolved))
+
+    def __str__(self) -> str:
+        return f"{self.device} {str(self.dtype).removeprefix('torch.')}"
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device called ``name``, refused in one line when this machine has none."""
+    problem = device_problem(name)
+    if problem:
+        raise FlexMoEError(f"device {problem}, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            seen = f"{count} CUDA device{'s' * (count != 1)}" if count else "no CUDA device"
+            raise FlexMoEError(
+                f"device {name!r} is not available: torch {torch.__version__} sees {seen} here; "
+                "use --device cpu or auto"
+            )
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise FlexMoEError("device 'mps' is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype called ``name``; ``auto`` picks by ``device``."""
+    problem = dtype_problem(name)
+    if problem:
+        raise FlexMoEError(f"dtype {problem}, got {name!r}")
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (accelerators run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@dataclass
+class Stopwatch:
+    """Seconds spent in named phases on ``device``, each lap ending when its work has."""
+
+    device: torch.device
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def lap(self, phase: str) -> Iterator[None]:
+        synchronize(self.device)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            elapsed = time.perf_counter() - started
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + elapsed
