@@ -8,16 +8,17 @@ from conftest import ARCHITECTURES, build_model
 
 from flexmoe.cli import main
 from flexmoe.client import ClientWorker
+from flexmoe.errors import FlexMoEError
 from flexmoe.evaluation.plan import (
     activation_bytes,
     plan,
     plans_table,
     saved_activation_bytes,
-    shipped_configs,
 )
 from flexmoe.federated.federation import initial_arrays
 from flexmoe.federated.protocol import TrainReply
 from flexmoe.federated.records import arrays_to_state, wire_bytes
+from flexmoe.loading import shipped_configs
 from flexmoe.methods import METHODS, get_method
 from flexmoe.model import FlexConfig, FlexModel
 from flexmoe.runconfig import RunConfig
@@ -113,3 +114,24 @@ def test_the_readme_table_is_the_plans_of_the_shipped_configs():
     assert sorted(names) == sorted(shipped_configs())
     plans = [plan(name, [get_method("flex"), get_method("fedavg-full")]) for name in names]
     assert plans_table(plans) in (ROOT / "README.md").read_text()
+
+
+def test_the_server_starts_lora_from_the_config_alone(tmp_path, random_model):
+    import shutil
+
+    from flexmoe.loading import load_model
+    from flexmoe.model import initial_shared_state
+    from flexmoe.sharing import SharedConfig
+
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(random_model / "config.json", config_only)  # no weights, no tokenizer
+    state = initial_shared_state(str(config_only), SharedConfig())
+    real = FlexModel(load_model(random_model)[0]).shared_state_dict()
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in real.items()}
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in state.values())
+    a_bound = max(v.abs().max() for k, v in state.items() if ".lora_A." in k)
+    assert 0 < a_bound <= 1 / 32**0.5  # PEFT's uniform start: 1/sqrt(fan-in), hidden 32
+    assert all(not v.any() for k, v in state.items() if ".lora_B." in k)
+    with pytest.raises(FlexMoEError, match="cannot load a causal LM"):  # full FL needs weights
+        initial_shared_state(str(config_only), SharedConfig(mode="all"))

@@ -111,3 +111,17 @@ def test_the_command_line_imports_no_torch_until_a_command_needs_it(call):
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert loaded.stdout.strip() == "[]", loaded.stderr
+
+
+def test_a_run_saved_before_newer_settings_resumes_with_their_defaults(tmp_path):
+    import json
+
+    from flexmoe.runconfig import ADDED_LATER
+
+    old = {k: v for k, v in RunConfig(rounds=3).to_flat().items() if k not in ADDED_LATER}
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"run_id": "r", "config": old}))
+    assert RunConfig.saved_in(tmp_path) == RunConfig(rounds=3)
+    del old["lr"]  # a setting every checkpoint has: its absence is damage
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"run_id": "r", "config": old}))
+    with pytest.raises(FlexMoEError, match="saved settings are damaged \\(no lr\\)"):
+        RunConfig.saved_in(tmp_path)

@@ -88,3 +88,27 @@ def test_rounds_record_the_proximal_mu_each_client_used(
     rounds = read_rounds(tmp_path / ROUNDS_FILE)
     used = [client.proximal_mu for record in rounds for client in record.clients]
     assert used == [mu] * 4
+
+
+def test_a_hundred_clients_train_ten_per_round_and_keep_their_state_on_disk(tmp_path, random_model):
+    import json
+
+    data = tmp_path / "many.jsonl"
+    rows = [
+        {"instruction": f"Say word {i}.", "input": "", "output": f"word {i}"} for i in range(500)
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "run"
+    argv = ["run", "--out", str(out), "--model", str(random_model), "--data", str(data),
+            "--split", "iid", "--clients", "100", "--fraction-train", "0.1", "--rounds", "2",
+            "--local-steps", "1", "--batch-size", "2", "--max-test", "1",
+            "--max-new-tokens", "2", "--max-length", "512"]  # fmt: skip
+    assert main(argv) == 0
+    rounds = read_rounds(out)
+    assert [len(r.clients) for r in rounds] == [10, 10]
+    assert all(set(c.seconds) == {"load", "restore", "compute", "save"} for c in rounds[0].clients)
+    results = read_results(out / RESULTS_FILE)
+    assert len(results.clients) == 100
+    trained = {c.client_id for r in rounds for c in r.clients}
+    on_disk = {int(p.name.split("-")[1]) for p in out.glob("clients/*/client-*")}
+    assert trained <= on_disk  # every trained client's personal state is on disk

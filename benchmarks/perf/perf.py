@@ -13,6 +13,8 @@ so an interrupted run resumes):
 - ``latency``: the personalised model's forward (one grafted expert per layer) against the base's;
 - ``overhead``: a client's per-round load + restore + save against its compute on smol-moe, with
   the base model kept loaded (now) and reloaded for every round (before);
+- ``deployment``: round wall time against a client's compute on a real local deployment of
+  smol-moe (TLS SuperLink, two SuperNodes), with a node worker per SuperNode and without;
 - ``rounds``: simulation round wall time against the clients' compute, two clients in parallel;
 - ``clients``: peak memory of the whole process tree and time per round, 100 clients sampling 10
   per round against 4 clients.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,7 +50,7 @@ from flexmoe.hardware import Placement, Stopwatch
 from flexmoe.loading import load_model
 from flexmoe.methods import get_method
 from flexmoe.model import FlexConfig, FlexModel
-from flexmoe.results import read_rounds
+from flexmoe.results import ROUNDS_FILE, read_rounds
 from flexmoe.runconfig import RunConfig
 from flexmoe.training import train_steps
 
@@ -198,6 +201,7 @@ def section_overhead() -> dict:
 
 def simulate(args: list[str], out: Path) -> dict:
     """``flexmoe run`` in a subprocess, sampling the peak memory of its whole process tree."""
+    shutil.rmtree(out, ignore_errors=True)  # a section is measured whole
     process = psutil.Popen(
         [sys.executable, "-m", "flexmoe", "run", "--out", str(out), *args],
         stdout=subprocess.DEVNULL,
@@ -219,7 +223,7 @@ def simulate(args: list[str], out: Path) -> dict:
         raise SystemExit(f"flexmoe run {' '.join(args)} failed ({process.returncode})")
     rounds = [
         {"wall_s": r.wall_s, "clients": len(r.clients), "client_s": r.client_seconds}
-        for r in read_rounds(out)
+        for r in read_rounds(out / ROUNDS_FILE)
     ]
     return {"peak_bytes": peak["bytes"], "wall_s": time.perf_counter() - started, "rounds": rounds}
 
@@ -251,6 +255,43 @@ SMALL = [
 ]
 
 
+def section_deployment() -> dict:
+    """smol-moe on a real local deployment, with a node worker per SuperNode and without."""
+    settings = [
+        "--model",
+        "smol-moe",
+        "--supernodes",
+        "2",
+        "--rounds",
+        "3",
+        "--local-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--max-train",
+        "32",
+        "--max-test",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--timeout",
+        "3600",
+    ]
+    rows = {}
+    for mode, extra in (("node worker", []), ("a process per message", ["--no-node-worker"])):
+        out = OUT / "scratch" / f"deploy-{extra[0] if extra else 'worker'}"
+        shutil.rmtree(out, ignore_errors=True)  # a section is measured whole
+        command = [sys.executable, "-m", "flexmoe", "deploy-local", "--out", str(out)]
+        subprocess.run([*command, *settings, *extra], check=True, stdout=subprocess.DEVNULL)
+        rows[mode] = [
+            {"wall_s": r.wall_s, "client_s": r.client_seconds, "seconds": r.clients[0].seconds}
+            for r in read_rounds(out / ROUNDS_FILE)
+        ]
+    return rows
+
+
 def section_rounds() -> dict:
     return simulate(["--clients", "2", *SMALL], OUT / "scratch" / "rounds")
 
@@ -271,6 +312,7 @@ SECTIONS = {
     "steps": section_steps,
     "latency": section_latency,
     "overhead": section_overhead,
+    "deployment": section_deployment,
     "rounds": section_rounds,
     "clients": section_clients,
 }
@@ -341,6 +383,17 @@ def ratios(results: dict) -> list[tuple[str, float, str, str]]:
                     f"{overhead:.2f} s / {compute:.2f} s over rounds 2-3",
                 )
             )
+    for mode, rounds in results.get("deployment", {}).items():
+        later = rounds[1:]
+        wall, compute = sum(r["wall_s"] for r in later), sum(r["seconds"]["compute"] for r in later)
+        rows.append(
+            (
+                f"deployed round wall / compute, smol-moe, {mode}",
+                wall / compute,
+                "<= 1.1",
+                f"{wall:.1f} s / {compute:.1f} s over rounds 2-3",
+            )
+        )
     if "rounds" in results:
         later = results["rounds"]["rounds"][1:]  # round 1 starts Ray and the clients
         wall, compute = sum(r["wall_s"] for r in later), sum(r["client_s"] for r in later)

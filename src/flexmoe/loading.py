@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from flexmoe.cache import cache_dir, fetch_package_file
@@ -104,6 +110,43 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The published configs flexmoe ships (hyperparameters only), by name."""
+    folder = Path(str(resources.files("flexmoe") / "assets" / "configs"))
+    return {path.stem: path for path in sorted(folder.glob("*.json"))}
+
+
+def load_config(source: str) -> PretrainedConfig:
+    """A model config from a shipped name, a model name or folder, or a ``config.json`` file."""
+    shipped = shipped_configs()
+    if source in shipped:
+        path = shipped[source]
+    elif source in MODEL_NAMES or Path(source).is_dir():
+        path = resolve_model_path(source) / "config.json"
+    else:
+        path = Path(source).expanduser()
+    if not path.is_file():
+        raise FlexMoEError(
+            f"{source!r} is neither a model folder, a config.json file nor a shipped config "
+            f"({', '.join(shipped)})"
+        )
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        values = {k: v for k, v in values.items() if not k.startswith("_")}
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, ValueError) as error:
+        raise FlexMoEError(f"{str(path)!r} is not a usable model config: {error}") from None
+
+
+def meta_model(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of ``config`` on the meta device: every shape, no memory."""
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except (ValueError, KeyError) as error:
+            raise FlexMoEError(f"cannot build a causal LM from this config: {error}") from None
 
 
 def load_dense_model(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

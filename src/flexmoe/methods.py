@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from flexmoe.errors import FlexMoEError
@@ -43,6 +43,10 @@ class Method:
     def __post_init__(self) -> None:
         object.__setattr__(self, "aggregation", Aggregation(self.aggregation))
         object.__setattr__(self, "graft", GraftSource(self.graft))
+
+    def with_lora_rank(self, rank: int) -> Method:
+        """This method with its shared LoRA at ``rank`` (alpha 2 x rank, as the paper's 32/64)."""
+        return replace(self, shared=replace(self.shared, lora_r=rank, lora_alpha=2 * rank))
 
     @property
     def federated(self) -> bool:

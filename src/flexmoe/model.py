@@ -21,13 +21,21 @@ from torch import nn
 
 from flexmoe import __version__
 from flexmoe.errors import FlexMoEError
-from flexmoe.graft import LayerGraft, apply_grafts, grafted_blocks, plan_grafts, remove_grafts
+from flexmoe.graft import (
+    ADAPTER_DTYPE,
+    LayerGraft,
+    apply_grafts,
+    grafted_blocks,
+    plan_grafts,
+    remove_grafts,
+)
 from flexmoe.io import atomic_write, atomic_write_text, read_json
-from flexmoe.loading import FINGERPRINT_VERSION, fingerprint
+from flexmoe.loading import FINGERPRINT_VERSION, fingerprint, load_config, load_model, meta_model
 from flexmoe.moe import find_moe_blocks
 from flexmoe.roles import (
     Role,
     add_shared_adapter,
+    materialise_shared_adapter,
     parameter_roles,
     remove_shared_adapter,
     resolve_targets,
@@ -233,6 +241,19 @@ class FlexModel(nn.Module):
         }
 
 
+def initial_shared_state(name_or_path: str, shared: SharedConfig) -> dict[str, torch.Tensor]:
+    """The shared parameters a federation starts from, made from the model's config alone
+    when they are LoRA (a server need not hold a base of billions of parameters), from its
+    weights when they are pretrained weights themselves."""
+    if shared.trains_base_weights:
+        base, _ = load_model(name_or_path)
+        return FlexModel(base, config=FlexConfig(shared=shared)).shared_state_dict()
+    skeleton = meta_model(load_config(name_or_path), ADAPTER_DTYPE)
+    flex = FlexModel(skeleton, config=FlexConfig(shared=shared))
+    materialise_shared_adapter(flex.model)
+    return flex.shared_state_dict()
+
+
 @dataclass(frozen=True)
 class SavedAdapter:
     """An adapter's config as read from its ``flexmoe_config.json``."""
@@ -271,7 +292,7 @@ def _plan_of(grafts: Sequence[LayerGraft]) -> str:
 def _save_tensors(
     tensors: dict[str, torch.Tensor], path: Path, graft_plan: str | None = None
 ) -> None:
-    contiguous = {name: t.detach().contiguous() for name, t in tensors.items()}
+    contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     metadata = None if graft_plan is None else {GRAFT_PLAN_KEY: graft_plan}
     atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
 

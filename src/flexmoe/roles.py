@@ -68,6 +68,17 @@ def add_shared_adapter(model: nn.Module, shared: SharedConfig) -> None:
             parameter.data = parameter.data.to(ADAPTER_DTYPE)
 
 
+def materialise_shared_adapter(model: nn.Module) -> None:
+    """Give a LoRA adapter injected on the meta device values on the host, initialised as PEFT
+    initialises it (A uniform, B zero), so that its start needs no base weights."""
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for name in module.active_adapters:
+                module.lora_A[name].to_empty(device="cpu")
+                module.lora_B[name].to_empty(device="cpu")
+                module.reset_lora_parameters(name, True)
+
+
 def remove_shared_adapter(model: nn.Module) -> None:
     """Put every LoRA-wrapped module's base layer back in its place (PEFT's ``unload``)."""
     for path, module in list(model.named_modules()):

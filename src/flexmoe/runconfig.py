@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.methods import METHODS
+from flexmoe.methods import METHODS, Method, get_method
 from flexmoe.placement import DEVICE_FORMS, device_problem, dtype_problem
 from flexmoe.results import CHECKPOINT_FILE, read_checkpoint
 
 Scalar = str | int | float | bool
 # the partition schemes of flexmoe.data (a test keeps them equal; data imports torch, this not)
 SPLITS = ("pathological", "dirichlet", "iid")
+# settings newer than some saved runs: a checkpoint without them ran with their defaults
+ADDED_LATER = {"device", "dtype", "gradient-checkpointing", "lora-rank"}
 TRUTH = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 Check = Callable[[Any], str | None]  # a problem with a value, or None when it is valid
 
@@ -82,6 +84,7 @@ class RunConfig:
     data: str = setting("ni", "ni (Natural Instructions v1) or an Alpaca/Dolly file", nonempty)
     fraction_train: float = setting(1.0, "share of clients sampled per round", between(0, 1, True))
     experts_per_layer: int = setting(1, "experts grafted per MoE layer (FLEx)", at_least(1))
+    lora_rank: int = setting(32, "rank of the shared attention LoRA (alpha: 2 x rank)", at_least(1))
     size_ratio: float = setting(
         1.0, "share of a grafted expert's neurons kept", between(0, 1, True)
     )
@@ -121,6 +124,10 @@ class RunConfig:
         if self.min_lr > self.lr:
             raise FlexMoEError(f"min-lr ({self.min_lr}) must not exceed lr ({self.lr})")
 
+    def chosen_method(self) -> Method:
+        """The method this run names, with its settings (the LoRA rank) applied."""
+        return get_method(self.method).with_lora_rank(self.lora_rank)
+
     @classmethod
     def from_toml(cls, path: str | Path) -> RunConfig:
         path = Path(path)
@@ -137,7 +144,8 @@ class RunConfig:
         """The settings of the run whose output folder is ``out`` (from its checkpoint)."""
         saved = read_checkpoint(out).config
         try:
-            missing = sorted(set(cls().to_flat()) - {option_name(k) for k in saved})
+            known = {option_name(k) for k in saved} | ADDED_LATER  # those take their defaults
+            missing = sorted(set(cls().to_flat()) - known)
             if missing:
                 raise FlexMoEError(f"no {', '.join(missing[:3])}")
             return cls().updated(saved)

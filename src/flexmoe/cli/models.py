@@ -156,6 +156,7 @@ def _add_plan(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--batch-size", type=int, default=8, help="(default %(default)s)")
     plan.add_argument("--seq-len", type=int, default=512, help="(default %(default)s)")
     plan.add_argument("--experts-per-layer", type=int, default=1, metavar="R")
+    plan.add_argument("--lora-rank", type=int, default=32, help="(default %(default)s)")
     plan.add_argument("--size-ratio", type=float, default=1.0, metavar="RHO")
     plan.add_argument("--out", type=Path, help="also write the plan as JSON here")
     plan.set_defaults(command=run_plan, loads_models=True)
@@ -169,13 +170,14 @@ def run_plan(args: argparse.Namespace) -> None:
     from flexmoe.hardware import DTYPES
     from flexmoe.methods import METHODS, get_method
 
-    for option in ("batch_size", "seq_len", "experts_per_layer"):
+    for option in ("batch_size", "seq_len", "experts_per_layer", "lora_rank"):
         if getattr(args, option) < 1:
             raise FlexMoEError(f"--{option.replace('_', '-')} must be at least 1")
     if not 0 < args.size_ratio <= 1:
         raise FlexMoEError(f"--size-ratio must be in (0, 1], got {args.size_ratio}")
     chosen = args.method or list(METHODS)
-    methods = [get_method(m) for m in dict.fromkeys([*chosen, "fedavg-full"])]
+    names = dict.fromkeys([*chosen, "fedavg-full"])
+    methods = [get_method(m).with_lora_rank(args.lora_rank) for m in names]
     result = plan(
         args.model,
         methods,

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.results import RESULTS_FILE, RunResults
+from flexmoe.results import RESULTS_FILE, ROUNDS_FILE, RoundRecord, RunResults, read_rounds
 from flexmoe.runconfig import RunConfig, describe_settings, field_name
 
 METAVARS = {int: "N", float: "X", str: "TEXT", bool: "BOOL"}
@@ -99,6 +99,7 @@ def run_run(args: argparse.Namespace) -> None:
         f"flexmoe run: {config.method}, {config.clients} clients, {config.rounds} rounds -> {out}"
     )
     print(results_table(simulate(config, out, resume=args.resume is not None)))
+    print(round_times(read_rounds(out / ROUNDS_FILE)))
     print(f"results written to {out / RESULTS_FILE}")
 
 
@@ -120,6 +121,7 @@ def run_deploy_local(args: argparse.Namespace) -> None:
         find_app_dir(), args.supernodes, out, config.to_flat(), args.timeout, args.node_workers
     )
     print(results_table(read_results(out / RESULTS_FILE)))
+    print(round_times(read_rounds(out / ROUNDS_FILE)))
     print(f"results written to {out / RESULTS_FILE}; logs in {out / 'logs'}")
 
 
@@ -129,6 +131,19 @@ def run_node_worker(args: argparse.Namespace) -> None:
     from flexmoe.federated.node_worker import serve
 
     serve(args.socket, run_job)
+
+
+def round_times(rounds: list[RoundRecord]) -> str:
+    """Where a round's time went: the clients' work, and Flower's part (with waiting)."""
+    later = rounds[1:] or rounds  # the first round also starts the clients
+    wall = sum(r.wall_s for r in later)
+    clients = sum(r.client_seconds for r in later)
+    which = "rounds 2+" if len(rounds) > 1 else "round 1"
+    return (
+        f"{which}: {wall / len(later):.1f} s per round, of which the longest client worked "
+        f"{clients / len(later):.1f} s (load, restore, compute, save); Flower and waiting "
+        f"{max(0.0, wall - clients) / len(later):.1f} s"
+    )
 
 
 def results_table(results: RunResults) -> str:

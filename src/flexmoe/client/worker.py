@@ -29,7 +29,7 @@ from flexmoe.evaluation.diagnostics import diagnostics
 from flexmoe.evaluation.generation import generate_answers, rouge_l
 from flexmoe.hardware import Placement, Stopwatch
 from flexmoe.loading import load_model, load_tokenizer
-from flexmoe.methods import GraftSource, get_method
+from flexmoe.methods import GraftSource
 from flexmoe.model import FlexConfig, FlexModel
 from flexmoe.results import Diagnostics
 from flexmoe.roles import Role
@@ -66,7 +66,7 @@ class ClientWorker:
 
     def __init__(self, config: RunConfig, client_id: int, state_dir: Path) -> None:
         self.config = config
-        self.method = get_method(config.method)
+        self.method = config.chosen_method()
         self.client_id = client_id
         self.store = StateStore(state_dir)
         datasets = client_datasets(config)

@@ -253,7 +253,7 @@ def _add_target_logprobs(
     ).logits
     kept = torch.searchsorted(needed, position)
     picked = logits[row.to(device), kept.to(device)].float().log_softmax(dim=-1)
-    values = picked.gather(-1, token.to(device)[:, None])[:, 0].double().cpu()
+    values = picked.gather(-1, token.to(device)[:, None])[:, 0].cpu().double()
     scores.index_put_((question, letter), values, accumulate=True)
 
 

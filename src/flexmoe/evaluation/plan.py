@@ -15,20 +15,16 @@ by role exactly. From those counts:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
-from flexmoe.errors import FlexMoEError
 from flexmoe.evaluation.cost import flops_per_token
 from flexmoe.graft import ADAPTER_DTYPE, LayerGraft
-from flexmoe.loading import MODEL_NAMES, resolve_model_path
+from flexmoe.loading import load_config, meta_model
 from flexmoe.methods import Method
 from flexmoe.model import FlexConfig, FlexModel
 from flexmoe.moe import MoEBlockView, find_moe_blocks
@@ -37,43 +33,6 @@ from flexmoe.roles import Role
 WIRE_BYTES = 4  # per shared parameter, each way (float32 arrays)
 ANSWER_SHARE = 0.25  # positions whose logits training computes (answers only; see answer_loss)
 ADAM_MOMENTS = 2
-
-
-def shipped_configs() -> dict[str, Path]:
-    """The published configs flexmoe ships (hyperparameters only), by name."""
-    folder = Path(str(resources.files("flexmoe") / "assets" / "configs"))
-    return {path.stem: path for path in sorted(folder.glob("*.json"))}
-
-
-def load_config(source: str) -> PretrainedConfig:
-    """A model config from a shipped name, a model name or folder, or a ``config.json`` file."""
-    shipped = shipped_configs()
-    if source in shipped:
-        path = shipped[source]
-    elif source in MODEL_NAMES or Path(source).is_dir():
-        path = resolve_model_path(source) / "config.json"
-    else:
-        path = Path(source).expanduser()
-    if not path.is_file():
-        raise FlexMoEError(
-            f"{source!r} is neither a model folder, a config.json file nor a shipped config "
-            f"({', '.join(shipped)})"
-        )
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-        values = {k: v for k, v in values.items() if not k.startswith("_")}
-        return AutoConfig.for_model(values.pop("model_type"), **values)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, ValueError) as error:
-        raise FlexMoEError(f"{str(path)!r} is not a usable model config: {error}") from None
-
-
-def meta_model(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
-    """The causal LM of ``config`` on the meta device: every shape, no memory."""
-    with torch.device("meta"):
-        try:
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
-        except (ValueError, KeyError) as error:
-            raise FlexMoEError(f"cannot build a causal LM from this config: {error}") from None
 
 
 @dataclass(frozen=True)

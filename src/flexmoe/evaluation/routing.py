@@ -56,10 +56,10 @@ class _LayerTally:
         if self.grafted is not None:
             self.gate_sums += torch.stack(
                 [
-                    torch.sigmoid(gate(x.to(ADAPTER_DTYPE))).double().sum()
+                    torch.sigmoid(gate(x.to(ADAPTER_DTYPE))).sum()
                     for gate in self.grafted.grafted_gates
                 ]
-            ).cpu()
+            ).to("cpu", torch.float64)
 
     def summary(self) -> LayerRouting:
         utilisation = self.assignments / self.assignments.sum().clamp(min=1)
@@ -88,7 +88,8 @@ def routing_distribution(rule: RoutingRule, logits: torch.Tensor) -> torch.Tenso
 
 def entropy(probabilities: torch.Tensor) -> torch.Tensor:
     """Entropy in nats over the last dimension (0 log 0 = 0)."""
-    return torch.special.entr(probabilities.double()).sum(dim=-1)
+    # in float64 on the host: accelerators such as MPS have no float64
+    return torch.special.entr(probabilities.to("cpu", torch.float64)).sum(dim=-1)
 
 
 @torch.no_grad()

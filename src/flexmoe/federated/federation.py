@@ -29,9 +29,8 @@ from flexmoe.federated.protocol import ARRAYS, EvaluateReply, RoundInstructions,
 from flexmoe.federated.records import state_to_arrays, wire_bytes
 from flexmoe.federated.strategies import make_strategy, restore_strategy_state, strategy_state
 from flexmoe.io import atomic_write
-from flexmoe.loading import load_model
-from flexmoe.methods import Method, get_method
-from flexmoe.model import FlexConfig, FlexModel
+from flexmoe.methods import Method
+from flexmoe.model import initial_shared_state
 from flexmoe.results import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
@@ -62,7 +61,7 @@ def run_federation(
     otherwise.
     """
     remove_temporary_files(out)
-    method = get_method(config.method)
+    method = config.chosen_method()
     strategy = make_strategy(method, config)
     state, arrays = start_or_resume(out, config, method, strategy, resume)
     wait_for_clients(grid, config.clients)
@@ -183,10 +182,8 @@ def initial_arrays(config: RunConfig, method: Method) -> ArrayRecord:
     """The global shared parameters before round 1 (none for methods that do not federate)."""
     if not method.federated:
         return ArrayRecord()
-    base, _ = load_model(config.model)
     torch.manual_seed(config.seed)
-    model = FlexModel(base, config=FlexConfig(shared=method.shared))
-    return state_to_arrays(model.shared_state_dict())
+    return state_to_arrays(initial_shared_state(config.model, method.shared))
 
 
 def evaluate_clients(

@@ -24,7 +24,6 @@ from flexmoe.federated.strategies import make_strategy
 from flexmoe.hardware import Placement
 from flexmoe.io import folder_lock
 from flexmoe.loading import load_model
-from flexmoe.methods import get_method
 from flexmoe.moe import find_moe_blocks
 from flexmoe.results import (
     CHECKPOINT_FILE,
@@ -46,7 +45,7 @@ def simulate(
     with folder_lock(out):
         check_out(out, config, resume)
         if (out / CHECKPOINT_FILE).is_file():  # read it whole, so damage shows before Ray starts
-            load_checkpoint(out, make_strategy(get_method(config.method), config))
+            load_checkpoint(out, make_strategy(config.chosen_method(), config))
         check_run(config)
         return _simulate(config, out, progress, resume)
 
@@ -104,7 +103,7 @@ def check_run(config: RunConfig) -> None:
     """
     placement = Placement.resolve(config.device, config.dtype)  # no such device: one line
     model, _ = load_model(config.model, Placement(torch.device("cpu"), placement.dtype))
-    if get_method(config.method).grafts:
+    if config.chosen_method().grafts:
         experts = min(view.num_experts for view in find_moe_blocks(model))
         if config.experts_per_layer > experts:
             raise FlexMoEError(
