@@ -37,7 +37,8 @@ class ClientRound:
     bytes_down: int
     train_loss: float
     proximal_mu: float | None = None  # the FedProx mu it trained with (None: not recorded)
-    seconds: dict[str, float] = field(default_factory=dict)  # load, restore, compute, save
+    # load, restore, compute, save; and startup, for a process's first message (see the app)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)
@@ -55,9 +56,18 @@ class RoundRecord:
 
     @property
     def client_seconds(self) -> float:
-        """The longest client's seconds in this round: the round's wall time were the
-        clients all in parallel and Flower free."""
-        return max((sum(c.seconds.values()) for c in self.clients), default=0.0)
+        """The longest client's work in this round (its process starting aside): the round's
+        wall time were the clients all in parallel and Flower free."""
+        return max((_work(c.seconds) for c in self.clients), default=0.0)
+
+    @property
+    def startup_seconds(self) -> float:
+        """The longest time a client's process took to start before its job, this round."""
+        return max((c.seconds.get("startup", 0.0) for c in self.clients), default=0.0)
+
+
+def _work(seconds: dict[str, float]) -> float:
+    return sum(value for phase, value in seconds.items() if phase != "startup")
 
 
 # --- results.json: the run's final evaluation ---

@@ -136,14 +136,16 @@ def run_node_worker(args: argparse.Namespace) -> None:
 def round_times(rounds: list[RoundRecord]) -> str:
     """Where a round's time went: the clients' work, and Flower's part (with waiting)."""
     later = rounds[1:] or rounds  # the first round also starts the clients
-    wall = sum(r.wall_s for r in later)
-    clients = sum(r.client_seconds for r in later)
+    wall, clients = sum(r.wall_s for r in later), sum(r.client_seconds for r in later)
+    startup = sum(r.startup_seconds for r in later)
     which = "rounds 2+" if len(rounds) > 1 else "round 1"
-    return (
+    text = (
         f"{which}: {wall / len(later):.1f} s per round, of which the longest client worked "
-        f"{clients / len(later):.1f} s (load, restore, compute, save); Flower and waiting "
-        f"{max(0.0, wall - clients) / len(later):.1f} s"
+        f"{clients / len(later):.1f} s (load, restore, compute, save)"
     )
+    if startup:
+        text += f", its message's process took {startup / len(later):.1f} s to start"
+    return f"{text}; Flower and waiting {max(0.0, wall - clients - startup) / len(later):.1f} s"
 
 
 def results_table(results: RunResults) -> str:

@@ -9,8 +9,10 @@ that keeps the model loaded.
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
+import psutil
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -18,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.node_worker import Job, submit
 from flexmoe.federated.protocol import (
+    STARTUP,
     EvaluateReply,
     NodeConfig,
     RoundInstructions,
@@ -67,9 +70,29 @@ def job_of(kind: str, msg: Message, context: Context, settings: RunConfig | None
 
 
 def answer(job: Job, context: Context) -> TrainReply | EvaluateReply:
-    """``job`` run here, or by the node worker when the node names one."""
+    """``job`` run here, or by the node worker when the node names one.
+
+    Every reply reports how long its process took to start before its first job (``startup``;
+    0 for the jobs after it): in a deployment, where every message gets a process, that is part
+    of every round. Every reply has it, as Flower averages only metrics that all replies have.
+    """
+    startup = _startup_seconds()
     socket = NodeConfig.from_context(context).worker_socket
-    return submit(Path(socket), job) if socket else run_job(job)
+    reply = submit(Path(socket), job) if socket else run_job(job)
+    reply.seconds[STARTUP] = startup
+    return reply
+
+
+def _startup_seconds() -> float:
+    """Seconds from this process's start to now, the first time it is asked; then 0."""
+    global _STARTED
+    if _STARTED:
+        return 0.0
+    _STARTED = True
+    return time.time() - psutil.Process().create_time()
+
+
+_STARTED = False
 
 
 def run_job(job: Job) -> TrainReply | EvaluateReply:

@@ -50,6 +50,7 @@ N_TRAIN = "n-train"
 ROUGE_L = "rouge_l"
 TEST_LOSS = "test_loss"
 SECONDS = "seconds-"  # + a phase of the client's work: load, restore, compute, save
+STARTUP = "startup"  # a phase of its own: the process starting, before its first job
 
 # the client record of an evaluate reply
 CATEGORIES = "categories"
