@@ -104,7 +104,7 @@ def test_a_hundred_clients_train_ten_per_round_and_keep_their_state_on_disk(tmp_
             "--local-steps", "1", "--batch-size", "2", "--max-test", "1",
             "--max-new-tokens", "2", "--max-length", "512"]  # fmt: skip
     assert main(argv) == 0
-    rounds = read_rounds(out)
+    rounds = read_rounds(out / ROUNDS_FILE)
     assert [len(r.clients) for r in rounds] == [10, 10]
     phases = {"startup", "load", "restore", "compute", "save"}
     assert all(set(c.seconds) == phases for r in rounds for c in r.clients)
