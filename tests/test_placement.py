@@ -114,3 +114,14 @@ def test_gradient_checkpointing_trains_the_same_steps(random_model):
         )
         assert not flex.model.is_activation_checkpointing
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_a_half_precision_cpu_run_without_fast_kernels_is_warned_of(capsys):
+    from flexmoe.cli.options import checked_placement
+
+    placement = checked_placement("cpu", "bfloat16")
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert placement.slow is None
+    else:
+        assert "no fast matrix kernel" in capsys.readouterr().err
+    assert Placement.resolve("cpu", "float32").slow is None

@@ -34,6 +34,21 @@ class Placement:
     def __str__(self) -> str:
         return f"{self.device} {str(self.dtype).removeprefix('torch.')}"
 
+    @property
+    def slow(self) -> str | None:
+        """Why this placement computes far slower than float32 would here, or None."""
+        fast = {
+            torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+            torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
+        }
+        if self.device.type != "cpu" or self.dtype not in fast or fast[self.dtype]():
+            return None
+        return (
+            f"{str(self.dtype).removeprefix('torch.')} on this CPU has no fast matrix kernel "
+            f"({torch.backends.cpu.get_cpu_capability()}): bfloat16 was about 12x slower than "
+            "float32 on such a CPU (docs/performance.md); it halves memory"
+        )
+
 
 def resolve_device(name: str) -> torch.device:
     """The device called ``name``, refused in one line when this machine has none."""

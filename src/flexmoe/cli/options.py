@@ -24,9 +24,19 @@ def add_placement_options(parser: argparse.ArgumentParser) -> None:
 
 def placement_of(args: argparse.Namespace):
     """The ``Placement`` that ``--device`` and ``--dtype`` name, checked on this machine."""
+    return checked_placement(args.device, args.dtype)
+
+
+def checked_placement(device: str, dtype: str):
+    """The placement named, resolved here, with a warning on stderr where it is slow."""
+    import sys
+
     from flexmoe.hardware import Placement
 
-    return Placement.resolve(args.device, args.dtype)
+    placement = Placement.resolve(device, dtype)
+    if placement.slow:
+        print(f"flexmoe: warning: {placement.slow}", file=sys.stderr)
+    return placement
 
 
 def names(text: str) -> list[str]:

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from flexmoe.cli.options import checked_placement
 from flexmoe.errors import FlexMoEError
 from flexmoe.results import RESULTS_FILE, ROUNDS_FILE, RoundRecord, RunResults, read_rounds
 from flexmoe.runconfig import RunConfig, describe_settings, field_name
@@ -91,9 +92,8 @@ def run_run(args: argparse.Namespace) -> None:
         config = settings(args)
         out = args.out or default_out(config)
     from flexmoe.federated.simulation import simulate  # after the settings are checked: heavy
-    from flexmoe.hardware import Placement
 
-    Placement.resolve(config.device, config.dtype)  # a device this machine lacks: before all
+    checked_placement(config.device, config.dtype)  # a device this machine lacks: before all
 
     print(
         f"flexmoe run: {config.method}, {config.clients} clients, {config.rounds} rounds -> {out}"
@@ -109,11 +109,10 @@ def run_deploy_local(args: argparse.Namespace) -> None:
     from flexmoe.federated.deploy import deploy_local, find_app_dir
     from flexmoe.federated.federation import check_out
     from flexmoe.federated.simulation import check_run
-    from flexmoe.hardware import Placement
     from flexmoe.results import read_results
 
     out = (args.out or default_out(config, "deploy-")).resolve()
-    Placement.resolve(config.device, config.dtype)
+    checked_placement(config.device, config.dtype)
     check_out(out, config, resume=False)
     check_run(config)
     print(f"flexmoe deploy-local: {args.supernodes} SuperNodes over TLS -> {out}")
