@@ -51,7 +51,7 @@ from flexmoe.hardware import Placement, Stopwatch
 from flexmoe.loading import load_model
 from flexmoe.methods import get_method
 from flexmoe.model import FlexConfig, FlexModel
-from flexmoe.results import ROUNDS_FILE, read_rounds
+from flexmoe.results import ROUNDS_FILE, read_rounds, work_seconds
 from flexmoe.runconfig import RunConfig
 from flexmoe.training import train_steps
 
@@ -330,72 +330,62 @@ SECTIONS = {
 }
 
 
-def ratios(results: dict) -> list[tuple[str, float, str, str]]:
-    """(what, ratio, goal, the numbers behind it) for every ratio measured."""
+Row = tuple[str, float, str, str]  # what, ratio, goal, the numbers behind it
+
+
+def ratio(what: str, top: float, bottom: float, goal: str, side: str, note: str = "") -> Row:
+    """A row for ``top / bottom``, each side shown with the format ``side``."""
+    numbers = f"{side.format(top)} / {side.format(bottom)}" + (f", {note}" if note else "")
+    return what, top / bottom, goal, numbers
+
+
+def ratios(results: dict) -> list[Row]:
+    """Every ratio measured, in the order of the sections."""
     rows = []
-    if "dtype" in results:
-        for name, row in results["dtype"].items():
-            b16, f32 = row["torch.bfloat16"], row["torch.float32"]
-            rows.append(
-                (
-                    f"bf16 / fp32 FLEx step, {name}",
-                    b16["step_s"] / f32["step_s"],
-                    "pick the faster",
-                    f"{b16['step_s']:.2f} s / {f32['step_s']:.2f} s, "
-                    f"loss {b16['first_loss']:.4f} vs {f32['first_loss']:.4f}",
-                )
-            )
+    for name, row in results.get("dtype", {}).items():
+        b16, f32 = row["torch.bfloat16"], row["torch.float32"]
+        losses = f"loss {b16['first_loss']:.4f} vs {f32['first_loss']:.4f}"
+        what = f"bf16 / fp32 FLEx step, {name}"
+        rows.append(
+            ratio(what, b16["step_s"], f32["step_s"], "pick the faster", "{:.2f} s", losses)
+        )
     for name, row in results.get("uplink", {}).items():
         goal = "<= 0.05" if name == "tiny" else "<= 0.01"
-        rows.append(
-            (
-                f"FLEx / fedavg-full uplink, {name}",
-                row["flex"] / row["fedavg-full"],
-                goal,
-                f"{row['flex']:,} B / {row['fedavg-full']:,} B",
-            )
-        )
+        what = f"FLEx / fedavg-full uplink, {name}"
+        rows.append(ratio(what, row["flex"], row["fedavg-full"], goal, "{:,} B"))
     for name, row in results.get("grafting", {}).items():
-        rows.append(
-            (
-                f"grafting / one forward, {name}",
-                row["graft"] / row["forward"],
-                "<= 2",
-                f"{row['graft']:.2f} s / {row['forward']:.2f} s on {row['tokens']} tokens",
-            )
-        )
+        what, tokens = f"grafting / one forward, {name}", f"{row['tokens']} tokens"
+        rows.append(ratio(what, row["graft"], row["forward"], "<= 2", "{:.2f} s", tokens))
     for name, row in results.get("steps", {}).items():
-        rows.append(
-            (
-                f"FLEx step / full fine-tuning step, {name}",
-                row["flex"] / row["fedavg-full"],
-                "<= 0.8",
-                f"{row['flex']:.3f} s / {row['fedavg-full']:.3f} s",
-            )
-        )
+        what = f"FLEx step / full fine-tuning step, {name}"
+        rows.append(ratio(what, row["flex"], row["fedavg-full"], "<= 0.8", "{:.3f} s"))
     for name, row in results.get("latency", {}).items():
-        rows.append(
-            (
-                f"personalised / base latency (r=1), {name}",
-                row["ratio"],
-                "<= 1.15",
-                f"{1e3 * row['personalised_s']:.1f} ms / {1e3 * row['base_s']:.1f} ms",
-            )
-        )
-    if "overhead" in results:
-        for mode, rounds in results["overhead"].items():
-            later = rounds[1:]  # round 1 grafts: selection is compute, timed under restore
-            overhead = sum(r["load"] + r["restore"] + r["save"] for r in later)
-            compute = sum(r["compute"] for r in later)
-            rows.append(
-                (
-                    f"client overhead / compute, smol-moe, base {mode}",
-                    overhead / compute,
-                    "<= 0.10",
-                    f"{overhead:.2f} s / {compute:.2f} s over rounds 2-3",
-                )
-            )
-    for mode, rounds in results.get("deployment", {}).items():
+        what = f"personalised / base latency (r=1), {name}"
+        milliseconds = 1e3 * row["personalised_s"], 1e3 * row["base_s"]
+        rows.append(ratio(what, *milliseconds, "<= 1.15", "{:.1f} ms"))
+    for mode, rounds in results.get("overhead", {}).items():
+        later = rounds[1:]  # round 1 grafts: selection is compute, timed under restore
+        overhead = sum(r["load"] + r["restore"] + r["save"] for r in later)
+        compute = sum(r["compute"] for r in later)
+        what = f"client overhead / compute, smol-moe, base {mode}"
+        rows.append(ratio(what, overhead, compute, "<= 0.10", "{:.2f} s", ROUNDS_2_3))
+    rows += deployment_rows(results.get("deployment", {}))
+    if "rounds" in results:
+        later = results["rounds"]["rounds"][1:]  # round 1 starts Ray and the clients
+        wall, compute = sum(r["wall_s"] for r in later), sum(r["client_s"] for r in later)
+        what = "round wall / clients' compute, 2 in parallel"
+        rows.append(ratio(what, wall, compute, "<= 1.2", "{:.2f} s", ROUNDS_2_3))
+    if "clients" in results:
+        rows += clients_rows(results["clients"]["100"], results["clients"]["4"])
+    return rows
+
+
+ROUNDS_2_3 = "rounds 2-3"
+
+
+def deployment_rows(deployed: dict) -> list[Row]:
+    rows = []
+    for mode, rounds in deployed.items():
         later = rounds[1:]
         wall = sum(r["wall_s"] for r in later)
         phases = {
@@ -409,78 +399,34 @@ def ratios(results: dict) -> list[tuple[str, float, str, str]]:
                 (overhead + phases["startup"]) / phases["compute"],
                 "<= 0.10",
                 f"({phases['startup']:.1f} s process start + {overhead:.1f} s load, restore, "
-                f"save) / {phases['compute']:.1f} s, rounds 2-3",
+                f"save) / {phases['compute']:.1f} s, {ROUNDS_2_3}",
             )
         )
-        rows.append(
-            (
-                f"deployed round wall / compute, smol-moe, {mode}",
-                wall / phases["compute"],
-                "<= 1.2",
-                f"{wall:.1f} s / {phases['compute']:.1f} s (longest client), rounds 2-3",
-            )
-        )
-    deployed = results.get("deployment", {})
+        what = f"deployed round wall / longest client's compute, smol-moe, {mode}"
+        rows.append(ratio(what, wall, phases["compute"], "<= 1.2", "{:.1f} s", ROUNDS_2_3))
     if len(deployed) == 2:
         walls = [sum(r["wall_s"] for r in rounds[1:]) for rounds in deployed.values()]
-        rows.append(
-            (
-                "deployed round wall, node worker / a process per message",
-                walls[0] / walls[1],
-                "below 1",
-                f"{walls[0]:.1f} s / {walls[1]:.1f} s, rounds 2-3",
-            )
-        )
-    if "rounds" in results:
-        later = results["rounds"]["rounds"][1:]  # round 1 starts Ray and the clients
-        wall, compute = sum(r["wall_s"] for r in later), sum(r["client_s"] for r in later)
-        rows.append(
-            (
-                "round wall / clients' compute, 2 in parallel",
-                wall / compute,
-                "<= 1.2",
-                f"{wall:.2f} s / {compute:.2f} s over rounds 2-3",
-            )
-        )
-    if "clients" in results:
-        small, large = results["clients"]["4"], results["clients"]["100"]
-        rows.append(
-            (
-                "peak memory, 100 clients / 4",
-                large["peak_bytes"] / small["peak_bytes"],
-                "<= 1.3",
-                f"{large['peak_bytes'] / 1e9:.2f} GB / {small['peak_bytes'] / 1e9:.2f} GB",
-            )
-        )
-        compute = [
-            statistics.fmean(c["compute"] for r in run["rounds"][1:] for c in r["seconds"])
-            for run in (large, small)
-        ]
-        rows.append(
-            (
-                "compute per sampled client, 100 clients / 4",
-                compute[0] / compute[1],
-                "about 1",
-                f"{compute[0]:.2f} s / {compute[1]:.2f} s, rounds 2-3",
-            )
-        )
-        for label, run in (("100 clients, 10 sampled", large), ("4 clients", small)):
-            later = run["rounds"][1:]
-            wall = sum(r["wall_s"] for r in later)
-            work = sum(_work(c) for r in later for c in r["seconds"]) / PROCESSES
-            rows.append(
-                (
-                    f"round wall / sampled clients' work per process, {label}",
-                    wall / work,
-                    "about 1",
-                    f"{wall:.1f} s / {work:.1f} s, rounds 2-3",
-                )
-            )
+        what = "deployed round wall, node worker / a process per message"
+        rows.append(ratio(what, *walls, "below 1", "{:.1f} s", ROUNDS_2_3))
     return rows
 
 
-def _work(seconds: dict[str, float]) -> float:
-    return sum(value for phase, value in seconds.items() if phase != "startup")
+def clients_rows(large: dict, small: dict) -> list[Row]:
+    peaks = large["peak_bytes"] / 1e9, small["peak_bytes"] / 1e9
+    rows = [ratio("peak memory, 100 clients / 4", *peaks, "<= 1.3", "{:.2f} GB")]
+    compute = [
+        statistics.fmean(c["compute"] for r in run["rounds"][1:] for c in r["seconds"])
+        for run in (large, small)
+    ]
+    what = "compute per sampled client, 100 clients / 4"
+    rows.append(ratio(what, *compute, "about 1", "{:.2f} s", ROUNDS_2_3))
+    for label, run in (("100 clients, 10 sampled", large), ("4 clients", small)):
+        later = run["rounds"][1:]
+        wall = sum(r["wall_s"] for r in later)
+        work = sum(work_seconds(c) for r in later for c in r["seconds"]) / PROCESSES
+        what = f"round wall / sampled clients' work per process, {label}"
+        rows.append(ratio(what, wall, work, "about 1", "{:.1f} s", ROUNDS_2_3))
+    return rows
 
 
 def main() -> None:

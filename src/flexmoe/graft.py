@@ -193,5 +193,4 @@ def remove_grafts(model: nn.Module) -> None:
     """Put every grafted block's pretrained block back in its place (undoes ``apply_grafts``)."""
     for path, module in list(model.named_modules()):
         if isinstance(module, GraftedMoEBlock):
-            parent_path, _, attr = path.rpartition(".")
-            setattr(model.get_submodule(parent_path), attr, module.block)
+            model.set_submodule(path, module.block)

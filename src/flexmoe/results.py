@@ -58,7 +58,7 @@ class RoundRecord:
     def client_seconds(self) -> float:
         """The longest client's work in this round (its process starting aside): the round's
         wall time were the clients all in parallel and Flower free."""
-        return max((_work(c.seconds) for c in self.clients), default=0.0)
+        return max((work_seconds(c.seconds) for c in self.clients), default=0.0)
 
     @property
     def startup_seconds(self) -> float:
@@ -66,7 +66,8 @@ class RoundRecord:
         return max((c.seconds.get("startup", 0.0) for c in self.clients), default=0.0)
 
 
-def _work(seconds: dict[str, float]) -> float:
+def work_seconds(seconds: dict[str, float]) -> float:
+    """A client's seconds at its own work: every phase but its process's start."""
     return sum(value for phase, value in seconds.items() if phase != "startup")
 
 

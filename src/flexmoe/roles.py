@@ -83,8 +83,7 @@ def remove_shared_adapter(model: nn.Module) -> None:
     """Put every LoRA-wrapped module's base layer back in its place (PEFT's ``unload``)."""
     for path, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):
-            parent_path, _, attr = path.rpartition(".")
-            setattr(model.get_submodule(parent_path), attr, module.get_base_layer())
+            model.set_submodule(path, module.get_base_layer())
     if hasattr(model, "peft_config"):  # left by inject_adapter_in_model; the next would add to it
         del model.peft_config
 

@@ -34,8 +34,8 @@ def checked_placement(device: str, dtype: str):
     from flexmoe.hardware import Placement
 
     placement = Placement.resolve(device, dtype)
-    if placement.slow:
-        print(f"flexmoe: warning: {placement.slow}", file=sys.stderr)
+    if slow := placement.slow:
+        print(f"flexmoe: warning: {slow}", file=sys.stderr)
     return placement
 
 

@@ -6,7 +6,8 @@ FLOPs per token, and which experts it grafted: the ``detail`` of a client's fina
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -15,8 +16,6 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from flexmoe.evaluation.cost import flops_per_token
 from flexmoe.evaluation.perplexity import domain_perplexities
 from flexmoe.evaluation.routing import routing_statistics
-from flexmoe.hardware import Placement
-from flexmoe.loading import load_model, load_tokenizer
 from flexmoe.model import FlexModel
 from flexmoe.results import Diagnostics, FlopsPerToken, Knowledge, Routing
 
@@ -36,15 +35,13 @@ def diagnostics(
     (needed when training changed pretrained weights).
     """
     flops = flops_per_token(model)
-    if base is None:
-        with model.base_only():
-            base_routing = routing_statistics(model, batches)
-    else:
-        base_routing = routing_statistics(base, batches)
+    with _base_of(model, base) as reference:
+        base_routing = routing_statistics(reference, batches)
+        base_heldout = base_heldout_perplexities(base_name, reference, tokenizer)
     return Diagnostics(
         knowledge=Knowledge(
             heldout_ppl=domain_perplexities(model, tokenizer, HELDOUT_TOKENS),
-            heldout_ppl_base=base_heldout_perplexities(base_name, model),
+            heldout_ppl_base=base_heldout,
         ),
         routing=Routing(base=base_routing, final=routing_statistics(model, batches)),
         flops_per_token=FlopsPerToken(
@@ -55,22 +52,23 @@ def diagnostics(
     )
 
 
-def base_heldout_perplexities(name: str, model: FlexModel) -> dict[str, float]:
-    """The base model's held-out perplexity per domain, computed once per process.
+@contextlib.contextmanager
+def _base_of(model: FlexModel, base: nn.Module | None) -> Iterator[nn.Module]:
+    """``base`` when given, else ``model`` computing as its base for the block."""
+    if base is not None:
+        yield base
+        return
+    with model.base_only():
+        yield model
 
-    It is computed with ``model``'s adapters switched off, or on a freshly loaded base when
-    ``model`` trained pretrained weights.
-    """
-    weight = next(model.parameters())
-    key = (name, str(weight.dtype))
+
+def base_heldout_perplexities(
+    name: str, base: nn.Module, tokenizer: PreTrainedTokenizerBase
+) -> dict[str, float]:
+    """The base model's held-out perplexity per domain, computed once per process and dtype."""
+    key = (name, str(next(base.parameters()).dtype))
     if key not in _BASE_HELDOUT:
-        if model.config.shared.trains_base_weights:
-            base, tokenizer = load_model(name, Placement(weight.device, weight.dtype))
-            _BASE_HELDOUT[key] = domain_perplexities(base, tokenizer, HELDOUT_TOKENS)
-        else:
-            with model.base_only():
-                perplexities = domain_perplexities(model, load_tokenizer(name), HELDOUT_TOKENS)
-            _BASE_HELDOUT[key] = perplexities
+        _BASE_HELDOUT[key] = domain_perplexities(base, tokenizer, HELDOUT_TOKENS)
     return dict(_BASE_HELDOUT[key])
 
 

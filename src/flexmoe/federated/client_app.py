@@ -37,22 +37,21 @@ def make_client_app(settings: RunConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        reply = answer(job_of("train", msg, context, settings), context)
-        return Message(reply.to_content(), reply_to=msg)
+        return Message(answer("train", msg, context, settings).to_content(), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        reply = answer(job_of("evaluate", msg, context, settings), context)
-        return Message(reply.to_content(), reply_to=msg)
+        return Message(answer("evaluate", msg, context, settings).to_content(), reply_to=msg)
 
     return app
 
 
-def job_of(kind: str, msg: Message, context: Context, settings: RunConfig | None) -> Job:
+def job_of(
+    kind: str, msg: Message, context: Context, node: NodeConfig, settings: RunConfig | None
+) -> Job:
     """What ``msg`` asks of this node, with the run's settings and the node's own."""
     if settings is None:
         settings, _ = settings_from_run_config(dict(context.run_config))
-    node = NodeConfig.from_context(context)
     if node.device:
         settings = settings.updated({"device": node.device})
     partitions = node.num_partitions or settings.clients
@@ -69,16 +68,19 @@ def job_of(kind: str, msg: Message, context: Context, settings: RunConfig | None
     )
 
 
-def answer(job: Job, context: Context) -> TrainReply | EvaluateReply:
-    """``job`` run here, or by the node worker when the node names one.
+def answer(
+    kind: str, msg: Message, context: Context, settings: RunConfig | None
+) -> TrainReply | EvaluateReply:
+    """The ``kind`` job ``msg`` asks for, run here or by the node worker the node names.
 
     Every reply reports how long its process took to start before its first job (``startup``;
     0 for the jobs after it): in a deployment, where every message gets a process, that is part
     of every round. Every reply has it, as Flower averages only metrics that all replies have.
     """
     startup = _startup_seconds()
-    socket = NodeConfig.from_context(context).worker_socket
-    reply = submit(Path(socket), job) if socket else run_job(job)
+    node = NodeConfig.from_context(context)
+    job = job_of(kind, msg, context, node, settings)
+    reply = submit(Path(node.worker_socket), job) if node.worker_socket else run_job(job)
     reply.seconds[STARTUP] = startup
     return reply
 

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,22 +318,29 @@ def _wait_for_exit(deployment: Deployment, process: Process, deadline: float) ->
 
 def _wait_for_file(deployment: Deployment, path: Path, deadline: float) -> None:
     """Wait until ``path`` exists (a node worker writes its key once it listens)."""
-    while not path.exists():
-        _check_alive(deployment)
-        if time.monotonic() > deadline:
-            raise FlexMoEError(f"{path} did not appear; see {deployment.logs}")
-        time.sleep(0.2)
+    _wait_until(deployment, path.exists, f"{path} did not appear", deadline)
 
 
 def _wait_for_port(deployment: Deployment, port: int, deadline: float) -> None:
     """Wait until something accepts connections on the loopback `port`."""
+
+    def listening() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex((LOOPBACK, port)) == 0
+
+    _wait_until(deployment, listening, f"nothing listens on {LOOPBACK}:{port}", deadline)
+
+
+def _wait_until(
+    deployment: Deployment, ready: Callable[[], bool], failure: str, deadline: float
+) -> None:
+    """Poll ``ready`` while every launched process stays up and the deadline holds."""
     while True:
         _check_alive(deployment)
-        with socket.socket() as sock:
-            if sock.connect_ex((LOOPBACK, port)) == 0:
-                return
+        if ready():
+            return
         if time.monotonic() > deadline:
-            raise FlexMoEError(f"nothing listens on {LOOPBACK}:{port}; see {deployment.logs}")
+            raise FlexMoEError(f"{failure}; see {deployment.logs}")
         time.sleep(0.2)
 
 

@@ -208,7 +208,7 @@ def evaluate_clients(
             n_test=reply.n_test,
             rouge_l=reply.rouge_l,
             test_loss=reply.test_loss,
-            eval_seconds={k: round(v, 3) for k, v in reply.seconds.items()},
+            eval_seconds=_to_the_millisecond(reply.seconds),
         )
         clients.append(client.with_diagnostics(reply.diagnostics))
     return sorted(clients, key=lambda c: c.client_id)
@@ -308,7 +308,7 @@ def _round_record(
                 bytes_down=down[message.metadata.src_node_id],
                 train_loss=reply.train_loss,
                 proximal_mu=reply.proximal_mu,
-                seconds={k: round(v, 3) for k, v in reply.seconds.items()},
+                seconds=_to_the_millisecond(reply.seconds),
             )
         )
     clients.sort(key=lambda c: c.client_id)
@@ -331,6 +331,10 @@ def check_finite(arrays: ArrayRecord, what: str, round_: int) -> None:
             f"round {round_}: {what} holds non-finite values ({len(broken)} arrays, e.g. "
             f"{broken[0]}); nothing was aggregated or saved"
         )
+
+
+def _to_the_millisecond(seconds: dict[str, float]) -> dict[str, float]:
+    return {phase: round(value, 3) for phase, value in seconds.items()}
 
 
 def _random_state() -> list:
