@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from flexmoe.benchmark import runner
-from flexmoe.benchmark.matrix import MATRICES, Cell, select
+from flexmoe.benchmark.matrix import MATRICES, Cell, select, sweep_cells
 from flexmoe.benchmark.plots import loss_curve, mean_curve, rouge_curve
 from flexmoe.benchmark.report import REPORT_FILE, write_report
 from flexmoe.benchmark.runner import describe, failures, run_cells
 from flexmoe.benchmark.summary import Run, load_runs
+from flexmoe.benchmark.tuning import Tuning, read_tuning, tuning_of, write_tuning
 from flexmoe.cli import main
 from flexmoe.errors import FlexMoEError
 from flexmoe.methods import METHODS
@@ -401,3 +402,54 @@ def test_bench_runs_every_cell_on_the_model_it_is_given(capsys):
     assert main(["bench", "--matrix", "smoke", "--list", "--model", "smol-moe"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines and all("--model smol-moe" in line for line in lines)
+
+
+def sweep_results(method: str, setting: str, value: float, rouge: float) -> RunResults:
+    return fake_results(method, 0, [rouge], eval_split="validation", **{setting: value})
+
+
+def test_the_sweep_chooses_on_validation_runs_and_methods_inherit_what_they_train_as(tmp_path):
+    scores = {("flex", 3e-4): 20.0, ("flex", 1e-3): 31.0, ("flex", 3e-3): 31.0,
+              ("fedavg", 3e-4): 25.0, ("fedavg", 1e-3): 12.0}  # fmt: skip
+    for (method, lr), rouge in scores.items():
+        folder = tmp_path / method / f"lr-{lr:g}" / "seed0"
+        write_run(folder, sweep_results(method, "lr", lr, rouge))
+    write_run(tmp_path / "test-split" / "seed0", fake_results("flex", 0, [99.0], lr=3e-4))
+    tuning = tuning_of(tmp_path)
+    assert tuning.choices["flex"].chosen == 1e-3  # a tie goes to the value swept first
+    assert tuning.choices["flex"].scores == {"0.0003": 20.0, "0.001": 31.0, "0.003": 31.0}
+    assert tuning.settings_for("flex-random") == {"lr": 1e-3}
+    assert tuning.settings_for("fedyogi") == {"lr": 3e-4}
+    assert tuning.settings_for("fedsa-lora") == {}  # not swept yet: its default
+    stage_two = sweep_cells(1, tuning, {"rounds": 2})
+    assert {c.overrides["method"] for c in stage_two} == {"fedprox", "fedadam"}
+    assert all(c.overrides["lr"] == 3e-4 for c in stage_two)
+    assert all(c.config().eval_split == "validation" for c in stage_two)
+    assert "fedprox/proximal-mu-0.1/seed0" in [c.name for c in stage_two]
+    with pytest.raises(FlexMoEError, match="needs the learning rate chosen for fedavg"):
+        sweep_cells(1, Tuning({}), {})
+
+    written = write_tuning(tmp_path, tuning)
+    assert read_tuning(written) == tuning
+    tuned = select(MATRICES["default"], ["flex", "fedprox"], [0], ["pathological"], tuned=tuning)
+    assert [c.overrides.get("lr") for c in tuned.cells()] == [1e-3, 3e-4]
+    written.write_text('{"flex": {"setting": "proximal-mu", "scores": {}, "chosen": 1}}')
+    with pytest.raises(FlexMoEError, match="flex was not swept over 'proximal-mu'"):
+        read_tuning(written)
+
+
+def test_the_sweep_command_runs_its_stages_in_order_and_writes_its_choices(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(runner, "flexmoe_command", fake_command())
+    argv = ["bench", "--matrix", "sweep", "--out", str(tmp_path), "--rounds", "1"]
+    assert main([*argv, "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "flex/lr-0.001/seed0" in listed and "--eval-split validation" in listed
+    assert "stage 2 starts from the choices of stage 1" in listed
+    assert main([*argv, "--methods", "fedavg,fedprox"]) == 0
+    tuned = read_tuning(tmp_path / "sweep" / "tuned.json")
+    assert set(tuned.choices) == {"fedavg", "fedprox"}
+    assert (tmp_path / "sweep" / "fedprox" / "proximal-mu-1" / "seed0" / "results.json").is_file()
+    assert main([*argv, "--seeds", "1"]) == 2
+    assert "the sweep runs seed 0" in capsys.readouterr().err

@@ -199,3 +199,16 @@ def test_client_datasets_split_each_client_and_apply_caps():
     assert [c.train for c in capped] == [c.train[:5] for c in clients]
     with pytest.raises(FlexMoEError, match="max_test must be at least 1"):
         build_client_datasets(examples, partition, 0.2, seed=0, max_test=0)
+
+
+def test_a_validation_split_is_carved_from_training_data_and_never_touches_the_test_split():
+    examples = make_examples(SIZES)
+    partition = pathological_partition(examples, 4, seed=0)
+    plain = build_client_datasets(examples, partition, 0.2, seed=0, max_test=6)
+    tuning = build_client_datasets(examples, partition, 0.2, seed=0, max_test=6, validation=True)
+    for client, held in zip(plain, tuning, strict=True):
+        test = {id(e) for e in client.test}
+        assert len(held.test) == len(client.test) > 0
+        assert not test & {id(e) for e in held.train + held.test}  # the test split unseen
+        assert {id(e) for e in held.train + held.test} <= {id(e) for e in client.train}
+        assert not {id(e) for e in held.train} & {id(e) for e in held.test}

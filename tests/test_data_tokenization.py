@@ -219,3 +219,23 @@ def test_chat_prompts_hold_the_template_tokens_once_and_end_the_answer_with_its_
     assert prompt.count(start) == 2  # the user turn and the assistant cue, nothing added
     assert tokenized.input_ids[-1] == chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert chat_tokenizer.decode(tokenized.input_ids[len(prompt) : -1]) == NO_INPUT.output
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_selection_marks_the_content_or_the_answer_and_never_the_template(
+    tokenizer, chat_tokenizer, template
+):
+    chosen = chat_tokenizer if template == "chat" else tokenizer
+    plain = tokenize_example(WITH_INPUT, chosen, max_length=200)
+    assert plain.scored is None  # "all": every token
+    for scored, wanted in [("content", "Translate to French.Good morningBonjour"),
+                           ("answer", "Bonjour")]:  # fmt: skip
+        marked = tokenize_example(WITH_INPUT, chosen, max_length=200, scored=scored)
+        assert (marked.input_ids, marked.labels) == (plain.input_ids, plain.labels)
+        assert len(marked.scored) == len(marked.input_ids)
+        kept = [i for i, mark in zip(marked.input_ids, marked.scored, strict=True) if mark]
+        assert chosen.decode(kept).replace(" ", "") == wanted.replace(" ", "")
+    batch = collate([tokenize_example(NO_INPUT, chosen, 200, scored="answer"), plain], 0)
+    assert batch["scored_mask"][1].tolist() == batch["attention_mask"][1].tolist()
+    with pytest.raises(FlexMoEError, match="unknown selection tokens 'prompt'"):
+        tokenize_example(WITH_INPUT, chosen, max_length=200, scored="prompt")

@@ -37,7 +37,7 @@ def block_inputs(model, view: MoEBlockView, batches) -> list[torch.Tensor]:
     handle = view.block.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
     with torch.no_grad():
         for batch in batches:
-            model(**batch)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     handle.remove()
     return inputs
 
@@ -51,7 +51,7 @@ def brute_force_loss(model, view, batches, experts) -> float:
     for x, batch in zip(block_inputs(model, view, batches), batches, strict=True):
         with RouteOnly(view.router.weight, allowed):
             limited = view.block(x)
-        keep = batch["attention_mask"].bool()
+        keep = batch.get("scored_mask", batch["attention_mask"]).bool()
         total += (view.block(x) - limited)[keep].norm().item()
     return total
 
@@ -66,6 +66,23 @@ def test_fast_losses_equal_brute_force(model_type):
         assert choice.losses == pytest.approx(brute, rel=1e-4, abs=1e-6)
         assert choice.chosen == [min(range(view.num_experts), key=brute.__getitem__)]
         assert len(set(brute)) == len(brute), "losses must tell experts apart"
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_selection_scores_only_the_marked_tokens(model_type):
+    model, batches = build_model(model_type), random_batches()
+    generator = torch.Generator().manual_seed(1)
+    for batch in batches:  # a random half of the real tokens is scored; all still attend
+        half = torch.rand(batch["attention_mask"].shape, generator=generator) < 0.5
+        batch["scored_mask"] = batch["attention_mask"] * half
+    views = find_moe_blocks(model)
+    marked = select_experts(model, views, batches)
+    for view, choice in zip(views, marked, strict=True):
+        brute = [brute_force_loss(model, view, batches, [e]) for e in range(view.num_experts)]
+        assert choice.losses == pytest.approx(brute, rel=1e-4, abs=1e-6)
+    unmarked = [{k: v for k, v in b.items() if k != "scored_mask"} for b in batches]
+    everywhere = select_experts(model, views, unmarked)
+    assert [c.losses for c in marked] != [c.losses for c in everywhere]
 
 
 def test_top_r_takes_the_lowest_losses():

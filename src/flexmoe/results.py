@@ -53,6 +53,7 @@ class RoundRecord:
     wall_s: float
     clients: list[ClientRound]
     mean_rouge_l: float | None = None  # when the round was also scored (eval-every)
+    client_rouge_l: dict[str, float] = field(default_factory=dict)  # client id -> its ROUGE-L
 
     @property
     def client_seconds(self) -> float:
@@ -75,11 +76,25 @@ def work_seconds(seconds: dict[str, float]) -> float:
 
 
 @dataclass(kw_only=True)
+class MMLUScore:
+    """MMLU 0-shot on a fixed subset: accuracy, and the probability given to the right letter
+    (softmax over the four), which moves even where accuracy sits at chance."""
+
+    questions: int
+    accuracy: float
+    macro_accuracy: float  # mean of the per-topic accuracies
+    correct_probability: float
+
+
+@dataclass(kw_only=True)
 class Knowledge:
-    """Held-out perplexity per pretraining domain of a client's model and of the base model."""
+    """Held-out perplexity per pretraining domain of a client's model and of the base model,
+    and their MMLU scores when the run measured them."""
 
     heldout_ppl: dict[str, float]
     heldout_ppl_base: dict[str, float]
+    mmlu: MMLUScore | None = None
+    mmlu_base: MMLUScore | None = None
 
     @property
     def increase(self) -> float:
@@ -181,6 +196,7 @@ class Traffic:
 class RougePoint:
     round: int
     mean_rouge_l: float
+    clients: dict[str, float] = field(default_factory=dict)  # client id -> its ROUGE-L
 
 
 @dataclass(kw_only=True)
@@ -215,7 +231,10 @@ class RunResults:
         clients = [_with_traffic(client, history) for client in clients]
         mean_rouge = statistics.fmean(c.rouge_l for c in clients)
         final_round = history[-1].round if history else 0
-        scored = [RougePoint(round=r.round, mean_rouge_l=r.mean_rouge_l) for r in history]
+        scored = [
+            RougePoint(round=r.round, mean_rouge_l=r.mean_rouge_l, clients=r.client_rouge_l)
+            for r in history
+        ]
         knowledge = [c.knowledge for c in clients]
         flops = [c.flops_per_token for c in clients]
         return cls(
@@ -228,7 +247,13 @@ class RunResults:
             mean_rouge_l=mean_rouge,
             mean_test_loss=statistics.fmean(c.test_loss for c in clients),
             rouge_per_round=[p for p in scored if p.mean_rouge_l is not None]
-            + [RougePoint(round=final_round, mean_rouge_l=mean_rouge)],
+            + [
+                RougePoint(
+                    round=final_round,
+                    mean_rouge_l=mean_rouge,
+                    clients={str(c.client_id): c.rouge_l for c in clients},
+                )
+            ],
             mean_ppl_increase=None
             if None in knowledge
             else statistics.fmean(k.increase for k in knowledge),

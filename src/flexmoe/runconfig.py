@@ -22,7 +22,20 @@ Scalar = str | int | float | bool
 # the partition schemes of flexmoe.data (a test keeps them equal; data imports torch, this not)
 SPLITS = ("pathological", "dirichlet", "iid")
 # settings newer than some saved runs: a checkpoint without them ran with their defaults
-ADDED_LATER = {"device", "dtype", "gradient-checkpointing", "lora-rank"}
+ADDED_LATER = {
+    "device",
+    "dtype",
+    "gradient-checkpointing",
+    "lora-rank",
+    "server-lr",
+    "eval-split",
+    "selection-tokens",
+    "diagnostics",
+    "mmlu-per-topic",
+}
+EVAL_SPLITS = ("test", "validation")
+# the tokens grafting may score (flexmoe.data.SELECTION_TOKENS; a test keeps them equal)
+SELECTION_TOKENS = ("all", "content", "answer")
 TRUTH = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 Check = Callable[[Any], str | None]  # a problem with a value, or None when it is valid
 
@@ -98,6 +111,27 @@ class RunConfig:
     )
     max_per_task: int = setting(400, "Natural Instructions examples per task", at_least(1))
     proximal_mu: float = setting(0.01, "FedProx's mu (fedprox only)", at_least(0))
+    server_lr: float = setting(
+        1e-3, "server learning rate of FedAdam, FedYogi and FedAdagrad (their eta)", above(0)
+    )
+    eval_split: str = setting(
+        "test",
+        "what evaluation scores: test, or validation (carved from each client's training "
+        "share, for choosing hyperparameters)",
+        one_of(EVAL_SPLITS),
+    )
+    selection_tokens: str = setting(
+        "all",
+        "tokens the grafting criterion scores: all, content (instruction, input and answer "
+        "without the prompt template) or answer",
+        one_of(SELECTION_TOKENS),
+    )
+    diagnostics: bool = setting(
+        True, "measure knowledge, routing and FLOPs in the final evaluation"
+    )
+    mmlu_per_topic: int = setting(
+        0, "MMLU questions per topic in the final evaluation's knowledge (0: none)", at_least(0)
+    )
     eval_every: int = setting(
         0, "also score ROUGE-L every this many rounds (0: at the end only)", at_least(0)
     )

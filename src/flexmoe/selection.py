@@ -6,6 +6,8 @@ logit at -inf, the block's own top-k and weighting re-applied) and compared with
 router, so ``Z - Z_S = R - sum_e W_S[:, e] * E_e(X)``, with ``R`` the block's real routed output
 and ``E_e`` expert e's output. One model forward per batch caches every block's input; all
 candidates of all layers are then scored from those inputs, never by a forward per candidate.
+A batch's ``scored_mask``, when it has one, limits the sum to those tokens (the forward still
+sees every token of the attention mask).
 
 Strategies for r experts per layer:
 
@@ -128,7 +130,9 @@ def score_sets(
                 use_cache=False,
                 logits_to_keep=1,  # only the MoE blocks' inputs are needed, not the vocabulary
             )
-            keep = batch["attention_mask"].bool()
+            keep = batch.get("scored_mask", batch["attention_mask"]).bool()
+            if not keep.any():
+                continue
             for v in views:
                 _accumulate(v, inputs[v.layer][keep], allowed[v.layer], scores[v.layer])
     model.train(was_training)

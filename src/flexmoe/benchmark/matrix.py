@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flexmoe.benchmark.tuning import SWEEP_STAGES, Tuning, sweep_stage
 from flexmoe.errors import FlexMoEError
 from flexmoe.methods import METHODS
 from flexmoe.runconfig import RunConfig, Scalar, field_name, option_name
@@ -49,6 +50,7 @@ class Matrix:
     groups: tuple[Group, ...]
     seeds: tuple[int, ...] = DEFAULT_SEEDS
     overrides: dict[str, Scalar] = field(default_factory=dict)
+    tuned: Tuning = field(default_factory=lambda: Tuning({}))  # per-method choices of a sweep
 
     def cells(self) -> list[Cell]:
         """Every cell, group-major; a group whose settings repeat an earlier one's is run once."""
@@ -59,8 +61,15 @@ class Matrix:
                 continue
             seen.add(key)
             for method in self.methods:
+                tuned = self.tuned.settings_for(method)
                 for seed in self.seeds:
-                    settings = {**self.overrides, **group.overrides, "method": method, "seed": seed}
+                    settings = {
+                        **self.overrides,
+                        **tuned,
+                        **group.overrides,
+                        "method": method,
+                        "seed": seed,
+                    }
                     cells.append(Cell(f"{group.name}/{method}/seed{seed}", settings))
         return cells
 
@@ -75,6 +84,7 @@ ABLATIONS: dict[str, tuple[str, tuple[Scalar, ...]]] = {
     "experts-per-layer": ("pathological", (1, 2, 3)),
     "size-ratio": ("pathological", (0.25, 0.5, 1.0)),
     "gate-bias": ("pathological", (0.0, -2.0, -4.0)),
+    "selection-tokens": ("pathological", ("all", "content", "answer")),
     "clients": ("dirichlet-1.0", (4, 10, 20)),
 }
 SMOKE_SETTINGS: dict[str, Scalar] = {
@@ -110,14 +120,36 @@ MATRICES: dict[str, Matrix] = {
 }  # fmt: skip
 
 
+SWEEP = "sweep"  # the hyperparameter sweep (flexmoe.benchmark.tuning), run stage by stage
+
+
+def sweep_cells(
+    stage: int, tuning: Tuning, overrides: dict[str, Scalar], methods: Sequence[str] | None = None
+) -> list[Cell]:
+    """The cells of one stage of the sweep on the pathological split, with shared settings."""
+    cells = [
+        Cell(f"{name}/seed0", {**overrides, **SPLITS["pathological"], **settings})
+        for name, settings in sweep_stage(stage, tuning)
+        if not methods or settings["method"] in methods
+    ]
+    for cell in cells:
+        cell.config()  # refuse bad settings before anything runs
+    return cells
+
+
+SWEEP_STAGE_COUNT = len(SWEEP_STAGES)
+
+
 def select(
     matrix: Matrix,
     methods: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
     groups: Sequence[str] | None = None,
     overrides: dict[str, Scalar] | None = None,
+    tuned: Tuning | None = None,
 ) -> Matrix:
-    """``matrix`` narrowed to some methods, seeds and groups, with extra shared settings.
+    """``matrix`` narrowed to some methods, seeds and groups, with extra shared settings and
+    each method's ``tuned`` choices.
 
     A group is kept when its name is one of ``groups`` or starts with one of them and a dash
     (``dirichlet`` keeps ``dirichlet-1.0`` and ``dirichlet-0.5``).
@@ -137,6 +169,7 @@ def select(
         kept,
         tuple(seeds) if seeds else matrix.seeds,
         {**matrix.overrides, **(overrides or {})},
+        tuned or matrix.tuned,
     )
     for cell in selected.cells():
         cell.config()  # refuse bad settings before anything runs

@@ -32,6 +32,8 @@ PLOTS_DIR = "plots"
 ABLATION_FIELDS = ("experts_per_layer", "size_ratio", "gate_bias", "clients")
 
 RUN_FIELDS = ("method", "seed")  # what differs between runs of one setting's tables
+# what a run measures, not what it trains: runs that differ only here share a setting
+MEASUREMENT_FIELDS = ("eval_every", "diagnostics", "mmlu_per_topic")
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ class Run:
         return {**defaults, **top, "method": self.method, **(saved or {})}
 
     def setting(self) -> Setting:
-        return tuple(sorted((k, v) for k, v in self.config.items() if k not in RUN_FIELDS))
+        ignored = RUN_FIELDS + MEASUREMENT_FIELDS
+        return tuple(sorted((k, v) for k, v in self.config.items() if k not in ignored))
 
 
 Setting = tuple[tuple[str, Any], ...]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexmoe.benchmark.matrix import DEFAULT_ROOT, MATRICES
+from flexmoe.benchmark.matrix import DEFAULT_ROOT, MATRICES, SWEEP
 from flexmoe.cli.options import MODEL_HELP, integers, names
 from flexmoe.errors import FlexMoEError
 
@@ -19,8 +19,19 @@ BENCH_OVERRIDES = {  # settings one option sets for every cell
     "model": (str, "MODEL", MODEL_HELP),
     **{
         name: (int, "N", "for every cell")
-        for name in ("rounds", "local_steps", "max_train", "max_test", "max_new_tokens")
+        for name in (
+            "rounds",
+            "local_steps",
+            "batch_size",
+            "max_train",
+            "max_test",
+            "max_length",
+            "max_new_tokens",
+            "eval_every",
+            "mmlu_per_topic",
+        )
     },
+    "min_lr": (float, "LR", "for every cell"),
 }
 
 
@@ -32,7 +43,13 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         "at a time, each logged beside its folder), skip cells whose results.json exists, then "
         "write report.md and plots. Exits non-zero if any cell failed.",
     )
-    bench.add_argument("--matrix", default="default", choices=sorted(MATRICES))
+    bench.add_argument(
+        "--matrix",
+        default="default",
+        choices=sorted([*MATRICES, SWEEP]),
+        help="sweep: each method's learning rate (FedProx's mu, FedAdam's server rate) on "
+        "validation data, written to OUT/sweep/tuned.json for --tuned",
+    )
     bench.add_argument("--out", type=Path, default=DEFAULT_ROOT, help=f"default {DEFAULT_ROOT}")
     bench.add_argument("--jobs", type=int, help="parallel runs (default: half the CPU cores)")
     bench.add_argument("--methods", type=names, help="comma-separated, e.g. flex,fedavg")
@@ -40,6 +57,12 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--splits", type=names, help="groups to keep, e.g. pathological,dirichlet")
     for name, (kind, metavar, text) in BENCH_OVERRIDES.items():
         bench.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar=metavar, help=text)
+    bench.add_argument(
+        "--tuned",
+        type=Path,
+        metavar="TUNED.json",
+        help="each method's settings chosen by a sweep (its tuned.json)",
+    )
     bench.add_argument("--list", action="store_true", help="print the cells and run nothing")
     bench.set_defaults(command=run_bench)
 
@@ -57,24 +80,70 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    """Run a benchmark matrix, then write its report; fail if any cell failed."""
+    """Run a benchmark matrix (or the sweep, stage by stage), then write its report; fail if
+    any cell failed."""
     from flexmoe.benchmark.matrix import select
-    from flexmoe.benchmark.report import write_report
-    from flexmoe.benchmark.runner import describe, failures, run_cells
-    from flexmoe.loading import resolve_model_path
-    from flexmoe.results import RESULTS_FILE
+    from flexmoe.benchmark.tuning import read_tuning
 
     overrides = {n: getattr(args, n) for n in BENCH_OVERRIDES if getattr(args, n) is not None}
-    matrix = select(MATRICES[args.matrix], args.methods, args.seeds, args.splits, overrides)
+    if args.matrix == SWEEP:
+        if args.tuned or args.seeds or args.splits:
+            raise FlexMoEError("the sweep runs seed 0 on the pathological split and tunes itself")
+        _run_sweep(args, overrides)
+        return
+    tuned = read_tuning(args.tuned) if args.tuned else None
+    matrix = select(MATRICES[args.matrix], args.methods, args.seeds, args.splits, overrides, tuned)
     cells, root = matrix.cells(), args.out / matrix.name
     if args.list:
-        for cell in cells:
-            print(f"{cell.name}  {' '.join(cell.arguments())}")
+        _list(cells)
         return
     print(f"flexmoe bench: matrix {matrix.name}, {len(cells)} cells -> {root}")
+    _finish(root, cells, _run(root, cells, args.jobs))
+
+
+def _run_sweep(args: argparse.Namespace, overrides: dict) -> None:
+    """Each stage of the sweep on the choices of the stages before it; tuned.json after each."""
+    from flexmoe.benchmark.matrix import SWEEP_STAGE_COUNT, sweep_cells
+    from flexmoe.benchmark.tuning import tuning_of, write_tuning
+
+    root, outcomes, everything = args.out / SWEEP, [], []
+    for stage in range(SWEEP_STAGE_COUNT):
+        if args.list and stage > 0:
+            print(f"(stage {stage + 1} starts from the choices of stage {stage})")
+            break
+        cells = sweep_cells(stage, tuning_of(root), overrides, args.methods)
+        everything += cells
+        if args.list:
+            _list(cells)
+            continue
+        print(f"flexmoe bench: sweep stage {stage + 1}, {len(cells)} cells -> {root}")
+        outcomes += _run(root, cells, args.jobs)
+        print(f"choices written to {write_tuning(root, tuning_of(root))}")
+    if not args.list:
+        _finish(root, everything, outcomes)
+
+
+def _list(cells) -> None:
+    for cell in cells:
+        print(f"{cell.name}  {' '.join(cell.arguments())}")
+
+
+def _run(root: Path, cells, jobs: int | None):
+    from flexmoe.benchmark.runner import run_cells
+    from flexmoe.loading import resolve_model_path
+
     for model in sorted({cell.config().model for cell in cells}):
         resolve_model_path(model)  # build a named model once here, not in every cell at once
-    failed = failures(run_cells(root, cells, args.jobs))
+    return run_cells(root, cells, jobs)
+
+
+def _finish(root: Path, cells, outcomes) -> None:
+    """Write the report of what finished under ``root``; fail if any cell failed."""
+    from flexmoe.benchmark.report import write_report
+    from flexmoe.benchmark.runner import describe, failures
+    from flexmoe.results import RESULTS_FILE
+
+    failed = failures(outcomes)
     if any(root.rglob(RESULTS_FILE)):
         print(f"report written to {write_report(root)}")
     if failed:

@@ -76,7 +76,13 @@ def client_datasets(config: RunConfig) -> tuple[ClientData, ...]:
         examples, config.clients, config.split, config.seed, config.alpha
     )
     datasets = build_client_datasets(
-        examples, partition, config.test_fraction, config.seed, config.max_train, config.max_test
+        examples,
+        partition,
+        config.test_fraction,
+        config.seed,
+        config.max_train,
+        config.max_test,
+        validation=config.eval_split == "validation",
     )
     for client in datasets:
         if not client.train or not client.test:

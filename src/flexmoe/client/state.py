@@ -6,17 +6,21 @@ redoes an unfinished round from the same state and gets the same result.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
+from flexmoe.io import atomic_write_text
 from flexmoe.model import FlexModel
 
 KEEP_ROUNDS = 2
 
 
 class StateStore:
-    """``root/round-NNNN`` folders of one client; the newest ``keep`` are kept."""
+    """``root/round-NNNN`` folders of one client (the newest ``keep`` are kept) and its test
+    predictions, ``root/predictions/round-NNNN.jsonl`` (all kept)."""
 
     def __init__(self, root: Path, keep: int = KEEP_ROUNDS) -> None:
         self.root = Path(root)
@@ -55,3 +59,8 @@ class StateStore:
         for old in earlier[: max(0, len(earlier) - (self.keep - 1))]:
             shutil.rmtree(self.folder(old), ignore_errors=True)
         return final
+
+    def save_predictions(self, round_: int, rows: Sequence[dict]) -> Path:
+        """Write the predictions of the evaluation after ``round_``, one JSON object a line."""
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        return atomic_write_text(self.root / "predictions" / f"round-{round_:04d}.jsonl", text)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from flexmoe.client.base_models import BASE_MODELS
 from flexmoe.client.datasets import client_datasets, generic_texts
 from flexmoe.client.state import StateStore
 from flexmoe.data import (
+    InstructionExample,
     TokenizedExample,
     collate,
     iterate_batches,
@@ -150,6 +151,7 @@ class ClientWorker:
                 self.config.batch_size,
             )
             scores = rouge_l(answers, [e.output for e in self.data.test])
+            self.store.save_predictions(round_, prediction_rows(self.data.test, answers, scores))
             test_loss = mean_loss(model, batches)
             if not math.isfinite(test_loss):
                 raise FlexMoEError(
@@ -163,10 +165,12 @@ class ClientWorker:
         self, model: FlexModel, batches: list[dict[str, torch.Tensor]]
     ) -> Diagnostics:
         """``flexmoe.evaluation.diagnostics`` of ``model`` beside the pristine base."""
-        if not self.method.shared.trains_base_weights:
-            return diagnostics(model, self.config.model, self.tokenizer, batches)
-        base, _ = load_model(self.config.model, self.placement)  # its weights were trained
-        return diagnostics(model, self.config.model, self.tokenizer, batches, base)
+        base = None
+        if self.method.shared.trains_base_weights:
+            base, _ = load_model(self.config.model, self.placement)  # its weights were trained
+        return diagnostics(
+            model, self.config.model, self.tokenizer, batches, base, self.config.mmlu_per_topic
+        )
 
     @contextlib.contextmanager
     def model_for_round(
@@ -223,12 +227,38 @@ class ClientWorker:
         return model
 
     def selection_batches(self) -> list[dict[str, torch.Tensor]]:
-        """The client's training data, or generic text for the generic ablation."""
+        """The client's training data (scoring the tokens ``selection-tokens`` names), or
+        generic text for the generic ablation."""
         examples = self.train_examples
+        if self.config.selection_tokens != "all":
+            examples = tokenize_examples(
+                self.data.train,
+                self.tokenizer,
+                self.config.max_length,
+                scored=self.config.selection_tokens,
+            )
         if self.method.graft is GraftSource.GENERIC:
             ids = [self.tokenizer.encode(t)[: self.config.max_length] for t in generic_texts()]
             examples = [TokenizedExample(i, i) for i in ids if i]
         return sequential_batches(examples, self.config.batch_size, pad_token_id(self.tokenizer))
+
+
+def prediction_rows(
+    examples: Sequence[InstructionExample], answers: Sequence[str], scores: Sequence[float]
+) -> list[dict]:
+    """What a client keeps of an evaluation: each test prompt, its reference and its answer."""
+    return [
+        {
+            "prompt_id": example.prompt_id,
+            "category": example.category,
+            "instruction": example.instruction,
+            "input": example.input,
+            "reference": example.output,
+            "prediction": answer,
+            "rouge_l": round(100 * score, 2),
+        }
+        for example, answer, score in zip(examples, answers, scores, strict=True)
+    ]
 
 
 def _on_host(state: State) -> State:

@@ -35,6 +35,7 @@ from flexmoe.data.sources import NATURAL_INSTRUCTIONS, NATURAL_INSTRUCTIONS_NAME
 from flexmoe.data.texts import calibration_texts, heldout_texts, packaged_texts, text_batches
 from flexmoe.data.tokenization import (
     IGNORE_INDEX,
+    SELECTION_TOKENS,
     TokenizedExample,
     collate,
     collate_prompts,
@@ -58,6 +59,7 @@ __all__ = [
     "PROMPT_NO_INPUT",
     "PROMPT_WITH_INPUT",
     "SCHEMES",
+    "SELECTION_TOKENS",
     "ClientData",
     "InstructionExample",
     "NaturalInstructionsTask",

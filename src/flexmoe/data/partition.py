@@ -152,8 +152,14 @@ def build_client_datasets(
     seed: int,
     max_train: int | None = None,
     max_test: int | None = None,
+    validation: bool = False,
 ) -> list[ClientData]:
-    """Split every client's share into train/test, then cap each part at max_train / max_test."""
+    """Split every client's share into train/test, then cap each part at max_train / max_test.
+
+    With ``validation`` the evaluated part is carved from the training part instead (as many
+    examples as the test part would hold, the training part keeping at least one), so
+    hyperparameters can be chosen without ever seeing the test split.
+    """
     for name, cap in (("max_train", max_train), ("max_test", max_test)):
         if cap is not None and cap < 1:
             raise FlexMoEError(f"{name} must be at least 1 (or unset for no cap), got {cap}")
@@ -161,6 +167,9 @@ def build_client_datasets(
     for client_id, indices in enumerate(partition.client_indices):
         rng = np.random.default_rng([seed, client_id])
         train, test = _split([examples[i] for i in indices], test_fraction, rng)
+        if validation:
+            held = min(len(test[:max_test]), max(len(train) - 1, 0))
+            train, test = train[held:], train[:held]
         clients.append(ClientData(client_id, train[:max_train], test[:max_test]))
     return clients
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,6 +29,12 @@ class InstructionExample:
     input: str
     output: str
     category: str | None = None
+
+    @property
+    def prompt_id(self) -> str:
+        """A stable name for the prompt (a hash of instruction and input), the same anywhere."""
+        text = json.dumps([self.instruction, self.input], ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def load_instructions(path: str | Path) -> list[InstructionExample]:

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100
 """Label value that the causal-LM loss skips (prompt and padding positions)."""
+SELECTION_TOKENS = ("all", "content", "answer")
+"""What the grafting criterion may score: every token, the instruction, input and answer
+without the prompt template, or the answer only."""
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -30,6 +33,7 @@ class TokenizedExample:
 
     input_ids: list[int]
     labels: list[int]
+    scored: list[int] | None = None  # 1 where the grafting criterion scores (None: everywhere)
 
     @property
     def num_target_tokens(self) -> int:
@@ -64,19 +68,59 @@ def tokenize_example(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     terminate: bool = True,
+    scored: str = "all",
 ) -> TokenizedExample:
     """Tokenize prompt and response separately (so masking is exact), append eos, truncate.
 
     ``terminate=False`` leaves out the eos, for scoring text with tokenizers that have none.
+    ``scored`` marks the tokens the grafting criterion scores (``SELECTION_TOKENS``):
+    ``content`` marks the instruction, input and answer, which differ between clients, and
+    leaves out the template around them (chat markup or Alpaca wording, and the eos) that every
+    example shares; ``answer`` marks the answer alone.
     """
     _check_max_length(max_length)
+    if scored not in SELECTION_TOKENS:
+        raise FlexMoEError(f"unknown selection tokens {scored!r}; choose one of {SELECTION_TOKENS}")
     prompt = _prompt_ids(example, tokenizer)
     response = tokenizer.encode(example.output, add_special_tokens=False)
+    marks = None
+    if scored != "all":
+        in_prompt = _content_of_prompt(example, tokenizer) if scored == "content" else None
+        marks = (in_prompt or [0] * len(prompt)) + [1] * len(response)
     if terminate:
         response.append(eos_token_id(tokenizer))
     input_ids = (prompt + response)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
-    return TokenizedExample(input_ids=input_ids, labels=labels)
+    if marks is not None:
+        marks = (marks + [0] * terminate)[:max_length]
+    return TokenizedExample(input_ids=input_ids, labels=labels, scored=marks)
+
+
+def _content_of_prompt(
+    example: InstructionExample, tokenizer: PreTrainedTokenizerBase
+) -> list[int]:
+    """1 for each prompt token that overlaps the instruction or the input text, else 0."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise FlexMoEError(
+            "selection-tokens=content needs a fast tokenizer (one with offset mappings); "
+            "use selection-tokens=answer or all"
+        )
+    prompt = format_prompt(example, tokenizer)
+    spans, start = [], 0
+    for text in (example.instruction, example.input):
+        at = prompt.find(text, start) if text.strip() else -1
+        if at >= 0:
+            spans.append((at, at + len(text)))
+            start = at + len(text)
+    encoded = tokenizer(
+        prompt,
+        add_special_tokens=not has_chat_template(tokenizer),
+        return_offsets_mapping=True,
+    )
+    return [
+        int(any(a < end and b > begin for begin, end in spans))
+        for a, b in encoded["offset_mapping"]
+    ]
 
 
 def tokenize_examples(
@@ -84,9 +128,10 @@ def tokenize_examples(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     terminate: bool = True,
+    scored: str = "all",
 ) -> list[TokenizedExample]:
     """Tokenize all examples, dropping those whose prompt alone fills `max_length`."""
-    tokenized = [tokenize_example(e, tokenizer, max_length, terminate) for e in examples]
+    tokenized = [tokenize_example(e, tokenizer, max_length, terminate, scored) for e in examples]
     kept = [example for example in tokenized if example.num_target_tokens > 0]
     if examples and not kept:
         raise FlexMoEError(
@@ -128,7 +173,11 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.T
     input_ids = _pad([example.input_ids for example in batch], pad_id, left=False)
     labels = _pad([example.labels for example in batch], IGNORE_INDEX, left=False)
     mask = _pad([[1] * len(example.input_ids) for example in batch], 0, left=False)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    collated = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if any(example.scored is not None for example in batch):
+        scored = [example.scored or [1] * len(example.input_ids) for example in batch]
+        collated["scored_mask"] = _pad(scored, 0, left=False)
+    return collated
 
 
 def on_model_device(

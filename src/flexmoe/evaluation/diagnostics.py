@@ -1,12 +1,15 @@
 """What personalisation costs a client's model: knowledge, routing and compute, beside the base's.
 
-Held-out perplexity per pretraining domain, routing statistics on the client's test data, MoE
-FLOPs per token, and which experts it grafted: the ``detail`` of a client's final evaluation.
+Held-out perplexity per pretraining domain (and MMLU when asked), routing statistics on the
+client's test data, MoE FLOPs per token, and which experts it grafted: the ``detail`` of a
+client's final evaluation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -14,10 +17,11 @@ from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from flexmoe.evaluation.cost import flops_per_token
+from flexmoe.evaluation.mmlu import MMLUQuestion, evaluate_mmlu, fetch_mmlu, load_mmlu
 from flexmoe.evaluation.perplexity import domain_perplexities
 from flexmoe.evaluation.routing import routing_statistics
 from flexmoe.model import FlexModel
-from flexmoe.results import Diagnostics, FlopsPerToken, Knowledge, Routing
+from flexmoe.results import Diagnostics, FlopsPerToken, Knowledge, MMLUScore, Routing
 
 HELDOUT_TOKENS = 2048  # per pretraining domain
 
@@ -28,20 +32,31 @@ def diagnostics(
     tokenizer: PreTrainedTokenizerBase,
     batches: Sequence[Mapping[str, torch.Tensor]],
     base: nn.Module | None = None,
+    mmlu_per_topic: int = 0,
 ) -> Diagnostics:
     """Knowledge, routing on ``batches`` and FLOPs of ``model``, each beside the base's.
 
     The base is ``model`` with its adapters switched off, unless a pristine ``base`` is given
-    (needed when training changed pretrained weights).
+    (needed when training changed pretrained weights). ``mmlu_per_topic`` > 0 adds MMLU 0-shot
+    on the first that many scored questions of every topic.
     """
     flops = flops_per_token(model)
+    mmlu = f"mmlu-{mmlu_per_topic}"
     with _base_of(model, base) as reference:
         base_routing = routing_statistics(reference, batches)
-        base_heldout = base_heldout_perplexities(base_name, reference, tokenizer)
+        base_heldout = measured(base_name, reference, "heldout", _heldout, tokenizer)
+        base_mmlu = mmlu_per_topic and measured(
+            base_name, reference, mmlu, _mmlu, tokenizer, mmlu_per_topic
+        )
+    # the clients of a method without personal state share one model: measured once a process
+    trained = trained_digest(model, base_name)
+    final_mmlu = mmlu_per_topic and measured(trained, model, mmlu, _mmlu, tokenizer, mmlu_per_topic)
     return Diagnostics(
         knowledge=Knowledge(
-            heldout_ppl=domain_perplexities(model, tokenizer, HELDOUT_TOKENS),
+            heldout_ppl=measured(trained, model, "heldout", _heldout, tokenizer),
             heldout_ppl_base=base_heldout,
+            mmlu=final_mmlu or None,
+            mmlu_base=base_mmlu or None,
         ),
         routing=Routing(base=base_routing, final=routing_statistics(model, batches)),
         flops_per_token=FlopsPerToken(
@@ -62,14 +77,45 @@ def _base_of(model: FlexModel, base: nn.Module | None) -> Iterator[nn.Module]:
         yield model
 
 
-def base_heldout_perplexities(
-    name: str, base: nn.Module, tokenizer: PreTrainedTokenizerBase
-) -> dict[str, float]:
-    """The base model's held-out perplexity per domain, computed once per process and dtype."""
-    key = (name, str(next(base.parameters()).dtype))
-    if key not in _BASE_HELDOUT:
-        _BASE_HELDOUT[key] = domain_perplexities(base, tokenizer, HELDOUT_TOKENS)
-    return dict(_BASE_HELDOUT[key])
+def measured(name: str, model: nn.Module, what: str, measure, *args):
+    """``measure(model, *args)``, computed once per process for a model ``name`` and dtype.
+
+    ``name`` identifies the weights: the base model's name, or ``trained_digest`` of a model.
+    """
+    key = (name, str(next(model.parameters()).dtype), what)
+    if key not in _MEASURES:
+        _MEASURES[key] = measure(model, *args)
+    return _MEASURES[key]
 
 
-_BASE_HELDOUT: dict[tuple[str, str], dict[str, float]] = {}
+def trained_digest(model: FlexModel, base_name: str) -> str:
+    """A name for ``model``'s weights: its base's name and a hash of its trained parameters."""
+    digest = hashlib.sha256(base_name.encode())
+    for name, parameter in sorted(model.model.named_parameters()):
+        if parameter.requires_grad:
+            digest.update(name.encode())
+            digest.update(parameter.detach().float().cpu().numpy().tobytes())
+    return f"trained-{digest.hexdigest()}"
+
+
+def _heldout(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
+    return domain_perplexities(model, tokenizer, HELDOUT_TOKENS)
+
+
+def _mmlu(model: nn.Module, tokenizer: PreTrainedTokenizerBase, per_topic: int) -> MMLUScore:
+    scores = evaluate_mmlu(model, tokenizer, mmlu_questions(), shots=0, limit=per_topic)
+    return MMLUScore(
+        questions=scores["total"],
+        accuracy=scores["accuracy"],
+        macro_accuracy=scores["macro_accuracy"],
+        correct_probability=scores["correct_probability"],
+    )
+
+
+@functools.cache
+def mmlu_questions() -> tuple[MMLUQuestion, ...]:
+    """The MMLU test set, read from the cache (fetched once), once per process."""
+    return tuple(load_mmlu(fetch_mmlu()))
+
+
+_MEASURES: dict[tuple[str, str, str], object] = {}

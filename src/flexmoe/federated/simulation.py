@@ -13,6 +13,7 @@ from flwr.simulation import run_simulation
 
 from flexmoe.client import client_datasets
 from flexmoe.errors import FlexMoEError
+from flexmoe.evaluation.diagnostics import mmlu_questions
 from flexmoe.federated.client_app import make_client_app
 from flexmoe.federated.federation import (
     check_out,
@@ -111,6 +112,8 @@ def check_run(config: RunConfig) -> None:
                 f"experts per layer of {config.model}; give at most {experts}"
             )
     client_datasets(config)
+    if config.diagnostics and config.mmlu_per_topic:
+        mmlu_questions()  # fetched once here, not by every client at once
 
 
 def _quiet_flower() -> None:

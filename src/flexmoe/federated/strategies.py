@@ -19,8 +19,8 @@ from flwr.serverapp.strategy import (
 from flexmoe.methods import Aggregation, Method
 from flexmoe.runconfig import RunConfig
 
-# Server-optimiser settings of OpenFedLLM, the code base the paper builds on.
-FEDOPT = {"eta": 1e-3, "eta_l": 1e-3, "tau": 1e-3}
+# Server-optimiser settings of OpenFedLLM, the code base the paper builds on (eta: server-lr).
+TAU = 1e-3
 ADAPTIVE_BETAS = {"beta_1": 0.9, "beta_2": 0.99}
 SERVER_MOMENTUM = 0.9
 STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
@@ -45,10 +45,15 @@ STRATEGIES: dict[Aggregation, Callable[[dict, RunConfig], FedAvg]] = {
     Aggregation.FEDAVG: lambda common, _: FedAvg(**common),
     Aggregation.FEDPROX: lambda common, c: FedProx(**common, proximal_mu=c.proximal_mu),
     Aggregation.FEDAVGM: lambda common, _: FedAvgM(**common, server_momentum=SERVER_MOMENTUM),
-    Aggregation.FEDADAM: lambda common, _: FedAdam(**common, **FEDOPT, **ADAPTIVE_BETAS),
-    Aggregation.FEDYOGI: lambda common, _: FedYogi(**common, **FEDOPT, **ADAPTIVE_BETAS),
-    Aggregation.FEDADAGRAD: lambda common, _: FedAdagrad(**common, **FEDOPT),
+    Aggregation.FEDADAM: lambda common, c: FedAdam(**common, **_fedopt(c), **ADAPTIVE_BETAS),
+    Aggregation.FEDYOGI: lambda common, c: FedYogi(**common, **_fedopt(c), **ADAPTIVE_BETAS),
+    Aggregation.FEDADAGRAD: lambda common, c: FedAdagrad(**common, **_fedopt(c)),
 }
+
+
+def _fedopt(config: RunConfig) -> dict[str, float]:
+    """A server optimiser's rates: eta is the server's, eta_l (recorded only) the clients'."""
+    return {"eta": config.server_lr, "eta_l": config.lr, "tau": TAU}
 
 
 def strategy_state(strategy: FedAvg) -> dict[str, np.ndarray]:
