@@ -23,6 +23,7 @@ from flexmoe.results import (
     ClientResult,
     Knowledge,
     LayerRouting,
+    MMLUScore,
     RougePoint,
     RoundRecord,
     Routing,
@@ -453,3 +454,45 @@ def test_the_sweep_command_runs_its_stages_in_order_and_writes_its_choices(
     assert (tmp_path / "sweep" / "fedprox" / "proximal-mu-1" / "seed0" / "results.json").is_file()
     assert main([*argv, "--seeds", "1"]) == 2
     assert "the sweep runs seed 0" in capsys.readouterr().err
+
+
+def test_report_shows_mmlu_selection_agreement_predictions_margins_and_the_sweep(tmp_path):
+    for seed in (0, 1):
+        results = fake_results("flex", seed, [30.0 + seed, 40.0], split="pathological", clients=2)
+        for client, plan in zip(results.clients, ([1] * 10, [1] * 5 + [2] * 5), strict=True):
+            client.grafted_experts = {str(layer): [e] for layer, e in enumerate(plan)}
+            client.knowledge = Knowledge(
+                heldout_ppl={"prose": 11.0}, heldout_ppl_base={"prose": 10.0},
+                mmlu=MMLUScore(questions=40, accuracy=0.25, macro_accuracy=0.25,
+                               correct_probability=0.26 + 0.01 * seed),
+                mmlu_base=MMLUScore(questions=40, accuracy=0.2, macro_accuracy=0.2,
+                                    correct_probability=0.25),
+            )  # fmt: skip
+        folder = write_run(tmp_path / "flex" / f"seed{seed}", results)
+        kept = folder / "clients" / "0123" / "client-1" / "predictions"
+        kept.mkdir(parents=True)
+        rows = [{"prompt_id": "ab", "category": "qa", "reference": "Paris | France",
+                 "prediction": "Paris\nit is " + "x" * 200, "rouge_l": 50.0}] * 3  # fmt: skip
+        (kept / f"round-{results.rounds:04d}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows)
+        )
+    write_run(
+        tmp_path / "fedavg", fake_results("fedavg", 0, [20.0], split="pathological", clients=2)
+    )
+    for lr, rouge in ((3e-4, 12.0), (1e-3, 14.0)):
+        write_run(tmp_path / "sweep" / f"lr-{lr:g}", sweep_results("fedavg", "lr", lr, rouge))
+    report = write_report(tmp_path).read_text()
+    assert "Margin over the best other method, fedavg: +15.25, more than one seed-to-seed" in report
+    assert table_row(report, "flex", after="MMLU 0-shot") == [
+        "flex", "4", "40", "20.00", "25.00", "0.2500", "0.2650", "+0.0150",
+    ]  # fmt: skip
+    # half of the 10 layers differ between the two clients of each run
+    assert table_row(report, "flex", after="choose differently") == ["flex", "1.50", "50.0%"]
+    assert "| flex | 1 | qa | Paris \\| France | Paris it is xxxx" in report  # one line, cut
+    assert "x... | 50.0 |" in report
+    assert report.count("| flex | 1 | qa |") == 2  # the first two of each client, seed 0
+    assert table_row(report, "fedavg", after="Hyperparameter sweep") == [
+        "fedavg", "lr", "0.0003", "12.00", "",
+    ]  # fmt: skip
+    assert "| fedavg | lr | 0.001 | 14.00 | chosen |" in report
+    assert "## eval-split" not in report  # the sweep runs are not a setting of their own

@@ -1,10 +1,14 @@
 """Whole runs on Flower's simulation engine (Ray): results, checkpoints, resume, traffic."""
 
+import json
 import shutil
+import statistics
+from pathlib import Path
 
 import pytest
 from safetensors.numpy import load_file
 
+from flexmoe.cache import CACHE_ENV
 from flexmoe.cli import main
 from flexmoe.results import (
     CHECKPOINT_DIR,
@@ -42,9 +46,26 @@ def run(out, *extra) -> RunResults:
     return read_results(out / RESULTS_FILE)
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, dolly_file, random_model):
+def fake_mmlu(cache: Path, per_topic: int = 7) -> None:
+    """An MMLU file where the flexmoe cache keeps it: two topics, answers cycling A..D."""
+    rows = [
+        {"question": f"{topic} question {i}?", "answer_a": "one", "answer_b": "two",
+         "answer_c": "three", "answer_d": "four", "correct_answer": "ABCD"[i % 4], "topic": topic}
+        for topic in ("anatomy", "astronomy")
+        for i in range(per_topic)
+    ]  # fmt: skip
+    (cache / "mmlu").mkdir(parents=True)
+    (cache / "mmlu" / "mmlu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, dolly_file, random_model, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    fake_mmlu(tmp_path / "cache")
     common = ["--model", str(random_model), "--data", str(dolly_file)]
-    straight = run(tmp_path / "straight", *common, "--rounds", "2", "--eval-every", "1")
+    straight = run(
+        tmp_path / "straight", *common, "--rounds", "2", "--eval-every", "1",
+        "--mmlu-per-topic", "2",
+    )  # fmt: skip
     run(tmp_path / "first", *common, "--rounds", "1")
     # a run folder moved elsewhere resumes as itself: its clients' state travels with it
     shutil.copytree(tmp_path / "first", tmp_path / "resumed")
@@ -59,13 +80,34 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, dolly_file, random_model
     saved = read_checkpoint(tmp_path / "resumed")
     assert saved.round == 2 and len(saved.history) == 2
     states = tmp_path / "resumed" / "clients" / saved.run_id
-    assert sorted(p.name for p in (states / "client-0").iterdir()) == ["round-0001", "round-0002"]
+    assert sorted(p.name for p in (states / "client-0").iterdir()) == [
+        "predictions",
+        "round-0001",
+        "round-0002",
+    ]
+    for client in resumed.clients:  # each client keeps its test predictions on its side
+        folder = states / f"client-{client.client_id}" / "predictions"
+        # the first run's final evaluation, after round 1, then the resumed run's
+        assert sorted(p.name for p in folder.iterdir()) == ["round-0001.jsonl", "round-0002.jsonl"]
+        lines = (folder / "round-0002.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines]
+        assert len(rows) == client.n_test == len({r["prompt_id"] for r in rows})
+        mean = statistics.fmean(r["rouge_l"] for r in rows)
+        assert mean == pytest.approx(client.rouge_l, abs=0.01)
+        assert all(r["reference"] and "prediction" in r for r in rows)
+    first, last = straight.rouge_per_round  # every client's score after each round
+    assert last.clients == {str(c.client_id): c.rouge_l for c in straight.clients}
+    assert set(first.clients) == set(last.clients)
+    assert first.mean_rouge_l == pytest.approx(statistics.fmean(first.clients.values()))
     assert not list((tmp_path / "resumed").glob("**/.*"))  # no lock or temporary file left
     assert [p.round for p in straight.rouge_per_round] == [1, 2]
     assert straight.flops_ratio > 1 and straight.mean_ppl_increase > -1
     for client in straight.clients:
         assert client.categories and client.n_train > 0 and client.n_test > 0
         assert set(client.knowledge.heldout_ppl) == set(client.knowledge.heldout_ppl_base)
+        for score in (client.knowledge.mmlu, client.knowledge.mmlu_base):
+            assert score.questions == 4  # 2 of each topic after its 5 few-shot examples
+            assert 0 < score.correct_probability < 1 and score.accuracy in (0, 0.25, 0.5, 0.75, 1)
         final, base = client.routing.final.layers, client.routing.base.layers
         assert all(len(layer.gate_means) == 1 for layer in final)
         assert all(layer.gate_means == [] for layer in base)
@@ -74,6 +116,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, dolly_file, random_model
         )
         for layer, losses in client.graft_losses.items():  # 'top' grafts the lowest-loss expert
             assert client.grafted_experts[layer] == [losses.index(min(losses))]
+    assert list((tmp_path / "cache" / "measures").glob("*-mmlu-2.json"))  # the base's, kept
+    assert all(c.knowledge.mmlu is None for c in resumed.clients)
     for path in (tmp_path / "straight" / CHECKPOINT_DIR).glob("*.safetensors"):
         names = load_file(path).keys()
         assert not any(w in n for n in names for w in ("grafted", "experts", "gate.weight"))

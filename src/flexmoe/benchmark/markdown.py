@@ -16,9 +16,12 @@ from flexmoe.benchmark.summary import (
     group_runs,
     layer_shifts,
     routing_summary,
+    selection_agreement,
     setting_labels,
     setting_plots,
+    split_sweep,
 )
+from flexmoe.benchmark.tuning import choose
 from flexmoe.results import Knowledge
 from flexmoe.runconfig import option_name
 
@@ -62,7 +65,26 @@ def best_line(label: str, summaries: dict[str, Summary]) -> list[str]:
         )
     elif FLEX in summaries and len(summaries) > 1:
         lines.append(f"FLEx ({FLEX}) has the best mean ROUGE-L here.")
+    if FLEX in summaries and len(summaries) > 1:
+        lines.append(margin_line(summaries))
     return [*lines, ""]
+
+
+def margin_line(summaries: dict[str, Summary]) -> str:
+    """FLEx's margin over the best other method, beside both methods' seed-to-seed spread."""
+    flex = summaries[FLEX]
+    rival = max((m for m in summaries if m != FLEX), key=lambda m: summaries[m].rouge)
+    other = summaries[rival]
+    margin = flex.rouge - other.rouge
+    spreads = [x for x in (flex.rouge_std, other.rouge_std) if x is not None]
+    if not spreads:
+        return f"Margin over {rival}: {margin:+.2f} (one seed each: no spread to weigh it by)."
+    verdict = "more" if abs(margin) > max(spreads) else "no more"
+    return (
+        f"Margin over the best other method, {rival}: {margin:+.2f}, {verdict} than one "
+        f"seed-to-seed standard deviation ({FLEX} {_number(flex.rouge_std)}, "
+        f"{rival} {_number(other.rouge_std)})."
+    )
 
 
 def repeated_seeds(summaries: dict[str, Summary]) -> list[str]:
@@ -150,7 +172,39 @@ def knowledge_table(summaries: dict[str, Summary]) -> list[str]:
         for domain in sorted(first[0].heldout_ppl_base)
     ]  # fmt: skip
     title = "Held-out perplexity per pretraining domain (mean over clients and seeds):"
-    return [title, "", *_table(["domain", "base model", *measured], rows)]
+    return [title, "", *_table(["domain", "base model", *measured], rows), *mmlu_table(measured)]
+
+
+def mmlu_table(measured: dict[str, list[Knowledge]]) -> list[str]:
+    """MMLU 0-shot of the base and of each method's final models, where the runs scored it."""
+    rows = []
+    for method, records in measured.items():
+        pairs = [(k.mmlu_base, k.mmlu) for k in records if k.mmlu and k.mmlu_base]
+        if not pairs:
+            continue
+        base = [b for b, _ in pairs]
+        final = [f for _, f in pairs]
+        right = statistics.fmean([f.correct_probability for f in final])
+        right_base = statistics.fmean([b.correct_probability for b in base])
+        rows.append([
+            method, str(len(pairs)), str(final[0].questions),
+            f"{100 * statistics.fmean([b.accuracy for b in base]):.2f}",
+            f"{100 * statistics.fmean([f.accuracy for f in final]):.2f}",
+            f"{right_base:.4f}", f"{right:.4f}", f"{right - right_base:+.4f}",
+        ])  # fmt: skip
+    if not rows:
+        return []
+    header = [
+        "method", "client models", "questions", "base accuracy %", "final accuracy %",
+        "base p(right letter)", "final p(right letter)", "change",
+    ]  # fmt: skip
+    return [
+        "MMLU 0-shot (letter log-likelihood; mean over the client models scored). The probability "
+        "given to the right letter (softmax over the four) moves even where accuracy sits at "
+        "chance:",
+        "",
+        *_table(header, rows),
+    ]
 
 
 def routing_table(summaries: dict[str, Summary]) -> list[str]:
@@ -188,10 +242,32 @@ def routing_table(summaries: dict[str, Summary]) -> list[str]:
     ]
 
 
-def graft_table(summaries: dict[str, Summary], shown: int = 4) -> list[str]:
+def selection_table(summaries: dict[str, Summary]) -> list[str]:
+    """Per grafting method, how often a run's clients graft different experts in a layer."""
+    rows = []
+    for method, summary in summaries.items():
+        agreement = selection_agreement(summary.runs)
+        if agreement is not None:
+            distinct, differing = agreement
+            rows.append([method, f"{distinct:.2f}", f"{100 * differing:.1f}%"])
+    if not rows:
+        return []
+    return [
+        "Do clients choose differently? Per MoE layer of a run: the number of distinct grafted "
+        "experts among its clients, and the share of client pairs that graft different ones "
+        "(mean over layers and runs):",
+        "",
+        *_table(["method", "distinct experts per layer", "client pairs differing"], rows),
+    ]
+
+
+def graft_table(summaries: dict[str, Summary], shown: int = 4, max_layers: int = 8) -> list[str]:
     """Per grafting method, the most common per-layer choices of grafted experts and how many
-    clients (over all seeds) made each: personalisation by selection shows as many plans."""
+    clients (over all seeds) made each: personalisation by selection shows as many plans.
+    Models deeper than ``max_layers`` get ``selection_table`` alone."""
     measured = _measured(summaries, "grafted_experts")
+    if any(len(plan) > max_layers for plans in measured.values() for plan in plans):
+        return selection_table(summaries)
     rows = []
     for method, plans in measured.items():
         counts: dict[str, int] = {}
@@ -234,8 +310,60 @@ def ablation_section(
     return ["## Ablations", "", *lines] if lines else []
 
 
+def samples_section(summaries: dict[str, Summary], width: int = 90) -> list[str]:
+    """Per method, the first test predictions of each client in its lowest seed's run."""
+    rows = []
+    for method, summary in summaries.items():
+        run = min(summary.runs, key=lambda r: (r.config.get("seed", 0), r.path))
+        for client, predictions in sorted(run.samples.items()):
+            rows += [
+                [method, str(client), _cell(p["category"] or NONE, 28),
+                 _cell(p["reference"], width), _cell(p["prediction"], width),
+                 f"{p['rouge_l']:.1f}"]
+                for p in predictions
+            ]  # fmt: skip
+    if not rows:
+        return []
+    header = ["method", "client", "category", "reference", "prediction", "ROUGE-L"]
+    return [
+        "Sample test predictions (each client's first, lowest seed; kept on the client's side "
+        "beside its state, never sent to the server):",
+        "",
+        *_table(header, rows),
+    ]
+
+
+def _cell(text: str, width: int) -> str:
+    """``text`` on one line of a table cell, cut to ``width`` characters."""
+    flat = " ".join(str(text).split()).replace("|", "\\|")
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def sweep_section(runs: Sequence[Run]) -> list[str]:
+    """The hyperparameter sweep: every value's mean validation ROUGE-L, and the choice."""
+    tuning = choose(runs)
+    rows = [
+        [method, option_name(choice.setting), value, f"{score:.2f}",
+         "chosen" if float(value) == choice.chosen else ""]
+        for method, choice in tuning.choices.items()
+        for value, score in choice.scores.items()
+    ]  # fmt: skip
+    if not rows:
+        return []
+    return [
+        "## Hyperparameter sweep",
+        "",
+        "Seed 0, scored on each client's validation split (carved from its training data; the "
+        "test split is never seen). Methods not listed take the choice of the method they train "
+        "as (FLEx's ablations FLEx's, FedAvg's server-side variants FedAvg's learning rate).",
+        "",
+        *_table(["method", "setting", "value", "mean validation ROUGE-L", ""], rows),
+    ]
+
+
 def render_report(runs: Sequence[Run]) -> str:
     """report.md for ``runs``: a function of their JSON files only."""
+    runs, sweep = split_sweep(runs)
     grouped = group_runs(runs)
     labels = setting_labels(grouped)
     lines = [
@@ -258,11 +386,12 @@ def render_report(runs: Sequence[Run]) -> str:
         lines += method_table(summaries)
         lines += ["Per-client ROUGE-L (mean over seeds):", "", *client_table(summaries)]
         lines += knowledge_table(summaries) + routing_table(summaries) + graft_table(summaries)
+        lines += samples_section(summaries)
         lines += [f"![{kind}]({PLOTS_DIR}/{file})" for kind, file in plots.items()] + [""]
-    lines += ablation_section(grouped, labels)
+    lines += ablation_section(grouped, labels) + sweep_section(sweep)
     rows = [
         [r.path, r.method, str(r.config.get("seed", NONE)), f"{r.results.mean_rouge_l:.2f}"]
-        for r in runs
+        for r in runs + sweep
     ]
     lines += ["## Runs", "", *_table(["folder", "method", "seed", "mean ROUGE-L"], rows)]
     return "\n".join(lines).rstrip("\n") + "\n"

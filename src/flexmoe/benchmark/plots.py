@@ -19,6 +19,7 @@ from flexmoe.benchmark.summary import (
     group_runs,
     setting_labels,
     setting_plots,
+    split_sweep,
 )
 from flexmoe.runconfig import option_name
 
@@ -118,7 +119,7 @@ def write_plots(runs: Sequence[Run], folder: Path) -> list[Path]:
     """Every plot report.md links to, written under ``folder``; older plots there are removed."""
     for stale in folder.glob("*.png"):
         stale.unlink()
-    grouped = group_runs(runs)
+    grouped = group_runs(split_sweep(runs)[0])
     labels = setting_labels(grouped)
     written = []
     kinds = {

@@ -6,14 +6,17 @@ any machine that has the results.
 
 from __future__ import annotations
 
+import itertools
+import json
 import statistics
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flexmoe.methods import METHODS
 from flexmoe.results import (
+    CLIENTS_DIR,
     RESULTS_FILE,
     ROUNDS_FILE,
     ClientResult,
@@ -27,6 +30,7 @@ from flexmoe.results import (
 from flexmoe.runconfig import RunConfig, option_name
 
 PLOTS_DIR = "plots"
+SAMPLES = 2  # test predictions per client shown in a report
 
 
 ABLATION_FIELDS = ("experts_per_layer", "size_ratio", "gate_bias", "clients")
@@ -43,6 +47,7 @@ class Run:
     path: str  # the folder, relative to the report's folder
     results: RunResults
     rounds: list[RoundRecord] | None
+    samples: dict[int, list[dict]] = field(default_factory=dict)  # client -> test predictions
 
     @property
     def method(self) -> str:
@@ -124,8 +129,27 @@ def load_runs(directory: Path) -> list[Run]:
         rounds_file = path.with_name(ROUNDS_FILE)
         rounds = read_rounds(rounds_file) if rounds_file.is_file() else None
         folder = path.parent.relative_to(directory).as_posix()
-        runs.append(Run(folder, read_results(path), rounds))
+        results = read_results(path)
+        runs.append(Run(folder, results, rounds, prediction_samples(path.parent, results)))
     return runs
+
+
+def prediction_samples(folder: Path, results: RunResults, count: int = SAMPLES) -> dict:
+    """The first ``count`` test predictions of each client's final evaluation, where the run's
+    clients kept them beside their state (a simulation's clients keep them in its folder)."""
+    samples = {}
+    for client in results.clients:
+        name = f"client-{client.client_id}/predictions/round-{results.rounds:04d}.jsonl"
+        for file in sorted(folder.glob(f"{CLIENTS_DIR}/*/{name}"))[:1]:
+            lines = file.read_text(encoding="utf-8").splitlines()[:count]
+            samples[client.client_id] = [json.loads(line) for line in lines]
+    return samples
+
+
+def split_sweep(runs: Sequence[Run]) -> tuple[list[Run], list[Run]]:
+    """``(runs scored on their test splits, runs of a sweep, scored on validation splits)``."""
+    sweep = [r for r in runs if r.config.get("eval_split") == "validation"]
+    return [r for r in runs if r not in sweep], sweep
 
 
 def method_order(names: Iterable[str]) -> list[str]:
@@ -248,3 +272,19 @@ def utilisation_shift(before: RoutingStatistics, after: RoutingStatistics) -> di
         * sum(abs(a - b) for a, b in zip(old.utilisation, new.utilisation, strict=True))
         for old, new in zip(before.layers, after.layers, strict=True)
     }
+
+
+def selection_agreement(runs: Iterable[Run]) -> tuple[float, float] | None:
+    """Over the MoE layers of ``runs``: the mean number of distinct grafted experts among a run's
+    clients, and the mean share of client pairs grafting different ones; None without grafts."""
+    distinct, differing = [], []
+    for run in runs:
+        plans = [c.grafted_experts for c in run.results.clients if c.grafted_experts]
+        for layer in plans[0] if len(plans) > 1 else ():
+            choices = [tuple(plan.get(layer, ())) for plan in plans]
+            pairs = list(itertools.combinations(choices, 2))
+            distinct.append(len(set(choices)))
+            differing.append(sum(a != b for a, b in pairs) / len(pairs))
+    if not distinct:
+        return None
+    return statistics.fmean(distinct), statistics.fmean(differing)

@@ -10,20 +10,25 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from flexmoe.cache import cache_dir
 from flexmoe.evaluation.cost import flops_per_token
 from flexmoe.evaluation.mmlu import MMLUQuestion, evaluate_mmlu, fetch_mmlu, load_mmlu
 from flexmoe.evaluation.perplexity import domain_perplexities
 from flexmoe.evaluation.routing import routing_statistics
+from flexmoe.io import atomic_write_text
+from flexmoe.loading import fingerprint as model_fingerprint
 from flexmoe.model import FlexModel
-from flexmoe.results import Diagnostics, FlopsPerToken, Knowledge, MMLUScore, Routing
+from flexmoe.results import Diagnostics, FlopsPerToken, Knowledge, MMLUScore, Routing, to_plain
 
 HELDOUT_TOKENS = 2048  # per pretraining domain
+MEASURE_VERSION = 1  # of what the measures compute: bump to stop reading older cached values
 
 
 def diagnostics(
@@ -44,9 +49,9 @@ def diagnostics(
     mmlu = f"mmlu-{mmlu_per_topic}"
     with _base_of(model, base) as reference:
         base_routing = routing_statistics(reference, batches)
-        base_heldout = measured(base_name, reference, "heldout", _heldout, tokenizer)
-        base_mmlu = mmlu_per_topic and measured(
-            base_name, reference, mmlu, _mmlu, tokenizer, mmlu_per_topic
+        base_heldout = base_measured(reference, "heldout", _heldout, dict, tokenizer)
+        base_mmlu = mmlu_per_topic and base_measured(
+            reference, mmlu, _mmlu, lambda plain: MMLUScore(**plain), tokenizer, mmlu_per_topic
         )
     # the clients of a method without personal state share one model: measured once a process
     trained = trained_digest(model, base_name)
@@ -86,6 +91,25 @@ def measured(name: str, model: nn.Module, what: str, measure, *args):
     if key not in _MEASURES:
         _MEASURES[key] = measure(model, *args)
     return _MEASURES[key]
+
+
+def base_measured(
+    base: nn.Module, what: str, measure: Callable, parse: Callable, *args: object
+) -> object:
+    """``measure(base, *args)`` of a base model, kept on disk under its fingerprint, dtype and
+    device: every run on the same base measures it once."""
+    fingerprint = base.base_fingerprint if isinstance(base, FlexModel) else model_fingerprint(base)
+    weight = next(base.parameters())
+    key = f"v{MEASURE_VERSION}-{fingerprint}-{weight.dtype}-{weight.device.type}-{what}"
+    path = cache_dir() / "measures" / f"{key.replace('torch.', '')}.json"
+    if path.is_file():
+        try:
+            return parse(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError):
+            pass  # damaged: measured again and rewritten
+    value = measured(fingerprint, base, what, measure, *args)
+    atomic_write_text(path, json.dumps(to_plain(value)))
+    return value
 
 
 def trained_digest(model: FlexModel, base_name: str) -> str:
