@@ -132,7 +132,8 @@ def test_report_means_and_standard_deviations_over_seeds(bench_dir):
         assert row[1:4] == ["3", f"{statistics.fmean(means):.2f}", f"{statistics.stdev(means):.2f}"]
     assert table_row(report, "flex")[4] == "+2.00%"  # mean of 1%, 2%, 3%
     assert table_row(report, "fedavg")[4] == "-"
-    assert table_row(report, "flex")[5:] == ["0.010", "0.010", "0.01"]  # MB up, down, ratio
+    # MB up, down, traffic ratio, the method's own hyperparameters
+    assert table_row(report, "flex")[5:] == ["0.010", "0.010", "0.01", "lr 0.001"]
     assert table_row(report, "fedavg-full")[7] == "1"
     client_1 = table_row(report, "1")
     assert client_1[:2] == ["1", "task-1"]
@@ -496,3 +497,14 @@ def test_report_shows_mmlu_selection_agreement_predictions_margins_and_the_sweep
     ]  # fmt: skip
     assert "| fedavg | lr | 0.001 | 14.00 | chosen |" in report
     assert "## eval-split" not in report  # the sweep runs are not a setting of their own
+
+
+def test_methods_tuned_to_their_own_rates_compare_in_one_table(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path / "flex" / f"s{seed}", fake_results("flex", seed, [30.0], lr=1e-3))
+    tuned = fake_results("fedprox", 0, [20.0], lr=3e-4, proximal_mu=0.1)
+    write_run(tmp_path / "fedprox", tuned)
+    report = write_report(tmp_path).read_text()
+    assert report.count("\n## ") == 2  # one setting, then the list of runs
+    assert table_row(report, "flex")[-1] == "lr 0.001"
+    assert table_row(report, "fedprox")[-1] == "lr 0.0003, proximal-mu 0.1"

@@ -109,11 +109,11 @@ def method_table(summaries: dict[str, Summary]) -> list[str]:
         rows.append([
             method, str(s.n), f"{s.rouge:.2f}", _number(s.rouge_std), _percent(s.ppl_increase),
             _megabytes_cell(s.traffic("bytes_up")), _megabytes_cell(s.traffic("bytes_down")),
-            format(traffic / total, ".3g") if total else NONE,
+            format(traffic / total, ".3g") if total else NONE, s.hyperparameters(),
         ])  # fmt: skip
     header = [
         "method", "seeds", "mean ROUGE-L", "std", "held-out ppl increase",
-        "MB up / run", "MB down / run", f"traffic / {REFERENCE}",
+        "MB up / run", "MB down / run", f"traffic / {REFERENCE}", "hyperparameters",
     ]  # fmt: skip
     return _table(header, rows)
 

@@ -30,14 +30,22 @@ from flexmoe.results import (
 from flexmoe.runconfig import RunConfig, option_name
 
 PLOTS_DIR = "plots"
+# the settings only some methods use, beside the learning rate every method uses
+OWN_HYPERPARAMETERS = {
+    "fedprox": ("proximal_mu",),
+    **{m: ("server_lr",) for m in ("fedadam", "fedyogi", "fedadagrad")},
+}
 SAMPLES = 2  # test predictions per client shown in a report
 
 
-ABLATION_FIELDS = ("experts_per_layer", "size_ratio", "gate_bias", "clients")
+ABLATION_FIELDS = ("experts_per_layer", "size_ratio", "gate_bias", "selection_tokens", "clients")
 
 RUN_FIELDS = ("method", "seed")  # what differs between runs of one setting's tables
 # what a run measures, not what it trains: runs that differ only here share a setting
 MEASUREMENT_FIELDS = ("eval_every", "diagnostics", "mmlu_per_topic")
+# a method's own hyperparameters, tuned per method (flexmoe.benchmark.tuning): methods compare
+# in one table whatever their values, which the table shows
+METHOD_FIELDS = ("lr", "proximal_mu", "server_lr")
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,7 @@ class Run:
         return {**defaults, **top, "method": self.method, **(saved or {})}
 
     def setting(self) -> Setting:
-        ignored = RUN_FIELDS + MEASUREMENT_FIELDS
+        ignored = RUN_FIELDS + MEASUREMENT_FIELDS + METHOD_FIELDS
         return tuple(sorted((k, v) for k, v in self.config.items() if k not in ignored))
 
 
@@ -105,6 +113,15 @@ class Summary:
     @property
     def flops_ratio(self) -> float | None:
         return mean_or_none(r.results.flops_ratio for r in self.runs)
+
+    def hyperparameters(self) -> str:
+        """The method's own hyperparameters as its runs set them (those it uses), e.g.
+        ``lr 0.001, proximal-mu 0.1``."""
+        parts = []
+        for name in ("lr", *OWN_HYPERPARAMETERS.get(self.runs[0].method, ())):
+            values = sorted({r.config[name] for r in self.runs})
+            parts.append(f"{option_name(name)} {' / '.join(f'{v:g}' for v in values)}")
+        return ", ".join(parts)
 
     def client_rouge(self) -> dict[int, float]:
         """Each client's ROUGE-L, mean over the runs that evaluated it."""
