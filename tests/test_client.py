@@ -1,5 +1,7 @@
 """The client's data preparation."""
 
+from dataclasses import replace
+
 import pytest
 
 from flexmoe.client import fitting_examples
@@ -37,3 +39,17 @@ def test_the_fitting_cache_depends_on_the_prompt_template(tmp_path, monkeypatch,
     )
     fitting_examples(examples, tokenizer, 200)
     assert len(list((tmp_path / "fitting").glob("*.json"))) == 2
+
+
+def test_a_validation_run_never_evaluates_on_test_examples(tmp_path, monkeypatch, dolly_file):
+    from flexmoe.client import client_datasets
+    from flexmoe.runconfig import RunConfig
+
+    monkeypatch.setenv("FLEXMOE_CACHE", str(tmp_path))
+    config = RunConfig(data=str(dolly_file), max_length=512, max_test=3)
+    tested = client_datasets(config)
+    validated = client_datasets(replace(config, eval_split="validation"))
+    for client, tuning in zip(tested, validated, strict=True):
+        assert len(tuning.test) == len(client.test) > 0
+        assert not set(client.test) & set(tuning.train + tuning.test)
+        assert set(tuning.train + tuning.test) <= set(client.train)

@@ -291,3 +291,12 @@ def test_the_server_refuses_non_finite_arrays():
     bad = ArrayRecord({"a": Array(good), "b": Array(np.array([1.0, np.nan], dtype=np.float32))})
     with pytest.raises(FlexMoEError, match=r"round 2: an update holds non-finite values .* b\)"):
         check_finite(bad, "an update", 2)
+
+
+@pytest.mark.parametrize("method", ["fedadam", "fedyogi", "fedadagrad"])
+def test_server_optimisers_step_at_the_server_learning_rate(method):
+    from flexmoe.federated.strategies import make_strategy
+
+    config = RunConfig(method=method, server_lr=0.05, lr=2e-4)
+    strategy = make_strategy(get_method(method), config)
+    assert (strategy.eta, strategy.eta_l) == (0.05, 2e-4)
