@@ -13,7 +13,7 @@ from flexmoe.benchmark.matrix import MATRICES, Cell, select, sweep_cells
 from flexmoe.benchmark.plots import loss_curve, mean_curve, rouge_curve
 from flexmoe.benchmark.report import REPORT_FILE, write_report
 from flexmoe.benchmark.runner import describe, failures, run_cells
-from flexmoe.benchmark.summary import Run, load_runs
+from flexmoe.benchmark.summary import Run, load_runs, write_samples
 from flexmoe.benchmark.tuning import Tuning, read_tuning, tuning_of, write_tuning
 from flexmoe.cli import main
 from flexmoe.errors import FlexMoEError
@@ -472,11 +472,16 @@ def test_report_shows_mmlu_selection_agreement_predictions_margins_and_the_sweep
         folder = write_run(tmp_path / "flex" / f"seed{seed}", results)
         kept = folder / "clients" / "0123" / "client-1" / "predictions"
         kept.mkdir(parents=True)
-        rows = [{"prompt_id": "ab", "category": "qa", "reference": "Paris | France",
-                 "prediction": "Paris\nit is " + "x" * 200, "rouge_l": 50.0}] * 3  # fmt: skip
+        rows = [{"prompt_id": "ab", "category": "qa", "instruction": "Name it.", "input": "",
+                 "reference": "Paris", "prediction": "Paris |\nit is " + "x" * 300,
+                 "rouge_l": 50.0}] * 3  # fmt: skip
         (kept / f"round-{results.rounds:04d}.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in rows)
         )
+        samples = json.loads(write_samples(folder).read_text())
+        assert list(samples) == ["1"] and len(samples["1"]) == 2  # what the bench keeps
+        assert set(samples["1"][0]) == {"prompt_id", "category", "prediction", "rouge_l"}
+        assert len(samples["1"][0]["prediction"]) == 200
     write_run(
         tmp_path / "fedavg", fake_results("fedavg", 0, [20.0], split="pathological", clients=2)
     )
@@ -489,7 +494,7 @@ def test_report_shows_mmlu_selection_agreement_predictions_margins_and_the_sweep
     ]  # fmt: skip
     # half of the 10 layers differ between the two clients of each run
     assert table_row(report, "flex", after="choose differently") == ["flex", "1.50", "50.0%"]
-    assert "| flex | 1 | qa | Paris \\| France | Paris it is xxxx" in report  # one line, cut
+    assert "| flex | 1 | qa | ab | Paris \\| it is xxxx" in report  # one line, cut
     assert "x... | 50.0 |" in report
     assert report.count("| flex | 1 | qa |") == 2  # the first two of each client, seed 0
     assert table_row(report, "fedavg", after="Hyperparameter sweep") == [

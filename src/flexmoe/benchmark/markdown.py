@@ -317,17 +317,17 @@ def samples_section(summaries: dict[str, Summary], width: int = 90) -> list[str]
         run = min(summary.runs, key=lambda r: (r.config.get("seed", 0), r.path))
         for client, predictions in sorted(run.samples.items()):
             rows += [
-                [method, str(client), _cell(p["category"] or NONE, 28),
-                 _cell(p["reference"], width), _cell(p["prediction"], width),
-                 f"{p['rouge_l']:.1f}"]
+                [method, str(client), _cell(p["category"] or NONE, 28), p["prompt_id"],
+                 _cell(p["prediction"], width), f"{p['rouge_l']:.1f}"]
                 for p in predictions
             ]  # fmt: skip
     if not rows:
         return []
-    header = ["method", "client", "category", "reference", "prediction", "ROUGE-L"]
+    header = ["method", "client", "category", "prompt id", "prediction", "ROUGE-L"]
     return [
-        "Sample test predictions (each client's first, lowest seed; kept on the client's side "
-        "beside its state, never sent to the server):",
+        "Sample test predictions (each client's first two, lowest seed). Each client keeps all "
+        "of them, with prompt and reference, beside its state (never sent to the server); the "
+        "reference texts quote the data set and stay out of this report:",
         "",
         *_table(header, rows),
     ]

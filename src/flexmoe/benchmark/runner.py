@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flexmoe.benchmark.matrix import Cell
+from flexmoe.benchmark.summary import SAMPLES_FILE, write_samples
 from flexmoe.errors import FlexMoEError
 from flexmoe.results import (
     CHECKPOINT_FILE,
@@ -73,6 +74,8 @@ def run_cell(root: Path, cell: Cell, command: CommandBuilder | None = None) -> O
         if stale:
             reason = f"{finished} was made with other settings ({', '.join(stale)})"
             return Outcome(cell, "failed", log, reason=reason)
+        if not (out / SAMPLES_FILE).is_file():
+            write_samples(out)
         return Outcome(cell, "skipped", log)
     interrupted = out / CHECKPOINT_FILE
     if interrupted.is_file():  # resumed only as exactly this cell, rounds included
@@ -93,6 +96,7 @@ def run_cell(root: Path, cell: Cell, command: CommandBuilder | None = None) -> O
     wall = time.perf_counter() - started
     if code != 0 or not finished.is_file():
         return Outcome(cell, "failed", log, wall, f"exit status {code}")
+    write_samples(out)
     return Outcome(cell, "done", log, wall)
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexmoe.io import atomic_write_text, read_json
 from flexmoe.methods import METHODS
 from flexmoe.results import (
     CLIENTS_DIR,
@@ -36,6 +37,7 @@ OWN_HYPERPARAMETERS = {
     **{m: ("server_lr",) for m in ("fedadam", "fedyogi", "fedadagrad")},
 }
 SAMPLES = 2  # test predictions per client shown in a report
+SAMPLES_FILE = "samples.json"
 
 
 ABLATION_FIELDS = ("experts_per_layer", "size_ratio", "gate_bias", "selection_tokens", "clients")
@@ -147,20 +149,37 @@ def load_runs(directory: Path) -> list[Run]:
         rounds = read_rounds(rounds_file) if rounds_file.is_file() else None
         folder = path.parent.relative_to(directory).as_posix()
         results = read_results(path)
-        runs.append(Run(folder, results, rounds, prediction_samples(path.parent, results)))
+        runs.append(Run(folder, results, rounds, read_samples(path.parent)))
     return runs
 
 
-def prediction_samples(folder: Path, results: RunResults, count: int = SAMPLES) -> dict:
-    """The first ``count`` test predictions of each client's final evaluation, where the run's
-    clients kept them beside their state (a simulation's clients keep them in its folder)."""
+def write_samples(folder: Path, count: int = SAMPLES, width: int = 200) -> Path | None:
+    """``folder/samples.json``: the first ``count`` test predictions of each client's final
+    evaluation, taken from the files the run's clients kept beside their state (a simulation's
+    clients keep them in its folder), without the prompt or reference texts, which quote the
+    data set. None when the clients kept no predictions."""
+    results = read_results(folder / RESULTS_FILE)
     samples = {}
     for client in results.clients:
         name = f"client-{client.client_id}/predictions/round-{results.rounds:04d}.jsonl"
         for file in sorted(folder.glob(f"{CLIENTS_DIR}/*/{name}"))[:1]:
-            lines = file.read_text(encoding="utf-8").splitlines()[:count]
-            samples[client.client_id] = [json.loads(line) for line in lines]
-    return samples
+            rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines()]
+            samples[str(client.client_id)] = [
+                {key: row[key] for key in ("prompt_id", "category", "rouge_l")}
+                | {"prediction": row["prediction"][:width]}
+                for row in rows[:count]
+            ]
+    if not samples:
+        return None
+    return atomic_write_text(folder / SAMPLES_FILE, json.dumps(samples, indent=1) + "\n")
+
+
+def read_samples(folder: Path) -> dict[int, list[dict]]:
+    """What ``write_samples`` kept for the run in ``folder`` (nothing if it kept none)."""
+    path = folder / SAMPLES_FILE
+    if not path.is_file():
+        return {}
+    return {int(k): v for k, v in read_json(path, "run 'flexmoe bench' again to make it").items()}
 
 
 def split_sweep(runs: Sequence[Run]) -> tuple[list[Run], list[Run]]:

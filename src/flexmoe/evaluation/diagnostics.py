@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from flexmoe.model import FlexModel
 from flexmoe.results import Diagnostics, FlopsPerToken, Knowledge, MMLUScore, Routing, to_plain
 
 HELDOUT_TOKENS = 2048  # per pretraining domain
+DIGEST_SAMPLE = 1 << 16  # values per trained parameter that tell two clients' models apart
 MEASURE_VERSION = 1  # of what the measures compute: bump to stop reading older cached values
 
 
@@ -82,7 +84,7 @@ def _base_of(model: FlexModel, base: nn.Module | None) -> Iterator[nn.Module]:
         yield model
 
 
-def measured(name: str, model: nn.Module, what: str, measure, *args):
+def measured(name: str, model: nn.Module, what: str, measure: Callable, *args: object) -> Any:
     """``measure(model, *args)``, computed once per process for a model ``name`` and dtype.
 
     ``name`` identifies the weights: the base model's name, or ``trained_digest`` of a model.
@@ -95,7 +97,7 @@ def measured(name: str, model: nn.Module, what: str, measure, *args):
 
 def base_measured(
     base: nn.Module, what: str, measure: Callable, parse: Callable, *args: object
-) -> object:
+) -> Any:
     """``measure(base, *args)`` of a base model, kept on disk under its fingerprint, dtype and
     device: every run on the same base measures it once."""
     fingerprint = base.base_fingerprint if isinstance(base, FlexModel) else model_fingerprint(base)
@@ -112,13 +114,20 @@ def base_measured(
     return value
 
 
+@torch.no_grad()
 def trained_digest(model: FlexModel, base_name: str) -> str:
-    """A name for ``model``'s weights: its base's name and a hash of its trained parameters."""
+    """A name for ``model``'s weights: its base's name and a hash of its trained parameters.
+
+    A large parameter is hashed through a strided sample of its values (training moves all of
+    them), so a method that trains every weight of a large model copies little to the host.
+    """
     digest = hashlib.sha256(base_name.encode())
     for name, parameter in sorted(model.model.named_parameters()):
         if parameter.requires_grad:
-            digest.update(name.encode())
-            digest.update(parameter.detach().float().cpu().numpy().tobytes())
+            flat = parameter.detach().flatten()
+            sample = flat[:: max(1, flat.numel() // DIGEST_SAMPLE)]
+            digest.update(f"{name}:{flat.numel()}".encode())
+            digest.update(sample.float().cpu().numpy().tobytes())
     return f"trained-{digest.hexdigest()}"
 
 
