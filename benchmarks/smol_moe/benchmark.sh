@@ -14,9 +14,10 @@ PATHOLOGICAL="flex,flex-random,flex-generic,fedavg,fedprox,fedadam,fedavg-full,f
 
 # 1. each method's learning rate (FedProx's mu, FedAdam's server rate) on validation data
 $FLEXMOE bench --matrix sweep $S
-# 2. the pathological split, 3 seeds; seed 0 also scores MMLU (20 questions per topic)
+# 2. the pathological split, 3 seeds; seed 0 also scores every round and MMLU (20 questions
+#    per topic)
 $FLEXMOE bench --matrix default --splits pathological --methods $PATHOLOGICAL --seeds 0 \
-    --mmlu-per-topic 20 $S $T
+    --eval-every 1 --mmlu-per-topic 20 $S $T
 $FLEXMOE bench --matrix default --splits pathological --methods $PATHOLOGICAL --seeds 1,2 $S $T
 # 3. Dirichlet alpha 1.0 over 10 clients, 2 seeds
 $FLEXMOE bench --matrix default --splits dirichlet-1.0 --methods flex,fedavg,fedavg-full,local \

@@ -46,13 +46,14 @@ def mean_curve(curves: Sequence[Curve]) -> Curve:
 
 
 def plot_curves(summaries: dict[str, Summary], title: str, path: Path) -> None:
-    """ROUGE-L per round when every run scored at least two rounds, else mean train loss."""
-    runs = [r for s in summaries.values() for r in s.runs]
-    use_rouge = all(len(rouge_curve(r)) > 1 for r in runs)
+    """ROUGE-L per round (mean over the runs that scored every round) when every method has
+    such a run, else mean train loss."""
+    scored = {m: [r for r in s.runs if len(rouge_curve(r)) > 1] for m, s in summaries.items()}
+    use_rouge = all(scored.values())
     curve, ylabel = (rouge_curve, "mean ROUGE-L") if use_rouge else (loss_curve, "mean train loss")
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for method, summary in summaries.items():
-        points = mean_curve([curve(r) for r in summary.runs])
+        points = mean_curve([curve(r) for r in (scored[method] if use_rouge else summary.runs)])
         if points:
             axes.plot(*zip(*points, strict=True), marker="o", label=method)
     _finish(figure, axes, title, "round", ylabel, path)
