@@ -3,8 +3,12 @@
 import json
 import shutil
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from safetensors.numpy import load_file
 
@@ -157,3 +161,49 @@ def test_a_hundred_clients_train_ten_per_round_and_keep_their_state_on_disk(tmp_
     trained = {c.client_id for r in rounds for c in r.clients}
     on_disk = {int(p.name.split("-")[1]) for p in out.glob("clients/*/client-*")}
     assert trained <= on_disk  # every trained client's personal state is on disk
+
+
+LOOPBACK = ("127.", "::1", "::ffff:127.")
+
+
+def listening_sockets(root: psutil.Process) -> dict[str, set[str]]:
+    """Every listening TCP/UDP address of ``root``'s process tree, by process name."""
+    found: dict[str, set[str]] = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            name = process.name()
+            sockets = process.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for socket in sockets:
+            if socket.status in (psutil.CONN_LISTEN, psutil.CONN_NONE) and socket.laddr:
+                found.setdefault(name, set()).add(socket.laddr.ip)
+    return found
+
+
+def test_a_running_simulation_listens_on_loopback_only(tmp_path, dolly_file, random_model):
+    command = [
+        sys.executable,
+        "-m",
+        "flexmoe",
+        "run",
+        "--out",
+        str(tmp_path / "run"),
+        *SMALL,
+        "--model",
+        str(random_model),
+        "--data",
+        str(dolly_file),
+        "--rounds",
+        "3",
+    ]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: dict[str, set[str]] = {}
+    while run.poll() is None:
+        for name, addresses in listening_sockets(psutil.Process(run.pid)).items():
+            seen.setdefault(name, set()).update(addresses)
+        time.sleep(0.3)
+    assert run.returncode == 0
+    assert {"gcs_server", "raylet"} <= set(seen) and len(seen) >= 3  # Ray's daemons and workers
+    outside = {n: ips for n, ips in seen.items() if not all(ip.startswith(LOOPBACK) for ip in ips)}
+    assert not outside, f"listening off loopback: {outside}"

@@ -34,6 +34,8 @@ from flexmoe.results import (
 )
 from flexmoe.runconfig import RunConfig
 
+RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
 
 def simulate(
     config: RunConfig, out: Path, progress: bool = True, resume: bool = False
@@ -63,6 +65,7 @@ def _simulate(config: RunConfig, out: Path, progress: bool, resume: bool) -> Run
             failures.append(error)
 
     _quiet_flower()
+    keep_ray_on_loopback()
     with reaped():  # no Ray process outlives this one, even if it is killed
         run_simulation(
             server_app=server,
@@ -114,6 +117,21 @@ def check_run(config: RunConfig) -> None:
     client_datasets(config)
     if config.diagnostics and config.mmlu_per_topic:
         mmlu_questions()  # fetched once here, not by every client at once
+
+
+def keep_ray_on_loopback() -> None:
+    """Make every Ray process of this machine's simulations listen on 127.0.0.1 only.
+
+    Ray binds its GCS server, raylet and workers to the node's address, which on Linux it takes
+    from the network interface, reachable from other hosts and unauthenticated. With clustering
+    off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when ``ray`` is imported, hence also set
+    on the imported module) the node's address is the loopback one. A test lists a running
+    simulation's sockets.
+    """
+    os.environ[RAY_CLUSTER_ENV] = "0"  # for the processes Ray starts
+    import ray._private.ray_constants as ray_constants  # imported already, by Flower
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _quiet_flower() -> None:
