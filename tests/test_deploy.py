@@ -233,3 +233,25 @@ def test_find_app_dir_needs_a_source_checkout(tmp_path, monkeypatch):
         '[project]\nname = "flexmoe"\n\n[tool.flwr.app]\npublisher = "flexmoe"\n'
     )
     assert find_app_dir() == tmp_path
+
+
+def test_the_app_bundle_carries_code_and_configuration_but_no_data_file(tmp_path):
+    import io
+    import shutil
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    root = find_app_dir()
+    for name in ("pyproject.toml", "README.md", ".gitignore"):
+        shutil.copy(root / name, tmp_path / name)
+    shutil.copytree(root / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    private = {"data/alice.jsonl": '{"instruction": "secret"}\n', "alice.json": "[]",
+               "src/flexmoe/notes.jsonl": "{}\n", "data/records.yaml": "a: 1\n"}  # fmt: skip
+    for name, text in private.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(tmp_path))).namelist()
+    assert "src/flexmoe/federated/client_app.py" in names and "pyproject.toml" in names
+    assert not set(private) & set(names)
+    assert {Path(n).suffix for n in names} == {".py", ".toml", ".md", ""}  # "" : .info/CONTENT
