@@ -14,7 +14,15 @@ from flexmoe.benchmark.plots import loss_curve, mean_curve, rouge_curve
 from flexmoe.benchmark.report import REPORT_FILE, write_report
 from flexmoe.benchmark.runner import describe, failures, run_cells
 from flexmoe.benchmark.summary import Run, load_runs, write_samples
-from flexmoe.benchmark.tuning import Tuning, read_tuning, tuning_of, write_tuning
+from flexmoe.benchmark.tuning import (
+    Tuning,
+    at_edge,
+    choose,
+    read_tuning,
+    swept_values,
+    tuning_of,
+    write_tuning,
+)
 from flexmoe.cli import main
 from flexmoe.errors import FlexMoEError
 from flexmoe.methods import METHODS
@@ -500,7 +508,7 @@ def test_report_shows_mmlu_selection_agreement_predictions_margins_and_the_sweep
     assert table_row(report, "fedavg", after="Hyperparameter sweep") == [
         "fedavg", "lr", "0.0003", "12.00", "",
     ]  # fmt: skip
-    assert "| fedavg | lr | 0.001 | 14.00 | chosen |" in report
+    assert "| fedavg | lr | 0.001 | 14.00 | chosen, at the edge of the sweep |" in report
     assert "## eval-split" not in report  # the sweep runs are not a setting of their own
 
 
@@ -513,3 +521,29 @@ def test_methods_tuned_to_their_own_rates_compare_in_one_table(tmp_path):
     assert report.count("\n## ") == 2  # one setting, then the list of runs
     assert table_row(report, "flex")[-1] == "lr 0.001"
     assert table_row(report, "fedprox")[-1] == "lr 0.0003, proximal-mu 0.1"
+
+
+def test_a_choice_at_an_end_of_its_grid_widens_the_grid_by_a_half_decade(tmp_path):
+    def tuned(scores: dict[float, float]) -> Tuning:
+        return choose(
+            [Run(f"{v}", sweep_results("flex", "lr", v, r), None) for v, r in scores.items()]
+        )
+
+    assert swept_values("flex", tuned({3e-4: 1.0, 1e-3: 2.0})) == [3e-4, 1e-3, 3e-3]  # unfinished
+    assert swept_values("flex", tuned({3e-4: 1.0, 1e-3: 3.0, 3e-3: 2.0})) == [3e-4, 1e-3, 3e-3]
+    assert swept_values("flex", tuned({3e-4: 1.0, 1e-3: 2.0, 3e-3: 3.0})) == [
+        3e-4,
+        1e-3,
+        3e-3,
+        1e-2,
+    ]
+    assert swept_values("flex", tuned({3e-4: 3.0, 1e-3: 2.0, 3e-3: 1.0})) == [
+        1e-4,
+        3e-4,
+        1e-3,
+        3e-3,
+    ]
+    widened = tuned({3e-4: 1.0, 1e-3: 2.0, 3e-3: 3.0, 1e-2: 4.0})
+    assert swept_values("flex", widened) == [3e-4, 1e-3, 3e-3, 1e-2]  # once only
+    assert at_edge(widened.choices["flex"]) and widened.choices["flex"].chosen == 1e-2
+    assert swept_values("fedadam", Tuning({})) == [1e-3, 1e-2, 1e-1]

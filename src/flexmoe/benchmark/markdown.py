@@ -21,7 +21,7 @@ from flexmoe.benchmark.summary import (
     setting_plots,
     split_sweep,
 )
-from flexmoe.benchmark.tuning import choose
+from flexmoe.benchmark.tuning import Choice, at_edge, choose
 from flexmoe.results import Knowledge
 from flexmoe.runconfig import option_name
 
@@ -344,7 +344,7 @@ def sweep_section(runs: Sequence[Run]) -> list[str]:
     tuning = choose(runs)
     rows = [
         [method, option_name(choice.setting), value, f"{score:.2f}",
-         "chosen" if float(value) == choice.chosen else ""]
+         _chosen_mark(choice) if float(value) == choice.chosen else ""]
         for method, choice in tuning.choices.items()
         for value, score in choice.scores.items()
     ]  # fmt: skip
@@ -354,11 +354,16 @@ def sweep_section(runs: Sequence[Run]) -> list[str]:
         "## Hyperparameter sweep",
         "",
         "Seed 0, scored on each client's validation split (carved from its training data; the "
-        "test split is never seen). Methods not listed take the choice of the method they train "
-        "as (FLEx's ablations FLEx's, FedAvg's server-side variants FedAvg's learning rate).",
+        "test split is never seen), each grid widened by a half-decade where its best value was "
+        "at an end. Methods not listed take the choice of the method they train as (FLEx's "
+        "ablations FLEx's, FedAvg's server-side variants FedAvg's learning rate).",
         "",
         *_table(["method", "setting", "value", "mean validation ROUGE-L", ""], rows),
     ]
+
+
+def _chosen_mark(choice: Choice) -> str:
+    return "chosen, at the edge of the sweep" if at_edge(choice) else "chosen"
 
 
 def render_report(runs: Sequence[Run]) -> str:

@@ -13,6 +13,7 @@ the choices to a matrix.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ class Tuning:
 def choose(runs: Iterable[Run]) -> Tuning:
     """The best value of each method's swept setting among finished sweep ``runs``.
 
-    Ties go to the value listed first in the sweep (the smallest).
+    Ties go to the smaller value.
     """
     scores: dict[str, dict[float, list[float]]] = {}
     for run in runs:
@@ -89,25 +90,52 @@ def choose(runs: Iterable[Run]) -> Tuning:
         scores.setdefault(run.method, {}).setdefault(value, []).append(run.results.mean_rouge_l)
     choices = {}
     for method, by_value in scores.items():
-        setting, values = _swept(method)
-        means = {v: statistics.fmean(by_value[v]) for v in values if v in by_value}
-        best = max(means, key=lambda v: (means[v], -values.index(v)))
-        choices[method] = Choice(setting, {_text(v): means[v] for v in means}, best)
+        means = {v: statistics.fmean(by_value[v]) for v in sorted(by_value)}
+        best = max(means, key=lambda v: (means[v], -v))
+        choices[method] = Choice(_swept(method)[0], {_text(v): means[v] for v in means}, best)
     return Tuning(choices)
 
 
+def swept_values(method: str, tuning: Tuning) -> list[float]:
+    """The values to sweep ``method`` over: its grid, and one half-decade beyond an end of it
+    when the grid's best value is at that end (an optimum at the edge may lie outside)."""
+    values = list(_swept(method)[1])
+    choice = tuning.choices.get(method)
+    if choice is None or not all(_text(v) in choice.scores for v in values):
+        return values
+    if choice.chosen >= values[-1]:
+        values.append(_half_decade(values[-1], up=True))
+    elif choice.chosen <= values[0]:
+        values.insert(0, _half_decade(values[0], up=False))
+    return values
+
+
+def at_edge(choice: Choice) -> bool:
+    """Whether the choice is the largest or smallest value swept (the optimum may lie outside)."""
+    swept = sorted(float(v) for v in choice.scores)
+    return len(swept) > 1 and choice.chosen in (swept[0], swept[-1])
+
+
+def _half_decade(value: float, up: bool) -> float:
+    """The next value of the 1-3-10 sequence above or below ``value``."""
+    exponent = math.floor(math.log10(value) + 1e-9)
+    mantissa = round(value / 10**exponent)
+    steps = {(1, True): 3, (3, True): 10, (3, False): 1, (1, False): 0.3}
+    return float(f"{steps[mantissa, up] * 10**exponent:.3g}")
+
+
 def sweep_stage(stage: int, tuning: Tuning) -> list[tuple[str, dict[str, Scalar]]]:
-    """``(cell name, settings)`` of stage ``stage`` of the sweep, on ``tuning``'s earlier
-    choices."""
+    """``(cell name, settings)`` of stage ``stage`` of the sweep, on ``tuning``'s choices so far
+    (the earlier stages', and this one's, which may widen its grid)."""
     cells = []
-    for method, (setting, values) in SWEEP_STAGES[stage].items():
+    for method, (setting, _) in SWEEP_STAGES[stage].items():
         inherited = tuning.settings_for(INHERITS[method]) if method in INHERITS else {}
         if method in INHERITS and not inherited:
             raise FlexMoEError(
                 f"sweeping {method} needs the learning rate chosen for {INHERITS[method]}; "
                 "its stage has no finished cell"
             )
-        for value in values:
+        for value in swept_values(method, tuning):
             settings = {**SWEEP_SETTINGS, **inherited, "method": method, field_name(setting): value}
             cells.append((f"{method}/{setting}-{_text(value)}", settings))
     return cells

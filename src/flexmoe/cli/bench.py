@@ -106,21 +106,25 @@ def _run_sweep(args: argparse.Namespace, overrides: dict) -> None:
     from flexmoe.benchmark.matrix import SWEEP_STAGE_COUNT, sweep_cells
     from flexmoe.benchmark.tuning import tuning_of, write_tuning
 
-    root, outcomes, everything = args.out / SWEEP, [], []
+    root, outcomes, everything = args.out / SWEEP, [], {}
     for stage in range(SWEEP_STAGE_COUNT):
-        if args.list and stage > 0:
-            print(f"(stage {stage + 1} starts from the choices of stage {stage})")
-            break
-        cells = sweep_cells(stage, tuning_of(root), overrides, args.methods)
-        everything += cells
         if args.list:
-            _list(cells)
+            if stage == 0:
+                _list(sweep_cells(stage, tuning_of(root), overrides, args.methods))
+            else:
+                print(f"(stage {stage + 1} starts from the choices of stage {stage})")
             continue
-        print(f"flexmoe bench: sweep stage {stage + 1}, {len(cells)} cells -> {root}")
-        outcomes += _run(root, cells, args.jobs)
-        print(f"choices written to {write_tuning(root, tuning_of(root))}")
+        while True:  # again while a choice at the edge of its grid widens the grid
+            cells = sweep_cells(stage, tuning_of(root), overrides, args.methods)
+            fresh = [cell for cell in cells if cell.name not in everything]
+            if not fresh:
+                break
+            everything.update({cell.name: cell for cell in fresh})
+            print(f"flexmoe bench: sweep stage {stage + 1}, {len(fresh)} cells -> {root}")
+            outcomes += _run(root, fresh, args.jobs)
+            print(f"choices written to {write_tuning(root, tuning_of(root))}")
     if not args.list:
-        _finish(root, everything, outcomes)
+        _finish(root, list(everything.values()), outcomes)
 
 
 def _list(cells) -> None:
