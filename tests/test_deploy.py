@@ -150,7 +150,9 @@ def test_deploy_local_runs_flexmoe_on_every_supernode_over_tls(
         "--max-train",
         "8",
         "--max-test",
-        "2",
+        "8",
+        "--batch-size",
+        "4",
         "--local-steps",
         "2",
         "--max-new-tokens",
@@ -161,6 +163,8 @@ def test_deploy_local_runs_flexmoe_on_every_supernode_over_tls(
 
     results = read_results(out / RESULTS_FILE)
     assert [c.client_id for c in results.clients] == [0, 1]
+    # a deployment's nodes keep what their data is about, unless told to share it
+    assert all(c.categories == [] and c.knowledge is None for c in results.clients)
     assert results.rounds == 1 and results.comm.bytes_up > 0
     for index in range(2):  # each SuperNode keeps its personal state in its own folder
         state = out / "supernodes" / f"node-{index}"

@@ -1,10 +1,13 @@
 """The federated layer: what crosses the wire, checkpoints, resume, and errors."""
 
+from pathlib import Path
+
 import pytest
 from flwr.app import Context, Message, RecordDict
 from safetensors.numpy import load_file
 
 from flexmoe.cli import main
+from flexmoe.errors import FlexMoEError
 from flexmoe.federated import client_app
 from flexmoe.federated.federation import initial_arrays, round_instructions
 from flexmoe.federated.protocol import (
@@ -12,6 +15,7 @@ from flexmoe.federated.protocol import (
     CONFIG,
     PROXIMAL_MU,
     SERVER_ROUND,
+    EvaluateReply,
     NodeConfig,
     RoundInstructions,
     TrainReply,
@@ -300,3 +304,53 @@ def test_server_optimisers_step_at_the_server_learning_rate(method):
     config = RunConfig(method=method, server_lr=0.05, lr=2e-4)
     strategy = make_strategy(get_method(method), config)
     assert (strategy.eta, strategy.eta_l) == (0.05, 2e-4)
+
+
+def node_reply(config, out, node: dict, run_key="test-run", kind="train", detailed=False):
+    """Client 0's reply to a ``kind`` request, on a SuperNode configured with ``node``."""
+    record = round_instructions(out, run_key, 1, detailed).to_record()
+    record.update({SERVER_ROUND: 1})
+    arrays = initial_arrays(config, get_method(config.method))
+    content = RecordDict({ARRAYS: arrays, CONFIG: record})
+    message = Message(content, dst_node_id=1, message_type=kind)
+    context = Context(1, 1, {**NodeConfig(0, config.clients).to_flat(), **node}, RecordDict(),
+                      run_config_of(config, str(out)))  # fmt: skip
+    return client_app.app(message, context)
+
+
+def refusal(*args, **kwargs) -> str:
+    """Why the node refuses ``node_reply(*args, **kwargs)`` (a SuperNode sends it as an error)."""
+    with pytest.raises(FlexMoEError) as refused:
+        node_reply(*args, **kwargs)
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("key", ["/tmp/evil", "../other-run", "a/b", ""])
+def test_a_node_refuses_a_run_key_that_is_not_a_plain_name(tmp_path, random_model, dolly_file, key):
+    config = settings(random_model, dolly_file)
+    reason = refusal(config, tmp_path, {"state-dir": str(tmp_path / "node")}, key)
+    assert "must be a plain name" in reason
+    assert not (tmp_path / "node").exists() and not Path("/tmp/evil").exists()
+
+
+def test_a_node_sets_the_least_batch_and_test_size_the_server_may_ask(
+    tmp_path, random_model, dolly_file
+):
+    config = settings(random_model, dolly_file, batch_size=2)
+    assert "batch-size of at least 4" in refusal(config, tmp_path, {})
+    assert not node_reply(config, tmp_path, {"min-batch-size": 2}).has_error()
+    small_test = settings(random_model, dolly_file, max_test=3)
+    assert "max-test of at least 8" in refusal(small_test, tmp_path, {})
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_a_deployed_node_shares_diagnostics_only_when_its_config_says_so(
+    tmp_path, random_model, dolly_file, share
+):
+    config = settings(random_model, dolly_file, max_new_tokens=2)
+    node = {"share-diagnostics": share} if share else {}
+    reply = EvaluateReply.from_message(
+        node_reply(config, tmp_path, node, kind="evaluate", detailed=True)
+    )
+    assert (reply.diagnostics is not None) == share
+    assert bool(reply.categories) == share

@@ -42,6 +42,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="let every message's ClientApp process load the model itself (Flower's way) "
         "instead of a node worker per SuperNode that keeps it loaded",
     )
+    deploy.add_argument(
+        "--share-diagnostics",
+        action="store_true",
+        help="let the SuperNodes report category names, knowledge, routing and graft losses "
+        "(a deployment's nodes keep them by default)",
+    )
     deploy.set_defaults(command=run_deploy_local, loads_models=True)
 
     worker = commands.add_parser(
@@ -117,7 +123,13 @@ def run_deploy_local(args: argparse.Namespace) -> None:
     check_run(config)
     print(f"flexmoe deploy-local: {args.supernodes} SuperNodes over TLS -> {out}")
     deploy_local(
-        find_app_dir(), args.supernodes, out, config.to_flat(), args.timeout, args.node_workers
+        find_app_dir(),
+        args.supernodes,
+        out,
+        config.to_flat(),
+        args.timeout,
+        args.node_workers,
+        args.share_diagnostics,
     )
     print(results_table(read_results(out / RESULTS_FILE)))
     print(round_times(read_rounds(out / ROUNDS_FILE)))

@@ -9,7 +9,9 @@ that keeps the model loaded.
 from __future__ import annotations
 
 import functools
+import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -20,15 +22,20 @@ from flwr.clientapp import ClientApp
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.node_worker import Job, submit
 from flexmoe.federated.protocol import (
+    DEPLOYED,
+    SIMULATED,
     STARTUP,
     EvaluateReply,
     NodeConfig,
+    NodeLimits,
     RoundInstructions,
     TrainReply,
     arrays_of,
     settings_from_run_config,
 )
 from flexmoe.runconfig import RunConfig
+
+RUN_KEY_FORM = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def make_client_app(settings: RunConfig | None = None) -> ClientApp:
@@ -60,7 +67,15 @@ def job_of(
             f"{partitions} SuperNodes serve a run configured for {settings.clients} clients; "
             "set clients to the number of SuperNodes"
         )
+    check_limits(settings, node.limits)
     instructions = RoundInstructions.from_message(msg)
+    if not RUN_KEY_FORM.fullmatch(instructions.run_key):
+        raise FlexMoEError(
+            f"refused a run key {instructions.run_key!r}: it names a folder under this node's "
+            "state-dir, so it must be a plain name (letters, digits, '-' and '_')"
+        )
+    if not node.limits.share_diagnostics:
+        instructions = replace(instructions, detailed=False)
     root = node.state_dir or instructions.state_root
     state_dir = Path(root) / instructions.run_key / f"client-{node.partition_id}"
     return Job(
@@ -68,20 +83,38 @@ def job_of(
     )
 
 
+def check_limits(settings: RunConfig, limits: NodeLimits) -> None:
+    """Refuse a run that asks this node for less than its limits allow."""
+    for setting, asked, least in (
+        ("batch-size", settings.batch_size, limits.min_batch_size),
+        ("max-test", settings.max_test, limits.min_test_size),
+    ):
+        if asked < least:
+            raise FlexMoEError(
+                f"this node takes {setting} of at least {least} (its --node-config), and the "
+                f"run asks for {asked}; run with {setting}={least} or more"
+            )
+
+
 def answer(
     kind: str, msg: Message, context: Context, settings: RunConfig | None
 ) -> TrainReply | EvaluateReply:
     """The ``kind`` job ``msg`` asks for, run here or by the node worker the node names.
+
+    A simulation's app (``settings`` given) serves clients of one owner on one machine; a
+    SuperNode's serves its node within the limits its node config sets (``NodeLimits``).
 
     Every reply reports how long its process took to start before its first job (``startup``;
     0 for the jobs after it): in a deployment, where every message gets a process, that is part
     of every round. Every reply has it, as Flower averages only metrics that all replies have.
     """
     startup = _startup_seconds()
-    node = NodeConfig.from_context(context)
+    node = NodeConfig.from_context(context, SIMULATED if settings else DEPLOYED)
     job = job_of(kind, msg, context, node, settings)
     reply = submit(Path(node.worker_socket), job) if node.worker_socket else run_job(job)
     reply.seconds[STARTUP] = startup
+    if isinstance(reply, EvaluateReply) and not node.limits.share_diagnostics:
+        reply.categories = []  # what the node's data is about stays on the node
     return reply
 
 

@@ -16,7 +16,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.node_worker import key_path
-from flexmoe.federated.protocol import OUT_DIR, NodeConfig
+from flexmoe.federated.protocol import DEPLOYED, OUT_DIR, NodeConfig, NodeLimits
 from flexmoe.federated.reaper import descendants_of, kill_if_alive
 
 ConfigValue = str | int | float | bool
@@ -66,6 +66,7 @@ class Deployment:
     supernode_ports: list[int]
     env: dict[str, str]
     node_workers: bool = True  # one per SuperNode, keeping its model loaded between messages
+    limits: NodeLimits = DEPLOYED  # what each SuperNode lets the server ask of it
     processes: list[Process] = field(default_factory=list)
 
     @property
@@ -105,11 +106,13 @@ def deploy_local(
     run_config: Mapping[str, ConfigValue],
     timeout_s: float = 600,
     node_workers: bool = True,
+    share_diagnostics: bool = False,
 ) -> None:
     """Start a TLS SuperLink and `supernodes` SuperNodes, run the app on them, stop them all.
 
     With ``node_workers`` each SuperNode gets a node worker that keeps its model loaded; without,
-    every message's ClientApp process loads it (Flower's own behaviour).
+    every message's ClientApp process loads it (Flower's own behaviour). The SuperNodes keep a
+    deployment's limits (``NodeLimits``); ``share_diagnostics`` lets them report diagnostics.
     """
     if supernodes < 1:
         raise FlexMoEError(f"--supernodes must be at least 1, got {supernodes}")
@@ -117,6 +120,7 @@ def deploy_local(
     _check_app_dir(app_dir, config)
     deadline = time.monotonic() + timeout_s
     deployment = _prepare(out_dir.resolve(), supernodes, node_workers)
+    deployment.limits = replace(DEPLOYED, share_diagnostics=share_diagnostics)
     with _sigterm_as_exit():
         try:
             _launch(deployment, "superlink", superlink_command(deployment))
@@ -157,6 +161,7 @@ def supernode_command(deployment: Deployment, index: int) -> list[str]:
         len(deployment.supernode_ports),
         str(deployment.state_dir(index)),
         worker_socket=None if socket_path is None else str(socket_path),
+        limits=deployment.limits,
     )
     return [
         *_console_script("flower-supernode"),

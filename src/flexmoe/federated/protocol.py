@@ -63,6 +63,9 @@ STATE_DIR = "state-dir"
 WORKER_SOCKET = "worker-socket"
 DEVICE = "device"
 THREADS = "threads"
+MIN_BATCH_SIZE = "min-batch-size"
+MIN_TEST_SIZE = "min-test-size"
+SHARE_DIAGNOSTICS = "share-diagnostics"
 
 OUT_DIR = "out-dir"  # the server's output folder: a run-config key that is not a RunConfig field
 
@@ -86,6 +89,22 @@ def settings_from_run_config(run_config: dict[str, Any]) -> tuple[RunConfig, str
 
 
 @dataclass(frozen=True)
+class NodeLimits:
+    """What a node lets the server ask of it. The server chooses batch size, steps and test
+    size; at 1 each, a reply's losses would be one example's. A SuperNode's defaults keep every
+    reported number an average over several examples and keep diagnostics (category names,
+    routing histograms, graft losses) on the node."""
+
+    min_batch_size: int = 4
+    min_test_size: int = 8
+    share_diagnostics: bool = False
+
+
+DEPLOYED = NodeLimits()  # a SuperNode's defaults, which its --node-config may change
+SIMULATED = NodeLimits(min_batch_size=1, min_test_size=1, share_diagnostics=True)  # one owner
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """What a SuperNode says about itself (``--node-config``), read on the node only."""
 
@@ -95,9 +114,10 @@ class NodeConfig:
     threads: int = 1  # torch threads of a client process
     worker_socket: str | None = None  # a node worker's socket: jobs go there (deployments)
     device: str | None = None  # this node's device, over the run's (a GPU host among CPU ones)
+    limits: NodeLimits = DEPLOYED
 
     @classmethod
-    def from_context(cls, context: Context) -> NodeConfig:
+    def from_context(cls, context: Context, defaults: NodeLimits = DEPLOYED) -> NodeConfig:
         node = context.node_config
         if PARTITION_ID not in node:
             raise FlexMoEError(
@@ -105,6 +125,7 @@ class NodeConfig:
                 "--node-config 'partition-id=I num-partitions=N'"
             )
         partitions = node.get(NUM_PARTITIONS)
+        share = node.get(SHARE_DIAGNOSTICS, defaults.share_diagnostics)
         return cls(
             partition_id=int(node[PARTITION_ID]),
             num_partitions=None if partitions is None else int(partitions),
@@ -112,11 +133,22 @@ class NodeConfig:
             threads=int(node.get(THREADS, 1)),
             worker_socket=str(node[WORKER_SOCKET]) if node.get(WORKER_SOCKET) else None,
             device=str(node[DEVICE]) if node.get(DEVICE) else None,
+            limits=NodeLimits(
+                min_batch_size=int(node.get(MIN_BATCH_SIZE, defaults.min_batch_size)),
+                min_test_size=int(node.get(MIN_TEST_SIZE, defaults.min_test_size)),
+                share_diagnostics=share if isinstance(share, bool) else str(share) == "true",
+            ),
         )
 
-    def to_flat(self) -> dict[str, int | str]:
+    def to_flat(self) -> dict[str, int | str | bool]:
         """The ``--node-config`` values of this node."""
-        flat: dict[str, int | str] = {PARTITION_ID: self.partition_id, THREADS: self.threads}
+        flat: dict[str, int | str | bool] = {
+            PARTITION_ID: self.partition_id,
+            THREADS: self.threads,
+            MIN_BATCH_SIZE: self.limits.min_batch_size,
+            MIN_TEST_SIZE: self.limits.min_test_size,
+            SHARE_DIAGNOSTICS: self.limits.share_diagnostics,
+        }
         if self.num_partitions is not None:
             flat[NUM_PARTITIONS] = self.num_partitions
         if self.state_dir is not None:
