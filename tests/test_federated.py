@@ -354,3 +354,15 @@ def test_a_deployed_node_shares_diagnostics_only_when_its_config_says_so(
     )
     assert (reply.diagnostics is not None) == share
     assert bool(reply.categories) == share
+
+
+def test_a_node_with_its_own_data_file_trains_and_tests_on_all_of_it(
+    tmp_path, random_model, dolly_file, alpaca_file
+):
+    config = settings(random_model, dolly_file, max_new_tokens=2, max_test=8)
+    own = {"data": str(alpaca_file), "state-dir": str(tmp_path / "node")}
+    reply = EvaluateReply.from_message(node_reply(config, tmp_path, own, kind="evaluate"))
+    records = len(alpaca_file.read_text().splitlines())
+    assert reply.n_train + reply.n_test == records  # the whole file, none of the run's data
+    shared = EvaluateReply.from_message(node_reply(config, tmp_path, {}, kind="evaluate"))
+    assert shared.n_train + shared.n_test < len(dolly_file.read_text().splitlines())

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -68,10 +69,7 @@ def client_datasets(config: RunConfig) -> tuple[ClientData, ...]:
     Only examples that fit ``max_length`` whole are used, so no answer is cut off in training
     and every test prompt leaves room to answer.
     """
-    tokenizer = load_tokenizer(config.model)
-    examples = fitting_examples(
-        load_examples(config.data, config.max_per_task), tokenizer, config.max_length
-    )
+    examples = usable_examples(config, config.data)
     partition = partition_examples(
         examples, config.clients, config.split, config.seed, config.alpha
     )
@@ -85,12 +83,41 @@ def client_datasets(config: RunConfig) -> tuple[ClientData, ...]:
         validation=config.eval_split == "validation",
     )
     for client in datasets:
-        if not client.train or not client.test:
-            raise FlexMoEError(
-                f"client {client.client_id} has no {'training' if not client.train else 'test'} "
-                f"examples; use fewer clients or more data"
-            )
+        _check_not_empty(client)
     return tuple(datasets)
+
+
+def usable_examples(config: RunConfig, data: str) -> list[InstructionExample]:
+    """The examples of ``data`` that fit ``config``'s model and length."""
+    examples = load_examples(data, config.max_per_task)
+    return fitting_examples(examples, load_tokenizer(config.model), config.max_length)
+
+
+def own_client_data(config: RunConfig, path: str, client_id: int) -> ClientData:
+    """Client ``client_id``'s data when its node holds its own file: all of it, split into
+    train and test (or validation) parts as a share of the run's data is."""
+    examples = usable_examples(config, path)
+    whole = partition_examples(examples, 1, "iid", config.seed)
+    (client,) = build_client_datasets(
+        examples,
+        whole,
+        config.test_fraction,
+        config.seed * 10_007 + client_id,
+        config.max_train,
+        config.max_test,
+        validation=config.eval_split == "validation",
+    )
+    client = replace(client, client_id=client_id)
+    _check_not_empty(client)
+    return client
+
+
+def _check_not_empty(client: ClientData) -> None:
+    if not client.train or not client.test:
+        raise FlexMoEError(
+            f"client {client.client_id} has no {'training' if not client.train else 'test'} "
+            f"examples; use fewer clients or more data"
+        )
 
 
 @functools.cache

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from flexmoe.client.base_models import BASE_MODELS
-from flexmoe.client.datasets import client_datasets, generic_texts
+from flexmoe.client.datasets import client_datasets, generic_texts, own_client_data
 from flexmoe.client.state import StateStore
 from flexmoe.data import (
     InstructionExample,
@@ -65,15 +65,22 @@ class Evaluation:
 class ClientWorker:
     """A client of a run: builds its model for a round, trains it, evaluates it."""
 
-    def __init__(self, config: RunConfig, client_id: int, state_dir: Path) -> None:
+    def __init__(
+        self, config: RunConfig, client_id: int, state_dir: Path, own_data: str | None = None
+    ) -> None:
+        """``own_data``, a node's own data file, is all this client's (split into its train and
+        test parts); without it the client takes its share of the run's data."""
         self.config = config
         self.method = config.chosen_method()
         self.client_id = client_id
         self.store = StateStore(state_dir)
-        datasets = client_datasets(config)
-        if not 0 <= client_id < len(datasets):
-            raise FlexMoEError(f"client {client_id} is not among the {len(datasets)} clients")
-        self.data = datasets[client_id]
+        if own_data is not None:
+            self.data = own_client_data(config, own_data, client_id)
+        else:
+            datasets = client_datasets(config)
+            if not 0 <= client_id < len(datasets):
+                raise FlexMoEError(f"client {client_id} is not among the {len(datasets)} clients")
+            self.data = datasets[client_id]
         self.tokenizer = load_tokenizer(config.model)
         self.placement = Placement.resolve(config.device, config.dtype)
         self.train_examples = tokenize_examples(self.data.train, self.tokenizer, config.max_length)

@@ -79,7 +79,14 @@ def job_of(
     root = node.state_dir or instructions.state_root
     state_dir = Path(root) / instructions.run_key / f"client-{node.partition_id}"
     return Job(
-        kind, settings, node.partition_id, state_dir, node.threads, instructions, arrays_of(msg)
+        kind,
+        settings,
+        node.partition_id,
+        state_dir,
+        node.threads,
+        instructions,
+        arrays_of(msg),
+        node.data,
     )
 
 
@@ -133,7 +140,7 @@ _STARTED = False
 def run_job(job: Job) -> TrainReply | EvaluateReply:
     """Train or evaluate as ``job`` asks, on this process's worker for the client."""
     torch.set_num_threads(job.threads)
-    worker = _cached_worker(job.settings, job.partition_id, job.state_dir)
+    worker = _cached_worker(job.settings, job.partition_id, job.state_dir, job.own_data)
     instructions = job.instructions
     if job.kind == "train":
         result = worker.train(instructions.server_round, job.shared, instructions.proximal_mu)
@@ -160,13 +167,13 @@ def run_job(job: Job) -> TrainReply | EvaluateReply:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_worker(settings: RunConfig, partition: int, state_dir: Path):
+def _cached_worker(settings: RunConfig, partition: int, state_dir: Path, own_data: str | None):
     # transformers only where jobs run: a message's process that forwards it needs none
     from flexmoe.client import ClientWorker
     from flexmoe.loading import quiet_transformers
 
     quiet_transformers()
-    return ClientWorker(settings, partition, state_dir)
+    return ClientWorker(settings, partition, state_dir, own_data)
 
 
 app = make_client_app()

@@ -43,6 +43,7 @@ class Job:
     threads: int
     instructions: Any  # RoundInstructions
     shared: dict  # the global shared parameters
+    own_data: str | None = None  # the node's own data file, when it names one
 
 
 def key_path(socket: Path) -> Path:

@@ -63,6 +63,7 @@ STATE_DIR = "state-dir"
 WORKER_SOCKET = "worker-socket"
 DEVICE = "device"
 THREADS = "threads"
+DATA = "data"
 MIN_BATCH_SIZE = "min-batch-size"
 MIN_TEST_SIZE = "min-test-size"
 SHARE_DIAGNOSTICS = "share-diagnostics"
@@ -114,6 +115,7 @@ class NodeConfig:
     threads: int = 1  # torch threads of a client process
     worker_socket: str | None = None  # a node worker's socket: jobs go there (deployments)
     device: str | None = None  # this node's device, over the run's (a GPU host among CPU ones)
+    data: str | None = None  # this node's own data file, all of it this node's (over the run's)
     limits: NodeLimits = DEPLOYED
 
     @classmethod
@@ -133,6 +135,7 @@ class NodeConfig:
             threads=int(node.get(THREADS, 1)),
             worker_socket=str(node[WORKER_SOCKET]) if node.get(WORKER_SOCKET) else None,
             device=str(node[DEVICE]) if node.get(DEVICE) else None,
+            data=str(node[DATA]) if node.get(DATA) else None,
             limits=NodeLimits(
                 min_batch_size=int(node.get(MIN_BATCH_SIZE, defaults.min_batch_size)),
                 min_test_size=int(node.get(MIN_TEST_SIZE, defaults.min_test_size)),
@@ -157,6 +160,8 @@ class NodeConfig:
             flat[WORKER_SOCKET] = self.worker_socket
         if self.device is not None:
             flat[DEVICE] = self.device
+        if self.data is not None:
+            flat[DATA] = self.data
         return flat
 
 
