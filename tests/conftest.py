@@ -171,3 +171,12 @@ def dolly_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def random_model(tmp_path_factory):
     return save_model(tmp_path_factory.mktemp("model"), "qwen2_moe")
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Messages are stamped with the process's run and node, which a Flower runtime would set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)

@@ -25,14 +25,7 @@ from flexmoe.federated.records import wire_bytes
 from flexmoe.methods import METHODS, get_method
 from flexmoe.runconfig import RunConfig
 
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Messages are stamped with the process's run and node, which a Flower runtime would set."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def settings(model, data, **overrides) -> RunConfig:

@@ -42,6 +42,14 @@ class ClientRound:
 
 
 @dataclass(kw_only=True)
+class RejectedUpdate:
+    """A client's update the server refused to aggregate."""
+
+    client_id: int
+    reason: str
+
+
+@dataclass(kw_only=True)
 class RoundRecord:
     """One training round as the server saw it."""
 
@@ -54,6 +62,7 @@ class RoundRecord:
     clients: list[ClientRound]
     mean_rouge_l: float | None = None  # when the round was also scored (eval-every)
     client_rouge_l: dict[str, float] = field(default_factory=dict)  # client id -> its ROUGE-L
+    rejected: list[RejectedUpdate] = field(default_factory=list)  # updates left out, and why
 
     @property
     def client_seconds(self) -> float:

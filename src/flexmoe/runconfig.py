@@ -32,7 +32,11 @@ ADDED_LATER = {
     "selection-tokens",
     "diagnostics",
     "mmlu-per-topic",
+    "aggregation",
+    "trim-fraction",
+    "min-updates",
 }
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
 EVAL_SPLITS = ("test", "validation")
 # the tokens grafting may score (flexmoe.data.SELECTION_TOKENS; a test keeps them equal)
 SELECTION_TOKENS = ("all", "content", "answer")
@@ -111,6 +115,20 @@ class RunConfig:
     )
     max_per_task: int = setting(400, "Natural Instructions examples per task", at_least(1))
     proximal_mu: float = setting(0.01, "FedProx's mu (fedprox only)", at_least(0))
+    aggregation: str = setting(
+        "mean",
+        "how FedAvg-aggregated methods combine updates: mean (weighted by examples), or the "
+        "robust median or trimmed-mean (Flower's FedMedian, FedTrimmedAvg)",
+        one_of(AGGREGATIONS),
+    )
+    trim_fraction: float = setting(
+        0.25,
+        "trimmed-mean: share of updates cut at each end, per value",
+        between(0, 0.5, False, True),
+    )
+    min_updates: int = setting(
+        0, "valid updates a round needs to aggregate (0: every sampled client's)", at_least(0)
+    )
     server_lr: float = setting(
         1e-3, "server learning rate of FedAdam, FedYogi and FedAdagrad (their eta)", above(0)
     )

@@ -25,9 +25,10 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.federated.protocol import ARRAYS, EvaluateReply, RoundInstructions, TrainReply
+from flexmoe.federated.protocol import EvaluateReply, RoundInstructions, TrainReply
 from flexmoe.federated.records import state_to_arrays, wire_bytes
 from flexmoe.federated.strategies import make_strategy, restore_strategy_state, strategy_state
+from flexmoe.federated.validation import screen_updates
 from flexmoe.io import atomic_write
 from flexmoe.methods import Method
 from flexmoe.model import initial_shared_state
@@ -39,6 +40,7 @@ from flexmoe.results import (
     Checkpoint,
     ClientResult,
     ClientRound,
+    RejectedUpdate,
     RoundRecord,
     RunResults,
     read_checkpoint,
@@ -73,9 +75,9 @@ def run_federation(
         request = round_instructions(out, state.run_id, round_).to_record()
         messages = list(strategy.configure_train(round_, arrays, request, grid))
         replies = _replies(grid, messages)
+        record = _round_record(round_, messages, replies, round_started)  # robust ones consume
         if method.federated:
-            arrays = aggregate(strategy, round_, replies)
-        record = _round_record(round_, messages, replies, round_started)
+            arrays, record.rejected = aggregate(strategy, round_, replies, arrays, config)
         if config.eval_every and round_ % config.eval_every == 0 and round_ < config.rounds:
             scores = evaluate_clients(grid, strategy, arrays, out, state.run_id, round_)
             record.mean_rouge_l = statistics.fmean(c.rouge_l for c in scores)
@@ -156,14 +158,23 @@ def describe_run(out: Path) -> str:
     )
 
 
-def aggregate(strategy: FedAvg, round_: int, replies: list[Message]) -> ArrayRecord:
-    """The strategy's aggregate of the replies' updates, each checked to be finite first."""
-    for reply in replies:
-        client = TrainReply.from_message(reply).client_id
-        check_finite(reply.content[ARRAYS], f"client {client}'s update", round_)
-    arrays, _ = strategy.aggregate_train(round_, replies)
+def aggregate(
+    strategy: FedAvg, round_: int, replies: list[Message], current: ArrayRecord, config: RunConfig
+) -> tuple[ArrayRecord, list[RejectedUpdate]]:
+    """The strategy's aggregate of the valid updates (``flexmoe.federated.validation``), and the
+    updates it left out; fewer valid updates than ``min-updates`` (0: every reply) fail the run.
+    """
+    valid, rejected = screen_updates(replies, current, config.max_train)
+    needed = config.min_updates or len(replies)
+    if len(valid) < needed:
+        reasons = "; ".join(f"client {r.client_id}: {r.reason}" for r in rejected)
+        raise FlexMoEError(
+            f"round {round_}: {len(valid)} of {len(replies)} updates are valid and the round "
+            f"needs {needed} (min-updates); rejected: {reasons}"
+        )
+    arrays, _ = strategy.aggregate_train(round_, valid)
     check_finite(arrays, "the aggregated parameters", round_)
-    return arrays
+    return arrays, rejected
 
 
 def wait_for_clients(grid: Grid, count: int, timeout_s: float = 600.0) -> None:

@@ -12,10 +12,13 @@ from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
     FedAvgM,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
     FedYogi,
 )
 
+from flexmoe.errors import FlexMoEError
 from flexmoe.methods import Aggregation, Method
 from flexmoe.runconfig import RunConfig
 
@@ -38,6 +41,15 @@ def make_strategy(method: Method, config: RunConfig) -> FedAvg:
     }
     if not method.federated:
         return FedAvg(**common)  # configures the rounds; nothing is aggregated
+    if config.aggregation != "mean":
+        if method.aggregation is not Aggregation.FEDAVG:
+            raise FlexMoEError(
+                f"aggregation={config.aggregation} replaces FedAvg's mean, and {method.name} "
+                "aggregates with its own server optimiser; use aggregation=mean"
+            )
+        if config.aggregation == "median":
+            return FedMedian(**common)
+        return FedTrimmedAvg(**common, beta=config.trim_fraction)
     return STRATEGIES[method.aggregation](common, config)
 
 
