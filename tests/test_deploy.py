@@ -34,6 +34,7 @@ clientapp = "standin_app:client"
 [tool.flwr.app.config]
 num-server-rounds = 1
 fail = false
+hold = 0.0
 out-dir = ""
 """
 
@@ -41,6 +42,7 @@ APP = '''\
 """FedAvg on one tiny array; the results file lists which partitions replied."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,7 @@ client = ClientApp()
 def main(grid: Grid, context: Context) -> None:
     if context.run_config["fail"]:
         raise RuntimeError("stand-in failure")
+    time.sleep(float(context.run_config["hold"]))
     partitions = []
 
     def collect(replies: list[RecordDict], key: str) -> MetricRecord:
@@ -259,3 +262,29 @@ def test_the_app_bundle_carries_code_and_configuration_but_no_data_file(tmp_path
     assert "src/flexmoe/federated/client_app.py" in names and "pyproject.toml" in names
     assert not set(private) & set(names)
     assert {Path(n).suffix for n in names} == {".py", ".toml", ".md", ""}  # "" : .info/CONTENT
+
+
+KILLED_DEPLOYER = """
+import sys
+from pathlib import Path
+from flexmoe.federated.deploy import deploy_local
+deploy_local(Path(sys.argv[1]), 2, Path(sys.argv[2]), {"hold": 300.0}, node_workers=False)
+"""
+
+
+@pytest.mark.slow
+def test_a_deployment_killed_with_sigkill_leaves_no_process_behind(app_dir, tmp_path):
+    out = tmp_path / "out"
+    deployer = subprocess.Popen([sys.executable, "-c", KILLED_DEPLOYER, str(app_dir), str(out)])
+    deadline = time.monotonic() + 120
+    while "Started task" not in _logs(out) and time.monotonic() < deadline:  # the ServerApp runs
+        time.sleep(0.5)
+    launched = survivors(out, timeout_s=0)
+    assert len(launched) >= 4, "SuperLink, SuperNodes and their app processes should be up"
+    deployer.kill()
+    deployer.wait()
+    assert survivors(out, timeout_s=15) == []
+
+
+def _logs(out: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in (out / "logs").glob("*.log"))

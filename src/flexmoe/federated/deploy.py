@@ -28,7 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.node_worker import key_path
 from flexmoe.federated.protocol import DEPLOYED, OUT_DIR, NodeConfig, NodeLimits
-from flexmoe.federated.reaper import descendants_of, kill_if_alive
+from flexmoe.federated.reaper import descendants_of, kill_if_alive, reaped
 
 ConfigValue = str | int | float | bool
 
@@ -119,9 +119,9 @@ def deploy_local(
     config = {**run_config, OUT_DIR: str(out_dir.resolve())}
     _check_app_dir(app_dir, config)
     deadline = time.monotonic() + timeout_s
-    deployment = _prepare(out_dir.resolve(), supernodes, node_workers)
-    deployment.limits = replace(DEPLOYED, share_diagnostics=share_diagnostics)
-    with _sigterm_as_exit():
+    with reaped(), _sigterm_as_exit():  # what it starts dies with it, even on SIGKILL
+        deployment = _prepare(out_dir.resolve(), supernodes, node_workers)
+        deployment.limits = replace(DEPLOYED, share_diagnostics=share_diagnostics)
         try:
             _launch(deployment, "superlink", superlink_command(deployment))
             for index in range(supernodes):
