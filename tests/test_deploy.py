@@ -176,6 +176,12 @@ def test_deploy_local_runs_flexmoe_on_every_supernode_over_tls(
         ]
     assert "https://127.0.0.1" in (out / "logs" / "superlink.log").read_text()
     assert stat.S_IMODE((out / "certs" / "server.key").stat().st_mode) == 0o600
+    for private in ("certs", "keys"):  # what a client of the SuperLink needs is the owner's
+        assert stat.S_IMODE((out / private).stat().st_mode) == 0o700
+    assert sorted(p.name for p in (out / "keys").iterdir()) == [
+        "node-0.key", "node-0.pub", "node-1.key", "node-1.pub",
+    ]  # fmt: skip
+    assert "--enable-supernode-auth" in (out / "deployment.json").read_text()
     assert_all_stopped(out)
 
 
@@ -288,3 +294,38 @@ def test_a_deployment_killed_with_sigkill_leaves_no_process_behind(app_dir, tmp_
 
 def _logs(out: Path) -> str:
     return "".join(p.read_text(errors="replace") for p in (out / "logs").glob("*.log"))
+
+
+@pytest.mark.slow
+def test_an_unregistered_supernode_is_refused(app_dir, tmp_path):
+    out = tmp_path / "out"
+    deployer = subprocess.Popen([sys.executable, "-c", KILLED_DEPLOYER, str(app_dir), str(out)])
+    try:
+        deadline = time.monotonic() + 120
+        while "Started task" not in _logs(out) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        manifest = json.loads((out / "deployment.json").read_text())
+        key = tmp_path / "keys" / "stranger.key"
+        deploy.generate_node_key(key)  # a valid key, but never registered
+        stranger = [
+            *deploy._console_script("flower-supernode"),
+            "--superlink", manifest["superlink"],
+            "--root-certificates", manifest["certificates"]["ca"],
+            "--auth-supernode-private-key", str(key),
+            "--node-config", "partition-id=0 num-partitions=2",
+            "--host", "127.0.0.1", "--port", str(deploy.free_ports(1)[0]),
+        ]  # fmt: skip
+        log = tmp_path / "stranger.log"
+        with log.open("w") as sink:
+            env = deploy._child_env(tmp_path / "stranger-home")
+            node = subprocess.Popen(stranger, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        try:
+            node.wait(timeout=60)
+        finally:
+            node.kill()
+    finally:
+        deployer.kill()
+        deployer.wait()
+    assert node.returncode != 0
+    assert "[code: 2004] Failed to activate SuperNode" in log.read_text()
+    assert survivors(out, timeout_s=15) == []

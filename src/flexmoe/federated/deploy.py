@@ -83,6 +83,10 @@ class Deployment:
         """SuperNode ``index``'s node-local folder (personal state, its worker's socket)."""
         return self.out_dir / "supernodes" / f"node-{index}"
 
+    def node_key(self, index: int) -> Path:
+        """SuperNode ``index``'s private key (its public key is ``.pub`` beside it)."""
+        return self.out_dir / "keys" / f"node-{index}.key"
+
     def worker_socket(self, index: int) -> Path | None:
         return self.state_dir(index) / "worker.sock" if self.node_workers else None
 
@@ -124,6 +128,7 @@ def deploy_local(
         deployment.limits = replace(DEPLOYED, share_diagnostics=share_diagnostics)
         try:
             _launch(deployment, "superlink", superlink_command(deployment))
+            _register_supernodes(deployment, deadline)
             for index in range(supernodes):
                 socket_path = deployment.worker_socket(index)
                 if socket_path is not None:
@@ -147,6 +152,7 @@ def superlink_command(deployment: Deployment) -> list[str]:
         "--ssl-keyfile", str(certs.key),
         "--host", LOOPBACK,
         "--port", str(deployment.superlink_port),
+        "--enable-supernode-auth",
         "--isolation", "subprocess",
         "--disable-runtime-dependency-installation",
     ]  # fmt: skip
@@ -168,6 +174,7 @@ def supernode_command(deployment: Deployment, index: int) -> list[str]:
         "--superlink", deployment.superlink_address,
         "--root-certificates", str(certs.ca),
         "--node-config", format_config(node.to_flat()),
+        "--auth-supernode-private-key", str(deployment.node_key(index)),
         "--host", LOOPBACK,
         "--port", str(deployment.supernode_ports[index]),
         "--ssl-ca-certfile", str(certs.ca),
@@ -188,8 +195,10 @@ def format_config(config: Mapping[str, ConfigValue]) -> str:
 
 
 def generate_certificates(folder: Path) -> Certificates:
-    """Write a fresh CA and a server certificate for 127.0.0.1/localhost into `folder`."""
+    """Write a fresh CA and a server certificate for 127.0.0.1/localhost into `folder`, which
+    only its owner may enter (the CA is what a client of the SuperLink's APIs needs)."""
     folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     server_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name("flexmoe deploy-local CA")
@@ -282,6 +291,35 @@ def _run_app(
         )
 
 
+def _register_supernodes(deployment: Deployment, deadline: float) -> None:
+    """Register every SuperNode's public key at the SuperLink, which refuses any other node."""
+    _wait_for_port(deployment, deployment.superlink_port, deadline)
+    for index in range(len(deployment.supernode_ports)):
+        public = generate_node_key(deployment.node_key(index))
+        _flwr_json(deployment, "supernode", "register", str(public), CONNECTION)
+
+
+def generate_node_key(private: Path) -> Path:
+    """Write a new ECDSA P-384 key pair for a SuperNode in OpenSSH format, as Flower reads it:
+    the private key at mode 0600, the public key beside it (returned)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(private.parent, 0o700)
+    encoded = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    _write_private(private, encoded)
+    public = private.with_suffix(".pub")
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    )
+    return public
+
+
 def _wait_for_supernodes(deployment: Deployment, deadline: float) -> None:
     """Wait until every SuperNode is registered and online at the SuperLink."""
     _wait_for_port(deployment, deployment.superlink_port, deadline)
@@ -307,9 +345,12 @@ def _flwr_json(deployment: Deployment, *args: str) -> dict[str, Any]:
     command = [*_console_script("flwr"), *args, "--format", "json"]
     result = subprocess.run(command, env=deployment.env, capture_output=True, text=True)
     try:
-        return json.loads(result.stdout)
+        answer = json.loads(result.stdout)
     except ValueError as error:
         raise FlexMoEError(f"`flwr {' '.join(args)}` failed: {result.stderr.strip()}") from error
+    if answer.get("success") is False:
+        raise FlexMoEError(f"`flwr {' '.join(args)}` failed: {answer}")
+    return answer
 
 
 def _wait_for_exit(deployment: Deployment, process: Process, deadline: float) -> None:
