@@ -1,5 +1,6 @@
 """The federated layer: what crosses the wire, checkpoints, resume, and errors."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -359,3 +360,31 @@ def test_a_node_with_its_own_data_file_trains_and_tests_on_all_of_it(
     assert reply.n_train + reply.n_test == records  # the whole file, none of the run's data
     shared = EvaluateReply.from_message(node_reply(config, tmp_path, {}, kind="evaluate"))
     assert shared.n_train + shared.n_test < len(dolly_file.read_text().splitlines())
+
+
+def test_a_private_runs_updates_are_clipped_to_the_norm_on_real_messages(
+    tmp_path, random_model, dolly_file
+):
+    from flexmoe.federated.strategies import make_strategy
+
+    def update_norm(config: RunConfig) -> tuple[float, int]:
+        arrays = initial_arrays(config, get_method("flex"))
+        strategy = make_strategy(get_method("flex"), config)
+        request = next(
+            m for m in strategy.configure_train(
+                1, arrays, round_instructions(tmp_path, "r", 1).to_record(), Nodes(2)
+            ) if m.metadata.dst_node_id == 1
+        )  # fmt: skip
+        context = Context(1, 1, NodeConfig(0, 2).to_flat(), RecordDict(), run_config_of(config, ""))
+        reply = client_app.app(request, context)
+        sent = reply.content["arrays"]
+        squares = sum(((sent[k].numpy() - arrays[k].numpy()) ** 2).sum() for k in arrays)
+        return float(squares**0.5), int(reply.content["metrics"]["num-examples"])
+
+    plain = settings(random_model, dolly_file, method="flex", lr=1e-2)
+    free, weight = update_norm(plain)
+    assert free > 1e-3 and weight > 1
+    private = replace(plain, dp_clipping_norm=1e-3, dp_noise_multiplier=1.0)
+    clipped, weight = update_norm(private)
+    assert clipped == pytest.approx(1e-3, rel=1e-3)  # clipped, not merely small
+    assert weight == 1  # client-level DP weighs every client equally

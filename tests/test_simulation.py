@@ -207,3 +207,17 @@ def test_a_running_simulation_listens_on_loopback_only(tmp_path, dolly_file, ran
     assert {"gcs_server", "raylet"} <= set(seen) and len(seen) >= 3  # Ray's daemons and workers
     outside = {n: ips for n, ips in seen.items() if not all(ip.startswith(LOOPBACK) for ip in ips)}
     assert not outside, f"listening off loopback: {outside}"
+
+
+def test_a_private_run_reports_the_privacy_it_spent(tmp_path, dolly_file, random_model, capsys):
+    common = ["--model", str(random_model), "--data", str(dolly_file), "--rounds", "2"]
+    private = ["--dp-noise-multiplier", "1.0", "--dp-clipping-norm", "0.5", "--dp-delta", "1e-4"]
+    results = run(tmp_path / "private", *common, *private)
+    spent = [r.dp_epsilon for r in read_rounds(tmp_path / "private" / ROUNDS_FILE)]
+    assert 0 < spent[0] < spent[1] == results.privacy.epsilon  # it adds up, round by round
+    assert (results.privacy.noise_multiplier, results.privacy.delta) == (1.0, 1e-4)
+    assert main(["run", "--out", str(tmp_path / "x"), *common, "--dp-noise-multiplier", "1"]) == 2
+    assert "needs a dp-clipping-norm" in capsys.readouterr().err
+    robust = ["--aggregation", "median", "--dp-clipping-norm", "0.5"]
+    assert main(["run", "--out", str(tmp_path / "y"), *common, *robust]) == 2
+    assert "accounted for FedAvg's mean" in capsys.readouterr().err

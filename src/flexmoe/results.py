@@ -63,6 +63,7 @@ class RoundRecord:
     mean_rouge_l: float | None = None  # when the round was also scored (eval-every)
     client_rouge_l: dict[str, float] = field(default_factory=dict)  # client id -> its ROUGE-L
     rejected: list[RejectedUpdate] = field(default_factory=list)  # updates left out, and why
+    dp_epsilon: float | None = None  # privacy spent up to this round (private runs with noise)
 
     @property
     def client_seconds(self) -> float:
@@ -209,6 +210,16 @@ class RougePoint:
 
 
 @dataclass(kw_only=True)
+class Privacy:
+    """What a private run promised: client-level (epsilon, delta)-DP of what it federated."""
+
+    noise_multiplier: float
+    clipping_norm: float
+    delta: float
+    epsilon: float | None  # None without noise: clipping alone bounds no privacy loss
+
+
+@dataclass(kw_only=True)
 class RunResults:
     """``results.json``: what a finished run scored, cost and was configured with."""
 
@@ -226,6 +237,7 @@ class RunResults:
     comm: Traffic
     wall_s: float | None = None
     config: dict[str, Any] | None = None  # the RunConfig, as saved
+    privacy: Privacy | None = None  # for private runs
 
     @classmethod
     def summarise(
@@ -277,7 +289,19 @@ class RunResults:
             ),
             wall_s=round(wall_s, 2),
             config=config,
+            privacy=_privacy(config, history),
         )
+
+
+def _privacy(config: dict[str, Any], history: list[RoundRecord]) -> Privacy | None:
+    if not config.get("dp_clipping_norm"):
+        return None
+    return Privacy(
+        noise_multiplier=config["dp_noise_multiplier"],
+        clipping_norm=config["dp_clipping_norm"],
+        delta=config["dp_delta"],
+        epsilon=history[-1].dp_epsilon if history else None,
+    )
 
 
 def _with_traffic(client: ClientResult, history: list[RoundRecord]) -> ClientResult:
@@ -303,6 +327,7 @@ class Checkpoint:
     history: list[RoundRecord] = field(default_factory=list)
     wall_s: float = 0.0
     random_state: list | None = None  # Python's random state, for node sampling
+    privacy_state: dict[str, Any] | None = None  # the privacy accountant's, for private runs
 
     @property
     def tag(self) -> str:

@@ -35,6 +35,9 @@ ADDED_LATER = {
     "aggregation",
     "trim-fraction",
     "min-updates",
+    "dp-noise-multiplier",
+    "dp-clipping-norm",
+    "dp-delta",
 }
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 EVAL_SPLITS = ("test", "validation")
@@ -129,6 +132,20 @@ class RunConfig:
     min_updates: int = setting(
         0, "valid updates a round needs to aggregate (0: every sampled client's)", at_least(0)
     )
+    dp_noise_multiplier: float = setting(
+        0.0,
+        "differential privacy: Gaussian noise added to the aggregate, as a multiple of the "
+        "clipping norm over the clients averaged (0: none)",
+        at_least(0),
+    )
+    dp_clipping_norm: float = setting(
+        0.0,
+        "differential privacy: L2 norm each client's update is clipped to (0: none)",
+        at_least(0),
+    )
+    dp_delta: float = setting(
+        1e-5, "differential privacy: the delta epsilon is reported at", between(0, 1, True, True)
+    )
     server_lr: float = setting(
         1e-3, "server learning rate of FedAdam, FedYogi and FedAdagrad (their eta)", above(0)
     )
@@ -175,6 +192,15 @@ class RunConfig:
                 raise FlexMoEError(f"{option_name(spec.name)} {problem}, got {value!r}")
         if self.min_lr > self.lr:
             raise FlexMoEError(f"min-lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.dp_noise_multiplier > 0 and self.dp_clipping_norm == 0:
+            raise FlexMoEError(
+                "dp-noise-multiplier needs a dp-clipping-norm: noise is scaled to the clipping"
+            )
+
+    @property
+    def private(self) -> bool:
+        """Whether clients clip their updates (and the server adds noise) for DP."""
+        return self.dp_clipping_norm > 0
 
     def chosen_method(self) -> Method:
         """The method this run names, with its settings (the LoRA rank) applied."""

@@ -18,10 +18,13 @@ import psutil
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.node_worker import Job, submit
 from flexmoe.federated.protocol import (
+    CLIPPING_NORM,
+    CONFIG,
     DEPLOYED,
     SIMULATED,
     STARTUP,
@@ -42,7 +45,7 @@ def make_client_app(settings: RunConfig | None = None) -> ClientApp:
     """A ClientApp running ``settings``, or the run config's settings when none are given."""
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[clip_when_private])
     def train(msg: Message, context: Context) -> Message:
         return Message(answer("train", msg, context, settings).to_content(), reply_to=msg)
 
@@ -51,6 +54,14 @@ def make_client_app(settings: RunConfig | None = None) -> ClientApp:
         return Message(answer("evaluate", msg, context, settings).to_content(), reply_to=msg)
 
     return app
+
+
+def clip_when_private(msg: Message, context: Context, call_next) -> Message:
+    """Flower's fixed-clipping mod when the server asks for clipping (a private run): the
+    reply's update, its shared parameters minus the global ones, is clipped to that L2 norm."""
+    if CLIPPING_NORM in msg.content.config_records.get(CONFIG, {}):
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 def job_of(
@@ -146,7 +157,8 @@ def run_job(job: Job) -> TrainReply | EvaluateReply:
         result = worker.train(instructions.server_round, job.shared, instructions.proximal_mu)
         return TrainReply(
             client_id=worker.client_id,
-            num_examples=result.num_examples,
+            # client-level DP averages clients equally, whatever their data
+            num_examples=1 if instructions.clipping_norm else result.num_examples,
             train_loss=result.train_loss,
             lr=result.lr,
             proximal_mu=result.proximal_mu,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
@@ -27,7 +27,12 @@ from tqdm.auto import tqdm
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.protocol import EvaluateReply, RoundInstructions, TrainReply
 from flexmoe.federated.records import state_to_arrays, wire_bytes
-from flexmoe.federated.strategies import make_strategy, restore_strategy_state, strategy_state
+from flexmoe.federated.strategies import (
+    accountant_of,
+    make_strategy,
+    restore_strategy_state,
+    strategy_state,
+)
 from flexmoe.federated.validation import screen_updates
 from flexmoe.io import atomic_write
 from flexmoe.methods import Method
@@ -78,6 +83,7 @@ def run_federation(
         record = _round_record(round_, messages, replies, round_started)  # robust ones consume
         if method.federated:
             arrays, record.rejected = aggregate(strategy, round_, replies, arrays, config)
+            record.dp_epsilon, state.privacy_state = privacy_spent(strategy)
         if config.eval_every and round_ % config.eval_every == 0 and round_ < config.rounds:
             scores = evaluate_clients(grid, strategy, arrays, out, state.run_id, round_)
             record.mean_rouge_l = statistics.fmean(c.rouge_l for c in scores)
@@ -96,7 +102,7 @@ def run_federation(
 
 
 def start_or_resume(
-    out: Path, config: RunConfig, method: Method, strategy: FedAvg, resume: bool
+    out: Path, config: RunConfig, method: Method, strategy: Strategy, resume: bool
 ) -> tuple[Checkpoint, ArrayRecord]:
     """The saved state of the run in ``out``, or a new run's, saved at once as round 0."""
     check_out(out, config, resume)
@@ -159,7 +165,7 @@ def describe_run(out: Path) -> str:
 
 
 def aggregate(
-    strategy: FedAvg, round_: int, replies: list[Message], current: ArrayRecord, config: RunConfig
+    strategy: Strategy, round_: int, replies: list[Message], current: ArrayRecord, config: RunConfig
 ) -> tuple[ArrayRecord, list[RejectedUpdate]]:
     """The strategy's aggregate of the valid updates (``flexmoe.federated.validation``), and the
     updates it left out; fewer valid updates than ``min-updates`` (0: every reply) fail the run.
@@ -175,6 +181,14 @@ def aggregate(
     arrays, _ = strategy.aggregate_train(round_, valid)
     check_finite(arrays, "the aggregated parameters", round_)
     return arrays, rejected
+
+
+def privacy_spent(strategy: Strategy) -> tuple[float | None, dict | None]:
+    """``(epsilon so far, the accountant's state)`` of a private run with noise, else Nones."""
+    accountant = accountant_of(strategy)
+    if accountant is None:
+        return None, None
+    return accountant.get_privacy_spent().epsilon, accountant.state_dict()
 
 
 def wait_for_clients(grid: Grid, count: int, timeout_s: float = 600.0) -> None:
@@ -200,7 +214,7 @@ def initial_arrays(config: RunConfig, method: Method) -> ArrayRecord:
 
 def evaluate_clients(
     grid: Grid,
-    strategy: FedAvg,
+    strategy: Strategy,
     arrays: ArrayRecord,
     out: Path,
     run_id: str,
@@ -226,7 +240,7 @@ def evaluate_clients(
     return sorted(clients, key=lambda c: c.client_id)
 
 
-def save_checkpoint(out: Path, state: Checkpoint, arrays: ArrayRecord, strategy: FedAvg) -> None:
+def save_checkpoint(out: Path, state: Checkpoint, arrays: ArrayRecord, strategy: Strategy) -> None:
     """The arrays of this round first, then rounds.json and checkpoint.json naming them."""
     folder = out / CHECKPOINT_DIR
     shared = {k: np.ascontiguousarray(a.numpy()) for k, a in arrays.items()}
@@ -240,7 +254,7 @@ def save_checkpoint(out: Path, state: Checkpoint, arrays: ArrayRecord, strategy:
             old.unlink()
 
 
-def load_checkpoint(out: Path, strategy: FedAvg) -> tuple[Checkpoint | None, ArrayRecord | None]:
+def load_checkpoint(out: Path, strategy: Strategy) -> tuple[Checkpoint | None, ArrayRecord | None]:
     """The state saved in ``out``, if any, with the strategy's state put back."""
     if not (out / CHECKPOINT_FILE).is_file():
         return None, None
@@ -249,6 +263,8 @@ def load_checkpoint(out: Path, strategy: FedAvg) -> tuple[Checkpoint | None, Arr
     shared, server = checkpoint_arrays(out, state)
     try:
         restore_strategy_state(strategy, server)
+        if state.privacy_state is not None and accountant_of(strategy) is not None:
+            accountant_of(strategy).load_state_dict(state.privacy_state)
         if state.random_state is not None:
             version, internal, gauss = state.random_state
             random.setstate((version, tuple(internal), gauss))

@@ -40,6 +40,7 @@ STATE_ROOT = "state-root"
 DETAILED = "detailed"
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"
+CLIPPING_NORM = "clipping_norm"  # set by Flower's DP wrapper: clip the update to this norm
 
 # the metric record of a reply; Flower's strategies weight their averages by NUM_EXAMPLES
 NUM_EXAMPLES = "num-examples"
@@ -177,6 +178,7 @@ class RoundInstructions:
     state_root: str  # where personal state goes when the node names no state-dir
     detailed: bool = False  # evaluation: add knowledge, routing and FLOPs diagnostics
     proximal_mu: float = 0.0  # FedProx's mu; set by the FedProx strategy, 0 for every other
+    clipping_norm: float | None = None  # set by the DP wrapper of a private run
 
     def to_record(self) -> ConfigRecord:
         """The server's part of the config record; the strategy adds the round (and FedProx
@@ -196,6 +198,7 @@ class RoundInstructions:
                 state_root=str(record[STATE_ROOT]),
                 detailed=bool(record.get(DETAILED, False)),
                 proximal_mu=float(record.get(PROXIMAL_MU, 0.0)),
+                clipping_norm=None if CLIPPING_NORM not in record else float(record[CLIPPING_NORM]),
             ),
         )
 

@@ -106,6 +106,7 @@ def check_run(config: RunConfig) -> None:
     hold only their own copies.
     """
     placement = Placement.resolve(config.device, config.dtype)  # no such device: one line
+    make_strategy(config.chosen_method(), config)  # settings the strategy refuses: one line
     model, _ = load_model(config.model, Placement(torch.device("cpu"), placement.dtype))
     if config.chosen_method().grafts:
         experts = min(view.num_experts for view in find_moe_blocks(model))

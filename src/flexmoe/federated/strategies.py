@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -16,6 +18,7 @@ from flwr.serverapp.strategy import (
     FedProx,
     FedTrimmedAvg,
     FedYogi,
+    Strategy,
 )
 
 from flexmoe.errors import FlexMoEError
@@ -29,8 +32,14 @@ SERVER_MOMENTUM = 0.9
 STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
 
 
-def make_strategy(method: Method, config: RunConfig) -> FedAvg:
-    """The strategy that aggregates ``method``'s shared parameters (FedAvg when none are)."""
+def make_strategy(method: Method, config: RunConfig) -> Strategy:
+    """The strategy that aggregates ``method``'s shared parameters (FedAvg when none are),
+    wrapped in Flower's client-side fixed-clipping DP when the run is private."""
+    strategy = _aggregation(method, config)
+    return _with_privacy(strategy, method, config) if config.private else strategy
+
+
+def _aggregation(method: Method, config: RunConfig) -> FedAvg:
     common = {
         "fraction_train": config.fraction_train,
         "fraction_evaluate": 1.0,
@@ -68,8 +77,52 @@ def _fedopt(config: RunConfig) -> dict[str, float]:
     return {"eta": config.server_lr, "eta_l": config.lr, "tau": TAU}
 
 
-def strategy_state(strategy: FedAvg) -> dict[str, np.ndarray]:
+def _with_privacy(strategy: FedAvg, method: Method, config: RunConfig) -> Strategy:
+    """``strategy`` with each client's update clipped to ``dp-clipping-norm`` (by the clients'
+    mod) and Gaussian noise of ``dp-noise-multiplier`` x that norm over the clients averaged
+    added to the aggregate, the privacy spent accounted by Flower's RDP accountant.
+
+    What is clipped and noised is what is federated: the shared parameters, and only them.
+    """
+    if not method.federated:
+        raise FlexMoEError(f"{method.name} federates nothing, so it has nothing to make private")
+    if type(strategy).aggregate_train is not FedAvg.aggregate_train:
+        raise FlexMoEError(
+            f"differential privacy is accounted for FedAvg's mean; {method.name} with "
+            f"aggregation={config.aggregation} aggregates otherwise"
+        )
+    accountant = None
+    if config.dp_noise_multiplier > 0:
+        accountant = RdpAccountant(
+            PrivacyConfig(
+                target_delta=config.dp_delta,
+                population_size=config.clients,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,  # no credit for sampling
+            )
+        )
+    return DifferentialPrivacyClientSideFixedClipping(
+        strategy,
+        config.dp_noise_multiplier,
+        config.dp_clipping_norm,
+        strategy.min_train_nodes,  # the clients sampled each round
+        accountant=accountant,
+    )
+
+
+def aggregator(strategy: Strategy) -> FedAvg:
+    """The strategy that aggregates, inside a privacy wrapper if there is one."""
+    return getattr(strategy, "strategy", strategy)
+
+
+def accountant_of(strategy: Strategy) -> RdpAccountant | None:
+    """The privacy accountant of a private run's strategy (with noise), else None."""
+    return getattr(strategy, "accountant", None)
+
+
+def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
     """The strategy's server-side optimiser state, flattened to named arrays."""
+    strategy = aggregator(strategy)
     state = {}
     for attribute in STATE_ATTRIBUTES:
         value = getattr(strategy, attribute, None)
@@ -82,8 +135,9 @@ def strategy_state(strategy: FedAvg) -> dict[str, np.ndarray]:
     return state
 
 
-def restore_strategy_state(strategy: FedAvg, state: dict[str, np.ndarray]) -> None:
+def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
     """Put back what ``strategy_state`` took, in the types the strategy keeps."""
+    strategy = aggregator(strategy)
     for attribute in STATE_ATTRIBUTES:
         prefix = f"{attribute}/"
         values = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
