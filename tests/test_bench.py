@@ -547,3 +547,17 @@ def test_a_choice_at_an_end_of_its_grid_widens_the_grid_by_a_half_decade(tmp_pat
     assert swept_values("flex", widened) == [3e-4, 1e-3, 3e-3, 1e-2]  # once only
     assert at_edge(widened.choices["flex"]) and widened.choices["flex"].chosen == 1e-2
     assert swept_values("fedadam", Tuning({})) == [1e-3, 1e-2, 1e-1]
+
+
+def test_report_states_what_a_private_run_promised(tmp_path):
+    from flexmoe.results import Privacy
+
+    for seed, epsilon in ((0, 7.5), (1, 7.5)):
+        results = fake_results("flex", seed, [5.0], dp_noise_multiplier=1.0, dp_clipping_norm=0.5)
+        results.privacy = Privacy(
+            noise_multiplier=1.0, clipping_norm=0.5, delta=1e-5, epsilon=epsilon
+        )
+        write_run(tmp_path / f"s{seed}", results)
+    report = write_report(tmp_path).read_text()
+    assert "updates clipped to 0.5, noise multiplier 1; epsilon 7.50 at delta 1e-05" in report
+    assert [c.name for c in MATRICES["privacy"].cells()][3] == "pathological-dp/flex/seed0"

@@ -87,6 +87,21 @@ def margin_line(summaries: dict[str, Summary]) -> str:
     )
 
 
+def privacy_line(summaries: dict[str, Summary]) -> list[str]:
+    """What the private runs of a setting promised: epsilon at delta, from their accountants."""
+    private = [r.results.privacy for s in summaries.values() for r in s.runs if r.results.privacy]
+    if not private:
+        return []
+    first = private[0]
+    spent = sorted({_number(p.epsilon) for p in private})
+    return [
+        f"Client-level differential privacy: updates clipped to {first.clipping_norm:g}, noise "
+        f"multiplier {first.noise_multiplier:g}; epsilon {' / '.join(spent)} at delta "
+        f"{first.delta:g} (Flower's RDP accountant, no credit for sampling).",
+        "",
+    ]
+
+
 def repeated_seeds(summaries: dict[str, Summary]) -> list[str]:
     """A warning per method with several runs of one seed (all of them are averaged)."""
     lines = []
@@ -388,6 +403,7 @@ def render_report(runs: Sequence[Run]) -> str:
         label = labels[setting]
         plots = setting_plots(label)
         lines += [f"## {label}", "", *best_line(label, summaries), *repeated_seeds(summaries)]
+        lines += privacy_line(summaries)
         lines += method_table(summaries)
         lines += ["Per-client ROUGE-L (mean over seeds):", "", *client_table(summaries)]
         lines += knowledge_table(summaries) + routing_table(summaries) + graft_table(summaries)

@@ -110,9 +110,19 @@ def ablation_groups() -> tuple[Group, ...]:
     )
 
 
+# FLEx made client-level DP (flexmoe.federated.strategies), beside FLEx as it is
+PRIVATE = Group(
+    "pathological-dp",
+    {**SPLITS["pathological"], "dp_noise_multiplier": 1.0, "dp_clipping_norm": 1.0},
+)
+
 MATRICES: dict[str, Matrix] = {
     "default": Matrix("default", tuple(METHODS), split_groups()),
     "ablations": Matrix("ablations", ("flex",), ablation_groups()),
+    "privacy": Matrix(
+        "privacy", ("flex",),
+        (*split_groups(["pathological"]), PRIVATE),
+    ),
     "smoke": Matrix(
         "smoke", ("flex", "fedavg", "fedavg-full"), split_groups(["pathological"]), (0, 1, 2),
         dict(SMOKE_SETTINGS),
