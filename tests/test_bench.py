@@ -561,3 +561,33 @@ def test_report_states_what_a_private_run_promised(tmp_path):
     report = write_report(tmp_path).read_text()
     assert "updates clipped to 0.5, noise multiplier 1; epsilon 7.50 at delta 1e-05" in report
     assert [c.name for c in MATRICES["privacy"].cells()][3] == "pathological-dp/flex/seed0"
+
+
+KILLED_BENCH = """
+import sys
+from flexmoe.benchmark import runner
+from flexmoe.cli import main
+runner.flexmoe_command = lambda cell, out: ["sleep", "120"]  # a cell that takes its time
+main(["bench", "--matrix", "smoke", "--methods", "flex", "--seeds", "0", "--out", sys.argv[1]])
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="the reaper reads /proc")
+def test_a_killed_bench_takes_its_running_cells_with_it(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from flexmoe.federated.reaper import descendants_of, process_table
+
+    bench = subprocess.Popen([sys.executable, "-c", KILLED_BENCH, str(tmp_path)])
+    deadline = time.monotonic() + 60
+    while not (cells := descendants_of([bench.pid])) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.5)  # the watchdog notes the processes every second
+    bench.send_signal(signal.SIGKILL)
+    bench.wait()
+    deadline = time.monotonic() + 15
+    while set(cells) & set(process_table()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cells and not set(cells) & set(process_table())

@@ -134,11 +134,13 @@ def _list(cells) -> None:
 
 def _run(root: Path, cells, jobs: int | None):
     from flexmoe.benchmark.runner import run_cells
+    from flexmoe.federated.reaper import reaped
     from flexmoe.loading import resolve_model_path
 
     for model in sorted({cell.config().model for cell in cells}):
         resolve_model_path(model)  # build a named model once here, not in every cell at once
-    return run_cells(root, cells, jobs)
+    with reaped():  # a killed bench takes its running cells with it (they resume next time)
+        return run_cells(root, cells, jobs)
 
 
 def _finish(root: Path, cells, outcomes) -> None:
