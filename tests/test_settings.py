@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from flexmoe import data, runconfig
 from flexmoe.cli import main
 from flexmoe.data import SCHEMES
 from flexmoe.errors import FlexMoEError
@@ -84,8 +85,9 @@ def test_settings_keep_their_types_and_parse_command_line_text():
         RunConfig(alpha=0.0)
 
 
-def test_split_names_are_the_data_layers_schemes():
+def test_split_and_selection_token_names_are_the_data_layers():
     assert SPLITS == SCHEMES
+    assert runconfig.SELECTION_TOKENS == data.SELECTION_TOKENS
 
 
 def test_readme_table_of_settings_is_made_from_their_descriptions():

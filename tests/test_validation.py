@@ -6,7 +6,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.federated.federation import aggregate
+from flexmoe.federated.federation import aggregate, screen
 from flexmoe.federated.protocol import NUM_EXAMPLES, TrainReply
 from flexmoe.federated.strategies import make_strategy
 from flexmoe.federated.validation import screen_updates
@@ -47,25 +47,27 @@ def test_an_update_unlike_the_global_parameters_is_rejected_with_its_reason(bad,
     assert [r.client_id for r in rejected] == [1] and reason in rejected[0].reason
 
 
-def test_a_float_example_count_or_another_dtype_is_rejected():
-    count, dtype = update(1), update(2)
+def test_a_float_example_count_another_dtype_or_unreadable_metrics_are_rejected():
+    count, dtype, unreadable = update(1), update(2), update(3)
     count.content.metric_records["metrics"][NUM_EXAMPLES] = 10.5
     dtype.content.array_records["arrays"]["q.lora_B"] = Array(np.zeros((3, 2)))
-    _, rejected = screen_updates([count, dtype], current(), 300)
+    del unreadable.content.metric_records["metrics"]["client-id"]
+    _, rejected = screen_updates([count, dtype, unreadable], current(), 300)
     assert "claims 10.5" in rejected[0].reason
+    assert rejected[2].client_id == -1 and "client-id" in rejected[2].reason
     assert "'q.lora_B' as float64 (3, 2); the global parameter is float32" in rejected[1].reason
 
 
 def test_the_round_goes_on_without_rejected_updates_when_enough_remain():
     replies = [update(0, 1.0), update(1, 3.0), update(2, float("inf"))]
     config = RunConfig(clients=3, min_updates=2, max_train=300)
-    strategy = make_strategy(get_method("fedavg"), config)
-    arrays, rejected = aggregate(strategy, 1, replies, current(), config)
+    valid, rejected = screen(1, replies, current(), config)
+    arrays = aggregate(make_strategy(get_method("fedavg"), config), 1, valid)
     assert np.allclose(arrays["q.lora_A"].numpy(), 2.0)  # the mean of the two valid ones
     assert [r.client_id for r in rejected] == [2]
     every = RunConfig(clients=3, max_train=300)  # min-updates 0: every reply must be valid
     with pytest.raises(FlexMoEError, match=r"2 of 3 updates are valid.*client 2: holds non-finite"):
-        aggregate(make_strategy(get_method("fedavg"), every), 1, replies, current(), every)
+        screen(1, replies, current(), every)
 
 
 @pytest.mark.parametrize(("aggregation", "expected"), [("median", 2.0), ("trimmed-mean", 2.5)])
@@ -73,7 +75,8 @@ def test_robust_aggregation_resists_an_outlying_update(aggregation, expected):
     values = [1.0, 2.0, 3.0, 1000.0] if aggregation == "trimmed-mean" else [1.0, 2.0, 1000.0]
     replies = [update(i, v) for i, v in enumerate(values)]
     config = RunConfig(clients=len(values), aggregation=aggregation, trim_fraction=0.25)
-    arrays, _ = aggregate(make_strategy(get_method("flex"), config), 1, replies, current(), config)
+    valid, _ = screen(1, replies, current(), config)
+    arrays = aggregate(make_strategy(get_method("flex"), config), 1, valid)
     assert np.allclose(arrays["q.lora_B"].numpy(), expected)
 
 

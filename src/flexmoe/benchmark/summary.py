@@ -184,8 +184,10 @@ def read_samples(folder: Path) -> dict[int, list[dict]]:
 
 def split_sweep(runs: Sequence[Run]) -> tuple[list[Run], list[Run]]:
     """``(runs scored on their test splits, runs of a sweep, scored on validation splits)``."""
-    sweep = [r for r in runs if r.config.get("eval_split") == "validation"]
-    return [r for r in runs if r not in sweep], sweep
+    tested, sweep = [], []
+    for run in runs:
+        (sweep if run.config.get("eval_split") == "validation" else tested).append(run)
+    return tested, sweep
 
 
 def method_order(names: Iterable[str]) -> list[str]:

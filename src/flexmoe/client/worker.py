@@ -237,16 +237,16 @@ class ClientWorker:
         """The client's training data (scoring the tokens ``selection-tokens`` names), or
         generic text for the generic ablation."""
         examples = self.train_examples
-        if self.config.selection_tokens != "all":
+        if self.method.graft is GraftSource.GENERIC:
+            ids = [self.tokenizer.encode(t)[: self.config.max_length] for t in generic_texts()]
+            examples = [TokenizedExample(i, i) for i in ids if i]
+        elif self.config.selection_tokens != "all":
             examples = tokenize_examples(
                 self.data.train,
                 self.tokenizer,
                 self.config.max_length,
                 scored=self.config.selection_tokens,
             )
-        if self.method.graft is GraftSource.GENERIC:
-            ids = [self.tokenizer.encode(t)[: self.config.max_length] for t in generic_texts()]
-            examples = [TokenizedExample(i, i) for i in ids if i]
         return sequential_batches(examples, self.config.batch_size, pad_token_id(self.tokenizer))
 
 

@@ -81,12 +81,13 @@ def tokenize_example(
     _check_max_length(max_length)
     if scored not in SELECTION_TOKENS:
         raise FlexMoEError(f"unknown selection tokens {scored!r}; choose one of {SELECTION_TOKENS}")
-    prompt = _prompt_ids(example, tokenizer)
+    if scored == "content":
+        prompt, in_prompt = _prompt_with_content(example, tokenizer)
+    else:
+        prompt = _prompt_ids(example, tokenizer)
+        in_prompt = [0] * len(prompt)
     response = tokenizer.encode(example.output, add_special_tokens=False)
-    marks = None
-    if scored != "all":
-        in_prompt = _content_of_prompt(example, tokenizer) if scored == "content" else None
-        marks = (in_prompt or [0] * len(prompt)) + [1] * len(response)
+    marks = None if scored == "all" else in_prompt + [1] * len(response)
     if terminate:
         response.append(eos_token_id(tokenizer))
     input_ids = (prompt + response)[:max_length]
@@ -96,10 +97,11 @@ def tokenize_example(
     return TokenizedExample(input_ids=input_ids, labels=labels, scored=marks)
 
 
-def _content_of_prompt(
+def _prompt_with_content(
     example: InstructionExample, tokenizer: PreTrainedTokenizerBase
-) -> list[int]:
-    """1 for each prompt token that overlaps the instruction or the input text, else 0."""
+) -> tuple[list[int], list[int]]:
+    """The prompt's token ids (as ``_prompt_ids`` makes them), and 1 for each that overlaps the
+    instruction or the input text, else 0."""
     if not getattr(tokenizer, "is_fast", False):
         raise FlexMoEError(
             "selection-tokens=content needs a fast tokenizer (one with offset mappings); "
@@ -117,10 +119,11 @@ def _content_of_prompt(
         add_special_tokens=not has_chat_template(tokenizer),
         return_offsets_mapping=True,
     )
-    return [
+    marks = [
         int(any(a < end and b > begin for begin, end in spans))
         for a, b in encoded["offset_mapping"]
     ]
+    return encoded["input_ids"], marks
 
 
 def tokenize_examples(

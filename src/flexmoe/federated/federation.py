@@ -33,7 +33,7 @@ from flexmoe.federated.strategies import (
     restore_strategy_state,
     strategy_state,
 )
-from flexmoe.federated.validation import screen_updates
+from flexmoe.federated.validation import screen_updates, sender
 from flexmoe.io import atomic_write
 from flexmoe.methods import Method
 from flexmoe.model import initial_shared_state
@@ -80,9 +80,14 @@ def run_federation(
         request = round_instructions(out, state.run_id, round_).to_record()
         messages = list(strategy.configure_train(round_, arrays, request, grid))
         replies = _replies(grid, messages)
-        record = _round_record(round_, messages, replies, round_started)  # robust ones consume
+        valid, rejected = (
+            screen(round_, replies, arrays, config) if method.federated else (replies, [])
+        )
+        readable = [r for r in replies if sender(r) >= 0]  # a rejected update's bytes still count
+        record = _round_record(round_, messages, readable, round_started)
+        record.rejected = rejected
         if method.federated:
-            arrays, record.rejected = aggregate(strategy, round_, replies, arrays, config)
+            arrays = aggregate(strategy, round_, valid)
             record.dp_epsilon, state.privacy_state = privacy_spent(strategy)
         if config.eval_every and round_ % config.eval_every == 0 and round_ < config.rounds:
             scores = evaluate_clients(grid, strategy, arrays, out, state.run_id, round_)
@@ -164,12 +169,11 @@ def describe_run(out: Path) -> str:
     )
 
 
-def aggregate(
-    strategy: Strategy, round_: int, replies: list[Message], current: ArrayRecord, config: RunConfig
-) -> tuple[ArrayRecord, list[RejectedUpdate]]:
-    """The strategy's aggregate of the valid updates (``flexmoe.federated.validation``), and the
-    updates it left out; fewer valid updates than ``min-updates`` (0: every reply) fail the run.
-    """
+def screen(
+    round_: int, replies: list[Message], current: ArrayRecord, config: RunConfig
+) -> tuple[list[Message], list[RejectedUpdate]]:
+    """The updates fit to aggregate with ``current`` (``flexmoe.federated.validation``) and the
+    ones left out; fewer valid updates than ``min-updates`` (0: every reply) fail the run."""
     valid, rejected = screen_updates(replies, current, config.max_train)
     needed = config.min_updates or len(replies)
     if len(valid) < needed:
@@ -178,9 +182,14 @@ def aggregate(
             f"round {round_}: {len(valid)} of {len(replies)} updates are valid and the round "
             f"needs {needed} (min-updates); rejected: {reasons}"
         )
-    arrays, _ = strategy.aggregate_train(round_, valid)
+    return valid, rejected
+
+
+def aggregate(strategy: Strategy, round_: int, replies: list[Message]) -> ArrayRecord:
+    """The strategy's aggregate of checked updates, itself checked to be finite."""
+    arrays, _ = strategy.aggregate_train(round_, replies)
     check_finite(arrays, "the aggregated parameters", round_)
-    return arrays, rejected
+    return arrays
 
 
 def privacy_spent(strategy: Strategy) -> tuple[float | None, dict | None]:
