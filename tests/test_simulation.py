@@ -221,3 +221,18 @@ def test_a_private_run_reports_the_privacy_it_spent(tmp_path, dolly_file, random
     robust = ["--aggregation", "median", "--dp-clipping-norm", "0.5"]
     assert main(["run", "--out", str(tmp_path / "y"), *common, *robust]) == 2
     assert "accounted for FedAvg's mean" in capsys.readouterr().err
+
+
+def test_clients_that_train_the_whole_model_run_one_at_a_time_on_every_core(monkeypatch):
+    """Each such client holds a trainable copy of the model with its gradients and AdamW
+    moments; two at once exhausted a 23 GB machine on smol-moe."""
+    from flexmoe.federated.simulation import client_resources, simulated_threads
+    from flexmoe.hardware import Placement
+    from flexmoe.runconfig import RunConfig
+
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    cpu = Placement.resolve("cpu", "float32")
+    full, lora = RunConfig(method="fedavg-full"), RunConfig(method="flex")
+    assert simulated_threads(full) == 6 and simulated_threads(lora) == 1
+    assert client_resources(cpu, simulated_threads(full)) == {"num_cpus": 6, "num_gpus": 0.0}
+    assert client_resources(cpu, simulated_threads(lora)) == {"num_cpus": 1, "num_gpus": 0.0}

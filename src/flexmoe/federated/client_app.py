@@ -9,6 +9,7 @@ that keeps the model loaded.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import time
 from dataclasses import replace
@@ -68,6 +69,7 @@ def job_of(
     kind: str, msg: Message, context: Context, node: NodeConfig, settings: RunConfig | None
 ) -> Job:
     """What ``msg`` asks of this node, with the run's settings and the node's own."""
+    threads = node.threads if settings is None else simulated_threads(settings)
     if settings is None:
         settings, _ = settings_from_run_config(dict(context.run_config))
     if node.device:
@@ -94,11 +96,17 @@ def job_of(
         settings,
         node.partition_id,
         state_dir,
-        node.threads,
+        threads,
         instructions,
         arrays_of(msg),
         node.data,
     )
+
+
+def simulated_threads(settings: RunConfig) -> int:
+    """Cores a simulated client process uses on the CPU: one, or all of them for a method that
+    trains the base weights, whose clients run one at a time (``simulation.client_resources``)."""
+    return (os.cpu_count() or 1) if settings.chosen_method().shared.trains_base_weights else 1
 
 
 def check_limits(settings: RunConfig, limits: NodeLimits) -> None:

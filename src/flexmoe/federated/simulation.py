@@ -14,7 +14,7 @@ from flwr.simulation import run_simulation
 from flexmoe.client import client_datasets
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluation.diagnostics import mmlu_questions
-from flexmoe.federated.client_app import make_client_app
+from flexmoe.federated.client_app import make_client_app, simulated_threads
 from flexmoe.federated.federation import (
     check_out,
     load_checkpoint,
@@ -73,7 +73,7 @@ def _simulate(config: RunConfig, out: Path, progress: bool, resume: bool) -> Run
             num_supernodes=config.clients,
             backend_config={
                 "client_resources": client_resources(
-                    Placement.resolve(config.device, config.dtype)
+                    Placement.resolve(config.device, config.dtype), simulated_threads(config)
                 ),
                 "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": False},
             },
@@ -86,14 +86,16 @@ def _simulate(config: RunConfig, out: Path, progress: bool, resume: bool) -> Run
     return read_results(results)
 
 
-def client_resources(placement: Placement) -> dict[str, float]:
+def client_resources(placement: Placement, cpu_threads: int) -> dict[str, float]:
     """What each simulated client process (a Ray actor holding one base model) reserves.
 
     On CUDA one GPU each, so there are as many processes as GPUs and each holds its base
-    model alone; on the CPU one core each.
+    model alone. On the CPU ``cpu_threads`` cores: one, or all of them for a method that trains
+    the base weights, whose client holds a trainable copy of the whole model with gradients and
+    AdamW moments (about five times the weights), so that one such client runs at a time.
     """
     if placement.device.type != "cuda":
-        return {"num_cpus": 1, "num_gpus": 0.0}
+        return {"num_cpus": cpu_threads, "num_gpus": 0.0}
     gpus = torch.cuda.device_count()
     return {"num_cpus": max(1, (os.cpu_count() or 1) // gpus), "num_gpus": 1.0}
 
