@@ -12,6 +12,9 @@ S="--model smol-moe --rounds 4 --local-steps 2 --batch-size 4 --max-train 32 --m
 T="--tuned $OUT/sweep/tuned.json"
 PATHOLOGICAL="flex,flex-random,flex-generic,fedavg,fedprox,fedadam,fedavg-full,fedsa-lora,local"
 
+# 0. every cell in OUT runs on one smol-moe build (a build on another machine may differ)
+PYTHON=${PYTHON:-.venv/bin/python}
+$PYTHON benchmarks/smol_moe/check_model.py --out "$OUT"
 # 1. each method's learning rate (FedProx's mu, FedAdam's server rate) on validation data
 $FLEXMOE bench --matrix sweep $S
 # 2. the pathological split, 3 seeds; seed 0 also scores every round and MMLU (20 questions
