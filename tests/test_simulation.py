@@ -14,6 +14,8 @@ from safetensors.numpy import load_file
 
 from flexmoe.cache import CACHE_ENV
 from flexmoe.cli import main
+from flexmoe.federated.simulation import client_resources, simulated_threads
+from flexmoe.hardware import Placement
 from flexmoe.results import (
     CHECKPOINT_DIR,
     RESULTS_FILE,
@@ -23,6 +25,7 @@ from flexmoe.results import (
     read_results,
     read_rounds,
 )
+from flexmoe.runconfig import RunConfig
 
 pytestmark = pytest.mark.slow
 
@@ -226,10 +229,6 @@ def test_a_private_run_reports_the_privacy_it_spent(tmp_path, dolly_file, random
 def test_clients_that_train_the_whole_model_run_one_at_a_time_on_every_core(monkeypatch):
     """Each such client holds a trainable copy of the model with its gradients and AdamW
     moments; two at once exhausted a 23 GB machine on smol-moe."""
-    from flexmoe.federated.simulation import client_resources, simulated_threads
-    from flexmoe.hardware import Placement
-    from flexmoe.runconfig import RunConfig
-
     monkeypatch.setattr("os.cpu_count", lambda: 6)
     cpu = Placement.resolve("cpu", "float32")
     full, lora = RunConfig(method="fedavg-full"), RunConfig(method="flex")

@@ -30,12 +30,9 @@ MODEL = "smol-moe"
 def this_build() -> dict[str, str]:
     """The smol-moe build on this machine (built now if absent): fingerprint and weights hash."""
     model, _ = load_model(MODEL, Placement(torch.device("cpu"), torch.float32))
-    weights = resolve_model_path(MODEL) / "model.safetensors"
-    digest = hashlib.sha256()
-    with weights.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 24), b""):
-            digest.update(block)
-    return {"fingerprint": fingerprint(model), "weights_sha256": digest.hexdigest()}
+    with (resolve_model_path(MODEL) / "model.safetensors").open("rb") as weights:
+        digest = hashlib.file_digest(weights, "sha256").hexdigest()
+    return {"fingerprint": fingerprint(model), "weights_sha256": digest}
 
 
 def main() -> int:

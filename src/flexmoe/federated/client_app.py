@@ -37,6 +37,7 @@ from flexmoe.federated.protocol import (
     arrays_of,
     settings_from_run_config,
 )
+from flexmoe.hardware import Placement
 from flexmoe.runconfig import RunConfig
 
 RUN_KEY_FORM = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -104,9 +105,11 @@ def job_of(
 
 
 def simulated_threads(settings: RunConfig) -> int:
-    """Cores a simulated client process uses on the CPU: one, or all of them for a method that
-    trains the base weights, whose clients run one at a time (``simulation.client_resources``)."""
-    return (os.cpu_count() or 1) if settings.chosen_method().shared.trains_base_weights else 1
+    """Torch threads of a simulated client process: one, or on the CPU every core for a method
+    that trains the base weights, whose clients run one at a time (``client_resources``)."""
+    on_cpu = Placement.resolve(settings.device, settings.dtype).device.type != "cuda"
+    whole_model = settings.chosen_method().shared.trains_base_weights
+    return (os.cpu_count() or 1) if on_cpu and whole_model else 1
 
 
 def check_limits(settings: RunConfig, limits: NodeLimits) -> None:
