@@ -52,7 +52,7 @@ def difference(recorded: dict, build: dict) -> str | None:
     for key in ("folder", "carving_sha256", "fingerprint"):
         if recorded.get(key) != build[key]:
             return f"its {key} is {build[key]}, not {recorded.get(key)}"
-    norms = recorded["norms"]
+    norms = recorded.get("norms", {})
     if set(norms) != set(build["norms"]):
         return "it holds other tensors"
     worst = max(abs(build["norms"][k] - v) / max(v, 1e-30) for k, v in norms.items())

@@ -244,7 +244,7 @@ def _build_smol_moe(folder: Path) -> None:
     dense, tokenizer = load_dense_model(gguf)
     _say(
         f"carving it into {SMOL_CARVING.experts} experts, top-{SMOL_CARVING.top_k}, "
-        f"{SMOL_CARVING.shared_neurons} shared neurons (about 11 minutes on 2 cores)"
+        f"{SMOL_CARVING.shared_neurons} shared neurons (about 13 minutes on 2 cores)"
     )
     _, report = carve_and_save(dense, tokenizer, SMOL_CARVING, folder)
     _say(f"{SMOL_MOE} ready in {report.wall_s:.0f} s: {folder}")
