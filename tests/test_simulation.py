@@ -24,6 +24,7 @@ from flexmoe.results import (
     read_checkpoint,
     read_results,
     read_rounds,
+    to_plain,
 )
 from flexmoe.runconfig import RunConfig
 
@@ -123,7 +124,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, dolly_file, random_model
         )
         for layer, losses in client.graft_losses.items():  # 'top' grafts the lowest-loss expert
             assert client.grafted_experts[layer] == [losses.index(min(losses))]
-    assert list((tmp_path / "cache" / "measures").glob("*-mmlu-2.json"))  # the base's, kept
+    measures = tmp_path / "cache" / "measures"
+    assert len(list(measures.glob("*-mmlu-2/value.json"))) == 1 + len(straight.clients)  # kept
     assert all(c.knowledge.mmlu is None for c in resumed.clients)
     for path in (tmp_path / "straight" / CHECKPOINT_DIR).glob("*.safetensors"):
         names = load_file(path).keys()
@@ -139,6 +141,19 @@ def test_rounds_record_the_proximal_mu_each_client_used(
     rounds = read_rounds(tmp_path / ROUNDS_FILE)
     used = [client.proximal_mu for record in rounds for client in record.clients]
     assert used == [mu] * 4
+
+
+def test_clients_that_share_one_model_measure_its_knowledge_once(
+    tmp_path, dolly_file, random_model, monkeypatch
+):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    fake_mmlu(tmp_path / "cache")
+    common = ["--model", str(random_model), "--data", str(dolly_file), "--rounds", "1"]
+    results = run(tmp_path / "run", *common, "--method", "fedavg", "--mmlu-per-topic", "2")
+    measures = tmp_path / "cache" / "measures"
+    assert len(list(measures.glob("*-trained-*-mmlu-2/value.json"))) == 1  # for both clients
+    assert len({json.dumps(to_plain(c.knowledge)) for c in results.clients}) == 1
+    assert not list(measures.glob("**/.lock"))
 
 
 def test_a_hundred_clients_train_ten_per_round_and_keep_their_state_on_disk(tmp_path, random_model):

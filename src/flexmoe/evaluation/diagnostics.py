@@ -23,7 +23,7 @@ from flexmoe.evaluation.cost import flops_per_token
 from flexmoe.evaluation.mmlu import MMLUQuestion, evaluate_mmlu, fetch_mmlu, load_mmlu
 from flexmoe.evaluation.perplexity import domain_perplexities
 from flexmoe.evaluation.routing import routing_statistics
-from flexmoe.io import atomic_write_text
+from flexmoe.io import atomic_write_text, folder_lock
 from flexmoe.loading import fingerprint as model_fingerprint
 from flexmoe.model import FlexModel
 from flexmoe.results import Diagnostics, FlopsPerToken, Knowledge, MMLUScore, Routing, to_plain
@@ -51,16 +51,20 @@ def diagnostics(
     mmlu = f"mmlu-{mmlu_per_topic}"
     with _base_of(model, base) as reference:
         base_routing = routing_statistics(reference, batches)
-        base_heldout = base_measured(reference, "heldout", _heldout, dict, tokenizer)
-        base_mmlu = mmlu_per_topic and base_measured(
-            reference, mmlu, _mmlu, lambda plain: MMLUScore(**plain), tokenizer, mmlu_per_topic
+        name = base_fingerprint(reference)
+        base_heldout = measured(name, reference, "heldout", _heldout, dict, tokenizer)
+        base_mmlu = mmlu_per_topic and measured(
+            name, reference, mmlu, _mmlu, _mmlu_score, tokenizer, mmlu_per_topic
         )
-    # the clients of a method without personal state share one model: measured once a process
+    # the clients of a method without personal state share one model: measured once between them
     trained = trained_digest(model, base_name)
-    final_mmlu = mmlu_per_topic and measured(trained, model, mmlu, _mmlu, tokenizer, mmlu_per_topic)
+    final_heldout = measured(trained, model, "heldout", _heldout, dict, tokenizer)
+    final_mmlu = mmlu_per_topic and measured(
+        trained, model, mmlu, _mmlu, _mmlu_score, tokenizer, mmlu_per_topic
+    )
     return Diagnostics(
         knowledge=Knowledge(
-            heldout_ppl=measured(trained, model, "heldout", _heldout, tokenizer),
+            heldout_ppl=final_heldout,
             heldout_ppl_base=base_heldout,
             mmlu=final_mmlu or None,
             mmlu_base=base_mmlu or None,
@@ -84,44 +88,41 @@ def _base_of(model: FlexModel, base: nn.Module | None) -> Iterator[nn.Module]:
         yield model
 
 
-def measured(name: str, model: nn.Module, what: str, measure: Callable, *args: object) -> Any:
-    """``measure(model, *args)``, computed once per process for a model ``name`` and dtype.
-
-    ``name`` identifies the weights: the base model's name, or ``trained_digest`` of a model.
-    """
-    key = (name, str(next(model.parameters()).dtype), what)
-    if key not in _MEASURES:
-        _MEASURES[key] = measure(model, *args)
-    return _MEASURES[key]
-
-
-def base_measured(
-    base: nn.Module, what: str, measure: Callable, parse: Callable, *args: object
+def measured(
+    name: str, model: nn.Module, what: str, measure: Callable, parse: Callable, *args: object
 ) -> Any:
-    """``measure(base, *args)`` of a base model, kept on disk under its fingerprint, dtype and
-    device: every run on the same base measures it once."""
-    fingerprint = base.base_fingerprint if isinstance(base, FlexModel) else model_fingerprint(base)
-    weight = next(base.parameters())
-    key = f"v{MEASURE_VERSION}-{fingerprint}-{weight.dtype}-{weight.device.type}-{what}"
-    path = cache_dir() / "measures" / f"{key.replace('torch.', '')}.json"
-    if path.is_file():
-        try:
-            return parse(json.loads(path.read_text(encoding="utf-8")))
-        except (ValueError, TypeError):
-            pass  # damaged: measured again and rewritten
-    value = measured(fingerprint, base, what, measure, *args)
-    atomic_write_text(path, json.dumps(to_plain(value)))
+    """``measure(model, *args)`` of the weights ``name``, kept on disk under ``name``, dtype and
+    device and read back with ``parse``: every run and client process with the same weights
+    measures them once, and a process that finds another measuring them waits for its value."""
+    weight = next(model.parameters())
+    key = f"v{MEASURE_VERSION}-{name}-{weight.dtype}-{weight.device.type}-{what}"
+    folder = cache_dir() / "measures" / key.replace("torch.", "")
+    with folder_lock(folder, waiting=lambda holder: None):
+        path = folder / "value.json"
+        if path.is_file():
+            try:
+                return parse(json.loads(path.read_text(encoding="utf-8")))
+            except (ValueError, TypeError):
+                pass  # damaged: measured again and rewritten
+        value = measure(model, *args)
+        atomic_write_text(path, json.dumps(to_plain(value)))
     return value
+
+
+def base_fingerprint(base: nn.Module) -> str:
+    """The fingerprint of a base model, or of a FlexModel's base."""
+    return base.base_fingerprint if isinstance(base, FlexModel) else model_fingerprint(base)
 
 
 @torch.no_grad()
 def trained_digest(model: FlexModel, base_name: str) -> str:
-    """A name for ``model``'s weights: its base's name and a hash of its trained parameters.
+    """A name for ``model``'s weights: a hash of its base's name and fingerprint and of its
+    trained parameters.
 
     A large parameter is hashed through a strided sample of its values (training moves all of
     them), so a method that trains every weight of a large model copies little to the host.
     """
-    digest = hashlib.sha256(base_name.encode())
+    digest = hashlib.sha256(f"{base_name}:{model.base_fingerprint}".encode())
     for name, parameter in sorted(model.model.named_parameters()):
         if parameter.requires_grad:
             flat = parameter.detach().flatten()
@@ -133,6 +134,10 @@ def trained_digest(model: FlexModel, base_name: str) -> str:
 
 def _heldout(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
     return domain_perplexities(model, tokenizer, HELDOUT_TOKENS)
+
+
+def _mmlu_score(plain: dict) -> MMLUScore:
+    return MMLUScore(**plain)
 
 
 def _mmlu(model: nn.Module, tokenizer: PreTrainedTokenizerBase, per_topic: int) -> MMLUScore:
@@ -149,6 +154,3 @@ def _mmlu(model: nn.Module, tokenizer: PreTrainedTokenizerBase, per_topic: int) 
 def mmlu_questions() -> tuple[MMLUQuestion, ...]:
     """The MMLU test set, read from the cache (fetched once), once per process."""
     return tuple(load_mmlu(fetch_mmlu()))
-
-
-_MEASURES: dict[tuple[str, str, str], object] = {}
