@@ -1,5 +1,5 @@
-"""Carving dense models into MoEs: exact with every expert active, balanced, seeded, the same on
-every machine, reloadable."""
+"""Carving dense models into MoEs: exact with every expert active, balanced, seeded, in float64
+and so blind to float32 rounding, reloadable."""
 
 from __future__ import annotations
 
@@ -152,11 +152,12 @@ def carve_with_rounding_noise(relative: float, monkeypatch):
 
     def perturbed(layer, hidden, kwargs):
         x = exact_input(layer, hidden, kwargs)
+        assert x.dtype == torch.float64
         return x * (1 + relative * torch.randn(x.shape, generator=generator, dtype=x.dtype))
 
-    monkeypatch.setattr(carving, "_mlp_input", perturbed)
-    model, report = carve(dense_model(), calibration(8), SPARSE)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(carving, "_mlp_input", perturbed)
+        model, report = carve(dense_model(), calibration(8), SPARSE)
     return model.state_dict(), [(layer.shared, layer.experts) for layer in report.layers]
 
 
@@ -170,13 +171,42 @@ def test_a_carving_does_not_depend_on_rounding_below_float32(monkeypatch):
     assert not all(torch.equal(weights[k], float32_noise[k]) for k in weights)
 
 
-def test_balanced_kmeans_of_patterns_does_not_depend_on_summation_order():
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])  # qwen3 also norms queries and keys
+def test_a_layer_carves_in_float64_and_is_left_as_it_was(model_type):
+    layer = dense_model(model_type).model.layers[0]
+    names = sorted(layer.state_dict())
+    x = torch.randn(2, 5, COMMON["hidden_size"], dtype=torch.float64)
+    float32_norm = layer.input_layernorm(x)  # transformers' RMSNorm rounds through float32
+    with carving._in_float64(layer):
+        norm = layer.input_layernorm
+        assert all(p.dtype == torch.float64 for p in layer.parameters())
+        eps = norm.norm.variance_epsilon
+        reference = norm.norm.weight * x / x.square().mean(-1, keepdim=True).add(eps).sqrt()
+        assert torch.allclose(norm(x), reference, rtol=1e-12, atol=0)
+        assert not torch.allclose(float32_norm, reference, rtol=1e-12, atol=0)
+    with pytest.raises(RuntimeError), carving._in_float64(layer):
+        raise RuntimeError("a failure while carving")
+    assert sorted(layer.state_dict()) == names
+    assert all(p.dtype == torch.float32 for p in layer.parameters())
+
+
+def test_balanced_kmeans_of_patterns_ranks_exact_distances(monkeypatch):
+    ranked = []
+
+    def recording(distances, size):
+        ranked.append(distances)
+        return assign(distances, size)
+
+    assign = carving._assign_balanced
+    monkeypatch.setattr(carving, "_assign_balanced", recording)
     generator = torch.Generator().manual_seed(0)
-    patterns = (torch.rand(64, 256, generator=generator) < 0.2).float()
+    patterns = (torch.rand(48, 1000, generator=generator) < 0.2).float()
     patterns[1] = patterns[0]  # identical points tie on every distance
-    labels = balanced_kmeans(patterns, 4, torch.Generator().manual_seed(1))
-    shuffled = patterns[:, torch.randperm(256, generator=generator)]  # another order of sums
-    assert torch.equal(balanced_kmeans(shuffled, 4, torch.Generator().manual_seed(1)), labels)
+    labels = balanced_kmeans(patterns, 3, torch.Generator().manual_seed(1))
+    assert len(ranked) > 1  # centroids moved at least once
+    assert all(d.dtype == torch.float64 and torch.equal(d, d.round()) for d in ranked)
+    shuffled = patterns[:, torch.randperm(1000, generator=generator)]  # another order of sums
+    assert torch.equal(balanced_kmeans(shuffled, 3, torch.Generator().manual_seed(1)), labels)
 
 
 def test_refitting_recovers_output_the_dropped_experts_carried():

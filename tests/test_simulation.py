@@ -124,8 +124,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, dolly_file, random_model
         )
         for layer, losses in client.graft_losses.items():  # 'top' grafts the lowest-loss expert
             assert client.grafted_experts[layer] == [losses.index(min(losses))]
-    measures = tmp_path / "cache" / "measures"
-    assert len(list(measures.glob("*-mmlu-2/value.json"))) == 1 + len(straight.clients)  # kept
+    assert len(list((tmp_path / "cache" / "measures").glob("*-mmlu-2/value.json"))) == 1  # base
+    trained = list((tmp_path / "straight").glob("clients/*/measures/*-trained-*-mmlu-2/value.json"))
+    assert len(trained) == len(straight.clients)  # one personalised model each
     assert all(c.knowledge.mmlu is None for c in resumed.clients)
     for path in (tmp_path / "straight" / CHECKPOINT_DIR).glob("*.safetensors"):
         names = load_file(path).keys()
@@ -150,10 +151,10 @@ def test_clients_that_share_one_model_measure_its_knowledge_once(
     fake_mmlu(tmp_path / "cache")
     common = ["--model", str(random_model), "--data", str(dolly_file), "--rounds", "1"]
     results = run(tmp_path / "run", *common, "--method", "fedavg", "--mmlu-per-topic", "2")
-    measures = tmp_path / "cache" / "measures"
-    assert len(list(measures.glob("*-trained-*-mmlu-2/value.json"))) == 1  # for both clients
+    measures = tmp_path / "run" / "clients"
+    assert len(list(measures.glob("*/measures/*-trained-*-mmlu-2/value.json"))) == 1  # for both
     assert len({json.dumps(to_plain(c.knowledge)) for c in results.clients}) == 1
-    assert not list(measures.glob("**/.lock"))
+    assert not list(tmp_path.glob("**/.lock"))
 
 
 def test_a_hundred_clients_train_ten_per_round_and_keep_their_state_on_disk(tmp_path, random_model):

@@ -2,12 +2,13 @@
 
     python benchmarks/smol_moe/check_model.py [--out benchmarks/results/smol-moe]
 
-smol-moe is carved on the machine that first loads it. Carving computes in float64 so that every
-machine carves the same model, but a matrix spanning sessions (each on a fresh machine) must not
+smol-moe is carved on the machine that first loads it. Carving computes in float64 so that
+machines make the same choices, but a matrix spanning sessions (each on a fresh machine) must not
 mix base models without saying so. The first call records the build in ``OUT/model.json``; a
 later call passes when this machine's build is the same: bit for bit, or with the same carving
-(every expert's neurons), the same fingerprint and every tensor's norm within ``NORM_RTOL`` (a
-difference in float rounding only, which says so).
+(every expert's neurons), the same fingerprint, and every tensor's norm and a random projection of
+it within ``RTOL`` of its norm (values that differ by about ``RTOL`` of themselves or less; it
+says which).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from flexmoe.loading import CARVE_REPORT, fingerprint, load_model, resolve_model
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "smol-moe"
 MODEL = "smol-moe"
-NORM_RTOL = 1e-6  # float32 rounding moves a norm by about 1e-7
+RTOL = 1e-6  # float32 rounding moves a value by 6e-8 of itself at most
 
 
 def this_build() -> dict:
@@ -39,25 +40,35 @@ def this_build() -> dict:
     carving = json.dumps([[layer["shared"], layer["experts"]] for layer in layers])
     return {
         "model": MODEL,
-        "folder": str(folder).replace(str(Path.home()), "~", 1),
+        "build": folder.name,
         "fingerprint": fingerprint(model),
         "weights_sha256": digest,
         "carving_sha256": hashlib.sha256(carving.encode()).hexdigest(),
-        "norms": {name: float(p.double().norm()) for name, p in model.state_dict().items()},
+        "tensors": {name: summary(tensor) for name, tensor in model.state_dict().items()},
     }
+
+
+def summary(tensor: torch.Tensor) -> list[float]:
+    """Its norm, and its projection on a fixed random sign vector: a change of every value by
+    ``d`` of itself moves the projection by about ``d`` of the norm (the norm by far less)."""
+    values = tensor.detach().double().flatten()
+    signs = torch.randint(0, 2, values.shape, generator=torch.Generator().manual_seed(0))
+    return [float(values.norm()), float((values * (2 * signs - 1)).sum())]
 
 
 def difference(recorded: dict, build: dict) -> str | None:
     """Why ``build`` is not the recorded one, or None when it is."""
-    for key in ("folder", "carving_sha256", "fingerprint"):
+    for key in ("build", "carving_sha256", "fingerprint"):
         if recorded.get(key) != build[key]:
             return f"its {key} is {build[key]}, not {recorded.get(key)}"
-    norms = recorded.get("norms", {})
-    if set(norms) != set(build["norms"]):
+    tensors = recorded.get("tensors", {})
+    if set(tensors) != set(build["tensors"]):
         return "it holds other tensors"
-    worst = max(abs(build["norms"][k] - v) / max(v, 1e-30) for k, v in norms.items())
-    if worst > NORM_RTOL:
-        return f"a tensor's norm differs by {worst:.1e} of itself (more than {NORM_RTOL:g})"
+    for name, recorded_summary in tensors.items():
+        pairs = zip(build["tensors"][name], recorded_summary, strict=True)
+        moved, norm = max(abs(a - b) for a, b in pairs), recorded_summary[0]
+        if moved > RTOL * max(norm, 1e-30):
+            return f"{name} differs by {moved / norm:.1e} of its norm (more than {RTOL:g})"
     return None
 
 

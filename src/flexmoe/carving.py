@@ -20,8 +20,8 @@ refit corrects what the earlier layers changed.
 Carving computes in float64, the norms, rotary embedding and router included (transformers runs
 those in float32 whatever the input). Its discrete choices (the strong neurons, the clusters, the
 experts a token uses) then depend on no float32 rounding, which differs from one CPU's BLAS to the
-next, so every machine carves the same model; integer ties go to the lower index. Only the carved
-weights are cast back to the dense model's float32.
+next, so machines make the same choices and their carved weights differ by float64 rounding only;
+integer ties go to the lower index. Only the carved weights are cast back to float32.
 
 The target is ``glm4_moe``: its sigmoid router with ``routed_scaling_factor=2`` and router logits
 scaled to at most ``ROUTER_LOGIT_LIMIT`` weights every selected expert by 1 (to 0.05%), so
@@ -58,7 +58,7 @@ PARTITION_TOKENS = 8192  # calibration tokens whose co-activation patterns the c
 KMEANS_ITERATIONS = 25
 RIDGE = 1e-4  # ridge penalty relative to the mean feature energy
 DENSE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")  # tested attention layouts
-EXACT = torch.float64  # carving's arithmetic: see the module docstring
+CARVE_DTYPE = torch.float64  # carving's arithmetic: see the module docstring
 
 
 @dataclass(frozen=True)
@@ -212,15 +212,18 @@ def carve(
 ) -> tuple[Glm4MoeForCausalLM, CarveReport]:
     """A ``glm4_moe`` model carved from ``dense`` on calibration ``batches``, and its report.
 
-    ``dense`` must be float32 (carving solves least-squares problems). It is carved in place,
-    its MLPs replaced layer by layer so that no second copy is held: load a fresh copy to
-    keep using the dense model.
+    ``dense`` must be float32, the carved model's dtype (a bfloat16 copy would have lost
+    precision before carving starts; carving itself computes in float64). It is carved in
+    place, its MLPs replaced layer by layer so that no second copy is held: load a fresh copy
+    to keep using the dense model.
     """
     check_carvable(dense)
     if next(dense.parameters()).dtype != torch.float32:
         raise FlexMoEError("carve a float32 copy of the dense model (load it with dtype=float32)")
     if not batches:
         raise FlexMoEError("carving needs calibration text; give at least one batch")
+    if dense.device.type == "mps":
+        raise FlexMoEError("carving computes in float64, which MPS lacks; carve on CPU or CUDA")
     started = time.perf_counter()
     target = moe_config(dense, config)
     _check_weight_names(dense, target)
@@ -241,14 +244,14 @@ def carve(
     for index, layer in enumerate(
         tqdm(_decoder_layers(working), desc="carving layers", disable=not progress)
     ):
-        with _exact(layer):
+        with _in_float64(layer):
             x = torch.cat([_mlp_input(layer, h, kw) for h, kw in zip(hidden, kwargs, strict=True)])
             block, carving = _carve_mlp(
                 index, layer.mlp, x.flatten(0, -2), exact_target, config, generator
             )
         report.layers.append(carving)
-        layer.mlp = block
-        with _exact(layer):
+        layer.mlp = block  # float64 until the layer's outputs are computed, then float32
+        with _in_float64(layer):
             hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
     report.wall_s = round(time.perf_counter() - started, 1)
     return _as_moe_model(working, target, report), report
@@ -306,51 +309,50 @@ def _first_layer_inputs(model: PreTrainedModel, batches: Sequence[Batch]) -> tup
             layer_kwargs.pop(name, None)
         for name, value in layer_kwargs.items():
             if torch.is_tensor(value) and value.is_floating_point():  # an additive mask
-                layer_kwargs[name] = value.to(EXACT)
+                layer_kwargs[name] = value.to(CARVE_DTYPE)
         if "position_embeddings" in layer_kwargs:
             positions = layer_kwargs["position_ids"]
-            layer_kwargs["position_embeddings"] = _exact_rotary(model.model.rotary_emb, positions)
-    return [h.to(EXACT) for h in hidden], kwargs
+            layer_kwargs["position_embeddings"] = _float64_rotary(model.model.rotary_emb, positions)
+    return [h.to(CARVE_DTYPE) for h in hidden], kwargs
 
 
-def _exact_rotary(rotary: nn.Module, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _float64_rotary(
+    rotary: nn.Module, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The rotary embedding's cos and sin at ``positions``, in float64."""
-    inverse = rotary.inv_freq.to(EXACT)  # other RoPE types are only computed in float32
+    inverse = rotary.inv_freq.to(CARVE_DTYPE)  # other RoPE types are only computed in float32
     if rotary.rope_type == "default":
         theta = rotary.config.rope_parameters["rope_theta"]
-        half = torch.arange(0, 2 * inverse.numel(), 2, dtype=EXACT, device=inverse.device)
+        half = torch.arange(0, 2 * inverse.numel(), 2, dtype=CARVE_DTYPE, device=inverse.device)
         inverse = 1.0 / theta ** (half / (2 * inverse.numel()))
-    angles = positions[..., None].to(EXACT) * inverse
+    angles = positions[..., None].to(CARVE_DTYPE) * inverse
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos() * rotary.attention_scaling, angles.sin() * rotary.attention_scaling
 
 
 @contextlib.contextmanager
-def _exact(layer: nn.Module) -> Iterator[None]:
-    """Run ``layer`` in float64, its RMSNorms and router too; then cast it back."""
-    dtype = next(layer.parameters()).dtype
+def _in_float64(layer: nn.Module) -> Iterator[None]:
+    """Run float32 ``layer`` in float64, its RMSNorms and router too; then cast it back."""
     swapped = [
         (parent, name, child)
         for parent in list(layer.modules())
         for name, child in parent.named_children()
         if isinstance(child, Glm4MoeTopkRouter) or type(child).__name__.endswith("RMSNorm")
     ]
-    for parent, name, child in swapped:
-        exact = (
-            _ExactRouter(child) if isinstance(child, Glm4MoeTopkRouter) else _ExactRMSNorm(child)
-        )
-        setattr(parent, name, exact)
-    layer.to(EXACT)
     try:
+        for parent, name, child in swapped:
+            routes = isinstance(child, Glm4MoeTopkRouter)
+            setattr(parent, name, _Float64Router(child) if routes else _Float64RMSNorm(child))
+        layer.to(CARVE_DTYPE)
         yield
     finally:
         for parent, name, child in swapped:
             setattr(parent, name, child)
-        layer.to(dtype)
+        layer.to(torch.float32)
 
 
-class _ExactRMSNorm(nn.Module):
-    """An RMSNorm computed in its input's precision (transformers' computes in float32)."""
+class _Float64RMSNorm(nn.Module):
+    """An RMSNorm computed in its input's dtype (transformers' computes in float32)."""
 
     def __init__(self, norm: nn.Module):
         super().__init__()
@@ -361,8 +363,8 @@ class _ExactRMSNorm(nn.Module):
         return self.norm.weight * (x * scale)
 
 
-class _ExactRouter(nn.Module):
-    """glm4_moe's router computed in its input's precision (transformers' is float32)."""
+class _Float64Router(nn.Module):
+    """glm4_moe's router computed in its input's dtype (transformers' computes in float32)."""
 
     def __init__(self, router: Glm4MoeTopkRouter):
         super().__init__()
@@ -379,6 +381,8 @@ def _route(
 
     Carving's routers have one expert group and unnormalised weights (see ``moe_config``).
     """
+    if router.num_group != 1 or router.norm_topk_prob:
+        raise NotImplementedError("only routers with one group and unnormalised weights")
     logits = F.linear(x.view(-1, router.hidden_dim), router.weight.to(x.dtype))
     scores = logits.sigmoid()
     choice = scores + router.e_score_correction_bias.to(x.dtype)
@@ -452,7 +456,7 @@ def _partition(
     routed = routed.nonzero().squeeze(1)
     sample = torch.randperm(strength.shape[0], generator=generator)[:PARTITION_TOKENS]
     sample = sample.to(strength.device)
-    patterns = strong[sample][:, routed].T.to(EXACT)  # [routed neurons, tokens]
+    patterns = strong[sample][:, routed].T.to(CARVE_DTYPE)  # [routed neurons, tokens]
     labels = balanced_kmeans(patterns, config.experts, generator)
     return shared, [routed[labels == c] for c in range(config.experts)]
 
@@ -471,7 +475,7 @@ def balanced_kmeans(
     size, rest = divmod(points.shape[0], clusters)
     if rest or not size:
         raise FlexMoEError(f"{points.shape[0]} points do not split into {clusters} equal groups")
-    points = points.to(EXACT)
+    points = points.to(CARVE_DTYPE)
     first = torch.randperm(points.shape[0], generator=generator)[:clusters]
     sums, members = points[first.to(points.device)], 1
     squares = points.square().sum(dim=1, keepdim=True)

@@ -175,8 +175,15 @@ class ClientWorker:
         base = None
         if self.method.shared.trains_base_weights:
             base, _ = load_model(self.config.model, self.placement)  # its weights were trained
+        measures = self.store.root.parent / "measures"  # the run's, shared by its clients here
         return diagnostics(
-            model, self.config.model, self.tokenizer, batches, base, self.config.mmlu_per_topic
+            model,
+            self.config.model,
+            self.tokenizer,
+            batches,
+            measures,
+            base,
+            self.config.mmlu_per_topic,
         )
 
     @contextlib.contextmanager

@@ -11,7 +11,9 @@ import contextlib
 import functools
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ from flexmoe.results import Diagnostics, FlopsPerToken, Knowledge, MMLUScore, Ro
 HELDOUT_TOKENS = 2048  # per pretraining domain
 DIGEST_SAMPLE = 1 << 16  # values per trained parameter that tell two clients' models apart
 MEASURE_VERSION = 1  # of what the measures compute: bump to stop reading older cached values
+MEASURE_FILE = "value.json"
 
 
 def diagnostics(
@@ -38,6 +41,7 @@ def diagnostics(
     base_name: str,
     tokenizer: PreTrainedTokenizerBase,
     batches: Sequence[Mapping[str, torch.Tensor]],
+    measures: Path,
     base: nn.Module | None = None,
     mmlu_per_topic: int = 0,
 ) -> Diagnostics:
@@ -45,22 +49,23 @@ def diagnostics(
 
     The base is ``model`` with its adapters switched off, unless a pristine ``base`` is given
     (needed when training changed pretrained weights). ``mmlu_per_topic`` > 0 adds MMLU 0-shot
-    on the first that many scored questions of every topic.
+    on the first that many scored questions of every topic. The base's knowledge is kept in
+    the flexmoe cache, for every later run; the trained model's in ``measures`` (the run's), so
+    that clients sharing one model measure it once.
     """
     flops = flops_per_token(model)
     mmlu = f"mmlu-{mmlu_per_topic}"
     with _base_of(model, base) as reference:
         base_routing = routing_statistics(reference, batches)
-        name = base_fingerprint(reference)
-        base_heldout = measured(name, reference, "heldout", _heldout, dict, tokenizer)
+        cache, name = cache_dir() / "measures", base_fingerprint(reference)
+        base_heldout = measured(cache, name, reference, "heldout", _heldout, dict, tokenizer)
         base_mmlu = mmlu_per_topic and measured(
-            name, reference, mmlu, _mmlu, _mmlu_score, tokenizer, mmlu_per_topic
+            cache, name, reference, mmlu, _mmlu, _mmlu_score, tokenizer, mmlu_per_topic
         )
-    # the clients of a method without personal state share one model: measured once between them
     trained = trained_digest(model, base_name)
-    final_heldout = measured(trained, model, "heldout", _heldout, dict, tokenizer)
+    final_heldout = measured(measures, trained, model, "heldout", _heldout, dict, tokenizer)
     final_mmlu = mmlu_per_topic and measured(
-        trained, model, mmlu, _mmlu, _mmlu_score, tokenizer, mmlu_per_topic
+        measures, trained, model, mmlu, _mmlu, _mmlu_score, tokenizer, mmlu_per_topic
     )
     return Diagnostics(
         knowledge=Knowledge(
@@ -89,24 +94,41 @@ def _base_of(model: FlexModel, base: nn.Module | None) -> Iterator[nn.Module]:
 
 
 def measured(
-    name: str, model: nn.Module, what: str, measure: Callable, parse: Callable, *args: object
+    root: Path,
+    name: str,
+    model: nn.Module,
+    what: str,
+    measure: Callable,
+    parse: Callable,
+    *args: object,
 ) -> Any:
-    """``measure(model, *args)`` of the weights ``name``, kept on disk under ``name``, dtype and
-    device and read back with ``parse``: every run and client process with the same weights
-    measures them once, and a process that finds another measuring them waits for its value."""
+    """``measure(model, *args)`` of the weights ``name``, kept in ``root`` under ``name``, dtype
+    and device and read back with ``parse``: every process with the same weights measures them
+    once, and one that finds another measuring them waits for its value."""
     weight = next(model.parameters())
     key = f"v{MEASURE_VERSION}-{name}-{weight.dtype}-{weight.device.type}-{what}"
-    folder = cache_dir() / "measures" / key.replace("torch.", "")
-    with folder_lock(folder, waiting=lambda holder: None):
-        path = folder / "value.json"
-        if path.is_file():
-            try:
-                return parse(json.loads(path.read_text(encoding="utf-8")))
-            except (ValueError, TypeError):
-                pass  # damaged: measured again and rewritten
-        value = measure(model, *args)
-        atomic_write_text(path, json.dumps(to_plain(value)))
+    folder = root / key.replace("torch.", "")
+    value = _read_measure(folder, parse)  # values are written atomically: no lock to read one
+    if value is not None:
+        return value
+    with folder_lock(folder, waiting=lambda holder: _say(f"waiting for {holder} to {key}")):
+        value = _read_measure(folder, parse)
+        if value is None:
+            value = measure(model, *args)
+            atomic_write_text(folder / MEASURE_FILE, json.dumps(to_plain(value)))
     return value
+
+
+def _read_measure(folder: Path, parse: Callable) -> Any | None:
+    """The value kept in ``folder``, or None when there is none or it is damaged."""
+    try:
+        return parse(json.loads((folder / MEASURE_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _say(message: str) -> None:
+    print(f"flexmoe: {message}", file=sys.stderr, flush=True)
 
 
 def base_fingerprint(base: nn.Module) -> str:
