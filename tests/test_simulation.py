@@ -235,8 +235,15 @@ def test_a_private_run_reports_the_privacy_it_spent(tmp_path, dolly_file, random
     spent = [r.dp_epsilon for r in read_rounds(tmp_path / "private" / ROUNDS_FILE)]
     assert 0 < spent[0] < spent[1] == results.privacy.epsilon  # it adds up, round by round
     assert (results.privacy.noise_multiplier, results.privacy.delta) == (1.0, 1e-4)
+    once = [*common[:-1], "1", *private]  # one round, then resumed for the second
+    run(tmp_path / "resumed", *once)
+    resumed = run(tmp_path / "resumed", "--resume", str(tmp_path / "resumed"), "--rounds", "2")
+    assert resumed.privacy.epsilon == pytest.approx(spent[1])  # the accountant resumed too
     assert main(["run", "--out", str(tmp_path / "x"), *common, "--dp-noise-multiplier", "1"]) == 2
     assert "needs a dp-clipping-norm" in capsys.readouterr().err
+    tolerant = [*private, "--min-updates", "1"]  # the noise is calibrated to every client
+    assert main(["run", "--out", str(tmp_path / "z"), *common, *tolerant]) == 2
+    assert "needs every sampled client's update" in capsys.readouterr().err
     robust = ["--aggregation", "median", "--dp-clipping-norm", "0.5"]
     assert main(["run", "--out", str(tmp_path / "y"), *common, *robust]) == 2
     assert "accounted for FedAvg's mean" in capsys.readouterr().err

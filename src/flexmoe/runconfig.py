@@ -196,6 +196,11 @@ class RunConfig:
             raise FlexMoEError(
                 "dp-noise-multiplier needs a dp-clipping-norm: noise is scaled to the clipping"
             )
+        if self.dp_noise_multiplier > 0 and self.min_updates:
+            raise FlexMoEError(
+                "dp-noise-multiplier needs every sampled client's update (min-updates 0): the "
+                "noise and the privacy accounting are calibrated to the clients sampled"
+            )
 
     @property
     def private(self) -> bool:

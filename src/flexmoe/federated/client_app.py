@@ -33,6 +33,7 @@ from flexmoe.federated.protocol import (
     NodeConfig,
     NodeLimits,
     RoundInstructions,
+    State,
     TrainReply,
     arrays_of,
     settings_from_run_config,
@@ -174,7 +175,7 @@ def run_job(job: Job) -> TrainReply | EvaluateReply:
             lr=result.lr,
             proximal_mu=result.proximal_mu,
             seconds=result.seconds,
-            shared=result.shared,
+            shared=in_order_sent(result.shared, job.shared),
         )
     scores = worker.evaluate(instructions.server_round, job.shared, instructions.detailed)
     return EvaluateReply(
@@ -187,6 +188,14 @@ def run_job(job: Job) -> TrainReply | EvaluateReply:
         seconds=scores.seconds,
         diagnostics=scores.diagnostics,
     )
+
+
+def in_order_sent(update: State | None, sent: State) -> State | None:
+    """``update`` in the order the server sent its arrays, which Flower's clipping pairs
+    position by position (a resumed server sends them in its checkpoint's sorted order)."""
+    if not update or list(update) == list(sent) or set(update) != set(sent):
+        return update  # nothing to order, or a mismatch the server's checks name
+    return {name: update[name] for name in sent}
 
 
 @functools.lru_cache(maxsize=8)

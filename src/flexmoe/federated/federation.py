@@ -188,6 +188,8 @@ def screen(
 def aggregate(strategy: Strategy, round_: int, replies: list[Message]) -> ArrayRecord:
     """The strategy's aggregate of checked updates, itself checked to be finite."""
     arrays, _ = strategy.aggregate_train(round_, replies)
+    if arrays is None:  # Flower's strategies return nothing rather than raise
+        raise FlexMoEError(f"round {round_}: the strategy aggregated nothing from the updates")
     check_finite(arrays, "the aggregated parameters", round_)
     return arrays
 
