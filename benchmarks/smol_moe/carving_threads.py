@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from check_model import summary  # beside this script
+from check_model import largest_move, summary  # beside this script
 
 from flexmoe.cache import cache_dir
 from flexmoe.data import calibration_texts, text_batches
@@ -46,10 +46,8 @@ def compare(first: dict, second: dict) -> None:
     a, b = first["weights"], second["weights"]
     total = sum(t.numel() for t in a.values())
     differ = {k: a[k] != b[k] for k in a}
-    moved = max(
-        max(abs(x - y) for x, y in zip(summary(a[k]), summary(b[k]), strict=True))
-        / summary(a[k])[0]
-        for k in a
+    _, moved = largest_move(
+        {k: summary(t) for k, t in a.items()}, {k: summary(t) for k, t in b.items()}
     )
     relative = max(
         (

