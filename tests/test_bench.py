@@ -512,6 +512,46 @@ def test_report_shows_mmlu_selection_agreement_predictions_margins_and_the_sweep
     assert "## eval-split" not in report  # the sweep runs are not a setting of their own
 
 
+def test_report_weighs_the_papers_three_claims_against_the_seed_spread(tmp_path):
+    scores = {  # method -> per-seed mean ROUGE-L, per-seed held-out perplexity increase
+        "flex": ([40.0, 42.0, 44.0], [0.01, 0.02, 0.03]),
+        "flex-random": ([50.0, 50.5, 51.0], [0.015] * 3),  # grafts: not a federated baseline
+        "fedavg": ([35.0, 36.0, 37.0], [0.05, 0.06, 0.07]),
+        "fedavg-full": ([30.0, 30.5, 31.0], [0.2] * 3),
+        "local": ([60.0] * 3, [0.0] * 3),  # federates nothing: left out of claims 1 and 2
+    }
+    for method, (rouges, increases) in scores.items():
+        for seed, (rouge, increase) in enumerate(zip(rouges, increases, strict=True)):
+            results = fake_results(method, seed, [rouge])
+            results.mean_ppl_increase = increase
+            if method == "fedavg-full":
+                results.comm = Traffic(bytes_up=2_000_000, bytes_down=2_000_000)
+            if seed == 0 and method in ("flex", "fedavg"):
+                lost = 0.01 if method == "flex" else 0.03
+                results.clients[0].knowledge = Knowledge(
+                    heldout_ppl={}, heldout_ppl_base={},
+                    mmlu=MMLUScore(questions=40, accuracy=0.25, macro_accuracy=0.25,
+                                   correct_probability=0.30 - lost),
+                    mmlu_base=MMLUScore(questions=40, accuracy=0.25, macro_accuracy=0.25,
+                                        correct_probability=0.30),
+                )  # fmt: skip
+            write_run(tmp_path / method / f"seed{seed}", results)
+    report = write_report(tmp_path).read_text()
+    claims = [line for line in report.splitlines() if line.startswith("- ")]
+    assert claims == [
+        "- Better mean ROUGE-L than the federated baselines (fedavg, fedavg-full): supported. "
+        "flex 42.00, the best of them fedavg 36.00: margin +6.00, std 2.00.",
+        "- Least knowledge lost among the methods that federate, by held-out perplexity "
+        "increase: not supported. flex +0.0200 (rank 2 of 4), the least of the others "
+        "flex-random +0.0150.",
+        "- Least knowledge lost among the methods that federate, by MMLU p(right letter) lost: "
+        "untested (one seed each: no spread to weigh the margin by). flex +0.0100 (rank 1 of "
+        "2), the least of the others fedavg +0.0300.",
+        "- Under 1% of fedavg-full's uplink: supported. flex sends 0.50% of it (0.010 MB against "
+        "2.000 MB per run).",
+    ]
+
+
 def test_methods_tuned_to_their_own_rates_compare_in_one_table(tmp_path):
     for seed in (0, 1):
         write_run(tmp_path / "flex" / f"s{seed}", fake_results("flex", seed, [30.0], lr=1e-3))

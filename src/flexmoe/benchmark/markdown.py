@@ -22,6 +22,7 @@ from flexmoe.benchmark.summary import (
     split_sweep,
 )
 from flexmoe.benchmark.tuning import Choice, at_edge, choose
+from flexmoe.methods import METHODS
 from flexmoe.results import Knowledge
 from flexmoe.runconfig import option_name
 
@@ -72,19 +73,121 @@ def best_line(label: str, summaries: dict[str, Summary]) -> list[str]:
 
 def margin_line(summaries: dict[str, Summary]) -> str:
     """FLEx's margin over the best other method, beside both methods' seed-to-seed spread."""
-    flex = summaries[FLEX]
-    rival = max((m for m in summaries if m != FLEX), key=lambda m: summaries[m].rouge)
-    other = summaries[rival]
-    margin = flex.rouge - other.rouge
-    spreads = [x for x in (flex.rouge_std, other.rouge_std) if x is not None]
-    if not spreads:
+    rival, margin, spread = _margin(summaries, [m for m in summaries if m != FLEX])
+    if spread is None:
         return f"Margin over {rival}: {margin:+.2f} (one seed each: no spread to weigh it by)."
-    verdict = "more" if abs(margin) > max(spreads) else "no more"
+    verdict = "more" if abs(margin) > spread else "no more"
     return (
         f"Margin over the best other method, {rival}: {margin:+.2f}, {verdict} than one "
-        f"seed-to-seed standard deviation ({FLEX} {_number(flex.rouge_std)}, "
-        f"{rival} {_number(other.rouge_std)})."
+        f"seed-to-seed standard deviation ({FLEX} {_number(summaries[FLEX].rouge_std)}, "
+        f"{rival} {_number(summaries[rival].rouge_std)})."
     )
+
+
+def _margin(
+    summaries: dict[str, Summary], rivals: Sequence[str]
+) -> tuple[str, float, float | None]:
+    """The best of ``rivals`` by mean ROUGE-L, FLEx's margin over it, and the larger of the two
+    methods' seed-to-seed standard deviations (None when neither has two seeds)."""
+    rival = max(rivals, key=lambda m: summaries[m].rouge)
+    spreads = [s.rouge_std for s in (summaries[FLEX], summaries[rival]) if s.rouge_std is not None]
+    return rival, summaries[FLEX].rouge - summaries[rival].rouge, max(spreads, default=None)
+
+
+def claims_section(summaries: dict[str, Summary]) -> list[str]:
+    """The paper's three claims for FLEx, each weighed against this setting's runs."""
+    if FLEX not in summaries or len(summaries) < 2:
+        return []
+    claims = [rouge_claim(summaries), *knowledge_claims(summaries), traffic_claim(summaries)]
+    return [
+        "The paper's claims on these runs (a margin is supported when it exceeds the larger "
+        "seed-to-seed standard deviation of the two methods):",
+        "",
+        *(f"- {claim}" for claim in claims if claim),
+        "",
+    ]
+
+
+def _verdict(margin: float, spread: float | None) -> str:
+    """Whether a margin (positive: FLEx ahead) holds against the seed-to-seed spread."""
+    if margin <= 0:
+        return "not supported"
+    if spread is None:
+        return "untested (one seed each: no spread to weigh the margin by)"
+    return "supported" if margin > spread else "not shown (ahead by less than one std)"
+
+
+def rouge_claim(summaries: dict[str, Summary]) -> str | None:
+    """Claim 1: a better mean ROUGE-L than every federated baseline (methods that graft nothing)."""
+    baselines = [m for m in summaries if _federates(m) and not METHODS[m].grafts]
+    if not baselines:
+        return None
+    rival, margin, spread = _margin(summaries, baselines)
+    return (
+        f"Better mean ROUGE-L than the federated baselines ({', '.join(baselines)}): "
+        f"{_verdict(margin, spread)}. {FLEX} {summaries[FLEX].rouge:.2f}, the best of them "
+        f"{rival} {summaries[rival].rouge:.2f}: margin {margin:+.2f}, std {_number(spread)}."
+    )
+
+
+def knowledge_claims(summaries: dict[str, Summary]) -> list[str]:
+    """Claim 2: the least knowledge lost among the methods that federate, by each measure."""
+    measures = {
+        "held-out perplexity increase": lambda run: run.results.mean_ppl_increase,
+        "MMLU p(right letter) lost": _mmlu_probability_lost,
+    }
+    claims = []
+    for name, measure in measures.items():
+        per_run = {
+            m: [v for v in map(measure, s.runs) if v is not None]
+            for m, s in summaries.items()
+            if _federates(m)
+        }
+        per_run = {m: values for m, values in per_run.items() if values}
+        if FLEX in per_run and len(per_run) > 1:
+            claims.append(_least_lost_claim(name, per_run))
+    return claims
+
+
+def _least_lost_claim(name: str, per_run: dict[str, list[float]]) -> str:
+    """Where FLEx ranks by a loss measured per run (lower is better), and its margin."""
+    mean = {m: statistics.fmean(values) for m, values in per_run.items()}
+    rival = min((m for m in mean if m != FLEX), key=mean.__getitem__)
+    spreads = [statistics.stdev(per_run[m]) for m in (FLEX, rival) if len(per_run[m]) > 1]
+    margin = mean[rival] - mean[FLEX]
+    rank = 1 + sum(value < mean[FLEX] for value in mean.values())
+    return (
+        f"Least knowledge lost among the methods that federate, by {name}: "
+        f"{_verdict(margin, max(spreads, default=None))}. {FLEX} {mean[FLEX]:+.4f} (rank {rank} "
+        f"of {len(mean)}), the least of the others {rival} {mean[rival]:+.4f}."
+    )
+
+
+def _mmlu_probability_lost(run: Run) -> float | None:
+    """The base model's MMLU probability of the right letter minus the final models', mean over
+    the run's clients that scored MMLU."""
+    scored = [c.knowledge for c in run.results.clients if c.knowledge and c.knowledge.mmlu]
+    pairs = [(k.mmlu_base, k.mmlu) for k in scored if k.mmlu_base]
+    if not pairs:
+        return None
+    return statistics.fmean(b.correct_probability - f.correct_probability for b, f in pairs)
+
+
+def traffic_claim(summaries: dict[str, Summary]) -> str | None:
+    """Claim 3: far less traffic, taken as under 1% of fedavg-full's uplink."""
+    if REFERENCE not in summaries:
+        return None
+    flex, full = (summaries[m].traffic("bytes_up") for m in (FLEX, REFERENCE))
+    ratio = flex / full
+    verdict = "supported" if ratio < 0.01 else "not supported"
+    return (
+        f"Under 1% of {REFERENCE}'s uplink: {verdict}. {FLEX} sends {ratio:.2%} of it "
+        f"({_megabytes_cell(flex)} MB against {_megabytes_cell(full)} MB per run)."
+    )
+
+
+def _federates(method: str) -> bool:
+    return method in METHODS and METHODS[method].federated
 
 
 def privacy_line(summaries: dict[str, Summary]) -> list[str]:
@@ -404,7 +507,7 @@ def render_report(runs: Sequence[Run]) -> str:
         plots = setting_plots(label)
         lines += [f"## {label}", "", *best_line(label, summaries), *repeated_seeds(summaries)]
         lines += privacy_line(summaries)
-        lines += method_table(summaries)
+        lines += method_table(summaries) + claims_section(summaries)
         lines += ["Per-client ROUGE-L (mean over seeds):", "", *client_table(summaries)]
         lines += knowledge_table(summaries) + routing_table(summaries) + graft_table(summaries)
         lines += samples_section(summaries)
