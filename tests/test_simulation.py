@@ -66,6 +66,18 @@ def fake_mmlu(cache: Path, per_topic: int = 7) -> None:
     (cache / "mmlu" / "mmlu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def test_replies_late_past_the_reply_timeout_fail_the_round_and_the_run_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    # a client takes seconds to start, so no reply comes within 0.5 s
+    args = ["run", "--out", str(out), *SMALL, "--rounds", "1", "--reply-timeout", "0.5"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "2 of 2 clients did not reply within 0.5 s (reply-timeout)" in err
+    assert read_checkpoint(out).round == 0 and not (out / RESULTS_FILE).exists()
+    assert main(["run", "--resume", str(out), "--reply-timeout", "0"]) == 0
+    assert read_results(out / RESULTS_FILE).config["reply_timeout"] == 0
+
+
 def test_resumed_run_equals_uninterrupted_run(tmp_path, dolly_file, random_model, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     fake_mmlu(tmp_path / "cache")

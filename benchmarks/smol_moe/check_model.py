@@ -101,8 +101,14 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
-    exact = recorded["weights_sha256"] == build["weights_sha256"]
-    how = "bit for bit" if exact else "up to float rounding (same carving and fingerprint)"
+    if recorded["weights_sha256"] == build["weights_sha256"]:
+        how = "bit for bit"
+    else:
+        name, moved = largest_move(recorded["tensors"], build["tensors"])
+        how = (
+            "up to float rounding (same carving and fingerprint; the largest move, in "
+            f"{name}, is {moved:.1e} of its norm)"
+        )
     print(f"smol-moe build {build['fingerprint']} is the one {record} records, {how}")
     return 0
 

@@ -35,6 +35,7 @@ ADDED_LATER = {
     "aggregation",
     "trim-fraction",
     "min-updates",
+    "reply-timeout",
     "dp-noise-multiplier",
     "dp-clipping-norm",
     "dp-delta",
@@ -131,6 +132,11 @@ class RunConfig:
     )
     min_updates: int = setting(
         0, "valid updates a round needs to aggregate (0: every sampled client's)", at_least(0)
+    )
+    reply_timeout: float = setting(
+        3600.0,
+        "seconds the server waits for a round's replies, training or evaluation (0: no limit)",
+        at_least(0),
     )
     dp_noise_multiplier: float = setting(
         0.0,

@@ -48,6 +48,7 @@ MEASUREMENT_FIELDS = ("eval_every", "diagnostics", "mmlu_per_topic")
 # a method's own hyperparameters, tuned per method (flexmoe.benchmark.tuning): methods compare
 # in one table whatever their values, which the table shows
 METHOD_FIELDS = ("lr", "proximal_mu", "server_lr")
+RUNTIME_FIELDS = ("reply_timeout",)  # how long the server waits: no bearing on the results
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class Run:
         return {**defaults, **top, "method": self.method, **(saved or {})}
 
     def setting(self) -> Setting:
-        ignored = RUN_FIELDS + MEASUREMENT_FIELDS + METHOD_FIELDS
+        ignored = RUN_FIELDS + MEASUREMENT_FIELDS + METHOD_FIELDS + RUNTIME_FIELDS
         return tuple(sorted((k, v) for k, v in self.config.items() if k not in ignored))
 
 

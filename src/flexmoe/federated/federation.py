@@ -56,6 +56,8 @@ from flexmoe.results import (
 from flexmoe.runconfig import RunConfig
 
 KEEP_CHECKPOINTS = 2
+# what a resumed run may change: more rounds, or a longer wait for replies
+RESUMABLE_CHANGES = ("rounds", "reply-timeout")
 
 
 def run_federation(
@@ -79,7 +81,7 @@ def run_federation(
         random.seed(config.seed * 1_000 + round_)  # node sampling, when fraction-train < 1
         request = round_instructions(out, state.run_id, round_).to_record()
         messages = list(strategy.configure_train(round_, arrays, request, grid))
-        replies = _replies(grid, messages)
+        replies = _replies(grid, messages, config.reply_timeout)
         valid, rejected = (
             screen(round_, replies, arrays, config) if method.federated else (replies, [])
         )
@@ -90,7 +92,7 @@ def run_federation(
             arrays = aggregate(strategy, round_, valid)
             record.dp_epsilon, state.privacy_state = privacy_spent(strategy)
         if config.eval_every and round_ % config.eval_every == 0 and round_ < config.rounds:
-            scores = evaluate_clients(grid, strategy, arrays, out, state.run_id, round_)
+            scores = evaluate_clients(grid, strategy, arrays, out, state.run_id, round_, config)
             record.mean_rouge_l = statistics.fmean(c.rouge_l for c in scores)
             record.client_rouge_l = {str(c.client_id): c.rouge_l for c in scores}
         state.history.append(record)
@@ -98,7 +100,7 @@ def run_federation(
         state.wall_s = wall_before + time.perf_counter() - session_started
         save_checkpoint(out, state, arrays, strategy)
     evaluation = evaluate_clients(
-        grid, strategy, arrays, out, state.run_id, state.round, detailed=config.diagnostics
+        grid, strategy, arrays, out, state.run_id, state.round, config, final=True
     )
     state.wall_s = wall_before + time.perf_counter() - session_started
     results = RunResults.summarise(state.config, state.history, evaluation, state.wall_s)
@@ -143,7 +145,8 @@ def remove_temporary_files(out: Path) -> None:
 
 
 def check_resumable(out: Path, config: RunConfig) -> None:
-    """Refuse to continue the run in ``out`` with other settings (the rounds may grow)."""
+    """Refuse to continue the run in ``out`` with other settings (the rounds may grow, and the
+    server may wait longer for replies)."""
     saved = RunConfig.saved_in(out)
     done = read_checkpoint(out).round
     if config.rounds < done:
@@ -151,12 +154,13 @@ def check_resumable(out: Path, config: RunConfig) -> None:
     changed = [
         f"{name} {before!r} -> {after!r}"
         for name, (before, after) in saved.differences(config).items()
-        if name != "rounds"
+        if name not in RESUMABLE_CHANGES
     ]
     if changed:
         raise FlexMoEError(
             f"{describe_run(out)} with other settings ({'; '.join(changed)}); resume it "
-            "with its own settings (only --rounds may change) or start a run in another folder"
+            "with its own settings (only --rounds and --reply-timeout may change) or start a "
+            "run in another folder"
         )
 
 
@@ -230,13 +234,16 @@ def evaluate_clients(
     out: Path,
     run_id: str,
     round_: int,
-    detailed: bool = False,
+    config: RunConfig,
+    final: bool = False,
 ) -> list[ClientResult]:
-    """Every client scores the model it would use, on its own test split."""
+    """Every client scores the model it would use after ``round_``, on its own test split; the
+    ``final`` evaluation also measures the diagnostics, if the run asks for them."""
+    detailed = final and config.diagnostics
     request = round_instructions(out, run_id, round_, detailed).to_record()
     messages = strategy.configure_evaluate(round_, arrays, request, grid)
     clients = []
-    for message in _replies(grid, list(messages)):
+    for message in _replies(grid, list(messages), config.reply_timeout):
         reply = EvaluateReply.from_message(message)
         client = ClientResult(
             client_id=reply.client_id,
@@ -321,14 +328,20 @@ def round_instructions(
     )
 
 
-def _replies(grid: Grid, messages: list[Message]) -> list[Message]:
-    replies = list(grid.send_and_receive(messages))
+def _replies(grid: Grid, messages: list[Message], timeout_s: float) -> list[Message]:
+    """Every client's reply, waiting at most ``timeout_s`` (0: no limit); a client's error or a
+    missing reply fails the run."""
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s or None))
     failed = [r for r in replies if r.has_error()]
     if failed:
         reason = failed[0].error.reason.strip().splitlines()
         raise FlexMoEError(f"a client failed: {reason[-1] if reason else 'no reason given'}")
     if len(replies) != len(messages):
-        raise FlexMoEError(f"{len(messages) - len(replies)} clients did not reply in time")
+        raise FlexMoEError(
+            f"{len(messages) - len(replies)} of {len(messages)} clients did not reply within "
+            f"{timeout_s:g} s (reply-timeout); resume the run (--resume) with a longer "
+            "--reply-timeout, or 0 for no limit"
+        )
     return replies
 
 
