@@ -563,7 +563,7 @@ def test_methods_tuned_to_their_own_rates_compare_in_one_table(tmp_path):
     assert table_row(report, "fedprox")[-1] == "lr 0.0003, proximal-mu 0.1"
 
 
-def test_a_choice_at_an_end_of_its_grid_widens_the_grid_by_a_half_decade(tmp_path):
+def test_a_choice_at_an_end_of_its_grid_widens_the_grid_by_half_decades_twice_at_most(tmp_path):
     def tuned(scores: dict[float, float]) -> Tuning:
         return choose(
             [Run(f"{v}", sweep_results("flex", "lr", v, r), None) for v, r in scores.items()]
@@ -583,9 +583,15 @@ def test_a_choice_at_an_end_of_its_grid_widens_the_grid_by_a_half_decade(tmp_pat
         1e-3,
         3e-3,
     ]
-    widened = tuned({3e-4: 1.0, 1e-3: 2.0, 3e-3: 3.0, 1e-2: 4.0})
-    assert swept_values("flex", widened) == [3e-4, 1e-3, 3e-3, 1e-2]  # once only
-    assert at_edge(widened.choices["flex"]) and widened.choices["flex"].chosen == 1e-2
+    inside = tuned({3e-4: 1.0, 1e-3: 2.0, 3e-3: 4.0, 1e-2: 3.0})
+    assert swept_values("flex", inside) == [3e-4, 1e-3, 3e-3, 1e-2]  # the best is inside now
+    once = tuned({3e-4: 1.0, 1e-3: 2.0, 3e-3: 3.0, 1e-2: 4.0})
+    assert swept_values("flex", once) == [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+    twice = tuned({3e-4: 1.0, 1e-3: 2.0, 3e-3: 3.0, 1e-2: 4.0, 3e-2: 5.0})
+    assert swept_values("flex", twice) == [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]  # a decade at most
+    assert at_edge(twice.choices["flex"]) and twice.choices["flex"].chosen == 3e-2
+    low = tuned({1e-4: 4.0, 3e-4: 3.0, 1e-3: 2.0, 3e-3: 1.0})
+    assert swept_values("flex", low) == [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
     assert swept_values("fedadam", Tuning({})) == [1e-3, 1e-2, 1e-1]
 
 

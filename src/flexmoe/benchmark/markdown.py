@@ -472,9 +472,9 @@ def sweep_section(runs: Sequence[Run]) -> list[str]:
         "## Hyperparameter sweep",
         "",
         "Seed 0, scored on each client's validation split (carved from its training data; the "
-        "test split is never seen), each grid widened by a half-decade where its best value was "
-        "at an end. Methods not listed take the choice of the method they train as (FLEx's "
-        "ablations FLEx's, FedAvg's server-side variants FedAvg's learning rate).",
+        "test split is never seen), each grid widened by a half-decade, up to twice, while its "
+        "best value was at an end. Methods not listed take the choice of the method they train "
+        "as (FLEx's ablations FLEx's, FedAvg's server-side variants FedAvg's learning rate).",
         "",
         *_table(["method", "setting", "value", "mean validation ROUGE-L", ""], rows),
     ]

@@ -47,6 +47,7 @@ INHERITS = {
     "flex-generic": "flex",
     **{m: "fedavg" for m in ("fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")},
 }
+MAX_WIDENINGS = 2  # half-decades a grid may grow by beyond its ends: a decade at most
 SWEEP_SETTINGS: dict[str, Scalar] = {"eval_split": "validation", "diagnostics": False, "seed": 0}
 
 
@@ -97,16 +98,20 @@ def choose(runs: Iterable[Run]) -> Tuning:
 
 
 def swept_values(method: str, tuning: Tuning) -> list[float]:
-    """The values to sweep ``method`` over: its grid, and one half-decade beyond an end of it
-    when the grid's best value is at that end (an optimum at the edge may lie outside)."""
+    """The values to sweep ``method`` over: its grid, and a half-decade beyond an end of it
+    while the best value so far is at that end (an optimum at the edge may lie outside), at
+    most ``MAX_WIDENINGS`` times."""
     values = list(_swept(method)[1])
     choice = tuning.choices.get(method)
-    if choice is None or not all(_text(v) in choice.scores for v in values):
-        return values
-    if choice.chosen >= values[-1]:
-        values.append(_half_decade(values[-1], up=True))
-    elif choice.chosen <= values[0]:
-        values.insert(0, _half_decade(values[0], up=False))
+    for _ in range(MAX_WIDENINGS):
+        if choice is None or not all(_text(v) in choice.scores for v in values):
+            break
+        if choice.chosen >= values[-1]:
+            values.append(_half_decade(values[-1], up=True))
+        elif choice.chosen <= values[0]:
+            values.insert(0, _half_decade(values[0], up=False))
+        else:
+            break
     return values
 
 
