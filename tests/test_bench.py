@@ -408,6 +408,14 @@ def test_an_interrupted_cell_with_other_settings_is_not_resumed(tmp_path):
     assert outcome.status == "failed" and "rounds 3 -> 2" in outcome.reason
 
 
+def test_an_interrupted_cell_whose_server_waited_otherwise_is_resumed(tmp_path):
+    cell = select(MATRICES["smoke"], ["flex"], [0]).cells()[0]
+    waited = cell.config().updated({"reply-timeout": 3600.0})
+    write_checkpoint(tmp_path / cell.name, Checkpoint(run_id="r", config=asdict(waited)))
+    [outcome] = run_cells(tmp_path, [cell], jobs=1, command=fake_command(), echo=lambda _: None)
+    assert outcome.status == "done"
+
+
 def test_bench_runs_every_cell_on_the_model_it_is_given(capsys):
     assert main(["bench", "--matrix", "smoke", "--list", "--model", "smol-moe"]) == 0
     lines = capsys.readouterr().out.splitlines()

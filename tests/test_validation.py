@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.federation import aggregate, screen
@@ -24,6 +24,16 @@ def update(client: int, value: float = 1.0, examples: int = 10, **changes) -> Me
     reply = TrainReply(client, examples, train_loss=1.0, lr=1e-3, proximal_mu=0.0, shared=state)
     request = Message(RecordDict(), dst_node_id=client + 1, message_type="train")
     return Message(reply.to_content(), reply_to=request)
+
+
+class Connected:
+    """The one part of a Grid that a strategy's node sampling reads."""
+
+    def __init__(self, nodes: int):
+        self.node_ids = list(range(1, nodes + 1))
+
+    def get_node_ids(self) -> list[int]:
+        return self.node_ids
 
 
 def current() -> ArrayRecord:
@@ -83,3 +93,18 @@ def test_robust_aggregation_resists_an_outlying_update(aggregation, expected):
 def test_robust_aggregation_is_refused_for_server_optimisers():
     with pytest.raises(FlexMoEError, match="fedadam aggregates with its own server optimiser"):
         make_strategy(get_method("fedadam"), RunConfig(method="fedadam", aggregation="median"))
+
+
+@pytest.mark.parametrize("method", ["fedadam", "fedyogi", "fedadagrad", "fedavgm"])
+def test_a_server_optimisers_aggregate_keeps_the_wire_dtype_so_the_next_round_is_accepted(method):
+    config = RunConfig(method=method, clients=2, max_train=300, server_lr=0.1)
+    strategy = make_strategy(get_method(method), config)
+    list(strategy.configure_train(1, current(), ConfigRecord(), Connected(2)))
+    arrays = aggregate(
+        strategy, 1, screen(1, [update(0, 1.0), update(1, 3.0)], current(), config)[0]
+    )
+    assert {a.dtype for a in arrays.values()} == {"float32"}
+    assert not np.allclose(arrays["q.lora_A"].numpy(), 0.0)  # the server stepped
+    second = [update(0, 2.0), update(1, 2.0)]
+    valid, rejected = screen(2, second, arrays, config)  # Flower's float64 would reject both
+    assert len(valid) == 2 and not rejected

@@ -40,6 +40,9 @@ ADDED_LATER = {
     "dp-clipping-norm",
     "dp-delta",
 }
+# how a run waits, not what it computes: two runs apart only here have the same results
+RUNTIME_SETTINGS = ("reply-timeout",)
+RESUMABLE_SETTINGS = ("rounds", *RUNTIME_SETTINGS)  # what a resumed run may change
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 EVAL_SPLITS = ("test", "validation")
 # the tokens grafting may score (flexmoe.data.SELECTION_TOKENS; a test keeps them equal)
@@ -134,8 +137,9 @@ class RunConfig:
         0, "valid updates a round needs to aggregate (0: every sampled client's)", at_least(0)
     )
     reply_timeout: float = setting(
-        3600.0,
-        "seconds the server waits for a round's replies, training or evaluation (0: no limit)",
+        0.0,
+        "seconds the server waits for a round's replies, training or evaluation (0: as long "
+        "as Flower's messages live, 12 h)",
         at_least(0),
     )
     dp_noise_multiplier: float = setting(

@@ -21,7 +21,7 @@ from flexmoe.results import (
     read_checkpoint,
     read_results,
 )
-from flexmoe.runconfig import RunConfig, field_name
+from flexmoe.runconfig import RUNTIME_SETTINGS, RunConfig, field_name
 
 CommandBuilder = Callable[[Cell, Path], list[str]]
 
@@ -80,6 +80,7 @@ def run_cell(root: Path, cell: Cell, command: CommandBuilder | None = None) -> O
     interrupted = out / CHECKPOINT_FILE
     if interrupted.is_file():  # resumed only as exactly this cell, rounds included
         changed = RunConfig().updated(read_checkpoint(out).config).differences(cell.config())
+        changed = {k: v for k, v in changed.items() if k not in RUNTIME_SETTINGS}
         if changed:
             listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             reason = f"{interrupted} was started with other settings ({listed})"

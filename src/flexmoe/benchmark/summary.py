@@ -28,7 +28,7 @@ from flexmoe.results import (
     read_results,
     read_rounds,
 )
-from flexmoe.runconfig import RunConfig, option_name
+from flexmoe.runconfig import RUNTIME_SETTINGS, RunConfig, field_name, option_name
 
 PLOTS_DIR = "plots"
 # the settings only some methods use, beside the learning rate every method uses
@@ -48,7 +48,7 @@ MEASUREMENT_FIELDS = ("eval_every", "diagnostics", "mmlu_per_topic")
 # a method's own hyperparameters, tuned per method (flexmoe.benchmark.tuning): methods compare
 # in one table whatever their values, which the table shows
 METHOD_FIELDS = ("lr", "proximal_mu", "server_lr")
-RUNTIME_FIELDS = ("reply_timeout",)  # how long the server waits: no bearing on the results
+RUNTIME_FIELDS = tuple(field_name(s) for s in RUNTIME_SETTINGS)  # no bearing on results
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.protocol import EvaluateReply, RoundInstructions, TrainReply
-from flexmoe.federated.records import state_to_arrays, wire_bytes
+from flexmoe.federated.records import in_wire_dtype, state_to_arrays, wire_bytes
 from flexmoe.federated.strategies import (
     accountant_of,
     make_strategy,
@@ -53,11 +53,10 @@ from flexmoe.results import (
     write_results,
     write_rounds,
 )
-from flexmoe.runconfig import RunConfig
+from flexmoe.runconfig import RESUMABLE_SETTINGS, RunConfig
 
 KEEP_CHECKPOINTS = 2
 # what a resumed run may change: more rounds, or a longer wait for replies
-RESUMABLE_CHANGES = ("rounds", "reply-timeout")
 
 
 def run_federation(
@@ -66,7 +65,7 @@ def run_federation(
     """Run ``config.rounds`` rounds on ``grid``, evaluate, and write the results to ``out``.
 
     The caller holds ``out`` (``folder_lock``). A folder holding a run is continued when
-    ``resume`` is set and its settings agree (except the number of rounds), and refused
+    ``resume`` is set and its settings agree (but for ``RESUMABLE_SETTINGS``), and refused
     otherwise.
     """
     remove_temporary_files(out)
@@ -115,7 +114,7 @@ def start_or_resume(
     check_out(out, config, resume)
     if (out / CHECKPOINT_FILE).is_file():
         state, arrays = load_checkpoint(out, strategy)
-        state.config = asdict(config)  # the same settings, but for the number of rounds
+        state.config = asdict(config)  # the same settings, but for RESUMABLE_SETTINGS
         return state, arrays
     state = Checkpoint(run_id=secrets.token_hex(8), config=asdict(config))
     arrays = initial_arrays(config, method)
@@ -126,8 +125,8 @@ def start_or_resume(
 def check_out(out: Path, config: RunConfig, resume: bool) -> None:
     """Refuse an output folder that holds another run or its results.
 
-    A folder holding a run is continued only with ``resume`` and the same settings (the rounds
-    may grow).
+    A folder holding a run is continued only with ``resume`` and the same settings (but for
+    ``RESUMABLE_SETTINGS``).
     """
     if (out / CHECKPOINT_FILE).is_file():
         if not resume:
@@ -145,8 +144,8 @@ def remove_temporary_files(out: Path) -> None:
 
 
 def check_resumable(out: Path, config: RunConfig) -> None:
-    """Refuse to continue the run in ``out`` with other settings (the rounds may grow, and the
-    server may wait longer for replies)."""
+    """Refuse to continue the run in ``out`` with other settings than its own, but for
+    ``RESUMABLE_SETTINGS`` (the rounds may grow, and the server may wait otherwise)."""
     saved = RunConfig.saved_in(out)
     done = read_checkpoint(out).round
     if config.rounds < done:
@@ -154,12 +153,13 @@ def check_resumable(out: Path, config: RunConfig) -> None:
     changed = [
         f"{name} {before!r} -> {after!r}"
         for name, (before, after) in saved.differences(config).items()
-        if name not in RESUMABLE_CHANGES
+        if name not in RESUMABLE_SETTINGS
     ]
     if changed:
         raise FlexMoEError(
             f"{describe_run(out)} with other settings ({'; '.join(changed)}); resume it "
-            "with its own settings (only --rounds and --reply-timeout may change) or start a "
+            f"with its own settings (only {', '.join('--' + n for n in RESUMABLE_SETTINGS)} may "
+            "change) or start a "
             "run in another folder"
         )
 
@@ -190,12 +190,14 @@ def screen(
 
 
 def aggregate(strategy: Strategy, round_: int, replies: list[Message]) -> ArrayRecord:
-    """The strategy's aggregate of checked updates, itself checked to be finite."""
+    """The strategy's aggregate of checked updates, itself checked to be finite, in the wire
+    dtype (Flower's server optimisers compute in float64, and the next round's updates are
+    checked against it)."""
     arrays, _ = strategy.aggregate_train(round_, replies)
     if arrays is None:  # Flower's strategies return nothing rather than raise
         raise FlexMoEError(f"round {round_}: the strategy aggregated nothing from the updates")
     check_finite(arrays, "the aggregated parameters", round_)
-    return arrays
+    return in_wire_dtype(arrays)
 
 
 def privacy_spent(strategy: Strategy) -> tuple[float | None, dict | None]:
@@ -291,7 +293,8 @@ def load_checkpoint(out: Path, strategy: Strategy) -> tuple[Checkpoint | None, A
             f"{out / CHECKPOINT_FILE}: the saved server state is damaged ({error}); start the "
             "run again in a new folder"
         ) from None
-    return state, ArrayRecord({k: Array(v) for k, v in shared.items()})
+    # in_wire_dtype: server optimisers' checkpoints of earlier versions hold float64
+    return state, in_wire_dtype(ArrayRecord({k: Array(v) for k, v in shared.items()}))
 
 
 def checkpoint_arrays(
@@ -339,8 +342,9 @@ def _replies(grid: Grid, messages: list[Message], timeout_s: float) -> list[Mess
     if len(replies) != len(messages):
         raise FlexMoEError(
             f"{len(messages) - len(replies)} of {len(messages)} clients did not reply within "
-            f"{timeout_s:g} s (reply-timeout); resume the run (--resume) with a longer "
-            "--reply-timeout, or 0 for no limit"
+            f"{timeout_s:g} s (reply-timeout); resume the run with a longer one, or 0 to wait "
+            "as long as Flower's messages live (flexmoe run --resume OUT --reply-timeout S; "
+            "flwr run: --run-config 'reply-timeout=S')"
         )
     return replies
 
