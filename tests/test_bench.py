@@ -504,7 +504,9 @@ def test_report_shows_mmlu_selection_agreement_predictions_margins_and_the_sweep
     for lr, rouge in ((3e-4, 12.0), (1e-3, 14.0)):
         write_run(tmp_path / "sweep" / f"lr-{lr:g}", sweep_results("fedavg", "lr", lr, rouge))
     report = write_report(tmp_path).read_text()
-    assert "Margin over the best other method, fedavg: +15.25, more than one seed-to-seed" in report
+    assert (
+        "Margin over fedavg: +15.25 (one of the two measured on a single run: no spread" in report
+    )
     assert table_row(report, "flex", after="MMLU 0-shot") == [
         "flex", "4", "40", "20.00", "25.00", "0.2500", "0.2650", "+0.0150",
     ]  # fmt: skip
@@ -520,20 +522,16 @@ def test_report_shows_mmlu_selection_agreement_predictions_margins_and_the_sweep
     assert "## eval-split" not in report  # the sweep runs are not a setting of their own
 
 
-def test_report_weighs_the_papers_three_claims_against_the_seed_spread(tmp_path):
-    scores = {  # method -> per-seed mean ROUGE-L, per-seed held-out perplexity increase
-        "flex": ([40.0, 42.0, 44.0], [0.01, 0.02, 0.03]),
-        "flex-random": ([50.0, 50.5, 51.0], [0.015] * 3),  # grafts: not a federated baseline
-        "fedavg": ([35.0, 36.0, 37.0], [0.05, 0.06, 0.07]),
-        "fedavg-full": ([30.0, 30.5, 31.0], [0.2] * 3),
-        "local": ([60.0] * 3, [0.0] * 3),  # federates nothing: left out of claims 1 and 2
-    }
+def claims(folder: Path, scores: dict, uplink: int = 2_000_000) -> list[str]:
+    """The claim lines of the report on runs of ``scores``: method -> (per-seed mean ROUGE-L,
+    per-seed held-out perplexity increase); seed 0 of flex and fedavg also scored MMLU, flex
+    losing 0.01 of p(right letter) and fedavg 0.03."""
     for method, (rouges, increases) in scores.items():
         for seed, (rouge, increase) in enumerate(zip(rouges, increases, strict=True)):
             results = fake_results(method, seed, [rouge])
             results.mean_ppl_increase = increase
             if method == "fedavg-full":
-                results.comm = Traffic(bytes_up=2_000_000, bytes_down=2_000_000)
+                results.comm = Traffic(bytes_up=uplink, bytes_down=2_000_000)
             if seed == 0 and method in ("flex", "fedavg"):
                 lost = 0.01 if method == "flex" else 0.03
                 results.clients[0].knowledge = Knowledge(
@@ -543,21 +541,66 @@ def test_report_weighs_the_papers_three_claims_against_the_seed_spread(tmp_path)
                     mmlu_base=MMLUScore(questions=40, accuracy=0.25, macro_accuracy=0.25,
                                         correct_probability=0.30),
                 )  # fmt: skip
-            write_run(tmp_path / method / f"seed{seed}", results)
-    report = write_report(tmp_path).read_text()
-    claims = [line for line in report.splitlines() if line.startswith("- ")]
-    assert claims == [
+            write_run(folder / method / f"seed{seed}", results)
+    report = write_report(folder).read_text()
+    return [line for line in report.splitlines() if line.startswith("- ")]
+
+
+def test_report_weighs_the_papers_three_claims_against_the_seed_spread(tmp_path):
+    lines = claims(
+        tmp_path,
+        {
+            "flex": ([40.0, 42.0, 44.0], [0.01, 0.02, 0.03]),
+            "flex-random": ([50.0, 50.5, 51.0], [0.015] * 3),  # grafts: not a federated baseline
+            "fedavg": ([35.0, 36.0, 37.0], [0.05, 0.06, 0.07]),
+            "fedavg-full": ([30.0, 30.5, 31.0], [0.2] * 3),
+            "local": ([60.0] * 3, [0.0] * 3),  # federates nothing: left out of claims 1 and 2
+        },
+    )
+    assert lines == [
         "- Better mean ROUGE-L than the federated baselines (fedavg, fedavg-full): supported. "
         "flex 42.00, the best of them fedavg 36.00: margin +6.00, std 2.00.",
-        "- Least knowledge lost among the methods that federate, by held-out perplexity "
-        "increase: not supported. flex +0.0200 (rank 2 of 4), the least of the others "
-        "flex-random +0.0150.",
-        "- Least knowledge lost among the methods that federate, by MMLU p(right letter) lost: "
-        "untested (one seed each: no spread to weigh the margin by). flex +0.0100 (rank 1 of "
-        "2), the least of the others fedavg +0.0300.",
+        "- Least knowledge lost among the methods that federate (flex-random, fedavg, "
+        "fedavg-full beside flex), by held-out perplexity increase: not supported. flex +2.00% "
+        "(rank 2 of 4), the best of the others flex-random +1.50%: margin -0.50%, std 1.00%.",
+        "- Least knowledge lost among the methods that federate (fedavg beside flex), by the "
+        "change in MMLU p(right letter): untested (one of the two measured on a single run: no "
+        "seed-to-seed spread to weigh the margin by). flex -0.0100 (rank 1 of 2), the best of "
+        "the others fedavg -0.0300: margin +0.0200, std -.",
         "- Under 1% of fedavg-full's uplink: supported. flex sends 0.50% of it (0.010 MB against "
         "2.000 MB per run).",
     ]
+
+
+def test_a_lead_within_the_larger_spread_or_over_a_single_run_is_not_called_supported(tmp_path):
+    flex = ([40.0, 42.0, 44.0], [0.02] * 3)  # ROUGE-L std 2.0
+    within = claims(
+        tmp_path / "within",
+        {
+            "flex": flex,
+            "fedavg": ([40.0, 40.5, 41.0], [0.05] * 3),
+            "fedavg-full": ([30.0, 31.0, 32.0], [0.05] * 3),
+        },
+        uplink=1_000_000,
+    )  # margin 1.5: above fedavg's std (0.5), below flex's (2.0)
+    assert within[0].startswith(
+        "- Better mean ROUGE-L than the federated baselines (fedavg, fedavg-full): not shown "
+        "(ahead by less than one std). flex 42.00, the best of them fedavg 40.50: margin +1.50"
+    )
+    assert within[-1] == (
+        "- Under 1% of fedavg-full's uplink: not supported. flex sends 1.00% of it (0.010 MB "
+        "against 1.000 MB per run)."
+    )
+    single = claims(
+        tmp_path / "single",
+        {"flex": flex, "fedavg": ([10.0], [0.05]), "fedavg-full": ([5.0], [0.1])},
+        uplink=0,
+    )
+    assert "baselines (fedavg, fedavg-full): untested (one of the two measured on a " in single[0]
+    assert (
+        single[-1]
+        == "- Under 1% of fedavg-full's uplink: untested (fedavg-full's runs sent nothing)."
+    )
 
 
 def test_methods_tuned_to_their_own_rates_compare_in_one_table(tmp_path):
@@ -569,6 +612,19 @@ def test_methods_tuned_to_their_own_rates_compare_in_one_table(tmp_path):
     assert report.count("\n## ") == 2  # one setting, then the list of runs
     assert table_row(report, "flex")[-1] == "lr 0.001"
     assert table_row(report, "fedprox")[-1] == "lr 0.0003, proximal-mu 0.1"
+
+
+def test_runs_apart_in_what_they_measure_or_how_long_the_server_waited_are_one_setting(tmp_path):
+    runs = {
+        "s0": fake_results("flex", 0, [30.0], eval_every=1, mmlu_per_topic=20),
+        "s1": fake_results("flex", 1, [32.0], reply_timeout=3600.0),
+        "s2": fake_results("flex", 2, [34.0], max_test=8),  # another setting
+    }
+    for name, results in runs.items():
+        write_run(tmp_path / "flex" / name, results)
+    report = write_report(tmp_path).read_text()
+    assert report.count("\n## ") == 3  # two settings, then the list of runs
+    assert "| flex | 2 | 31.00 |" in report and "| flex | 1 | 34.00 |" in report
 
 
 def test_a_choice_at_an_end_of_its_grid_widens_the_grid_by_half_decades_twice_at_most(tmp_path):

@@ -56,18 +56,23 @@ def summary(tensor: torch.Tensor) -> list[float]:
     return [float(values.norm()), float((values * (2 * signs - 1)).sum())]
 
 
-def difference(recorded: dict, build: dict) -> str | None:
-    """Why ``build`` is not the recorded one, or None when it is."""
+def compare(recorded: dict, build: dict) -> tuple[str | None, str]:
+    """``(why build is not the recorded one, or None; how it agrees)``."""
     for key in ("build", "carving_sha256", "fingerprint"):
         if recorded.get(key) != build[key]:
-            return f"its {key} is {build[key]}, not {recorded.get(key)}"
+            return f"its {key} is {build[key]}, not {recorded.get(key)}", ""
     tensors = recorded.get("tensors", {})
     if set(tensors) != set(build["tensors"]):
-        return "it holds other tensors"
+        return "it holds other tensors", ""
+    if recorded["weights_sha256"] == build["weights_sha256"]:
+        return None, "bit for bit"
     name, moved = largest_move(tensors, build["tensors"])
     if moved > RTOL:
-        return f"{name} differs by {moved:.1e} of its norm (more than {RTOL:g})"
-    return None
+        return f"{name} differs by {moved:.1e} of its norm (more than {RTOL:g})", ""
+    return None, (
+        "up to float rounding (same carving and fingerprint; the largest move, in "
+        f"{name}, is {moved:.1e} of its norm)"
+    )
 
 
 def largest_move(first: dict, second: dict) -> tuple[str, float]:
@@ -92,7 +97,7 @@ def main() -> int:
         print(f"recorded this smol-moe build in {record}: {build['fingerprint']}")
         return 0
     recorded = json.loads(record.read_text(encoding="utf-8"))
-    reason = difference(recorded, build)
+    reason, how = compare(recorded, build)
     if reason is not None:
         print(
             f"this machine's smol-moe build is not the one the cells in {record.parent} ran on "
@@ -101,14 +106,6 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
-    if recorded["weights_sha256"] == build["weights_sha256"]:
-        how = "bit for bit"
-    else:
-        name, moved = largest_move(recorded["tensors"], build["tensors"])
-        how = (
-            "up to float rounding (same carving and fingerprint; the largest move, in "
-            f"{name}, is {moved:.1e} of its norm)"
-        )
     print(f"smol-moe build {build['fingerprint']} is the one {record} records, {how}")
     return 0
 

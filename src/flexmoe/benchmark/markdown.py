@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 from flexmoe.benchmark.summary import (
     PLOTS_DIR,
@@ -21,9 +22,9 @@ from flexmoe.benchmark.summary import (
     setting_plots,
     split_sweep,
 )
-from flexmoe.benchmark.tuning import Choice, at_edge, choose
+from flexmoe.benchmark.tuning import MAX_WIDENINGS, Choice, at_edge, choose
 from flexmoe.methods import METHODS
-from flexmoe.results import Knowledge
+from flexmoe.results import Knowledge, MMLUScore
 from flexmoe.runconfig import option_name
 
 REFERENCE = "fedavg-full"  # traffic is compared with naive dense FL
@@ -73,25 +74,41 @@ def best_line(label: str, summaries: dict[str, Summary]) -> list[str]:
 
 def margin_line(summaries: dict[str, Summary]) -> str:
     """FLEx's margin over the best other method, beside both methods' seed-to-seed spread."""
-    rival, margin, spread = _margin(summaries, [m for m in summaries if m != FLEX])
-    if spread is None:
-        return f"Margin over {rival}: {margin:+.2f} (one seed each: no spread to weigh it by)."
-    verdict = "more" if abs(margin) > spread else "no more"
+    lead = _lead(_rouge_per_run(summaries), [m for m in summaries if m != FLEX])
+    if lead.spread is None:
+        return (
+            f"Margin over {lead.rival}: {lead.margin:+.2f} ({ONE_RUN}: no spread to weigh it by)."
+        )
+    verdict = "more" if abs(lead.margin) > lead.spread else "no more"
     return (
-        f"Margin over the best other method, {rival}: {margin:+.2f}, {verdict} than one "
-        f"seed-to-seed standard deviation ({FLEX} {_number(summaries[FLEX].rouge_std)}, "
-        f"{rival} {_number(summaries[rival].rouge_std)})."
+        f"Margin over the best other method, {lead.rival}: {lead.margin:+.2f}, {verdict} than "
+        f"one seed-to-seed standard deviation ({FLEX} {_number(summaries[FLEX].rouge_std)}, "
+        f"{lead.rival} {_number(summaries[lead.rival].rouge_std)})."
     )
 
 
-def _margin(
-    summaries: dict[str, Summary], rivals: Sequence[str]
-) -> tuple[str, float, float | None]:
-    """The best of ``rivals`` by mean ROUGE-L, FLEx's margin over it, and the larger of the two
-    methods' seed-to-seed standard deviations (None when neither has two seeds)."""
-    rival = max(rivals, key=lambda m: summaries[m].rouge)
-    spreads = [s.rouge_std for s in (summaries[FLEX], summaries[rival]) if s.rouge_std is not None]
-    return rival, summaries[FLEX].rouge - summaries[rival].rouge, max(spreads, default=None)
+ONE_RUN = "one of the two measured on a single run"
+
+
+class Lead(NamedTuple):
+    """FLEx against the best of its rivals by a measure taken once per run."""
+
+    rival: str
+    margin: float  # positive: FLEx is ahead
+    spread: float | None  # the larger seed-to-seed std of the two; None unless both have two runs
+
+
+def _lead(per_run: dict[str, list[float]], rivals: Sequence[str], higher_is_better=True) -> Lead:
+    sign = 1 if higher_is_better else -1
+    mean = {m: statistics.fmean(per_run[m]) for m in (FLEX, *rivals)}
+    rival = max(rivals, key=lambda m: sign * mean[m])
+    pair = (per_run[FLEX], per_run[rival])
+    spread = max(map(statistics.stdev, pair)) if min(map(len, pair)) > 1 else None
+    return Lead(rival, sign * (mean[FLEX] - mean[rival]), spread)
+
+
+def _rouge_per_run(summaries: dict[str, Summary]) -> dict[str, list[float]]:
+    return {m: [r.results.mean_rouge_l for r in s.runs] for m, s in summaries.items()}
 
 
 def claims_section(summaries: dict[str, Summary]) -> list[str]:
@@ -108,13 +125,13 @@ def claims_section(summaries: dict[str, Summary]) -> list[str]:
     ]
 
 
-def _verdict(margin: float, spread: float | None) -> str:
-    """Whether a margin (positive: FLEx ahead) holds against the seed-to-seed spread."""
-    if margin <= 0:
+def _verdict(lead: Lead) -> str:
+    """Whether FLEx's lead holds against the seed-to-seed spread."""
+    if lead.margin <= 0:
         return "not supported"
-    if spread is None:
-        return "untested (one seed each: no spread to weigh the margin by)"
-    return "supported" if margin > spread else "not shown (ahead by less than one std)"
+    if lead.spread is None:
+        return f"untested ({ONE_RUN}: no seed-to-seed spread to weigh the margin by)"
+    return "supported" if lead.margin > lead.spread else "not shown (ahead by less than one std)"
 
 
 def rouge_claim(summaries: dict[str, Summary]) -> str | None:
@@ -122,55 +139,72 @@ def rouge_claim(summaries: dict[str, Summary]) -> str | None:
     baselines = [m for m in summaries if _federates(m) and not METHODS[m].grafts]
     if not baselines:
         return None
-    rival, margin, spread = _margin(summaries, baselines)
+    lead = _lead(_rouge_per_run(summaries), baselines)
     return (
         f"Better mean ROUGE-L than the federated baselines ({', '.join(baselines)}): "
-        f"{_verdict(margin, spread)}. {FLEX} {summaries[FLEX].rouge:.2f}, the best of them "
-        f"{rival} {summaries[rival].rouge:.2f}: margin {margin:+.2f}, std {_number(spread)}."
+        f"{_verdict(lead)}. {FLEX} {summaries[FLEX].rouge:.2f}, the best of them {lead.rival} "
+        f"{summaries[lead.rival].rouge:.2f}: margin {lead.margin:+.2f}, std {_number(lead.spread)}."
     )
 
 
+class KnowledgeMeasure(NamedTuple):
+    name: str
+    per_run: Callable[[Run], float | None]
+    higher_is_better: bool
+    shown: Callable[[float], str]
+
+
+def _mmlu_probability_change(run: Run) -> float | None:
+    """The change in MMLU probability of the right letter from the base to the final models,
+    mean over the run's clients that scored MMLU."""
+    pairs = _mmlu_pairs(c.knowledge for c in run.results.clients)
+    return (
+        statistics.fmean(f.correct_probability - b.correct_probability for b, f in pairs)
+        if pairs
+        else None
+    )
+
+
+KNOWLEDGE_MEASURES = (
+    KnowledgeMeasure(
+        "held-out perplexity increase", lambda run: run.results.mean_ppl_increase, False, _percent
+    ),
+    KnowledgeMeasure(
+        "the change in MMLU p(right letter)", _mmlu_probability_change, True, lambda v: f"{v:+.4f}"
+    ),
+)
+
+
 def knowledge_claims(summaries: dict[str, Summary]) -> list[str]:
-    """Claim 2: the least knowledge lost among the methods that federate, by each measure."""
-    measures = {
-        "held-out perplexity increase": lambda run: run.results.mean_ppl_increase,
-        "MMLU p(right letter) lost": _mmlu_probability_lost,
-    }
+    """Claim 2: the least knowledge lost among the methods that federate (FLEx's ablations
+    included), by each measure the runs took."""
     claims = []
-    for name, measure in measures.items():
+    for measure in KNOWLEDGE_MEASURES:
         per_run = {
-            m: [v for v in map(measure, s.runs) if v is not None]
+            m: [v for v in map(measure.per_run, s.runs) if v is not None]
             for m, s in summaries.items()
             if _federates(m)
         }
         per_run = {m: values for m, values in per_run.items() if values}
         if FLEX in per_run and len(per_run) > 1:
-            claims.append(_least_lost_claim(name, per_run))
+            claims.append(_least_lost_claim(measure, per_run))
     return claims
 
 
-def _least_lost_claim(name: str, per_run: dict[str, list[float]]) -> str:
-    """Where FLEx ranks by a loss measured per run (lower is better), and its margin."""
+def _least_lost_claim(measure: KnowledgeMeasure, per_run: dict[str, list[float]]) -> str:
+    """Where FLEx ranks by ``measure`` among ``per_run``'s methods, and its margin."""
+    rivals = [m for m in per_run if m != FLEX]
+    lead = _lead(per_run, rivals, measure.higher_is_better)
+    sign = 1 if measure.higher_is_better else -1
     mean = {m: statistics.fmean(values) for m, values in per_run.items()}
-    rival = min((m for m in mean if m != FLEX), key=mean.__getitem__)
-    spreads = [statistics.stdev(per_run[m]) for m in (FLEX, rival) if len(per_run[m]) > 1]
-    margin = mean[rival] - mean[FLEX]
-    rank = 1 + sum(value < mean[FLEX] for value in mean.values())
+    rank = 1 + sum(sign * value > sign * mean[FLEX] for value in mean.values())
+    spread = NONE if lead.spread is None else measure.shown(lead.spread).lstrip("+")
     return (
-        f"Least knowledge lost among the methods that federate, by {name}: "
-        f"{_verdict(margin, max(spreads, default=None))}. {FLEX} {mean[FLEX]:+.4f} (rank {rank} "
-        f"of {len(mean)}), the least of the others {rival} {mean[rival]:+.4f}."
+        f"Least knowledge lost among the methods that federate ({', '.join(rivals)} beside "
+        f"{FLEX}), by {measure.name}: {_verdict(lead)}. {FLEX} {measure.shown(mean[FLEX])} "
+        f"(rank {rank} of {len(mean)}), the best of the others {lead.rival} "
+        f"{measure.shown(mean[lead.rival])}: margin {measure.shown(lead.margin)}, std {spread}."
     )
-
-
-def _mmlu_probability_lost(run: Run) -> float | None:
-    """The base model's MMLU probability of the right letter minus the final models', mean over
-    the run's clients that scored MMLU."""
-    scored = [c.knowledge for c in run.results.clients if c.knowledge and c.knowledge.mmlu]
-    pairs = [(k.mmlu_base, k.mmlu) for k in scored if k.mmlu_base]
-    if not pairs:
-        return None
-    return statistics.fmean(b.correct_probability - f.correct_probability for b, f in pairs)
 
 
 def traffic_claim(summaries: dict[str, Summary]) -> str | None:
@@ -178,6 +212,8 @@ def traffic_claim(summaries: dict[str, Summary]) -> str | None:
     if REFERENCE not in summaries:
         return None
     flex, full = (summaries[m].traffic("bytes_up") for m in (FLEX, REFERENCE))
+    if full == 0:
+        return f"Under 1% of {REFERENCE}'s uplink: untested ({REFERENCE}'s runs sent nothing)."
     ratio = flex / full
     verdict = "supported" if ratio < 0.01 else "not supported"
     return (
@@ -297,7 +333,7 @@ def mmlu_table(measured: dict[str, list[Knowledge]]) -> list[str]:
     """MMLU 0-shot of the base and of each method's final models, where the runs scored it."""
     rows = []
     for method, records in measured.items():
-        pairs = [(k.mmlu_base, k.mmlu) for k in records if k.mmlu and k.mmlu_base]
+        pairs = _mmlu_pairs(records)
         if not pairs:
             continue
         base = [b for b, _ in pairs]
@@ -323,6 +359,11 @@ def mmlu_table(measured: dict[str, list[Knowledge]]) -> list[str]:
         "",
         *_table(header, rows),
     ]
+
+
+def _mmlu_pairs(records: Iterable[Knowledge | None]) -> list[tuple[MMLUScore, MMLUScore]]:
+    """``(base, final)`` MMLU scores of the records that hold both."""
+    return [(k.mmlu_base, k.mmlu) for k in records if k and k.mmlu and k.mmlu_base]
 
 
 def routing_table(summaries: dict[str, Summary]) -> list[str]:
@@ -472,9 +513,10 @@ def sweep_section(runs: Sequence[Run]) -> list[str]:
         "## Hyperparameter sweep",
         "",
         "Seed 0, scored on each client's validation split (carved from its training data; the "
-        "test split is never seen), each grid widened by a half-decade, up to twice, while its "
-        "best value was at an end. Methods not listed take the choice of the method they train "
-        "as (FLEx's ablations FLEx's, FedAvg's server-side variants FedAvg's learning rate).",
+        f"test split is never seen), each grid widened by a half-decade, up to {MAX_WIDENINGS} "
+        "times, while its best value was at an end. Methods not listed take the choice of the "
+        "method they train as (FLEx's ablations FLEx's, FedAvg's server-side variants FedAvg's "
+        "learning rate).",
         "",
         *_table(["method", "setting", "value", "mean validation ROUGE-L", ""], rows),
     ]

@@ -103,8 +103,10 @@ def swept_values(method: str, tuning: Tuning) -> list[float]:
     most ``MAX_WIDENINGS`` times."""
     values = list(_swept(method)[1])
     choice = tuning.choices.get(method)
+    if choice is None:
+        return values
     for _ in range(MAX_WIDENINGS):
-        if choice is None or not all(_text(v) in choice.scores for v in values):
+        if not all(_text(v) in choice.scores for v in values):
             break
         if choice.chosen >= values[-1]:
             values.append(_half_decade(values[-1], up=True))
