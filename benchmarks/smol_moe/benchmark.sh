@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The smol-moe benchmark of the README ("Results on smol-moe"), every step in order. Finished
-# cells are skipped and interrupted ones resumed, so run it again until it ends; about 10 hours
+# cells are skipped and interrupted ones resumed, so run it again until it ends; about 15 hours
 # of two CPU cores in all. Run from the repository root with flexmoe installed (make install).
 set -euo pipefail
 OUT=${OUT:-benchmarks/results/smol-moe}
