@@ -51,7 +51,7 @@ def test_resume_refuses_other_settings_but_may_change_the_rounds_and_the_reply_t
     assert main(["run", "--resume", str(tmp_path), "--lr", "0.5", "--seed", "3"]) == 2
     err = capsys.readouterr().err
     assert "other settings (lr 0.001 -> 0.5; seed 0 -> 3)" in err
-    assert "(only --rounds, --reply-timeout may change)" in err
+    assert "(only --rounds and --reply-timeout may change)" in err
 
 
 def test_finished_results_without_a_checkpoint_are_not_overwritten(tmp_path):

@@ -87,7 +87,7 @@ def margin_line(summaries: dict[str, Summary]) -> str:
     )
 
 
-ONE_RUN = "one of the two measured on a single run"
+ONE_RUN = "at least one of the two measured on a single run"
 
 
 class Lead(NamedTuple):

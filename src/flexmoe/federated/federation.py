@@ -56,7 +56,6 @@ from flexmoe.results import (
 from flexmoe.runconfig import RESUMABLE_SETTINGS, RunConfig
 
 KEEP_CHECKPOINTS = 2
-# what a resumed run may change: more rounds, or a longer wait for replies
 
 
 def run_federation(
@@ -158,9 +157,8 @@ def check_resumable(out: Path, config: RunConfig) -> None:
     if changed:
         raise FlexMoEError(
             f"{describe_run(out)} with other settings ({'; '.join(changed)}); resume it "
-            f"with its own settings (only {', '.join('--' + n for n in RESUMABLE_SETTINGS)} may "
-            "change) or start a "
-            "run in another folder"
+            f"with its own settings (only {' and '.join('--' + n for n in RESUMABLE_SETTINGS)} "
+            "may change) or start a run in another folder"
         )
 
 
@@ -190,14 +188,14 @@ def screen(
 
 
 def aggregate(strategy: Strategy, round_: int, replies: list[Message]) -> ArrayRecord:
-    """The strategy's aggregate of checked updates, itself checked to be finite, in the wire
-    dtype (Flower's server optimisers compute in float64, and the next round's updates are
-    checked against it)."""
+    """The strategy's aggregate of checked updates in the wire dtype (Flower's FedAdam returns
+    float64, and the next round's updates are checked against it), checked to be finite."""
     arrays, _ = strategy.aggregate_train(round_, replies)
     if arrays is None:  # Flower's strategies return nothing rather than raise
         raise FlexMoEError(f"round {round_}: the strategy aggregated nothing from the updates")
+    arrays = in_wire_dtype(arrays)
     check_finite(arrays, "the aggregated parameters", round_)
-    return in_wire_dtype(arrays)
+    return arrays
 
 
 def privacy_spent(strategy: Strategy) -> tuple[float | None, dict | None]:
@@ -293,7 +291,7 @@ def load_checkpoint(out: Path, strategy: Strategy) -> tuple[Checkpoint | None, A
             f"{out / CHECKPOINT_FILE}: the saved server state is damaged ({error}); start the "
             "run again in a new folder"
         ) from None
-    # in_wire_dtype: server optimisers' checkpoints of earlier versions hold float64
+    # in_wire_dtype: FedAdam's checkpoints of earlier versions hold float64
     return state, in_wire_dtype(ArrayRecord({k: Array(v) for k, v in shared.items()}))
 
 

@@ -18,7 +18,10 @@ def state_to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
 def in_wire_dtype(arrays: ArrayRecord) -> ArrayRecord:
     """``arrays`` as float32, the dtype the clients send and the server checks updates against."""
     return ArrayRecord(
-        {name: Array(a.numpy().astype(WIRE_DTYPE, copy=False)) for name, a in arrays.items()}
+        {
+            name: a if a.dtype == np.dtype(WIRE_DTYPE).name else Array(a.numpy().astype(WIRE_DTYPE))
+            for name, a in arrays.items()
+        }
     )
 
 
