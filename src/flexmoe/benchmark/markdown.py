@@ -528,13 +528,14 @@ def _chosen_mark(choice: Choice) -> str:
 
 def render_report(runs: Sequence[Run]) -> str:
     """report.md for ``runs``: a function of their JSON files only."""
+    files = len(runs)
     runs, sweep = split_sweep(runs)
     grouped = group_runs(runs)
     labels = setting_labels(grouped)
     lines = [
         "# Benchmark report",
         "",
-        f"Made by `flexmoe report` from {len(runs)} results.json files. ROUGE-L is F1 x 100 on "
+        f"Made by `flexmoe report` from {files} results.json files. ROUGE-L is F1 x 100 on "
         "each client's own test split; a run's score is its mean over clients. `mean ROUGE-L` "
         "and `std` are the mean and sample standard deviation over runs (seeds). Traffic is "
         f"bytes per run, and `traffic / {REFERENCE}` compares up plus down with {REFERENCE}. "
