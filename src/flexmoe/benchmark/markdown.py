@@ -94,17 +94,22 @@ class Lead(NamedTuple):
     """FLEx against the best of its rivals by a measure taken once per run."""
 
     rival: str
+    flex_mean: float
+    rival_mean: float
     margin: float  # positive: FLEx is ahead
     spread: float | None  # the larger seed-to-seed std of the two; None unless both have two runs
+    rank: int  # FLEx's among itself and the rivals (ties share one)
 
 
 def _lead(per_run: dict[str, list[float]], rivals: Sequence[str], higher_is_better=True) -> Lead:
     sign = 1 if higher_is_better else -1
-    mean = {m: statistics.fmean(per_run[m]) for m in (FLEX, *rivals)}
-    rival = max(rivals, key=lambda m: sign * mean[m])
+    score = {m: sign * statistics.fmean(per_run[m]) for m in (FLEX, *rivals)}
+    rival = max(rivals, key=score.__getitem__)
     pair = (per_run[FLEX], per_run[rival])
     spread = max(map(statistics.stdev, pair)) if min(map(len, pair)) > 1 else None
-    return Lead(rival, sign * (mean[FLEX] - mean[rival]), spread)
+    rank = 1 + sum(value > score[FLEX] for value in score.values())
+    means = (sign * score[FLEX], sign * score[rival])
+    return Lead(rival, *means, score[FLEX] - score[rival], spread, rank)
 
 
 def _rouge_per_run(summaries: dict[str, Summary]) -> dict[str, list[float]]:
@@ -142,8 +147,8 @@ def rouge_claim(summaries: dict[str, Summary]) -> str | None:
     lead = _lead(_rouge_per_run(summaries), baselines)
     return (
         f"Better mean ROUGE-L than the federated baselines ({', '.join(baselines)}): "
-        f"{_verdict(lead)}. {FLEX} {summaries[FLEX].rouge:.2f}, the best of them {lead.rival} "
-        f"{summaries[lead.rival].rouge:.2f}: margin {lead.margin:+.2f}, std {_number(lead.spread)}."
+        f"{_verdict(lead)}. {FLEX} {lead.flex_mean:.2f}, the best of them {lead.rival} "
+        f"{lead.rival_mean:.2f}: margin {lead.margin:+.2f}, std {_number(lead.spread)}."
     )
 
 
@@ -195,15 +200,12 @@ def _least_lost_claim(measure: KnowledgeMeasure, per_run: dict[str, list[float]]
     """Where FLEx ranks by ``measure`` among ``per_run``'s methods, and its margin."""
     rivals = [m for m in per_run if m != FLEX]
     lead = _lead(per_run, rivals, measure.higher_is_better)
-    sign = 1 if measure.higher_is_better else -1
-    mean = {m: statistics.fmean(values) for m, values in per_run.items()}
-    rank = 1 + sum(sign * value > sign * mean[FLEX] for value in mean.values())
     spread = NONE if lead.spread is None else measure.shown(lead.spread).lstrip("+")
     return (
         f"Least knowledge lost among the methods that federate ({', '.join(rivals)} beside "
-        f"{FLEX}), by {measure.name}: {_verdict(lead)}. {FLEX} {measure.shown(mean[FLEX])} "
-        f"(rank {rank} of {len(mean)}), the best of the others {lead.rival} "
-        f"{measure.shown(mean[lead.rival])}: margin {measure.shown(lead.margin)}, std {spread}."
+        f"{FLEX}), by {measure.name}: {_verdict(lead)}. {FLEX} {measure.shown(lead.flex_mean)} "
+        f"(rank {lead.rank} of {len(per_run)}), the best of the others {lead.rival} "
+        f"{measure.shown(lead.rival_mean)}: margin {measure.shown(lead.margin)}, std {spread}."
     )
 
 

@@ -30,20 +30,12 @@ def flexmoe_command(cell: Cell, out: Path) -> list[str]:
     """``flexmoe run`` for ``cell`` in this interpreter; a cell interrupted earlier (its
     checkpoint is there) is resumed, with the same settings and the cell's runtime ones (a resumed
     run keeps its saved values of those, which an older default may have set)."""
+    run = [sys.executable, "-m", "flexmoe", "run"]
     if not (out / CHECKPOINT_FILE).is_file():
-        return [sys.executable, "-m", "flexmoe", "run", "--out", str(out), *cell.arguments()]
+        return [*run, "--out", str(out), *cell.arguments()]
     config = cell.config()
     runtime = [f"--{name}={getattr(config, field_name(name))}" for name in RUNTIME_SETTINGS]
-    return [
-        sys.executable,
-        "-m",
-        "flexmoe",
-        "run",
-        "--resume",
-        str(out),
-        *cell.arguments(),
-        *runtime,
-    ]
+    return [*run, "--resume", str(out), *cell.arguments(), *runtime]
 
 
 @dataclass(frozen=True)
