@@ -412,8 +412,11 @@ def test_an_interrupted_cell_whose_server_waited_otherwise_is_resumed(tmp_path):
     cell = select(MATRICES["smoke"], ["flex"], [0]).cells()[0]
     waited = cell.config().updated({"reply-timeout": 3600.0})
     write_checkpoint(tmp_path / cell.name, Checkpoint(run_id="r", config=asdict(waited)))
+    runner.log_path(tmp_path, cell).write_text("round 1 of the first attempt\n")
     [outcome] = run_cells(tmp_path, [cell], jobs=1, command=fake_command(), echo=lambda _: None)
     assert outcome.status == "done"
+    first, resumed = outcome.log.read_text().split(f"--- flexmoe bench: resuming {cell.name} ---")
+    assert "first attempt" in first and "peak" in resumed  # the earlier log is kept
 
 
 def test_bench_runs_every_cell_on_the_model_it_is_given(capsys):

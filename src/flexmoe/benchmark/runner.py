@@ -83,7 +83,8 @@ def run_cell(root: Path, cell: Cell, command: CommandBuilder | None = None) -> O
             write_samples(out)
         return Outcome(cell, "skipped", log)
     interrupted = out / CHECKPOINT_FILE
-    if interrupted.is_file():  # resumed only as exactly this cell, rounds included
+    resuming = interrupted.is_file()
+    if resuming:  # resumed only as exactly this cell, rounds included
         changed = RunConfig().updated(read_checkpoint(out).config).differences(cell.config())
         changed = {k: v for k, v in changed.items() if k not in RUNTIME_SETTINGS}
         if changed:
@@ -92,7 +93,10 @@ def run_cell(root: Path, cell: Cell, command: CommandBuilder | None = None) -> O
             return Outcome(cell, "failed", log, reason=reason)
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with log.open("w") as handle:
+    with log.open("a" if resuming else "w") as handle:  # a resumed cell keeps its earlier log
+        if resuming:
+            handle.write(f"\n--- flexmoe bench: resuming {cell.name} ---\n")
+            handle.flush()
         code = subprocess.run(
             (command or flexmoe_command)(cell, out),
             stdout=handle,
