@@ -28,5 +28,8 @@ $FLEXMOE bench --matrix default --splits dirichlet-1.0 --methods flex,fedavg,fed
 # 4. which tokens selection scores (the "all" row is step 2's flex)
 $FLEXMOE bench --matrix ablations --splits selection-tokens-content,selection-tokens-answer \
     --seeds 0,1,2 $S $T
+# 4b. grafts whose gates start almost shut (sigmoid of the router row minus 4), beside step 2's
+#     flex (bias 0): how much of FLEx's knowledge loss comes from a graft that is half on at once
+$FLEXMOE bench --matrix ablations --splits gate-bias--4.0 --seeds 0,1,2 $S $T
 # 5. one report over all of it
 $FLEXMOE report "$OUT"
