@@ -419,6 +419,15 @@ def test_an_interrupted_cell_whose_server_waited_otherwise_is_resumed(tmp_path):
     assert "first attempt" in first and "peak" in resumed  # the earlier log is kept
 
 
+def test_a_cell_that_fails_on_resuming_says_how_to_run_it_from_the_start(tmp_path):
+    cell = select(MATRICES["smoke"], ["fedavg"], [0]).cells()[0]
+    write_checkpoint(tmp_path / cell.name, Checkpoint(run_id="r", config=asdict(cell.config())))
+    [outcome] = run_cells(tmp_path, [cell], jobs=1, command=fake_command("fedavg"), echo=print)
+    assert outcome.reason == (
+        f"exit status 3 on resuming it (to run it from the start, delete {tmp_path / cell.name})"
+    )
+
+
 def test_bench_runs_every_cell_on_the_model_it_is_given(capsys):
     assert main(["bench", "--matrix", "smoke", "--list", "--model", "smol-moe"]) == 0
     lines = capsys.readouterr().out.splitlines()

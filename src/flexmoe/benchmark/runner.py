@@ -105,7 +105,10 @@ def run_cell(root: Path, cell: Cell, command: CommandBuilder | None = None) -> O
         ).returncode
     wall = time.perf_counter() - started
     if code != 0 or not finished.is_file():
-        return Outcome(cell, "failed", log, wall, f"exit status {code}")
+        reason = f"exit status {code}"
+        if resuming:  # e.g. its checkpoint's files did not come with it to this machine
+            reason += f" on resuming it (to run it from the start, delete {out})"
+        return Outcome(cell, "failed", log, wall, reason)
     write_samples(out)
     return Outcome(cell, "done", log, wall)
 
