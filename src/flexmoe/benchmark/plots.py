@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from flexmoe.benchmark.summary import (
     Run,
@@ -56,6 +57,7 @@ def plot_curves(summaries: dict[str, Summary], title: str, path: Path) -> None:
         points = mean_curve([curve(r) for r in (scored[method] if use_rouge else summary.runs)])
         if points:
             axes.plot(*zip(*points, strict=True), marker="o", label=method)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
     _finish(figure, axes, title, "round", ylabel, path)
 
 
