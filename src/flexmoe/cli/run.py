@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -106,6 +108,7 @@ def run_run(args: argparse.Namespace) -> None:
     )
     print(results_table(simulate(config, out, resume=args.resume is not None)))
     print(round_times(read_rounds(out / ROUNDS_FILE)))
+    print(f"peak memory of the server process: {peak_memory_gb():.2f} GB resident")
     print(f"results written to {out / RESULTS_FILE}")
 
 
@@ -157,6 +160,12 @@ def round_times(rounds: list[RoundRecord]) -> str:
     if startup:
         text += f", its message's process took {startup / len(later):.1f} s to start"
     return f"{text}; Flower and waiting {max(0.0, wall - clients - startup) / len(later):.1f} s"
+
+
+def peak_memory_gb() -> float:
+    """The most memory this process has held resident (macOS counts bytes, Linux kilobytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def results_table(results: RunResults) -> str:

@@ -75,20 +75,7 @@ def run_federation(
     session_started, wall_before = time.perf_counter(), state.wall_s
     rounds = range(state.round + 1, config.rounds + 1)
     for round_ in tqdm(rounds, desc=f"{config.method} rounds", disable=not progress):
-        round_started = time.perf_counter()
-        random.seed(config.seed * 1_000 + round_)  # node sampling, when fraction-train < 1
-        request = round_instructions(out, state.run_id, round_).to_record()
-        messages = list(strategy.configure_train(round_, arrays, request, grid))
-        replies = _replies(grid, messages, config.reply_timeout)
-        valid, rejected = (
-            screen(round_, replies, arrays, config) if method.federated else (replies, [])
-        )
-        readable = [r for r in replies if sender(r) >= 0]  # a rejected update's bytes still count
-        record = _round_record(round_, messages, readable, round_started)
-        record.rejected = rejected
-        if method.federated:
-            arrays = aggregate(strategy, round_, valid)
-            record.dp_epsilon, state.privacy_state = privacy_spent(strategy)
+        arrays, record = train_round(grid, strategy, arrays, out, state, round_, config)
         if config.eval_every and round_ % config.eval_every == 0 and round_ < config.rounds:
             scores = evaluate_clients(grid, strategy, arrays, out, state.run_id, round_, config)
             record.mean_rouge_l = statistics.fmean(c.rouge_l for c in scores)
@@ -104,6 +91,36 @@ def run_federation(
     results = RunResults.summarise(state.config, state.history, evaluation, state.wall_s)
     write_results(out, results)
     return results
+
+
+def train_round(
+    grid: Grid,
+    strategy: Strategy,
+    arrays: ArrayRecord,
+    out: Path,
+    state: Checkpoint,
+    round_: int,
+    config: RunConfig,
+) -> tuple[ArrayRecord, RoundRecord]:
+    """One round of training: the aggregate of the clients' valid updates, and its record.
+
+    A round of its own so that its replies (a full model each, for ``fedavg-full``) are freed
+    when it ends, not held until the next round's have arrived.
+    """
+    started = time.perf_counter()
+    random.seed(config.seed * 1_000 + round_)  # node sampling, when fraction-train < 1
+    federated = config.chosen_method().federated
+    request = round_instructions(out, state.run_id, round_).to_record()
+    messages = list(strategy.configure_train(round_, arrays, request, grid))
+    replies = _replies(grid, messages, config.reply_timeout)
+    valid, rejected = screen(round_, replies, arrays, config) if federated else (replies, [])
+    readable = [r for r in replies if sender(r) >= 0]  # a rejected update's bytes still count
+    record = _round_record(round_, messages, readable, started)
+    record.rejected = rejected
+    if federated:
+        arrays = aggregate(strategy, round_, valid)
+        record.dp_epsilon, state.privacy_state = privacy_spent(strategy)
+    return arrays, record
 
 
 def start_or_resume(
