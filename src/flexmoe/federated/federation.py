@@ -75,7 +75,7 @@ def run_federation(
     session_started, wall_before = time.perf_counter(), state.wall_s
     rounds = range(state.round + 1, config.rounds + 1)
     for round_ in tqdm(rounds, desc=f"{config.method} rounds", disable=not progress):
-        arrays, record = train_round(grid, strategy, arrays, out, state, round_, config)
+        arrays, record = train_round(grid, strategy, method, arrays, out, state, round_, config)
         if config.eval_every and round_ % config.eval_every == 0 and round_ < config.rounds:
             scores = evaluate_clients(grid, strategy, arrays, out, state.run_id, round_, config)
             record.mean_rouge_l = statistics.fmean(c.rouge_l for c in scores)
@@ -96,6 +96,7 @@ def run_federation(
 def train_round(
     grid: Grid,
     strategy: Strategy,
+    method: Method,
     arrays: ArrayRecord,
     out: Path,
     state: Checkpoint,
@@ -109,15 +110,14 @@ def train_round(
     """
     started = time.perf_counter()
     random.seed(config.seed * 1_000 + round_)  # node sampling, when fraction-train < 1
-    federated = config.chosen_method().federated
     request = round_instructions(out, state.run_id, round_).to_record()
     messages = list(strategy.configure_train(round_, arrays, request, grid))
     replies = _replies(grid, messages, config.reply_timeout)
-    valid, rejected = screen(round_, replies, arrays, config) if federated else (replies, [])
+    valid, rejected = screen(round_, replies, arrays, config) if method.federated else (replies, [])
     readable = [r for r in replies if sender(r) >= 0]  # a rejected update's bytes still count
     record = _round_record(round_, messages, readable, started)
     record.rejected = rejected
-    if federated:
+    if method.federated:
         arrays = aggregate(strategy, round_, valid)
         record.dp_epsilon, state.privacy_state = privacy_spent(strategy)
     return arrays, record
