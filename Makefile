@@ -1,5 +1,5 @@
 # make install: .venv with torch 2.13.0 (CPU, first, so nothing pulls a CUDA build), then flexmoe.
-# make run: the embedded default federated job (FLEx, tiny model, Natural Instructions).
+# make run: the embedded default federated job (FLEx, tiny model, the packaged Dolly-15k).
 # make test: lint and the test suite.
 PYTHON ?= python3
 VENV := .venv

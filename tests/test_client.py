@@ -1,50 +1,77 @@
-"""The client's data preparation."""
+"""The clients' data: the paper's split of the packaged Dolly-15k, fixed test pools, cuts."""
 
+import json
+import random
 from dataclasses import replace
 
 import pytest
 
-from flexmoe.client import fitting_examples
-from flexmoe.data import InstructionExample, format_prompt
+from flexmoe.client import client_datasets, truncation_report
+from flexmoe.data import load_dolly
 from flexmoe.errors import FlexMoEError
+from flexmoe.runconfig import RunConfig
+
+PAPER = ["classification", "closed_qa", "information_extraction", "summarization"]
 
 
-def test_only_whole_examples_that_fit_are_kept_and_the_answer_is_cached(
-    tmp_path, monkeypatch, tokenizer
-):
-    monkeypatch.setenv("FLEXMOE_CACHE", str(tmp_path))
-    examples = [InstructionExample("Say it.", "", "word " * n) for n in (1, 5, 40, 200)]
-    lengths = [
-        len(tokenizer.encode(format_prompt(e))) + len(tokenizer.encode(e.output)) for e in examples
-    ]
-    limit = sorted(lengths)[2]  # the two shortest fit, the others do not
-    kept = fitting_examples(examples, tokenizer, limit)
-    assert kept == [e for e, n in zip(examples, lengths, strict=True) if n < limit]
-    assert len(kept) == 2
-    assert len(list((tmp_path / "fitting").glob("*.json"))) == 1
-    with pytest.raises(FlexMoEError, match="no example fits"):
-        fitting_examples(examples[2:], tokenizer, 4)
-    monkeypatch.setattr(type(tokenizer), "__call__", lambda *a, **k: pytest.fail("not cached"))
-    assert fitting_examples(examples, tokenizer, limit) == kept
+def test_the_default_run_is_the_papers_split_of_the_packaged_dolly():
+    clients = client_datasets(RunConfig())
+    assert [client.categories for client in clients] == [[c] for c in PAPER]
+    assert [len(client.test) for client in clients] == [100] * 4
+    assert [len(client.train) for client in clients] == [300] * 4
+    for client in clients:
+        assert not set(client.test) & set(client.train)
 
 
-def test_the_fitting_cache_depends_on_the_prompt_template(tmp_path, monkeypatch, tokenizer):
-    from flexmoe.client import datasets
+def test_every_seed_and_method_scores_the_same_test_examples():
+    first = client_datasets(RunConfig(max_train=8))
+    other = client_datasets(RunConfig(max_train=8, seed=3, method="fedavg"))
+    assert [c.test for c in first] == [c.test for c in other]
+    assert [c.train for c in first] != [c.train for c in other]
 
-    monkeypatch.setenv("FLEXMOE_CACHE", str(tmp_path))
-    examples = [InstructionExample("Say it.", "", "word")]
-    fitting_examples(examples, tokenizer, 200)
-    monkeypatch.setattr(
-        datasets, "format_prompt", lambda e, tokenizer=None: f"Q: {e.instruction}\nA: "
-    )
-    fitting_examples(examples, tokenizer, 200)
-    assert len(list((tmp_path / "fitting").glob("*.json"))) == 2
+
+def test_the_upstream_file_in_any_line_order_gives_the_clients_of_the_packaged_copy(tmp_path):
+    records = [
+        {"instruction": e.instruction, "context": e.input, "response": e.output,
+         "category": e.category}
+        for e in load_dolly()
+    ]  # fmt: skip
+    random.Random(7).shuffle(records)
+    upstream = tmp_path / "databricks-dolly-15k.jsonl"
+    upstream.write_text("".join(json.dumps(r) + "\n" for r in records))
+    for split in ("pathological", "dirichlet"):
+        packaged = RunConfig(split=split, max_train=16, max_test=20)
+        assert client_datasets(replace(packaged, data=str(upstream))) == client_datasets(packaged)
+
+
+def test_dirichlet_spreads_the_papers_categories_and_a_setting_widens_them():
+    (client,) = client_datasets(RunConfig(split="dirichlet", clients=1, max_train=10_000))
+    assert client.categories == PAPER
+    (wide,) = client_datasets(RunConfig(split="dirichlet", clients=1, categories="all"))
+    assert len(wide.categories) == 8
+    chosen = client_datasets(RunConfig(clients=2, categories="open_qa, brainstorming"))
+    assert [c.categories for c in chosen] == [["brainstorming"], ["open_qa"]]
+    with pytest.raises(FlexMoEError, match="categories not in the data: poetry"):
+        client_datasets(RunConfig(categories="poetry"))
+
+
+def test_long_inputs_are_cut_to_fit_and_counted_by_category(tmp_path, dolly_file):
+    long = [
+        {"instruction": "Sum it up.", "context": "word " * 400, "response": "Short.",
+         "category": "summarization"},
+        {"instruction": "Say it.", "context": "", "response": "yes " * 400, "category": "open"},
+    ]  # fmt: skip
+    data = tmp_path / "long.jsonl"
+    data.write_text(dolly_file.read_text() + "\n" + "\n".join(json.dumps(r) for r in long))
+    config = RunConfig(data=str(data), model="tiny", max_length=128, split="iid", clients=1)
+    report = truncation_report(config)
+    used = {e for c in client_datasets(config) for e in c.train + c.test}
+    assert sum(r["examples"] for r in report.values()) == len(used) == 42
+    assert report["summarization"] == {"examples": 11, "context_cut": 1, "answer_cut": 0}
+    assert report["open"] == {"examples": 1, "context_cut": 0, "answer_cut": 1}
 
 
 def test_a_validation_run_never_evaluates_on_test_examples(tmp_path, monkeypatch, dolly_file):
-    from flexmoe.client import client_datasets
-    from flexmoe.runconfig import RunConfig
-
     monkeypatch.setenv("FLEXMOE_CACHE", str(tmp_path))
     config = RunConfig(data=str(dolly_file), max_length=512, max_test=3)
     tested = client_datasets(config)

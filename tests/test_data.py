@@ -1,8 +1,9 @@
-"""Reading instruction records from JSONL, JSON and Parquet files, and their errors."""
+"""Reading instruction records (JSONL, JSON, Parquet, compressed; the packaged Dolly-15k)."""
 
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,12 +13,16 @@ import pytest
 from flexmoe.data import (
     NATURAL_INSTRUCTIONS,
     NATURAL_INSTRUCTIONS_NAMES,
+    PAPER_CATEGORIES,
     InstructionExample,
+    canonical_order,
     category_counts,
     load_dataset,
     load_instructions,
     partition_examples,
 )
+from flexmoe.data.dolly import DOLLY_SIZE
+from flexmoe.data.records import COMPRESSIONS
 from flexmoe.errors import FlexMoEError
 
 ALPACA = [
@@ -93,10 +98,54 @@ def test_category_counts_largest_first():
     assert list(category_counts(examples).items()) == [("b", 3), ("a", 1), (None, 1)]
 
 
-def test_load_dataset_reads_files_and_names_natural_instructions(tmp_path):
-    assert load_dataset(write_jsonl(tmp_path / "d.jsonl", DOLLY)) == DOLLY_EXPECTED
+def test_load_dataset_reads_files_in_canonical_order_and_names_natural_instructions(tmp_path):
+    loaded = load_dataset(write_jsonl(tmp_path / "d.jsonl", DOLLY))
+    assert loaded == canonical_order(DOLLY_EXPECTED)
+    assert load_dataset(write_jsonl(tmp_path / "r.jsonl", DOLLY[::-1])) == loaded
     assert NATURAL_INSTRUCTIONS == "natural-instructions"
     assert NATURAL_INSTRUCTIONS_NAMES == ("ni", "natural-instructions")
+
+
+def test_canonical_order_is_a_hash_of_all_four_fields_whatever_the_input_order():
+    examples = [
+        InstructionExample(f"task {i % 3}", f"in {i % 2}", f"out {i}", f"c{i % 4}")
+        for i in range(40)
+    ]
+    ordered = canonical_order(examples)
+    assert sorted(ordered, key=str) == sorted(examples, key=str)
+    assert canonical_order(reversed(examples)) == ordered
+    assert ordered != examples  # a hash order, not the order given
+
+
+@pytest.mark.parametrize("compression", ["xz", "gz", "bz2"])
+@pytest.mark.parametrize("suffix", ["jsonl", "json"])
+def test_text_files_may_be_compressed(tmp_path, suffix, compression):
+    plain = WRITERS[suffix](tmp_path / f"data.{suffix}", DOLLY)
+    packed = tmp_path / f"data.{suffix}.{compression}"
+    with COMPRESSIONS[f".{compression}"](packed, "wb") as stream:
+        stream.write(plain.read_bytes())
+    assert load_instructions(packed) == DOLLY_EXPECTED
+
+
+def test_a_damaged_compressed_file_is_named(tmp_path):
+    packed = tmp_path / "data.jsonl.xz"
+    packed.write_bytes(b"not xz at all")
+    assert "damaged or not .xz compressed" in error_message(packed)
+    assert "use one of" in error_message(write_jsonl(tmp_path / "d.parquet.gz", DOLLY))
+
+
+def test_the_packaged_dolly_is_all_of_dolly_15k():
+    examples = load_dataset("dolly")
+    assert len(examples) == DOLLY_SIZE == 15_011
+    assert len(set(examples)) == 15_003  # 8 exact duplicates, as upstream
+    assert category_counts(examples) == {
+        "open_qa": 3742, "general_qa": 2191, "classification": 2136, "closed_qa": 1773,
+        "brainstorming": 1766, "information_extraction": 1506, "summarization": 1188,
+        "creative_writing": 709,
+    }  # fmt: skip
+    assert set(PAPER_CATEGORIES) < set(category_counts(examples))
+    license_notice = (resources.files("flexmoe") / "assets" / "dolly" / "README.md").read_text()
+    assert "CC BY-SA 3.0" in license_notice and "Databricks" in license_notice
 
 
 def error_message(path: Path) -> str:

@@ -1,12 +1,10 @@
-"""Natural Instructions v1: the category table, the sdist reader, the JSONL cache, the fetch."""
+"""Natural Instructions v1: the category table, the sdist reader, the JSONL cache, no fetch."""
 
 from __future__ import annotations
 
 import io
 import json
 import re
-import subprocess
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -19,7 +17,6 @@ from flexmoe.data import (
     NI_CATEGORIES,
     NI_TASK_CATEGORIES,
     InstructionExample,
-    fetch_bigbench_sdist,
     load_dataset,
     load_natural_instructions,
     natural_instructions_tasks,
@@ -191,7 +188,7 @@ def test_malformed_task_json(tmp_path, data):
 def test_damaged_or_foreign_tarballs(tmp_path):
     damaged = tmp_path / "damaged.tar.gz"
     damaged.write_bytes(b"\x1f\x8b" + b"garbage" * 10)
-    with pytest.raises(FlexMoEError, match="delete it to download it again"):
+    with pytest.raises(FlexMoEError, match="damaged or incomplete; replace it with a good copy"):
         read_tasks_from_tarball(damaged)
     with pytest.raises(FlexMoEError, match="no Natural Instructions tasks"):
         read_tasks_from_tarball(build_sdist(tmp_path / "empty.tar.gz", {}))
@@ -210,32 +207,29 @@ def test_cache_dir_defaults_and_env_override(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path
 
 
-def test_fetch_runs_pip_download_once_into_the_cache(monkeypatch, tmp_path):
-    calls = []
-
-    def fake_run(command, **kwargs):
-        calls.append(command)
-        build_sdist(Path(command[command.index("-d") + 1]) / ni.SDIST_FILENAME)
-        return subprocess.CompletedProcess(command, 0, "", "")
-
-    monkeypatch.setattr(flexmoe_cache.subprocess, "run", fake_run)
+def test_an_absent_sdist_says_in_one_line_where_to_put_it_and_downloads_nothing(
+    monkeypatch, tmp_path
+):
+    monkeypatch.setattr(flexmoe_cache.subprocess, "run", lambda *a, **k: pytest.fail("ran pip"))
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
-    path = fetch_bigbench_sdist()
-    assert path == tmp_path / "c" / "bigbench" / ni.SDIST_FILENAME and path.is_file()
-    assert calls[0][:4] == [sys.executable, "-m", "pip", "download"]
-    assert {"--no-deps", "bigbench==1.0.0"} <= set(calls[0])
-    assert calls[0][calls[0].index("--no-binary") + 1] == ":all:"
-    assert fetch_bigbench_sdist() == path and len(calls) == 1
-    assert [p.name for p in path.parent.iterdir()] == [ni.SDIST_FILENAME]  # no scratch left
+    with pytest.raises(FlexMoEError) as raised:
+        load_dataset("ni")
+    message = str(raised.value)
+    assert "\n" not in message and "PyPI no longer serves" in message
+    assert str(tmp_path / "c" / "bigbench" / ni.SDIST_FILENAME) in message
+    assert "--data" in message
+    assert not (tmp_path / "c" / "bigbench").exists()
 
 
-def test_failed_download_names_the_manual_fix(monkeypatch, tmp_path):
-    def failing_run(command, **kwargs):
-        return subprocess.CompletedProcess(command, 1, "", "ERROR: network unreachable")
-
-    monkeypatch.setattr(flexmoe_cache.subprocess, "run", failing_run)
-    with pytest.raises(FlexMoEError, match=r"network unreachable.*place it at"):
-        fetch_bigbench_sdist(tmp_path)
+def test_the_sdist_given_as_the_data_is_read_without_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "empty"))
+    sdist = build_sdist(tmp_path / "mine" / ni.SDIST_FILENAME)
+    examples = load_dataset(str(sdist), max_per_task=2)
+    assert sorted(examples, key=str) == sorted(
+        load_natural_instructions(max_per_task=2, sdist=sdist), key=str
+    )
+    assert len(examples) == 4
+    assert not (tmp_path / "empty").exists()
 
 
 REAL_CACHE = cache_dir()
@@ -245,7 +239,7 @@ REAL_CACHE = cache_dir()
 @pytest.mark.skipif(
     not (REAL_CACHE / ni.TASK_CACHE_FILENAME).is_file()
     and not (REAL_CACHE / "bigbench" / ni.SDIST_FILENAME).is_file(),
-    reason="the bigbench 1.0.0 sdist has not been downloaded into the flexmoe cache",
+    reason="no bigbench 1.0.0 sdist in the flexmoe cache (PyPI no longer serves it)",
 )
 def test_real_natural_instructions():
     tasks = natural_instructions_tasks()

@@ -9,9 +9,9 @@ from flexmoe.data import (
     InstructionExample,
     build_client_datasets,
     dirichlet_partition,
+    hold_out_test_pools,
     partition_examples,
     pathological_partition,
-    train_test_split,
 )
 from flexmoe.errors import FlexMoEError
 
@@ -170,42 +170,77 @@ def test_partition_examples_dispatches_by_scheme():
         partition_examples(examples, 4, "dirichlet", seed=0, categories=["closed_qa"])
 
 
-def test_train_test_split_is_disjoint_complete_and_seeded():
-    items = list(range(50))
-    train, test = train_test_split(items, 0.2, seed=0)
-    assert len(test) == 10 and sorted(train + test) == items
-    assert train_test_split(items, 0.2, seed=0) == (train, test)
-    assert train_test_split(items, 0.2, seed=1) != (train, test)
-    assert train_test_split([1], 0.5, seed=0) == ([1], [])  # train keeps at least one
-    with pytest.raises(FlexMoEError, match=r"test fraction must be in \[0, 1\)"):
-        train_test_split(items, 1.0, seed=0)
-
-
-def test_client_datasets_split_each_client_and_apply_caps():
+def test_test_pools_are_each_categorys_first_examples_and_train_keeps_the_rest():
     examples = make_examples(SIZES)
-    partition = pathological_partition(examples, 4, seed=0)
-    clients = build_client_datasets(examples, partition, test_fraction=0.2, seed=0)
-    for client, indices in zip(clients, partition.client_indices, strict=True):
-        assert len(client.train) + len(client.test) == len(indices)
-        assert len(client.test) == round(0.2 * len(indices))
-        assert not {id(e) for e in client.train} & {id(e) for e in client.test}
-        assert len(client.categories) == 1
-    everything = [id(e) for c in clients for e in c.train + c.test]
-    assert sorted(everything) == sorted(map(id, examples))
+    held = hold_out_test_pools(examples, per_category=5, fraction=0.2)
+    # classification 30 -> 5 (the cap), closed_qa 20 -> 4, the 10-example ones -> 2
+    assert {c: len(pool) for c, pool in held.pools.items()} == {
+        "brainstorming": 2, "classification": 5, "closed_qa": 4, "summarization": 2,
+    }  # fmt: skip
+    for category, pool in held.pools.items():
+        assert pool == [e for e in examples if e.category == category][: len(pool)]
+    assert held.train == [e for e in examples if not any(e in p for p in held.pools.values())]
+    assert len(held.train) + 13 == len(examples)
+    tiny = make_examples({"closed_qa": 1, "summarization": 2})
+    assert {c: len(p) for c, p in hold_out_test_pools(tiny, 100, 0.9).pools.items()} == {
+        "closed_qa": 0, "summarization": 1,  # training keeps at least one
+    }  # fmt: skip
+    with pytest.raises(FlexMoEError, match=r"test fraction must be in \[0, 1\)"):
+        hold_out_test_pools(examples, 5, 1.0)
+    with pytest.raises(FlexMoEError, match="per category must be at least 1"):
+        hold_out_test_pools(examples, 0, 0.2)
 
-    capped = build_client_datasets(examples, partition, 0.2, seed=0, max_train=5, max_test=2)
+
+def split(examples, scheme="pathological", seed=0, **caps):
+    held = hold_out_test_pools(examples, per_category=4, fraction=0.5)
+    partition = partition_examples(held.train, 4, scheme, seed=seed, alpha=1.0)
+    return held, build_client_datasets(held.train, partition, held.pools, seed, **caps)
+
+
+def test_each_client_trains_on_its_share_and_tests_on_the_head_of_its_categorys_pool():
+    examples = make_examples(SIZES)
+    held, clients = split(examples)
+    for client in clients:
+        (category,) = client.categories
+        assert client.test == held.pools[category]
+        assert {e.category for e in client.train} == {category}
+    trained = sorted(id(e) for c in clients for e in c.train)
+    assert trained == sorted(map(id, held.train))
+
+    _, capped = split(examples, max_train=5, max_test=2)
     assert [len(c.train) for c in capped] == [5] * 4
-    assert [len(c.test) for c in capped] == [2] * 4
     assert [c.train for c in capped] == [c.train[:5] for c in clients]
+    assert [c.test for c in capped] == [c.test[:2] for c in clients]
     with pytest.raises(FlexMoEError, match="max_test must be at least 1"):
-        build_client_datasets(examples, partition, 0.2, seed=0, max_test=0)
+        split(examples, max_test=0)
+
+
+def test_the_test_examples_do_not_depend_on_the_seed_but_the_training_order_does():
+    examples = make_examples(SIZES)
+    _, first = split(examples, seed=0)
+    _, second = split(examples, seed=1)
+    assert sorted(str(c.test) for c in first) == sorted(str(c.test) for c in second)
+    assert [c.train for c in first] != [c.train for c in second]
+
+
+def test_a_dirichlet_clients_test_examples_follow_its_category_mix():
+    examples = make_examples({"a": 200, "b": 200, "c": 200})
+    held = hold_out_test_pools(examples, per_category=50, fraction=0.2)
+    partition = partition_examples(held.train, 3, "dirichlet", seed=3, alpha=0.5)
+    clients = build_client_datasets(held.train, partition, held.pools, 3, max_test=20)
+    for client in clients:
+        assert len(client.test) == 20
+        trained = {c: sum(e.category == c for e in client.train) for c in "abc"}
+        for category in "abc":
+            tested = [e for e in client.test if e.category == category]
+            assert tested == held.pools[category][: len(tested)]  # each pool's head
+            assert abs(len(tested) - 20 * trained[category] / len(client.train)) < 1
 
 
 def test_a_validation_split_is_carved_from_training_data_and_never_touches_the_test_split():
     examples = make_examples(SIZES)
-    partition = pathological_partition(examples, 4, seed=0)
-    plain = build_client_datasets(examples, partition, 0.2, seed=0, max_test=6)
-    tuning = build_client_datasets(examples, partition, 0.2, seed=0, max_test=6, validation=True)
+    _, plain = split(examples, max_test=6)
+    _, tuning = split(examples, max_test=6, validation=True)
     for client, held in zip(plain, tuning, strict=True):
         test = {id(e) for e in client.test}
         assert len(held.test) == len(client.test) > 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from flexmoe.data import (
+    CONTEXT_CUT,
     IGNORE_INDEX,
     PROMPT_NO_INPUT,
     PROMPT_WITH_INPUT,
@@ -19,6 +22,7 @@ from flexmoe.data import (
     collate,
     collate_prompts,
     encode_prompt,
+    fit_context,
     format_prompt,
     iterate_batches,
     pad_token_id,
@@ -78,23 +82,50 @@ def test_prompt_is_masked_and_response_plus_eos_is_supervised(tokenizer, example
     assert tokenized.num_target_tokens == len(response) + 1
 
 
-def test_truncation_keeps_the_first_max_length_tokens(tokenizer):
-    full = tokenize_example(WITH_INPUT, tokenizer, max_length=512)
+def test_a_long_input_is_cut_at_a_word_and_marked_and_instruction_and_answer_stay_whole(
+    tokenizer,
+):
+    long = InstructionExample("Translate to French.", "Good morning " * 40, "Bonjour", "t")
+    whole = tokenize_example(long, tokenizer, max_length=2048)
+    limit = len(whole.input_ids) // 2
+    cut = tokenize_example(long, tokenizer, max_length=limit)
+    assert cut.context_cut and not cut.answer_cut and not whole.context_cut
+    assert len(cut.input_ids) <= limit
+    assert cut.num_target_tokens == whole.num_target_tokens  # the answer and its eos, whole
+    text = tokenizer.decode(cut.input_ids)
+    assert "### Instruction:\nTranslate to French." in text
+    assert "Good morning Good" in text and text.count("morning") < 40
+    assert re.search(r"(Good|morning) \[\.\.\.\]\n\n### Response:\nBonjour<eos>$", text)
+    # the longest input that fits: one more word would not
+    shown = fit_context(long, tokenizer, limit - whole.num_target_tokens)
+    kept = shown.input.removesuffix(CONTEXT_CUT)
+    assert long.input.startswith(kept) and long.input[len(kept)] == " "
+    next_word = long.input[len(kept) :].split()[0]
+    longer = replace(long, input=f"{kept} {next_word}{CONTEXT_CUT}")
+    assert len(tokenize_example(longer, tokenizer, 2048).input_ids) > limit
+    assert fit_context(WITH_INPUT, tokenizer, 512) is WITH_INPUT
+    squeezed = fit_context(long, tokenizer, 3)  # the instruction alone is too long
+    assert squeezed.input == CONTEXT_CUT.strip() and squeezed.instruction == long.instruction
+
+
+def test_an_answer_too_long_even_without_the_input_is_truncated_at_the_end(tokenizer):
+    full = tokenize_example(NO_INPUT, tokenizer, max_length=512)
     limit = len(full.input_ids) - 2
-    cut = tokenize_example(WITH_INPUT, tokenizer, max_length=limit)
+    cut = tokenize_example(NO_INPUT, tokenizer, max_length=limit)
+    assert cut.answer_cut and not cut.context_cut and not full.answer_cut
     assert cut.input_ids == full.input_ids[:limit]
     assert cut.labels == full.labels[:limit]
     assert tokenizer.eos_token_id not in cut.labels
 
 
-def test_examples_whose_prompt_fills_max_length_are_dropped(tokenizer, caplog):
-    long_input = InstructionExample("Translate to French.", "Good morning " * 40, "Bonjour")
+def test_examples_whose_instruction_fills_max_length_are_dropped(tokenizer, caplog):
+    long = InstructionExample("Translate to French. " * 30, "Good morning", "Bonjour")
     limit = len(tokenize_example(WITH_INPUT, tokenizer, 512).input_ids)
-    kept = tokenize_examples([WITH_INPUT, long_input, NO_INPUT], tokenizer, max_length=limit)
+    kept = tokenize_examples([WITH_INPUT, long, NO_INPUT], tokenizer, max_length=limit)
     assert len(kept) == 2 and all(example.num_target_tokens > 0 for example in kept)
     assert "dropped 1 of 3" in caplog.text
     with pytest.raises(FlexMoEError, match="increase the maximum sequence length"):
-        tokenize_examples([long_input], tokenizer, max_length=limit)
+        tokenize_examples([long], tokenizer, max_length=limit)
 
 
 def test_max_length_must_be_at_least_two(tokenizer):
@@ -124,6 +155,11 @@ def test_encode_prompt_keeps_the_response_cue(tokenizer):
     assert tokenizer.decode(prompt) == format_prompt(WITH_INPUT)
     tail = encode_prompt(WITH_INPUT, tokenizer, max_length=5)
     assert tail == prompt[-5:] and tokenizer.decode(tail).endswith("### Response:\n")
+    long = replace(WITH_INPUT, input="Good morning " * 40)
+    room = len(prompt) + 10
+    fitted = encode_prompt(long, tokenizer, max_length=room)
+    assert len(fitted) <= room and "Translate to French." in tokenizer.decode(fitted)
+    assert fitted == encode_prompt(fit_context(long, tokenizer, room), tokenizer)
 
 
 def test_collate_right_pads_with_pad_id_and_ignores_padding():

@@ -127,3 +127,9 @@ def test_a_run_saved_before_newer_settings_resumes_with_their_defaults(tmp_path)
     (tmp_path / "checkpoint.json").write_text(json.dumps({"run_id": "r", "config": old}))
     with pytest.raises(FlexMoEError, match="saved settings are damaged \\(no lr\\)"):
         RunConfig.saved_in(tmp_path)
+    # a run made before fixed test pools split its data another way: refused, not misread
+    for name in ("lr", "categories", "test-per-category"):
+        old.pop(name, None)
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"run_id": "r", "config": old}))
+    with pytest.raises(FlexMoEError, match=r"before fixed test pools.*start a new run"):
+        RunConfig.saved_in(tmp_path)

@@ -14,10 +14,12 @@ from safetensors.numpy import load_file
 
 from flexmoe.cache import CACHE_ENV
 from flexmoe.cli import main
+from flexmoe.data import hold_out_test_pools, load_dataset, select_categories
 from flexmoe.federated.simulation import client_resources, simulated_threads
 from flexmoe.hardware import Placement
 from flexmoe.results import (
     CHECKPOINT_DIR,
+    DATA_FILE,
     RESULTS_FILE,
     ROUNDS_FILE,
     RunResults,
@@ -75,7 +77,18 @@ def test_replies_late_past_the_reply_timeout_fail_the_round_and_the_run_resumes(
     assert "2 of 2 clients did not reply within 0.5 s (reply-timeout)" in err
     assert read_checkpoint(out).round == 0 and not (out / RESULTS_FILE).exists()
     assert main(["run", "--resume", str(out), "--reply-timeout", "0"]) == 0
-    assert read_results(out / RESULTS_FILE).config["reply_timeout"] == 0
+    results = read_results(out / RESULTS_FILE)
+    assert results.config["reply_timeout"] == 0
+    # the default data: the packaged Dolly-15k, each client tested on its category's pool head
+    dolly = select_categories(load_dataset("dolly"), "default")
+    pools = hold_out_test_pools(dolly, 100, 0.2).pools
+    two = ["classification", "closed_qa"]  # the largest two of the paper's four
+    assert [c.categories for c in results.clients] == [[c] for c in two]
+    assert [c.test_ids for c in results.clients] == [
+        [e.prompt_id for e in pools[c][:3]] for c in two
+    ]
+    report = json.loads((out / DATA_FILE).read_text())
+    assert sorted(report) == two and {r["examples"] for r in report.values()} == {15}
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, dolly_file, random_model, monkeypatch):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 HOOK = Path(__file__).parent / "hook"
 SETTINGS = [
-    "--model", "tiny", "--data", "ni", "--clients", "2", "--rounds", "3", "--local-steps", "1",
+    "--model", "tiny", "--clients", "2", "--rounds", "3", "--local-steps", "1",
     "--max-train", "16", "--max-test", "4", "--max-new-tokens", "8",
 ]  # fmt: skip
 CHOSEN = [  # (name, text in the path of the write to pause, which such write in one process)

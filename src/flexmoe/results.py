@@ -20,6 +20,7 @@ from flexmoe.io import atomic_write_text, read_json
 
 RESULTS_FILE = "results.json"
 ROUNDS_FILE = "rounds.json"
+DATA_FILE = "data.json"  # per category: examples used, inputs and answers cut to fit
 CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_DIR = "checkpoints"
 CLIENTS_DIR = "clients"
@@ -171,6 +172,7 @@ class ClientResult:
     n_test: int
     rouge_l: float
     test_loss: float
+    test_ids: list[str] = field(default_factory=list)  # prompt ids of the examples scored
     knowledge: Knowledge | None = None  # the Diagnostics, when the evaluation measured them
     routing: Routing | None = None
     flops_per_token: FlopsPerToken | None = None

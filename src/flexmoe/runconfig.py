@@ -40,6 +40,8 @@ ADDED_LATER = {
     "dp-clipping-norm",
     "dp-delta",
 }
+# settings of the fixed test pools: a checkpoint without them split its data another way
+DATA_SPLIT_SETTINGS = ("categories", "test-per-category")
 # how a run waits, not what it computes: two runs apart only here have the same results
 RUNTIME_SETTINGS = ("reply-timeout",)
 RESUMABLE_SETTINGS = ("rounds", *RUNTIME_SETTINGS)  # what a resumed run may change
@@ -99,13 +101,25 @@ class RunConfig:
     alpha: float = setting(1.0, "Dirichlet concentration over categories", above(0))
     clients: int = setting(4, "federation size", at_least(1))
     rounds: int = setting(10, "federated rounds", at_least(1))
-    local_steps: int = setting(10, "local AdamW steps per round", at_least(1))
-    batch_size: int = setting(8, "examples per step", at_least(1))
+    local_steps: int = setting(5, "local AdamW steps per round", at_least(1))
+    batch_size: int = setting(4, "examples per step", at_least(1))
     lr: float = setting(1e-3, "learning rate, cosine-decayed across rounds", above(0))
     min_lr: float = setting(1e-5, "learning rate of the last round", at_least(0))
     seed: int = setting(0, "data split, initialisation, batches", at_least(0))
     model: str = setting("tiny", "a local Hugging Face MoE folder, or tiny or smol-moe", nonempty)
-    data: str = setting("ni", "ni (Natural Instructions v1) or an Alpaca/Dolly file", nonempty)
+    data: str = setting(
+        "dolly",
+        "dolly (Dolly-15k, shipped), ni (Natural Instructions v1, from your bigbench 1.0.0 "
+        "sdist) or an Alpaca/Dolly file",
+        nonempty,
+    )
+    categories: str = setting(
+        "default",
+        "categories the clients' data comes from: default (the paper's closed_qa, "
+        "information_extraction, classification and summarization when the data has them, "
+        "else all), all, or a comma-separated list",
+        nonempty,
+    )
     fraction_train: float = setting(1.0, "share of clients sampled per round", between(0, 1, True))
     experts_per_layer: int = setting(1, "experts grafted per MoE layer (FLEx)", at_least(1))
     lora_rank: int = setting(32, "rank of the shared attention LoRA (alpha: 2 x rank)", at_least(1))
@@ -114,11 +128,21 @@ class RunConfig:
     )
     gate_bias: float = setting(0.0, "initial bias of the grafted experts' gates", between(-30, 30))
     max_new_tokens: int = setting(32, "greedy generation length for ROUGE-L", at_least(1))
-    max_length: int = setting(256, "tokens per example (longer ones are left out)", at_least(2))
+    max_length: int = setting(
+        512,
+        "tokens per example: a longer input (context) is cut short, marked [...]; "
+        "instruction and answer stay whole where they fit",
+        at_least(2),
+    )
     max_train: int = setting(300, "training examples per client", at_least(1))
-    max_test: int = setting(24, "test examples per client", at_least(1))
+    max_test: int = setting(100, "test examples per client", at_least(1))
+    test_per_category: int = setting(
+        100,
+        "test examples held out per category, the same for every seed and method",
+        at_least(1),
+    )
     test_fraction: float = setting(
-        0.2, "share of a client's examples held out", between(0, 1, True, True)
+        0.2, "most of a category's examples held out for testing", between(0, 1, True, True)
     )
     max_per_task: int = setting(400, "Natural Instructions examples per task", at_least(1))
     proximal_mu: float = setting(0.01, "FedProx's mu (fedprox only)", at_least(0))
@@ -202,6 +226,11 @@ class RunConfig:
                 raise FlexMoEError(f"{option_name(spec.name)} {problem}, got {value!r}")
         if self.min_lr > self.lr:
             raise FlexMoEError(f"min-lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.max_new_tokens >= self.max_length:
+            raise FlexMoEError(
+                f"max-new-tokens ({self.max_new_tokens}) must be below max-length "
+                f"({self.max_length}): a test prompt and its answer share max-length tokens"
+            )
         if self.dp_noise_multiplier > 0 and self.dp_clipping_norm == 0:
             raise FlexMoEError(
                 "dp-noise-multiplier needs a dp-clipping-norm: noise is scaled to the clipping"
@@ -216,6 +245,11 @@ class RunConfig:
     def private(self) -> bool:
         """Whether clients clip their updates (and the server adds noise) for DP."""
         return self.dp_clipping_norm > 0
+
+    @property
+    def prompt_room(self) -> int:
+        """The tokens a test prompt may take, leaving ``max_new_tokens`` for its answer."""
+        return self.max_length - self.max_new_tokens
 
     def chosen_method(self) -> Method:
         """The method this run names, with its settings (the LoRA rank) applied."""
@@ -236,8 +270,13 @@ class RunConfig:
     def saved_in(cls, out: Path) -> RunConfig:
         """The settings of the run whose output folder is ``out`` (from its checkpoint)."""
         saved = read_checkpoint(out).config
+        known = {option_name(k) for k in saved} | ADDED_LATER  # those take their defaults
+        if not known & set(DATA_SPLIT_SETTINGS):
+            raise FlexMoEError(
+                f"{out} was made by a flexmoe before fixed test pools, whose clients' data this "
+                "one does not rebuild; start a new run instead of resuming it"
+            )
         try:
-            known = {option_name(k) for k in saved} | ADDED_LATER  # those take their defaults
             missing = sorted(set(cls().to_flat()) - known)
             if missing:
                 raise FlexMoEError(f"no {', '.join(missing[:3])}")

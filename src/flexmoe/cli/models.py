@@ -69,7 +69,11 @@ def _add_graft(commands: argparse._SubParsersAction) -> None:
         "and write the personal adapter plus graft_report.json to --out.",
     )
     graft.add_argument("--model", required=True, help=MODEL_HELP)
-    graft.add_argument("--data", required=True, help="instruction data: .jsonl, .json or .parquet")
+    graft.add_argument(
+        "--data",
+        required=True,
+        help="instruction data: dolly (the packaged Dolly-15k), or a .jsonl, .json, .parquet file",
+    )
     graft.add_argument("--out", required=True, type=Path, help="folder for the adapter")
     graft.add_argument("--experts-per-layer", type=int, default=1, metavar="R")
     graft.add_argument(
@@ -229,7 +233,7 @@ def _calibration_text(path: Path) -> str:
 
 def run_graft(args: argparse.Namespace) -> None:
     """Select and graft experts on a data file; write the adapter and its report."""
-    from flexmoe.data import load_instructions, pad_token_id, sequential_batches, tokenize_examples
+    from flexmoe.data import load_dataset, pad_token_id, sequential_batches, tokenize_examples
     from flexmoe.io import atomic_write_text
     from flexmoe.loading import load_model
     from flexmoe.model import FlexConfig, FlexModel
@@ -240,7 +244,7 @@ def run_graft(args: argparse.Namespace) -> None:
         args.experts_per_layer, args.size_ratio, args.selection, gate_bias=args.gate_bias
     )
     started = time.perf_counter()
-    examples = load_instructions(args.data)[: args.max_examples]
+    examples = load_dataset(args.data)[: args.max_examples]
     model, tokenizer = load_model(args.model, placement_of(args))
     tokenized = tokenize_examples(examples, tokenizer, args.max_length, terminate=False)
     batches = sequential_batches(tokenized, args.batch_size, pad_token_id(tokenizer))

@@ -10,7 +10,15 @@ from pathlib import Path
 
 from flexmoe.cli.options import checked_placement
 from flexmoe.errors import FlexMoEError
-from flexmoe.results import RESULTS_FILE, ROUNDS_FILE, RoundRecord, RunResults, read_rounds
+from flexmoe.io import read_json
+from flexmoe.results import (
+    DATA_FILE,
+    RESULTS_FILE,
+    ROUNDS_FILE,
+    RoundRecord,
+    RunResults,
+    read_rounds,
+)
 from flexmoe.runconfig import RunConfig, describe_settings, field_name
 
 METAVARS = {int: "N", float: "X", str: "TEXT", bool: "BOOL"}
@@ -107,6 +115,7 @@ def run_run(args: argparse.Namespace) -> None:
         f"flexmoe run: {config.method}, {config.clients} clients, {config.rounds} rounds -> {out}"
     )
     print(results_table(simulate(config, out, resume=args.resume is not None)))
+    print(truncation_table(read_json(out / DATA_FILE, "rerun to write it"), config.max_length))
     print(round_times(read_rounds(out / ROUNDS_FILE)))
     print(f"peak memory of the server process: {peak_memory_gb():.2f} GB resident")
     print(f"results written to {out / RESULTS_FILE}")
@@ -166,6 +175,16 @@ def peak_memory_gb() -> float:
     """The most memory this process has held resident (macOS counts bytes, Linux kilobytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def truncation_table(report: dict[str, dict[str, int]], max_length: int) -> str:
+    """Per category, how many of the examples used were cut short to fit ``max_length``."""
+    lines = [f"examples cut to fit max-length {max_length}: input [...] / answer too / used"]
+    lines += [
+        f"  {category:<28} {c['context_cut']:>6} {c['answer_cut']:>6} {c['examples']:>6}"
+        for category, c in report.items()
+    ]
+    return "\n".join(lines)
 
 
 def results_table(results: RunResults) -> str:

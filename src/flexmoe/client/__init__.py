@@ -1,6 +1,6 @@
 """A client of a federation, without Flower: its data, its personal state, its round work."""
 
-from flexmoe.client.datasets import client_datasets, fitting_examples
+from flexmoe.client.datasets import client_datasets, truncation_report
 from flexmoe.client.state import StateStore
 from flexmoe.client.worker import ClientWorker, Evaluation, TrainResult
 
@@ -10,5 +10,5 @@ __all__ = [
     "StateStore",
     "TrainResult",
     "client_datasets",
-    "fitting_examples",
+    "truncation_report",
 ]

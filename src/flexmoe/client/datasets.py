@@ -3,113 +3,82 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
-from collections.abc import Sequence
 from dataclasses import replace
 
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-
-from flexmoe.cache import cache_dir
 from flexmoe.data import (
     ClientData,
     InstructionExample,
     build_client_datasets,
-    encode_prompts,
-    format_prompt,
+    category_of,
     heldout_texts,
+    hold_out_test_pools,
     load_dataset,
     partition_examples,
+    select_categories,
+    tokenize_example,
 )
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import atomic_write_text
 from flexmoe.loading import load_tokenizer
 from flexmoe.runconfig import RunConfig
 
 GENERIC_TEXT_CHARS = 600
+TRUNCATED = ("examples", "context_cut", "answer_cut")
 
 
 @functools.lru_cache(maxsize=2)
 def load_examples(data: str, max_per_task: int) -> tuple[InstructionExample, ...]:
-    """Natural Instructions v1 (``ni``) or the user's own instruction file, once per process."""
+    """The examples of ``data`` (``load_dataset``) in canonical order, once per process."""
     return tuple(load_dataset(data, max_per_task=max_per_task))
-
-
-def fitting_examples(
-    examples: Sequence[InstructionExample], tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> list[InstructionExample]:
-    """The examples whose prompt, answer and eos fit in ``max_length`` tokens, untruncated.
-
-    Tokenizing a whole data set takes a while, and every client process needs the answer, so
-    the kept indices are cached on disk under a hash of everything they depend on: the
-    tokenizer and each example's prompt (as the template makes it) and answer.
-    """
-    prompts = [format_prompt(example, tokenizer) for example in examples]
-    key = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-    for prompt, example in zip(prompts, examples, strict=True):
-        key.update(json.dumps([prompt, example.output]).encode())
-    cache = cache_dir() / "fitting" / f"{key.hexdigest()[:24]}-{max_length}.json"
-    if cache.is_file():
-        kept = json.loads(cache.read_text())
-    else:
-        prompt_ids = encode_prompts(prompts, tokenizer)
-        answers = tokenizer([e.output for e in examples], add_special_tokens=False)["input_ids"]
-        lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answers, strict=True)]
-        kept = [i for i, length in enumerate(lengths) if length < max_length]
-        atomic_write_text(cache, json.dumps(kept))
-    if not kept:
-        raise FlexMoEError(f"no example fits in max-length={max_length} tokens; raise it")
-    return [examples[i] for i in kept]
 
 
 @functools.lru_cache(maxsize=4)
 def client_datasets(config: RunConfig) -> tuple[ClientData, ...]:
     """Every client's train and test split, the same in every process for the same config.
 
-    Only examples that fit ``max_length`` whole are used, so no answer is cut off in training
-    and every test prompt leaves room to answer.
+    Each category's test pool is fixed by the data alone (``hold_out_test_pools``); the
+    clients share the rest by ``config.split``.
     """
-    examples = usable_examples(config, config.data)
-    partition = partition_examples(
-        examples, config.clients, config.split, config.seed, config.alpha
-    )
+    return tuple(_split(config, config.data, config.clients, config.split, config.seed))
+
+
+def own_client_data(config: RunConfig, path: str, client_id: int) -> ClientData:
+    """Client ``client_id``'s data when its node holds its own file: all of it, split into
+    test pools and training examples as the run's data is."""
+    (client,) = _split(config, path, 1, "iid", config.seed * 10_007 + client_id)
+    return replace(client, client_id=client_id)
+
+
+def _split(config: RunConfig, data: str, clients: int, scheme: str, seed: int) -> list[ClientData]:
+    examples = select_categories(load_examples(data, config.max_per_task), config.categories)
+    held_out = hold_out_test_pools(examples, config.test_per_category, config.test_fraction)
+    partition = partition_examples(held_out.train, clients, scheme, seed, config.alpha)
     datasets = build_client_datasets(
-        examples,
+        held_out.train,
         partition,
-        config.test_fraction,
-        config.seed,
+        held_out.pools,
+        seed,
         config.max_train,
         config.max_test,
         validation=config.eval_split == "validation",
     )
     for client in datasets:
         _check_not_empty(client)
-    return tuple(datasets)
+    return datasets
 
 
-def usable_examples(config: RunConfig, data: str) -> list[InstructionExample]:
-    """The examples of ``data`` that fit ``config``'s model and length."""
-    examples = load_examples(data, config.max_per_task)
-    return fitting_examples(examples, load_tokenizer(config.model), config.max_length)
-
-
-def own_client_data(config: RunConfig, path: str, client_id: int) -> ClientData:
-    """Client ``client_id``'s data when its node holds its own file: all of it, split into
-    train and test (or validation) parts as a share of the run's data is."""
-    examples = usable_examples(config, path)
-    whole = partition_examples(examples, 1, "iid", config.seed)
-    (client,) = build_client_datasets(
-        examples,
-        whole,
-        config.test_fraction,
-        config.seed * 10_007 + client_id,
-        config.max_train,
-        config.max_test,
-        validation=config.eval_split == "validation",
-    )
-    client = replace(client, client_id=client_id)
-    _check_not_empty(client)
-    return client
+def truncation_report(config: RunConfig) -> dict[str, dict[str, int]]:
+    """Per category, how many of the examples the clients use had their input cut short to fit
+    ``max-length`` tokens, and how many their answer even so (counted once each)."""
+    tokenizer = load_tokenizer(config.model)
+    used = {e: None for client in client_datasets(config) for e in client.train + client.test}
+    report: dict[str, dict[str, int]] = {}
+    for example in used:
+        tokens = tokenize_example(example, tokenizer, config.max_length)
+        counts = report.setdefault(category_of(example), dict.fromkeys(TRUNCATED, 0))
+        counts["examples"] += 1
+        counts["context_cut"] += tokens.context_cut
+        counts["answer_cut"] += tokens.answer_cut
+    return dict(sorted(report.items()))
 
 
 def _check_not_empty(client: ClientData) -> None:

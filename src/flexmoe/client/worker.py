@@ -154,7 +154,7 @@ class ClientWorker:
                 self.tokenizer,
                 self.data.test,
                 self.config.max_new_tokens,
-                self.config.max_length,
+                self.config.prompt_room,
                 self.config.batch_size,
             )
             scores = rouge_l(answers, [e.output for e in self.data.test])

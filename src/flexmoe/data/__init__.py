@@ -1,10 +1,11 @@
-"""Data layer: instruction records, the Alpaca template, tokenization, NI v1 and partitions."""
+"""Data layer: instruction records, Dolly-15k, NI v1, prompt templates, tokenization, splits."""
 
+from flexmoe.data.dolly import DOLLY, PAPER_CATEGORIES, load_dolly
 from flexmoe.data.natural_instructions import (
     NI_CATEGORIES,
     NI_TASK_CATEGORIES,
     NaturalInstructionsTask,
-    fetch_bigbench_sdist,
+    bigbench_sdist,
     load_natural_instructions,
     natural_instructions_tasks,
     read_tasks_from_tarball,
@@ -13,11 +14,13 @@ from flexmoe.data.partition import (
     SCHEMES,
     ClientData,
     Partition,
+    TestPools,
     build_client_datasets,
+    category_of,
     dirichlet_partition,
+    hold_out_test_pools,
     partition_examples,
     pathological_partition,
-    train_test_split,
 )
 from flexmoe.data.prompts import (
     PROMPT_NO_INPUT,
@@ -27,13 +30,22 @@ from flexmoe.data.prompts import (
 )
 from flexmoe.data.records import (
     InstructionExample,
+    canonical_order,
     category_counts,
     example_from_record,
     load_instructions,
 )
-from flexmoe.data.sources import NATURAL_INSTRUCTIONS, NATURAL_INSTRUCTIONS_NAMES, load_dataset
+from flexmoe.data.sources import (
+    ALL_CATEGORIES,
+    DEFAULT_CATEGORIES,
+    NATURAL_INSTRUCTIONS,
+    NATURAL_INSTRUCTIONS_NAMES,
+    load_dataset,
+    select_categories,
+)
 from flexmoe.data.texts import calibration_texts, heldout_texts, packaged_texts, text_batches
 from flexmoe.data.tokenization import (
+    CONTEXT_CUT,
     IGNORE_INDEX,
     SELECTION_TOKENS,
     TokenizedExample,
@@ -42,6 +54,7 @@ from flexmoe.data.tokenization import (
     encode_prompt,
     encode_prompts,
     eos_token_id,
+    fit_context,
     iterate_batches,
     on_model_device,
     pad_token_id,
@@ -51,11 +64,16 @@ from flexmoe.data.tokenization import (
 )
 
 __all__ = [
+    "ALL_CATEGORIES",
+    "CONTEXT_CUT",
+    "DEFAULT_CATEGORIES",
+    "DOLLY",
     "IGNORE_INDEX",
     "NATURAL_INSTRUCTIONS",
     "NATURAL_INSTRUCTIONS_NAMES",
     "NI_CATEGORIES",
     "NI_TASK_CATEGORIES",
+    "PAPER_CATEGORIES",
     "PROMPT_NO_INPUT",
     "PROMPT_WITH_INPUT",
     "SCHEMES",
@@ -64,10 +82,14 @@ __all__ = [
     "InstructionExample",
     "NaturalInstructionsTask",
     "Partition",
+    "TestPools",
     "TokenizedExample",
+    "bigbench_sdist",
     "build_client_datasets",
     "calibration_texts",
+    "canonical_order",
     "category_counts",
+    "category_of",
     "collate",
     "collate_prompts",
     "dirichlet_partition",
@@ -75,12 +97,14 @@ __all__ = [
     "encode_prompts",
     "eos_token_id",
     "example_from_record",
-    "fetch_bigbench_sdist",
+    "fit_context",
     "format_prompt",
     "has_chat_template",
     "heldout_texts",
+    "hold_out_test_pools",
     "iterate_batches",
     "load_dataset",
+    "load_dolly",
     "load_instructions",
     "load_natural_instructions",
     "natural_instructions_tasks",
@@ -90,9 +114,9 @@ __all__ = [
     "partition_examples",
     "pathological_partition",
     "read_tasks_from_tarball",
+    "select_categories",
     "sequential_batches",
     "text_batches",
     "tokenize_example",
     "tokenize_examples",
-    "train_test_split",
 ]

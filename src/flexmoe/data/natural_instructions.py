@@ -1,18 +1,18 @@
-"""Natural Instructions v1 (Mishra et al., ACL 2022), read from the PyPI sdist of BIG-bench 1.0.0.
+"""Natural Instructions v1 (Mishra et al., ACL 2022), read from the sdist of BIG-bench 1.0.0.
 
-The 61 NI v1 tasks ship inside `bigbench==1.0.0` as
+The 61 NI v1 tasks ship inside the `bigbench-1.0.0.tar.gz` sdist as
 `bigbench-1.0.0/bigbench/benchmark_tasks/natural_instructions/subtaskNNN_<source>_<task>/task.json`
-(fields `task_prefix`, `keywords`, `examples` of `{"input", "target": [...]}`). On first use the
-sdist (358 MB) is fetched with `pip download` into the cache directory (`~/.cache/flexmoe`, or
-`$FLEXMOE_CACHE`), never installed, and the tasks are stored there as a compact JSONL file, one line
-per task, so later runs skip the tarball. BIG-bench asks that its data never enter pretraining
-corpora: use it only as the instruction-tuning set it was built to be, and never commit it.
+(fields `task_prefix`, `keywords`, `examples` of `{"input", "target": [...]}`). PyPI no longer
+serves that sdist, so flexmoe never downloads it: a user who has a copy puts it in the cache
+directory (`~/.cache/flexmoe/bigbench/`, or under `$FLEXMOE_CACHE`) or gives its path as the data.
+On first use the tasks are stored in the cache as a compact JSONL file, one line per task, so
+later runs skip the tarball. BIG-bench asks that its data never enter pretraining corpora: use it
+only as the instruction-tuning set it was built to be, and never commit it.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 import tarfile
 import zlib
@@ -22,14 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from flexmoe.cache import cache_dir as flexmoe_cache_dir
-from flexmoe.cache import fetch_package_file
 from flexmoe.data.records import InstructionExample
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_write_text
 
-logger = logging.getLogger(__name__)
-
-BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
+BIGBENCH = "bigbench 1.0.0"
 SDIST_FILENAME = "bigbench-1.0.0.tar.gz"
 TASK_CACHE_FILENAME = "natural_instructions_v1.jsonl"
 TASK_MEMBER = re.compile(
@@ -152,14 +149,19 @@ def load_natural_instructions(
     tasks: Iterable[str] | None = None,
     max_per_task: int | None = None,
     cache_dir: Path | None = None,
+    sdist: Path | None = None,
 ) -> list[InstructionExample]:
-    """NI v1 examples, optionally only some categories / tasks and the first N of each task."""
+    """NI v1 examples, optionally only some categories / tasks and the first N of each task.
+
+    The tasks come from the ``sdist`` given, else from the cache (``natural_instructions_tasks``).
+    """
     selected = select_tasks(categories, tasks)
+    every_task = read_tasks_from_tarball(sdist) if sdist else natural_instructions_tasks(cache_dir)
     if max_per_task is not None and max_per_task < 1:
         raise FlexMoEError(f"max examples per task must be at least 1, got {max_per_task}")
     return [
         example
-        for task in natural_instructions_tasks(cache_dir)
+        for task in every_task
         if task.name in selected
         for example in task.to_examples(max_per_task)
     ]
@@ -185,22 +187,26 @@ def select_tasks(categories: Iterable[str] | None, tasks: Iterable[str] | None) 
 
 
 def natural_instructions_tasks(cache_dir: Path | None = None) -> list[NaturalInstructionsTask]:
-    """All NI v1 tasks, from the JSONL cache, building it (and fetching the sdist) if needed."""
+    """All NI v1 tasks, from the JSONL cache, building it from the cached sdist if needed."""
     cache_dir = cache_dir or flexmoe_cache_dir()
     cache_file = cache_dir / TASK_CACHE_FILENAME
     if cache_file.is_file():
         return _read_task_cache(cache_file)
-    tasks = read_tasks_from_tarball(fetch_bigbench_sdist(cache_dir))
+    tasks = read_tasks_from_tarball(bigbench_sdist(cache_dir))
     _write_task_cache(tasks, cache_file)
     return tasks
 
 
-def fetch_bigbench_sdist(cache_dir: Path | None = None) -> Path:
-    """Path of the bigbench 1.0.0 sdist in the cache, downloading it with pip if missing."""
-    folder = (cache_dir or flexmoe_cache_dir()) / "bigbench"
-    if not (folder / SDIST_FILENAME).is_file():
-        logger.info("downloading %s (358 MB, once) into %s", BIGBENCH_REQUIREMENT, folder)
-    return fetch_package_file(BIGBENCH_REQUIREMENT, SDIST_FILENAME, folder, wheel=False)
+def bigbench_sdist(cache_dir: Path | None = None) -> Path:
+    """Path of the bigbench 1.0.0 sdist in the cache; one line saying where to put it if absent."""
+    path = (cache_dir or flexmoe_cache_dir()) / "bigbench" / SDIST_FILENAME
+    if not path.is_file():
+        raise FlexMoEError(
+            f"Natural Instructions v1 needs the {BIGBENCH} sdist, which PyPI no longer serves: "
+            f"put your copy of {SDIST_FILENAME} at {path}, or give its path with --data; "
+            "or use the packaged Dolly-15k (--data dolly)"
+        )
+    return path
 
 
 def read_tasks_from_tarball(tarball: Path) -> list[NaturalInstructionsTask]:
@@ -215,13 +221,13 @@ def read_tasks_from_tarball(tarball: Path) -> list[NaturalInstructionsTask]:
                     tasks.append(_parse_task(match.group(1), data, f"{tarball}:{member.name}"))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
         raise FlexMoEError(
-            f"cannot read {tarball} ({error}); it is damaged or incomplete, delete it to "
-            "download it again"
+            f"cannot read {tarball} ({error}); it is damaged or incomplete; replace it with "
+            "a good copy"
         ) from None
     if not tasks:
         raise FlexMoEError(
-            f"no Natural Instructions tasks in {tarball}; it must be the {BIGBENCH_REQUIREMENT} "
-            "sdist, delete it to download it again"
+            f"no Natural Instructions tasks in {tarball}; it must be the {BIGBENCH} "
+            "sdist, replace it with a good copy"
         )
     return sorted(tasks, key=lambda task: task.name)
 
@@ -234,8 +240,7 @@ def _load_json_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> Any:
         return json.load(stream)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FlexMoEError(
-            f"{member.name} in the bigbench sdist is not valid JSON ({error}); delete the sdist "
-            "to download it again"
+            f"{member.name} in the bigbench sdist is not valid JSON ({error}); replace the sdist"
         ) from None
 
 
@@ -243,7 +248,7 @@ def _parse_task(name: str, data: Any, where: str) -> NaturalInstructionsTask:
     if name not in NI_TASK_CATEGORIES:
         raise FlexMoEError(
             f"{where}: task {name!r} has no NI v1 category; only the 61 tasks of "
-            f"{BIGBENCH_REQUIREMENT} are known, use that sdist"
+            f"{BIGBENCH} are known, use that sdist"
         )
     if not isinstance(data, dict) or not isinstance(data.get("task_prefix"), str):
         raise FlexMoEError(f"{where}: expected an object with a string 'task_prefix'")

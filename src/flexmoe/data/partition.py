@@ -1,10 +1,12 @@
-"""Non-IID client partitions (pathological, Dirichlet) and per-client train/test splits.
+"""Fixed test pools per category, client partitions (pathological, Dirichlet, IID), and each
+client's train and test examples.
 
-Every function is deterministic given its seed.
+The test pools depend on the data alone; every other function is deterministic given its seed.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -44,7 +46,7 @@ class ClientData:
     @property
     def categories(self) -> list[str]:
         """Distinct categories in this client's data, sorted."""
-        return sorted({e.category or UNCATEGORISED for e in self.train + self.test})
+        return sorted({category_of(e) for e in self.train + self.test})
 
 
 def partition_examples(
@@ -74,7 +76,7 @@ def iid_partition(examples: Sequence[InstructionExample], num_clients: int, seed
     _check_enough_examples(len(examples), num_clients)
     shuffled = np.random.default_rng(seed).permutation(len(examples))
     client_indices = [part.tolist() for part in np.array_split(shuffled, num_clients)]
-    categories = sorted({e.category or UNCATEGORISED for e in examples})
+    categories = sorted({category_of(e) for e in examples})
     proportions = np.full((len(categories), num_clients), 1 / num_clients)
     return Partition(client_indices, categories, proportions)
 
@@ -138,23 +140,51 @@ def dirichlet_partition(
     return Partition(client_indices, categories, proportions)
 
 
-def train_test_split(
-    items: Sequence[T], test_fraction: float, seed: int
-) -> tuple[list[T], list[T]]:
-    """Shuffle and split; the test part is round(n * test_fraction) but train keeps at least one."""
-    return _split(items, test_fraction, np.random.default_rng(seed))
+@dataclass(frozen=True)
+class TestPools:
+    """Each category's fixed test examples, and the examples left for training."""
+
+    pools: dict[str, list[InstructionExample]]
+    train: list[InstructionExample]
+
+
+def hold_out_test_pools(
+    examples: Sequence[InstructionExample], per_category: int, fraction: float
+) -> TestPools:
+    """Hold out each category's first ``min(per_category, round(n * fraction))`` examples (of
+    its n, keeping at least one to train on) as its test pool.
+
+    The pools depend on the examples and their order alone (``canonical_order``), not on a
+    seed, so every run of every method scores the same test examples.
+    """
+    if per_category < 1:
+        raise FlexMoEError(f"test examples per category must be at least 1, got {per_category}")
+    if not 0 <= fraction < 1:
+        raise FlexMoEError(f"test fraction must be in [0, 1), got {fraction}")
+    by_category: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_category.setdefault(category_of(example), []).append(index)
+    pools, held = {}, set()
+    for category, indices in sorted(by_category.items()):
+        size = min(per_category, round(len(indices) * fraction), len(indices) - 1)
+        pools[category] = [examples[i] for i in indices[:size]]
+        held.update(indices[:size])
+    return TestPools(pools, [e for i, e in enumerate(examples) if i not in held])
 
 
 def build_client_datasets(
     examples: Sequence[InstructionExample],
     partition: Partition,
-    test_fraction: float,
+    test_pools: dict[str, list[InstructionExample]],
     seed: int,
     max_train: int | None = None,
     max_test: int | None = None,
     validation: bool = False,
 ) -> list[ClientData]:
-    """Split every client's share into train/test, then cap each part at max_train / max_test.
+    """Every client's training share of ``examples`` (shuffled, capped at ``max_train``), and
+    its test examples: the first of each category's fixed pool, as many from each as the
+    category's share of the client's training examples (``max_test`` in all; without a cap,
+    all of its categories' pools).
 
     With ``validation`` the evaluated part is carved from the training part instead (as many
     examples as the test part would hold, the training part keeping at least one), so
@@ -166,22 +196,35 @@ def build_client_datasets(
     clients = []
     for client_id, indices in enumerate(partition.client_indices):
         rng = np.random.default_rng([seed, client_id])
-        train, test = _split([examples[i] for i in indices], test_fraction, rng)
+        train = [examples[i] for i in rng.permutation(indices)]
+        test = _test_examples(train, test_pools, max_test)
         if validation:
-            held = min(len(test[:max_test]), max(len(train) - 1, 0))
+            held = min(len(test), max(len(train) - 1, 0))
             train, test = train[held:], train[:held]
-        clients.append(ClientData(client_id, train[:max_train], test[:max_test]))
+        clients.append(ClientData(client_id, train[:max_train], test))
     return clients
 
 
-def _split(
-    items: Sequence[T], test_fraction: float, rng: np.random.Generator
-) -> tuple[list[T], list[T]]:
-    if not 0 <= test_fraction < 1:
-        raise FlexMoEError(f"test fraction must be in [0, 1), got {test_fraction}")
-    shuffled = [items[i] for i in rng.permutation(len(items))]
-    num_test = min(round(len(items) * test_fraction), max(len(items) - 1, 0))
-    return shuffled[num_test:], shuffled[:num_test]
+def _test_examples(
+    train: Sequence[InstructionExample],
+    test_pools: dict[str, list[InstructionExample]],
+    max_test: int | None,
+) -> list[InstructionExample]:
+    """The first examples of each pool, in proportion to the categories of ``train``."""
+    counts = Counter(category_of(example) for example in train)
+    categories = sorted(c for c in counts if test_pools.get(c))
+    if not categories:
+        return []
+    available = sum(len(test_pools[c]) for c in categories)
+    total = available if max_test is None else min(max_test, available)
+    shares = np.array([counts[c] for c in categories]) / sum(counts[c] for c in categories)
+    wanted = _apportion(total, shares)
+    return [e for c, n in zip(categories, wanted, strict=True) for e in test_pools[c][:n]]
+
+
+def category_of(example: InstructionExample) -> str:
+    """The category of ``example``, or "uncategorised"."""
+    return example.category or UNCATEGORISED
 
 
 def _labels(examples: Sequence[InstructionExample]) -> list[str]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import json
+import lzma
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -13,6 +16,8 @@ from typing import Any
 from flexmoe.errors import FlexMoEError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
+# text formats may also be compressed: data.jsonl.xz, data.json.gz
+COMPRESSIONS = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
 _INPUT_FIELDS = ("input", "context")
 _OUTPUT_FIELDS = ("output", "response")
 _ACCEPTED_SHAPES = (
@@ -38,16 +43,20 @@ class InstructionExample:
 
 
 def load_instructions(path: str | Path) -> list[InstructionExample]:
-    """Read Alpaca- or Dolly-shaped records from a .jsonl, .json (a list) or .parquet file."""
+    """Read Alpaca- or Dolly-shaped records from a .jsonl, .json (a list) or .parquet file.
+
+    A .jsonl or .json file may be compressed (``.xz``, ``.gz``, ``.bz2`` after its suffix).
+    """
     path = Path(path)
     if not path.is_file():
         raise FlexMoEError(f"data file not found: {path}; check the path (it must be a file)")
     readers = {".jsonl": _read_jsonl, ".json": _read_json_list, ".parquet": _read_parquet}
-    reader = readers.get(path.suffix.lower())
+    reader = readers.get(_format_suffix(path))
     if reader is None:
         raise FlexMoEError(
-            f"unsupported data file type {path.suffix or '(none)'!r} for {path}; "
-            f"use one of {', '.join(SUPPORTED_SUFFIXES)}"
+            f"unsupported data file type {''.join(path.suffixes) or '(none)'!r} for {path}; "
+            f"use one of {', '.join(SUPPORTED_SUFFIXES)} (.jsonl and .json may end in "
+            f"{', '.join(COMPRESSIONS)})"
         )
     records = reader(path)
     if not records:
@@ -67,6 +76,17 @@ def example_from_record(record: Any, where: str) -> InstructionExample:
         output=_text_field(record, _OUTPUT_FIELDS, where, required=True),
         category=_text_field(record, ("category",), where, required=False) or None,
     )
+
+
+def canonical_order(examples: Iterable[InstructionExample]) -> list[InstructionExample]:
+    """``examples`` sorted by a hash of their four fields: the same list whatever order a file
+    holds them in, so that seeded splits do not depend on it."""
+    return sorted(examples, key=_content_hash)
+
+
+def _content_hash(example: InstructionExample) -> str:
+    fields = [example.instruction, example.input, example.output, example.category]
+    return hashlib.sha256(json.dumps(fields, ensure_ascii=False).encode()).hexdigest()
 
 
 def category_counts(examples: Iterable[InstructionExample]) -> dict[str | None, int]:
@@ -108,12 +128,28 @@ def _fix() -> str:
     return f"each record needs the fields of one accepted shape ({_ACCEPTED_SHAPES})"
 
 
+def _format_suffix(path: Path) -> str:
+    """The suffix naming the file's format: ``.jsonl`` for ``data.jsonl`` and ``data.jsonl.xz``."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if len(suffixes) > 1 and suffixes[-1] in COMPRESSIONS and suffixes[-2] != ".parquet":
+        return suffixes[-2]
+    return suffixes[-1] if suffixes else ""
+
+
 def _read_text(path: Path) -> str:
+    opener = COMPRESSIONS.get(path.suffix.lower())
     try:
-        return path.read_text(encoding="utf-8-sig")  # a byte-order mark is not content
+        if opener is None:
+            return path.read_text(encoding="utf-8-sig")  # a byte-order mark is not content
+        with opener(path, "rt", encoding="utf-8-sig") as stream:
+            return stream.read()
     except UnicodeDecodeError as error:
         raise FlexMoEError(
             f"{path} is not UTF-8 text ({error.reason}); re-save it as UTF-8"
+        ) from None
+    except (lzma.LZMAError, gzip.BadGzipFile, OSError, EOFError) as error:
+        raise FlexMoEError(
+            f"cannot read {path} ({error}); it is damaged or not {path.suffix} compressed"
         ) from None
 
 

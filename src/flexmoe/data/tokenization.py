@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
@@ -23,6 +23,9 @@ SELECTION_TOKENS = ("all", "content", "answer")
 """What the grafting criterion may score: every token, the instruction, input and answer
 without the prompt template, or the answer only."""
 
+CONTEXT_CUT = " [...]"
+"""What ends an input (a Dolly context) cut short to fit the maximum length."""
+
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
     scored: list[int] | None = None  # 1 where the grafting criterion scores (None: everywhere)
+    context_cut: bool = False  # the input was cut short to fit (CONTEXT_CUT marks where)
+    answer_cut: bool = False  # the answer did not fit whole even so
 
     @property
     def num_target_tokens(self) -> int:
@@ -44,12 +49,55 @@ class TokenizedExample:
 def encode_prompt(
     example: InstructionExample, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
 ) -> list[int]:
-    """Prompt token ids for generation; if too long, keeps the last `max_length` tokens."""
+    """Prompt token ids for generation, at most ``max_length`` of them: the input is cut short
+    first (``fit_context``); if the instruction alone is longer, its last tokens are kept."""
+    if max_length is None:
+        return _prompt_ids(example, tokenizer)
+    _check_max_length(max_length)
+    return _fitted_prompt(example, tokenizer, max_length)[1][-max_length:]
+
+
+def fit_context(
+    example: InstructionExample, tokenizer: PreTrainedTokenizerBase, room: int
+) -> InstructionExample:
+    """``example`` with its input cut short, so that its prompt takes at most ``room`` tokens.
+
+    The input keeps its longest beginning that fits, ended at a word boundary and marked with
+    ``CONTEXT_CUT``; instruction and answer stay whole. An example that fits already, or has
+    no input, comes back as it is; one whose instruction alone is too long keeps the marker
+    alone as its input.
+    """
+    return _fitted_prompt(example, tokenizer, room)[0]
+
+
+def _fitted_prompt(
+    example: InstructionExample, tokenizer: PreTrainedTokenizerBase, room: int
+) -> tuple[InstructionExample, list[int]]:
+    """``fit_context``'s example, and its prompt's token ids."""
     ids = _prompt_ids(example, tokenizer)
-    if max_length is not None:
-        _check_max_length(max_length)
-        ids = ids[-max_length:]
-    return ids
+    if not example.input.strip() or len(ids) <= room:
+        return example, ids
+    fitted = _cut(example, 0)
+    ids = _prompt_ids(fitted, tokenizer)
+    fits, fails = 0, len(example.input)  # the longest fitting prefix length lies in [fits, fails)
+    while fails - fits > 1:
+        middle = (fits + fails) // 2
+        candidate = _cut(example, middle)
+        candidate_ids = _prompt_ids(candidate, tokenizer)
+        if len(candidate_ids) <= room:
+            fits, fitted, ids = middle, candidate, candidate_ids
+        else:
+            fails = middle
+    return fitted, ids
+
+
+def _cut(example: InstructionExample, length: int) -> InstructionExample:
+    """``example`` with its input's first ``length`` characters, back to a word boundary."""
+    kept = example.input[:length]
+    if length < len(example.input) and not example.input[length].isspace():
+        words = kept.rsplit(None, 1)
+        kept = words[0] if len(words) == 2 else kept
+    return replace(example, input=(kept.rstrip() + CONTEXT_CUT).strip())
 
 
 def encode_prompts(prompts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
@@ -70,7 +118,9 @@ def tokenize_example(
     terminate: bool = True,
     scored: str = "all",
 ) -> TokenizedExample:
-    """Tokenize prompt and response separately (so masking is exact), append eos, truncate.
+    """Tokenize prompt and response separately (so masking is exact), append eos, and fit it
+    all in ``max_length`` tokens: the input is cut short first (``fit_context``), and only
+    when instruction and answer alone are too long is the answer truncated.
 
     ``terminate=False`` leaves out the eos, for scoring text with tokenizers that have none.
     ``scored`` marks the tokens the grafting criterion scores (``SELECTION_TOKENS``):
@@ -81,12 +131,12 @@ def tokenize_example(
     _check_max_length(max_length)
     if scored not in SELECTION_TOKENS:
         raise FlexMoEError(f"unknown selection tokens {scored!r}; choose one of {SELECTION_TOKENS}")
-    if scored == "content":
-        prompt, in_prompt = _prompt_with_content(example, tokenizer)
-    else:
-        prompt = _prompt_ids(example, tokenizer)
-        in_prompt = [0] * len(prompt)
     response = tokenizer.encode(example.output, add_special_tokens=False)
+    fitted, prompt = _fitted_prompt(example, tokenizer, max_length - len(response) - terminate)
+    if scored == "content":
+        prompt, in_prompt = _prompt_with_content(fitted, tokenizer)
+    else:
+        in_prompt = [0] * len(prompt)
     marks = None if scored == "all" else in_prompt + [1] * len(response)
     if terminate:
         response.append(eos_token_id(tokenizer))
@@ -94,7 +144,13 @@ def tokenize_example(
     labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
     if marks is not None:
         marks = (marks + [0] * terminate)[:max_length]
-    return TokenizedExample(input_ids=input_ids, labels=labels, scored=marks)
+    return TokenizedExample(
+        input_ids=input_ids,
+        labels=labels,
+        scored=marks,
+        context_cut=fitted is not example,
+        answer_cut=len(prompt) + len(response) > max_length,
+    )
 
 
 def _prompt_with_content(

@@ -144,7 +144,7 @@ def answer(
     reply = submit(Path(node.worker_socket), job) if node.worker_socket else run_job(job)
     reply.seconds[STARTUP] = startup
     if isinstance(reply, EvaluateReply) and not node.limits.share_diagnostics:
-        reply.categories = []  # what the node's data is about stays on the node
+        reply.categories, reply.test_ids = [], []  # what its data is about stays on the node
     return reply
 
 
@@ -185,6 +185,7 @@ def run_job(job: Job) -> TrainReply | EvaluateReply:
         rouge_l=scores.rouge_l,
         test_loss=scores.test_loss,
         categories=worker.data.categories,
+        test_ids=[example.prompt_id for example in worker.data.test],
         seconds=scores.seconds,
         diagnostics=scores.diagnostics,
     )

@@ -265,6 +265,7 @@ def evaluate_clients(
         client = ClientResult(
             client_id=reply.client_id,
             categories=reply.categories,
+            test_ids=reply.test_ids,
             n_train=reply.n_train,
             n_test=reply.n_test,
             rouge_l=reply.rouge_l,

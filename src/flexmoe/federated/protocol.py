@@ -55,6 +55,7 @@ STARTUP = "startup"  # a phase of its own: the process starting, before its firs
 
 # the client record of an evaluate reply
 CATEGORIES = "categories"
+TEST_IDS = "test-ids"
 DIAGNOSTICS = "detail"
 
 # a SuperNode's --node-config
@@ -261,6 +262,7 @@ class EvaluateReply:
     rouge_l: float
     test_loss: float
     categories: list[str]
+    test_ids: list[str]  # the prompt ids of the examples it scored, in order
     seconds: dict[str, float] = field(default_factory=dict)  # by phase of its work
     diagnostics: Diagnostics | None = None  # when the request was detailed
 
@@ -275,6 +277,7 @@ class EvaluateReply:
         }
         client = {
             CATEGORIES: list(self.categories),
+            TEST_IDS: list(self.test_ids),
             DIAGNOSTICS: json.dumps(to_plain(self.diagnostics)),
         }
         return RecordDict({METRICS: MetricRecord(metrics), CLIENT: ConfigRecord(client)})
@@ -293,6 +296,7 @@ class EvaluateReply:
                 rouge_l=float(metrics[ROUGE_L]),
                 test_loss=float(metrics[TEST_LOSS]),
                 categories=[str(c) for c in client[CATEGORIES]],
+                test_ids=[str(i) for i in client[TEST_IDS]],
                 seconds=_seconds_of(metrics),
                 diagnostics=None
                 if diagnostics is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -11,7 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from flexmoe.client import client_datasets
+from flexmoe.client import truncation_report
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluation.diagnostics import mmlu_questions
 from flexmoe.federated.client_app import make_client_app, simulated_threads
@@ -23,11 +24,12 @@ from flexmoe.federated.federation import (
 from flexmoe.federated.reaper import reaped
 from flexmoe.federated.strategies import make_strategy
 from flexmoe.hardware import Placement
-from flexmoe.io import folder_lock
+from flexmoe.io import atomic_write_text, folder_lock
 from flexmoe.loading import load_model
 from flexmoe.moe import find_moe_blocks
 from flexmoe.results import (
     CHECKPOINT_FILE,
+    DATA_FILE,
     RESULTS_FILE,
     RunResults,
     read_results,
@@ -49,7 +51,7 @@ def simulate(
         check_out(out, config, resume)
         if (out / CHECKPOINT_FILE).is_file():  # read it whole, so damage shows before Ray starts
             load_checkpoint(out, make_strategy(config.chosen_method(), config))
-        check_run(config)
+        atomic_write_text(out / DATA_FILE, json.dumps(check_run(config), indent=1) + "\n")
         return _simulate(config, out, progress, resume)
 
 
@@ -100,9 +102,9 @@ def client_resources(placement: Placement, cpu_threads: int) -> dict[str, float]
     return {"num_cpus": max(1, (os.cpu_count() or 1) // gpus), "num_gpus": 1.0}
 
 
-def check_run(config: RunConfig) -> None:
+def check_run(config: RunConfig) -> dict[str, dict[str, int]]:
     """Fail early, with a clear error, on a bad model, data set or setting that needs the model,
-    rather than inside a client.
+    rather than inside a client; returns the data's ``truncation_report``.
 
     The model is checked on the host in the clients' dtype, so that the clients' accelerators
     hold only their own copies.
@@ -117,9 +119,10 @@ def check_run(config: RunConfig) -> None:
                 f"experts-per-layer {config.experts_per_layer} is more than the {experts} "
                 f"experts per layer of {config.model}; give at most {experts}"
             )
-    client_datasets(config)
+    report = truncation_report(config)
     if config.diagnostics and config.mmlu_per_topic:
         mmlu_questions()  # fetched once here, not by every client at once
+    return report
 
 
 def keep_ray_on_loopback() -> None:
