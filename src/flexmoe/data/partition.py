@@ -9,14 +9,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 
 from flexmoe.data.records import InstructionExample
 from flexmoe.errors import FlexMoEError
 
-T = TypeVar("T")
 SCHEMES = ("pathological", "dirichlet", "iid")
 UNCATEGORISED = "uncategorised"
 
