@@ -283,3 +283,24 @@ def test_clients_that_train_the_whole_model_run_one_at_a_time_on_every_core(monk
     assert simulated_threads(full) == 6 and simulated_threads(lora) == 1
     assert client_resources(cpu, simulated_threads(full)) == {"num_cpus": 6, "num_gpus": 0.0}
     assert client_resources(cpu, simulated_threads(lora)) == {"num_cpus": 1, "num_gpus": 0.0}
+
+
+def test_a_resume_refuses_a_client_whose_state_is_lost_unless_told_to_regraft_it(
+    tmp_path, dolly_file, random_model, capsys
+):
+    out = tmp_path / "run"
+    common = ["--model", str(random_model), "--data", str(dolly_file)]
+    run(out, *common, "--rounds", "1")
+    lost = out / "clients" / read_checkpoint(out).run_id / "client-1"
+    shutil.rmtree(lost)
+    capsys.readouterr()
+    resume = ["run", "--resume", str(out), *SMALL, *common, "--rounds", "2"]
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "personal state of client 1" in err
+    assert str(lost / "round-0001") in err and "--regraft 1" in err
+    assert read_checkpoint(out).round == 1  # refused before any round
+    assert main([*resume, "--regraft", "0,1"]) == 2  # client 0 still has its state
+    assert "name only clients whose state is missing" in capsys.readouterr().err
+    resumed = run(out, "--resume", str(out), *common, "--rounds", "2", "--regraft", "1")
+    assert resumed.rounds == 2 and resumed.regrafted == {"1": 2}

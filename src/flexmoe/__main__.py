@@ -1,5 +1,3 @@
-import sys
+from flexmoe.cli import entry
 
-from flexmoe.cli import main
-
-sys.exit(main())
+entry()

@@ -3,3 +3,7 @@
 
 class FlexMoEError(Exception):
     """A problem with the user's input that names what is wrong and how to fix it."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: a command stops as it does on Ctrl-C (``KeyboardInterrupt``)."""

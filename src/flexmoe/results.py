@@ -240,6 +240,7 @@ class RunResults:
     wall_s: float | None = None
     config: dict[str, Any] | None = None  # the RunConfig, as saved
     privacy: Privacy | None = None  # for private runs
+    regrafted: dict[str, int] = field(default_factory=dict)  # client -> round it started afresh
 
     @classmethod
     def summarise(
@@ -248,6 +249,7 @@ class RunResults:
         history: list[RoundRecord],
         clients: list[ClientResult],
         wall_s: float,
+        regrafted: dict[str, int] | None = None,
     ) -> RunResults:
         """The results of a run whose rounds were ``history`` and whose clients scored
         ``clients``; each client's traffic is summed over the rounds."""
@@ -292,6 +294,7 @@ class RunResults:
             wall_s=round(wall_s, 2),
             config=config,
             privacy=_privacy(config, history),
+            regrafted=regrafted or {},
         )
 
 
@@ -330,6 +333,7 @@ class Checkpoint:
     wall_s: float = 0.0
     random_state: list | None = None  # Python's random state, for node sampling
     privacy_state: dict[str, Any] | None = None  # the privacy accountant's, for private runs
+    regrafted: dict[str, int] = field(default_factory=dict)  # client -> round it started afresh
 
     @property
     def tag(self) -> str:

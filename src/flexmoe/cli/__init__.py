@@ -7,32 +7,74 @@ when it runs, so ``flexmoe --help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from flexmoe.cli import bench, models, run
-from flexmoe.errors import FlexMoEError
+from flexmoe.errors import FlexMoEError, Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.loads_models:  # our own progress bars speak for long work; these are noise
-            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-            if "transformers" in sys.modules:  # called in-process: too late for the variables
-                from flexmoe.loading import quiet_transformers
+    with _signals_stop():
+        try:
+            if args.loads_models:  # our own progress bars speak for long work; these are noise
+                os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+                os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+                if "transformers" in sys.modules:  # called in-process: too late for the variables
+                    from flexmoe.loading import quiet_transformers
 
-                quiet_transformers()
-        args.command(args)
-    except FlexMoEError as error:
-        print(f"flexmoe: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("flexmoe: interrupted", file=sys.stderr)
-        return 130
+                    quiet_transformers()
+            args.command(args)
+        except FlexMoEError as error:
+            print(f"flexmoe: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:  # on a line of its own, after any progress bar's
+            print("\nflexmoe: interrupted", file=sys.stderr)
+            return 128 + signal.SIGINT
+        except Terminated:
+            print("\nflexmoe: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
     return 0
+
+
+def entry() -> None:
+    """The ``flexmoe`` command: ``main()``, then exit at once, even where an interrupted run
+    left a runtime's thread waiting for replies that will never come (Flower's ServerApp
+    thread), which a normal exit would wait for forever."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()[1:]):
+        os._exit(code)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def _signals_stop() -> Iterator[None]:
+    """Ctrl-C raises ``KeyboardInterrupt`` and SIGTERM ``Terminated`` while the block runs (in
+    the main thread), and either silences logging first: once the user has stopped a command,
+    what a runtime's threads log as it goes down is noise."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        logging.disable(logging.CRITICAL)
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        logging.disable(logging.NOTSET)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,4 +90,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -33,6 +33,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     add_run_options(run)
     run.add_argument("--resume", type=Path, metavar="OUT", help="continue the run saved in OUT")
+    run.add_argument(
+        "--regraft",
+        type=client_list,
+        default=(),
+        metavar="CLIENTS",
+        help="with --resume: clients (e.g. 1,3) whose lost personal state is grafted afresh "
+        "(recorded in the results); without it a resume with lost state is refused",
+    )
     run.set_defaults(command=run_run, loads_models=True)
 
     deploy = commands.add_parser(
@@ -93,6 +101,17 @@ def settings(args: argparse.Namespace, base: RunConfig | None = None) -> RunConf
     return base.updated(overrides)
 
 
+def client_list(text: str) -> tuple[int, ...]:
+    """``1,3`` as client ids."""
+    try:
+        clients = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of client ids like 1,3") from None
+    if not clients or min(clients) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of client ids like 1,3")
+    return clients
+
+
 def default_out(config: RunConfig, kind: str = "") -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}{config.method}"
 
@@ -114,7 +133,8 @@ def run_run(args: argparse.Namespace) -> None:
     print(
         f"flexmoe run: {config.method}, {config.clients} clients, {config.rounds} rounds -> {out}"
     )
-    print(results_table(simulate(config, out, resume=args.resume is not None)))
+    resume = args.resume is not None
+    print(results_table(simulate(config, out, resume=resume, regraft=args.regraft)))
     print(truncation_table(read_json(out / DATA_FILE, "rerun to write it"), config.max_length))
     print(round_times(read_rounds(out / ROUNDS_FILE)))
     print(f"peak memory of the server process: {peak_memory_gb():.2f} GB resident")

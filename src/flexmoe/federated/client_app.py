@@ -36,6 +36,7 @@ from flexmoe.federated.protocol import (
     State,
     TrainReply,
     arrays_of,
+    client_state_dir,
     settings_from_run_config,
 )
 from flexmoe.hardware import Placement
@@ -92,7 +93,7 @@ def job_of(
     if not node.limits.share_diagnostics:
         instructions = replace(instructions, detailed=False)
     root = node.state_dir or instructions.state_root
-    state_dir = Path(root) / instructions.run_key / f"client-{node.partition_id}"
+    state_dir = client_state_dir(Path(root), instructions.run_key, node.partition_id)
     return Job(
         kind,
         settings,

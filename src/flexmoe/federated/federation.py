@@ -11,7 +11,7 @@ import random
 import secrets
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,8 +24,14 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
+from flexmoe.client.state import StateStore
 from flexmoe.errors import FlexMoEError
-from flexmoe.federated.protocol import EvaluateReply, RoundInstructions, TrainReply
+from flexmoe.federated.protocol import (
+    EvaluateReply,
+    RoundInstructions,
+    TrainReply,
+    client_state_dir,
+)
 from flexmoe.federated.records import in_wire_dtype, state_to_arrays, wire_bytes
 from flexmoe.federated.strategies import (
     accountant_of,
@@ -59,18 +65,25 @@ KEEP_CHECKPOINTS = 2
 
 
 def run_federation(
-    grid: Grid, config: RunConfig, out: Path, progress: bool = True, resume: bool = True
+    grid: Grid,
+    config: RunConfig,
+    out: Path,
+    progress: bool = True,
+    resume: bool = True,
+    regraft: Sequence[int] = (),
 ) -> RunResults:
     """Run ``config.rounds`` rounds on ``grid``, evaluate, and write the results to ``out``.
 
     The caller holds ``out`` (``folder_lock``). A folder holding a run is continued when
     ``resume`` is set and its settings agree (but for ``RESUMABLE_SETTINGS``), and refused
-    otherwise.
+    otherwise. ``regraft`` names clients of a resumed run whose personal state was lost and
+    who start afresh in its next round (``check_client_states``); the results record them.
     """
     remove_temporary_files(out)
     method = config.chosen_method()
     strategy = make_strategy(method, config)
     state, arrays = start_or_resume(out, config, method, strategy, resume)
+    state.regrafted.update({str(client): state.round + 1 for client in regraft})
     wait_for_clients(grid, config.clients)
     session_started, wall_before = time.perf_counter(), state.wall_s
     rounds = range(state.round + 1, config.rounds + 1)
@@ -88,7 +101,9 @@ def run_federation(
         grid, strategy, arrays, out, state.run_id, state.round, config, final=True
     )
     state.wall_s = wall_before + time.perf_counter() - session_started
-    results = RunResults.summarise(state.config, state.history, evaluation, state.wall_s)
+    results = RunResults.summarise(
+        state.config, state.history, evaluation, state.wall_s, state.regrafted
+    )
     write_results(out, results)
     return results
 
@@ -150,6 +165,34 @@ def check_out(out: Path, config: RunConfig, resume: bool) -> None:
         check_resumable(out, config)
     elif (out / RESULTS_FILE).is_file():
         raise FlexMoEError(f"{out} holds the results of an earlier run; give another --out")
+
+
+def check_client_states(out: Path, regraft: Sequence[int] = ()) -> None:
+    """Refuse to resume the run in ``out`` while a client that took part in it has lost its
+    personal state (under ``out/clients``, where a simulation keeps it), unless ``regraft``
+    names that client; and refuse to regraft a client whose state is there."""
+    state = read_checkpoint(out)
+    last_round = {c.client_id: r.round for r in state.history for c in r.clients}
+    root = out / CLIENTS_DIR
+    folders = {
+        client: StateStore(client_state_dir(root, state.run_id, client)).folder(round_)
+        for client, round_ in sorted(last_round.items())
+    }
+    missing = {client: folder for client, folder in folders.items() if not folder.is_dir()}
+    kept = sorted(set(regraft) - set(missing))
+    if kept:
+        raise FlexMoEError(
+            f"--regraft names client {', '.join(map(str, kept))}, whose personal state is in "
+            f"{root / state.run_id}; name only clients whose state is missing"
+        )
+    lost = {client: folder for client, folder in missing.items() if client not in regraft}
+    if lost:
+        names = ", ".join(f"{client} ({folder})" for client, folder in lost.items())
+        raise FlexMoEError(
+            f"{out}: the personal state of client {names} is missing, so resuming would graft "
+            f"{'it' if len(lost) == 1 else 'them'} afresh; put it back, or accept a fresh graft "
+            f"with --regraft {','.join(map(str, lost))} (recorded in the results)"
+        )
 
 
 def remove_temporary_files(out: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -168,6 +169,11 @@ class NodeConfig:
 
 
 # --- a round's request ---
+
+
+def client_state_dir(state_root: Path, run_key: str, partition_id: int) -> Path:
+    """Where client ``partition_id`` keeps its personal state of run ``run_key``."""
+    return state_root / run_key / f"client-{partition_id}"
 
 
 @dataclass(frozen=True)

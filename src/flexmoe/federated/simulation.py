@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.evaluation.diagnostics import mmlu_questions
 from flexmoe.federated.client_app import make_client_app, simulated_threads
 from flexmoe.federated.federation import (
+    check_client_states,
     check_out,
     load_checkpoint,
     run_federation,
@@ -40,35 +43,47 @@ RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def simulate(
-    config: RunConfig, out: Path, progress: bool = True, resume: bool = False
+    config: RunConfig,
+    out: Path,
+    progress: bool = True,
+    resume: bool = False,
+    regraft: Sequence[int] = (),
 ) -> RunResults:
     """Run ``config`` on ``config.clients`` simulated SuperNodes; returns the results.
 
     ``resume`` continues the run saved in ``out``; without it a folder holding a run is refused.
-    The folder is held (``folder_lock``) from the first check to the last write.
+    A resumed run needs every client that took part to have its personal state, but for those
+    ``regraft`` names (``check_client_states``). The folder is held (``folder_lock``) from the
+    first check to the last write.
     """
     with folder_lock(out):
         check_out(out, config, resume)
         if (out / CHECKPOINT_FILE).is_file():  # read it whole, so damage shows before Ray starts
             load_checkpoint(out, make_strategy(config.chosen_method(), config))
+            check_client_states(out, regraft)
+        elif regraft:
+            raise FlexMoEError("--regraft applies to a resumed run; give it with --resume")
         atomic_write_text(out / DATA_FILE, json.dumps(check_run(config), indent=1) + "\n")
-        return _simulate(config, out, progress, resume)
+        return _simulate(config, out, progress, resume, regraft)
 
 
-def _simulate(config: RunConfig, out: Path, progress: bool, resume: bool) -> RunResults:
+def _simulate(
+    config: RunConfig, out: Path, progress: bool, resume: bool, regraft: Sequence[int]
+) -> RunResults:
     failures: list[BaseException] = []
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_federation(grid, config, out, progress, resume)
+            run_federation(grid, config, out, progress, resume, regraft)
         except BaseException as error:  # re-raised below, outside Flower's runtime
             failures.append(error)
 
     _quiet_flower()
     keep_ray_on_loopback()
     with reaped():  # no Ray process outlives this one, even if it is killed
+        _start_ray(num_cpus=os.cpu_count() or 1)
         run_simulation(
             server_app=server,
             client_app=make_client_app(config),
@@ -76,8 +91,7 @@ def _simulate(config: RunConfig, out: Path, progress: bool, resume: bool) -> Run
             backend_config={
                 "client_resources": client_resources(
                     Placement.resolve(config.device, config.dtype), simulated_threads(config)
-                ),
-                "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": False},
+                )
             },
         )
     if failures:
@@ -138,6 +152,18 @@ def keep_ray_on_loopback() -> None:
     import ray._private.ray_constants as ray_constants  # imported already, by Flower
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _start_ray(num_cpus: int) -> None:
+    """Start Ray here rather than in Flower's backend (which then uses it), keeping this
+    process's SIGTERM handler: ``ray.init`` replaces it with ``sys.exit``, and the command's
+    own handler is what stops a run cleanly."""
+    import ray
+
+    handler = signal.getsignal(signal.SIGTERM)
+    ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=False)
+    if handler is not None:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _quiet_flower() -> None:
