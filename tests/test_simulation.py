@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -113,6 +114,14 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, dolly_file, random_model
     saved = read_checkpoint(tmp_path / "resumed")
     assert saved.round == 2 and len(saved.history) == 2
     states = tmp_path / "resumed" / "clients" / saved.run_id
+    # a client's state and predictions quote its private data: its owner's alone
+    clients = [
+        states,
+        *(p for client in states.glob("client-*") for p in (client, *client.rglob("*"))),
+    ]
+    assert len(clients) > 10
+    for path in clients:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
     assert sorted(p.name for p in (states / "client-0").iterdir()) == [
         "predictions",
         "round-0001",

@@ -26,12 +26,19 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write`` on a temporary file beside ``path``, flush it to disk, then rename it."""
+def atomic_write(
+    path: str | Path, write: Callable[[Path], None], private: bool = False
+) -> Path:
+    """Call ``write`` on a temporary file beside ``path``, flush it to disk, then rename it.
+
+    A ``private`` file is its owner's alone (0600), as a client's data is; else it gets the
+    mode ``open()`` would give it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_umask())  # as open() would make it, not mkstemp's owner-only 0600
+    if not private:
+        os.fchmod(fd, 0o666 & ~_umask())  # not mkstemp's owner-only 0600
     os.close(fd)
     try:
         write(Path(temporary))
@@ -44,11 +51,41 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def atomic_write_text(path: str | Path, text: str, private: bool = False) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), private)
+
+
+def private_folder(path: Path) -> Path:
+    """``path``, made if missing, readable by its owner alone (0700)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def make_private(folder: Path) -> None:
+    """Make ``folder`` and everything in it its owner's alone (folders 0700, files 0600)."""
+    for path in (folder, *folder.rglob("*")):
+        path.chmod(0o700 if path.is_dir() else 0o600)
 
 
 LOCK_FILE = ".lock"
+
+
+def check_writable(path: Path, folder: bool = True) -> None:
+    """Refuse, in one line and before any work, a ``path`` this process could not write: a file
+    where a folder goes (or the reverse), or a folder it may not write in. Creates nothing."""
+    path = Path(path)
+    kind = "folder" if folder else "file"
+    if path.exists():
+        if path.is_dir() != folder:
+            raise FlexMoEError(f"{path} is not a {kind}; give the path of a {kind}")
+        where = path if folder else path.parent
+    else:
+        where = next(parent for parent in path.parents if parent.exists())
+        if not where.is_dir():
+            raise FlexMoEError(f"cannot create {path}: {where} is a file, not a folder")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise FlexMoEError(f"cannot write {path}: this user may not write in {where}")
 
 
 def check_new_folder(target: Path) -> None:

@@ -34,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except FlexMoEError as error:
             print(f"flexmoe: error: {error}", file=sys.stderr)
             return 2
+        except OSError as error:  # the system refused a read or write: say which, and why
+            where = f"{error.filename}: " if error.filename else ""
+            print(f"flexmoe: error: {where}{error.strerror or error}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:  # on a line of its own, after any progress bar's
             print("\nflexmoe: interrupted", file=sys.stderr)
             return 128 + signal.SIGINT

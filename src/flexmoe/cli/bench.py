@@ -8,6 +8,7 @@ from pathlib import Path
 from flexmoe.benchmark.matrix import DEFAULT_ROOT, MATRICES, SWEEP
 from flexmoe.cli.options import MODEL_HELP, integers, names
 from flexmoe.errors import FlexMoEError
+from flexmoe.io import check_writable
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -85,6 +86,7 @@ def run_bench(args: argparse.Namespace) -> None:
     from flexmoe.benchmark.matrix import select
     from flexmoe.benchmark.tuning import read_tuning
 
+    check_writable(args.out)
     overrides = {n: getattr(args, n) for n in BENCH_OVERRIDES if getattr(args, n) is not None}
     if args.matrix == SWEEP:
         if args.tuned or args.seeds or args.splits:
@@ -161,4 +163,5 @@ def run_report(args: argparse.Namespace) -> None:
     """Write report.md and plots for every results.json under a folder."""
     from flexmoe.benchmark.report import write_report
 
+    check_writable(args.directory)
     print(f"report written to {write_report(args.directory)}")

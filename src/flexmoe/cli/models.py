@@ -15,6 +15,7 @@ from flexmoe.cli.options import (
     placement_of,
 )
 from flexmoe.errors import FlexMoEError
+from flexmoe.io import check_new_folder, check_writable
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -75,6 +76,9 @@ def _add_graft(commands: argparse._SubParsersAction) -> None:
         help="instruction data: dolly (the packaged Dolly-15k), or a .jsonl, .json, .parquet file",
     )
     graft.add_argument("--out", required=True, type=Path, help="folder for the adapter")
+    graft.add_argument(
+        "--force", action="store_true", help="write into --out even if it holds files already"
+    )
     graft.add_argument("--experts-per-layer", type=int, default=1, metavar="R")
     graft.add_argument(
         "--size-ratio",
@@ -168,6 +172,7 @@ def _add_plan(commands: argparse._SubParsersAction) -> None:
 
 def run_plan(args: argparse.Namespace) -> None:
     """Plan the methods on a model from its config alone."""
+    _check_report_path(args.out)
     from dataclasses import asdict
 
     from flexmoe.evaluation.plan import format_plan, plan
@@ -201,7 +206,8 @@ def run_carve(args: argparse.Namespace) -> None:
     from flexmoe.io import check_new_folder
     from flexmoe.loading import carve_and_save, load_dense_model
 
-    check_new_folder(args.out)  # before minutes of loading
+    check_writable(args.out)  # before minutes of loading
+    check_new_folder(args.out)
     config = CarveConfig(args.experts, args.top_k, args.shared_neurons, args.refit, args.seed)
     texts = None if args.calibration == "default" else [_calibration_text(Path(args.calibration))]
     dense, tokenizer = load_dense_model(args.model)
@@ -240,6 +246,9 @@ def run_graft(args: argparse.Namespace) -> None:
 
     if args.max_examples < 1:
         raise FlexMoEError(f"--max-examples must be at least 1, got {args.max_examples}")
+    check_writable(args.out)
+    if not args.force:
+        check_new_folder(args.out)
     config = FlexConfig(
         args.experts_per_layer, args.size_ratio, args.selection, gate_bias=args.gate_bias
     )
@@ -280,6 +289,12 @@ def _evaluated_model(args: argparse.Namespace) -> tuple:
     return model, tokenizer
 
 
+def _check_report_path(out: Path | None) -> None:
+    """Refuse a report path that cannot be written before the work, not after it."""
+    if out is not None:
+        check_writable(out, folder=False)
+
+
 def _report(result: dict, out: Path | None) -> None:
     from flexmoe.io import atomic_write_text
 
@@ -290,6 +305,7 @@ def _report(result: dict, out: Path | None) -> None:
 
 def run_eval_mmlu(args: argparse.Namespace) -> None:
     """MMLU accuracy per topic and overall."""
+    _check_report_path(args.out)
     from flexmoe.evaluation.mmlu import evaluate_mmlu, fetch_mmlu, load_mmlu
 
     model, tokenizer = _evaluated_model(args)
@@ -303,6 +319,7 @@ def run_eval_mmlu(args: argparse.Namespace) -> None:
 
 def run_eval_perplexity(args: argparse.Namespace) -> None:
     """Held-out perplexity per pretraining domain."""
+    _check_report_path(args.out)
     from flexmoe.evaluation.perplexity import domain_perplexities
 
     model, tokenizer = _evaluated_model(args)
@@ -314,6 +331,7 @@ def run_eval_perplexity(args: argparse.Namespace) -> None:
 
 def run_eval_cost(args: argparse.Namespace) -> None:
     """Side by side on the same held-out text: the base model and the grafted model(s)."""
+    _check_report_path(args.out)
     from flexmoe.data import heldout_texts, text_batches
     from flexmoe.loading import load_model
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import resource
+import secrets
 import sys
 import time
 from pathlib import Path
 
 from flexmoe.cli.options import checked_placement
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import read_json
+from flexmoe.io import check_writable, read_json
 from flexmoe.results import (
     DATA_FILE,
     RESULTS_FILE,
@@ -113,7 +114,9 @@ def client_list(text: str) -> tuple[int, ...]:
 
 
 def default_out(config: RunConfig, kind: str = "") -> Path:
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}{config.method}"
+    """``runs/<time>-<kind><method>-<random>``: two runs started in one second differ."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{kind}{config.method}-{secrets.token_hex(2)}"
 
 
 def run_run(args: argparse.Namespace) -> None:
@@ -126,6 +129,7 @@ def run_run(args: argparse.Namespace) -> None:
     else:
         config = settings(args)
         out = args.out or default_out(config)
+    check_writable(out)
     from flexmoe.federated.simulation import simulate  # after the settings are checked: heavy
 
     checked_placement(config.device, config.dtype)  # a device this machine lacks: before all
@@ -143,13 +147,23 @@ def run_run(args: argparse.Namespace) -> None:
 
 def run_deploy_local(args: argparse.Namespace) -> None:
     """Run the app on a local TLS deployment of Flower and print its results."""
-    config = settings(args).updated({"clients": args.supernodes})
+    config = settings(args)
+    if args.clients is not None and args.clients != args.supernodes:
+        raise FlexMoEError(
+            f"--clients {args.clients} and --supernodes {args.supernodes} disagree: every "
+            "SuperNode is one client; give --supernodes alone"
+        )
+    config = config.updated({"clients": args.supernodes})
+    from flexmoe.federated.client_app import check_limits
     from flexmoe.federated.deploy import deploy_local, find_app_dir
     from flexmoe.federated.federation import check_out
+    from flexmoe.federated.protocol import DEPLOYED
     from flexmoe.federated.simulation import check_run
     from flexmoe.results import read_results
 
     out = (args.out or default_out(config, "deploy-")).resolve()
+    check_writable(out)
+    check_limits(config, DEPLOYED)  # what the SuperNodes would refuse, before any starts
     checked_placement(config.device, config.dtype)
     check_out(out, config, resume=False)
     check_run(config)

@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from flexmoe.io import atomic_write_text
+from flexmoe.io import atomic_write_text, make_private, private_folder
 from flexmoe.model import FlexModel
 
 KEEP_ROUNDS = 2
@@ -49,10 +49,11 @@ class StateStore:
         not sample again for that round would read it later (see the README).
         """
         final = self.folder(round_)
-        staging = self.root / f".{final.name}.tmp"
+        staging = self.private_root() / f".{final.name}.tmp"
         for leftover in self.root.glob(".round-*.tmp"):  # one writer per client: all are stale
             shutil.rmtree(leftover, ignore_errors=True)
         model.save_pretrained(staging, include_shared=include_shared)
+        make_private(staging)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         earlier = [r for r in self.rounds() if r < round_]
@@ -63,4 +64,11 @@ class StateStore:
     def save_predictions(self, round_: int, rows: Sequence[dict]) -> Path:
         """Write the predictions of the evaluation after ``round_``, one JSON object a line."""
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        return atomic_write_text(self.root / "predictions" / f"round-{round_:04d}.jsonl", text)
+        folder = private_folder(self.private_root() / "predictions")
+        return atomic_write_text(folder / f"round-{round_:04d}.jsonl", text, private=True)
+
+    def private_root(self) -> Path:
+        """The client's folder, and the run's above it, made its owner's alone: its state and
+        predictions quote and are fitted to its private data."""
+        private_folder(self.root.parent)
+        return private_folder(self.root)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,15 +57,21 @@ def simulate(
     ``regraft`` names (``check_client_states``). The folder is held (``folder_lock``) from the
     first check to the last write.
     """
-    with folder_lock(out):
-        check_out(out, config, resume)
-        if (out / CHECKPOINT_FILE).is_file():  # read it whole, so damage shows before Ray starts
-            load_checkpoint(out, make_strategy(config.chosen_method(), config))
-            check_client_states(out, regraft)
-        elif regraft:
-            raise FlexMoEError("--regraft applies to a resumed run; give it with --resume")
-        atomic_write_text(out / DATA_FILE, json.dumps(check_run(config), indent=1) + "\n")
-        return _simulate(config, out, progress, resume, regraft)
+    made = not out.exists()
+    try:
+        with folder_lock(out):
+            check_out(out, config, resume)
+            if (out / CHECKPOINT_FILE).is_file():  # read whole: damage shows before Ray starts
+                load_checkpoint(out, make_strategy(config.chosen_method(), config))
+                check_client_states(out, regraft)
+            elif regraft:
+                raise FlexMoEError("--regraft applies to a resumed run; give it with --resume")
+            atomic_write_text(out / DATA_FILE, json.dumps(check_run(config), indent=1) + "\n")
+            return _simulate(config, out, progress, resume, regraft)
+    except BaseException:
+        if made and not (out / CHECKPOINT_FILE).exists():  # a bad model or data: nothing to keep
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _simulate(
