@@ -313,3 +313,23 @@ def test_a_resume_refuses_a_client_whose_state_is_lost_unless_told_to_regraft_it
     assert "name only clients whose state is missing" in capsys.readouterr().err
     resumed = run(out, "--resume", str(out), *common, "--rounds", "2", "--regraft", "1")
     assert resumed.rounds == 2 and resumed.regrafted == {"1": 2}
+
+
+def test_a_client_that_cannot_write_fails_the_run_in_one_line_and_logs_its_traceback(
+    tmp_path, dolly_file, random_model, capsys
+):
+    out = tmp_path / "run"
+    common = ["--model", str(random_model), "--data", str(dolly_file)]
+    run(out, *common, "--rounds", "1")
+    predictions = out / "clients" / read_checkpoint(out).run_id / "client-1" / "predictions"
+    shutil.rmtree(predictions)
+    predictions.write_text("a file where the client keeps its predictions")
+    capsys.readouterr()
+    assert main(["run", "--resume", str(out), *SMALL, *common, "--rounds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("flexmoe: error:")]
+    assert f"client 1, round 2: {predictions}: File exists (traceback in " in line
+    log = Path(line.rsplit("traceback in ", 1)[1].rstrip(")"))
+    assert "Traceback (most recent call last)" in log.read_text()
+    log.unlink()

@@ -26,9 +26,7 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(
-    path: str | Path, write: Callable[[Path], None], private: bool = False
-) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], None], private: bool = False) -> Path:
     """Call ``write`` on a temporary file beside ``path``, flush it to disk, then rename it.
 
     A ``private`` file is its owner's alone (0600), as a client's data is; else it gets the

@@ -11,15 +11,18 @@ from __future__ import annotations
 import functools
 import os
 import re
+import tempfile
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
 import psutil
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.common.constant import ErrorCode
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.node_worker import Job, submit
@@ -27,6 +30,8 @@ from flexmoe.federated.protocol import (
     CLIPPING_NORM,
     CONFIG,
     DEPLOYED,
+    PARTITION_ID,
+    SERVER_ROUND,
     SIMULATED,
     STARTUP,
     EvaluateReply,
@@ -51,13 +56,37 @@ def make_client_app(settings: RunConfig | None = None) -> ClientApp:
 
     @app.train(mods=[clip_when_private])
     def train(msg: Message, context: Context) -> Message:
-        return Message(answer("train", msg, context, settings).to_content(), reply_to=msg)
+        return reply("train", msg, context, settings)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return Message(answer("evaluate", msg, context, settings).to_content(), reply_to=msg)
+        return reply("evaluate", msg, context, settings)
 
     return app
+
+
+def reply(kind: str, msg: Message, context: Context, settings: RunConfig | None) -> Message:
+    """The reply to ``msg``: the job's result, or an error of one line naming the client, the
+    round and what went wrong, its traceback written to a log file on this node (a raised
+    exception would print the traceback in every runtime's log on its way to the server)."""
+    try:
+        return Message(answer(kind, msg, context, settings).to_content(), reply_to=msg)
+    except Exception as error:
+        log = _log_traceback()
+        client = context.node_config.get(PARTITION_ID, "?")
+        round_ = msg.content.config_records.get(CONFIG, {}).get(SERVER_ROUND, "?")
+        if isinstance(error, OSError) and error.filename:
+            error = f"{error.filename}: {error.strerror or error}"
+        reason = f"client {client}, round {round_}: {error} (traceback in {log})"
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+
+
+def _log_traceback() -> str:
+    """The exception being handled, with its traceback, in a new owner-only log file."""
+    fd, path = tempfile.mkstemp(prefix="flexmoe-client-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8") as log:
+        log.write(traceback.format_exc())
+    return path
 
 
 def clip_when_private(msg: Message, context: Context, call_next) -> Message:

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -168,12 +169,30 @@ def _start_ray(num_cpus: int) -> None:
     import ray
 
     handler = signal.getsignal(signal.SIGTERM)
-    ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=False)
+    with warnings.catch_warnings():  # a notice of Ray's future defaults, not ours to act on
+        warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
+        ray.init(
+            num_cpus=num_cpus,
+            log_to_driver=False,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
     if handler is not None:
         signal.signal(signal.SIGTERM, handler)
+
+
+class _NoSimulationDeprecation(logging.Filter):
+    """Drops Flower's notice that ``run_simulation`` is deprecated: ``flexmoe run`` is the
+    user's command, and ``flwr run .`` is documented beside it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
 def _quiet_flower() -> None:
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    flower = logging.getLogger("flwr")
+    if not any(isinstance(f, _NoSimulationDeprecation) for f in flower.filters):
+        flower.addFilter(_NoSimulationDeprecation())
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
