@@ -97,3 +97,10 @@ def test_deploy_local_refuses_what_its_nodes_would_before_starting_anything(caps
     assert main(argv) == 2
     assert "--clients 2 and --supernodes 3 disagree" in one_error_line(capsys)
     assert not out.exists()
+
+
+def test_deploy_local_refuses_a_folder_holding_a_run_with_advice_that_works(capsys, tmp_path):
+    (tmp_path / "checkpoint.json").write_text("{}")
+    assert main(["deploy-local", "--supernodes", "2", "--out", str(tmp_path)]) == 2
+    line = one_error_line(capsys)
+    assert "cannot resume" in line and "give another --out" in line and "--resume" not in line

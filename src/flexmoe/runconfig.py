@@ -91,7 +91,7 @@ class RunConfig:
     """Everything that decides a run's result; the default is the embedded `make run` job."""
 
     method: str = setting(
-        "flex", "FLEx, an ablation or a baseline (see Methods)", one_of(tuple(METHODS))
+        "flex", f"FLEx, an ablation or a baseline: {', '.join(METHODS)}", one_of(tuple(METHODS))
     )
     split: str = setting(
         "pathological",

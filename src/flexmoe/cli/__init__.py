@@ -20,7 +20,9 @@ from flexmoe.errors import FlexMoEError, Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # named by the command's own parser, whose usage shows what it takes
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     with _signals_stop():
         try:
             if args.loads_models:  # our own progress bars speak for long work; these are noise
@@ -90,7 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     for module in (run, models, bench):
         module.add_commands(commands)
+    _name_command_parsers(parser)
     return parser
+
+
+def _name_command_parsers(parser: argparse.ArgumentParser) -> None:
+    """Give every command's parser to its own arguments as ``command_parser``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.set_defaults(command_parser=command)
+                _name_command_parsers(command)
 
 
 if __name__ == "__main__":

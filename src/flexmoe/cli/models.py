@@ -79,21 +79,45 @@ def _add_graft(commands: argparse._SubParsersAction) -> None:
     graft.add_argument(
         "--force", action="store_true", help="write into --out even if it holds files already"
     )
-    graft.add_argument("--experts-per-layer", type=int, default=1, metavar="R")
+    graft.add_argument(
+        "--experts-per-layer",
+        type=int,
+        default=1,
+        metavar="R",
+        help="experts grafted per MoE layer (default %(default)s)",
+    )
     graft.add_argument(
         "--size-ratio",
         type=float,
         default=1.0,
         metavar="RHO",
-        help="fraction of intermediate neurons kept (most active first)",
+        help="fraction of intermediate neurons kept, most active first (default %(default)s)",
     )
     graft.add_argument(
-        "--selection", default="top", help="top (default), greedy, exhaustive or random"
+        "--selection",
+        default="top",
+        help="top, greedy, exhaustive or random (default %(default)s)",
     )
-    graft.add_argument("--gate-bias", type=float, default=0.0, help="initial gate bias")
-    graft.add_argument("--max-examples", type=int, default=256, metavar="N")
-    graft.add_argument("--max-length", type=int, default=256, help="tokens per example")
-    graft.add_argument("--batch-size", type=int, default=8)
+    graft.add_argument(
+        "--gate-bias", type=float, default=0.0, help="initial gate bias (default %(default)s)"
+    )
+    graft.add_argument(
+        "--max-examples",
+        type=int,
+        default=256,
+        metavar="N",
+        help="examples scored, the first of the data (default %(default)s)",
+    )
+    graft.add_argument(
+        "--max-length",
+        type=int,
+        default=512,
+        metavar="N",
+        help="tokens per example, a longer context cut to fit (default %(default)s)",
+    )
+    graft.add_argument(
+        "--batch-size", type=int, default=8, metavar="N", help="(default %(default)s)"
+    )
     add_placement_options(graft)
     graft.set_defaults(command=run_graft, loads_models=True)
 

@@ -13,6 +13,7 @@ from flexmoe.cli.options import checked_placement
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import check_writable, read_json
 from flexmoe.results import (
+    CHECKPOINT_FILE,
     DATA_FILE,
     RESULTS_FILE,
     ROUNDS_FILE,
@@ -163,6 +164,11 @@ def run_deploy_local(args: argparse.Namespace) -> None:
 
     out = (args.out or default_out(config, "deploy-")).resolve()
     check_writable(out)
+    if (out / CHECKPOINT_FILE).is_file():  # its clients' state is on its SuperNodes' disks
+        raise FlexMoEError(
+            f"{out} holds a run, and deploy-local starts a new one each time (it cannot resume "
+            "one); give another --out"
+        )
     check_limits(config, DEPLOYED)  # what the SuperNodes would refuse, before any starts
     checked_placement(config.device, config.dtype)
     check_out(out, config, resume=False)

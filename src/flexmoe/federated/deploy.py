@@ -126,20 +126,30 @@ def deploy_local(
     with reaped(), _sigterm_as_exit():  # what it starts dies with it, even on SIGKILL
         deployment = _prepare(out_dir.resolve(), supernodes, node_workers)
         deployment.limits = replace(DEPLOYED, share_diagnostics=share_diagnostics)
+        sockets = [deployment.worker_socket(index) for index in range(supernodes)]
         try:
+            _say("starting the SuperLink and registering the SuperNodes' keys")
             _launch(deployment, "superlink", superlink_command(deployment))
             _register_supernodes(deployment, deadline)
-            for index in range(supernodes):
-                socket_path = deployment.worker_socket(index)
+            _say(f"starting {supernodes} SuperNodes" + (" and their node workers" * node_workers))
+            for index, socket_path in enumerate(sockets):
                 if socket_path is not None:
                     _launch(deployment, f"node-worker-{index}", node_worker_command(socket_path))
                     _wait_for_file(deployment, key_path(socket_path), deadline)
                 _launch(deployment, f"supernode-{index}", supernode_command(deployment, index))
             _write_manifest(deployment)
             _wait_for_supernodes(deployment, deadline)
+            _say("running the app (flwr run)")
             _run_app(deployment, app_dir, config, deadline)
         finally:
             stop_all(deployment.processes)
+            for socket_path in filter(None, sockets):  # a stopped worker's socket and key
+                socket_path.unlink(missing_ok=True)
+                key_path(socket_path).unlink(missing_ok=True)
+
+
+def _say(step: str) -> None:
+    print(f"flexmoe deploy-local: {step}", flush=True)
 
 
 def superlink_command(deployment: Deployment) -> list[str]:

@@ -97,6 +97,9 @@ def run_federation(
         state.round, state.random_state = round_, _random_state()
         state.wall_s = wall_before + time.perf_counter() - session_started
         save_checkpoint(out, state, arrays, strategy)
+    if progress:
+        extra = " and measure knowledge, routing and FLOPs" if config.diagnostics else ""
+        tqdm.write(f"final evaluation: {config.clients} clients answer their test examples{extra}")
     evaluation = evaluate_clients(
         grid, strategy, arrays, out, state.run_id, state.round, config, final=True
     )
