@@ -183,6 +183,7 @@ def test_deploy_local_runs_flexmoe_on_every_supernode_over_tls(
     ]  # fmt: skip
     assert "--enable-supernode-auth" in (out / "deployment.json").read_text()
     assert_all_stopped(out)
+    assert not list((out / "supernodes").rglob("worker.sock*"))  # no stale socket or key
 
 
 @pytest.mark.slow

@@ -56,7 +56,8 @@ def entry() -> None:
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate()[1:]):
+    main_thread = threading.main_thread()
+    if any(t is not main_thread and not t.daemon for t in threading.enumerate()):
         os._exit(code)
     sys.exit(code)
 

@@ -168,6 +168,8 @@ def _start_ray(num_cpus: int) -> None:
     own handler is what stops a run cleanly."""
     import ray
 
+    if ray.is_initialized():  # left by an earlier run of this process that failed early
+        ray.shutdown()
     handler = signal.getsignal(signal.SIGTERM)
     with warnings.catch_warnings():  # a notice of Ray's future defaults, not ours to act on
         warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
