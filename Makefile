@@ -1,12 +1,14 @@
 # make install: .venv with torch 2.13.0 (CPU, first, so nothing pulls a CUDA build), then flexmoe.
 # make run: the embedded default federated job (FLEx, tiny model, the packaged Dolly-15k).
 # make test: lint and the test suite.
+# make flwr-run: the app under `flwr run .` on Flower's local simulation, in this .venv (Flower
+#   would otherwise install a runtime environment of its own); FLWR_ARGS adds to the command.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format clean
+.PHONY: install run flwr-run test lint format clean
 
 install: $(STAMP)
 
@@ -18,6 +20,10 @@ $(STAMP): pyproject.toml
 
 run: install
 	$(VENV)/bin/flexmoe run
+
+flwr-run: install
+	FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 PATH="$(abspath $(VENV))/bin:$$PATH" \
+		$(VENV)/bin/flwr run . --stream $(FLWR_ARGS)
 
 lint: install
 	$(PY) -m ruff check src tests scripts benchmarks
