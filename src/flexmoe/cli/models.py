@@ -15,7 +15,7 @@ from flexmoe.cli.options import (
     placement_of,
 )
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import check_new_folder, check_writable
+from flexmoe.io import atomic_write_text, check_new_folder, check_writable
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -227,7 +227,6 @@ def run_plan(args: argparse.Namespace) -> None:
 def run_carve(args: argparse.Namespace) -> None:
     """Carve a dense model into an MoE and save it."""
     from flexmoe.carving import CarveConfig
-    from flexmoe.io import check_new_folder
     from flexmoe.loading import carve_and_save, load_dense_model
 
     check_writable(args.out)  # before minutes of loading
@@ -264,7 +263,6 @@ def _calibration_text(path: Path) -> str:
 def run_graft(args: argparse.Namespace) -> None:
     """Select and graft experts on a data file; write the adapter and its report."""
     from flexmoe.data import load_dataset, pad_token_id, sequential_batches, tokenize_examples
-    from flexmoe.io import atomic_write_text
     from flexmoe.loading import load_model
     from flexmoe.model import FlexConfig, FlexModel
 
@@ -320,8 +318,6 @@ def _check_report_path(out: Path | None) -> None:
 
 
 def _report(result: dict, out: Path | None) -> None:
-    from flexmoe.io import atomic_write_text
-
     if out is not None:
         atomic_write_text(out, json.dumps(result, indent=2))
         print(f"written to {out}")
