@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, build_model, random_batches
 
 from flexmoe.data import IGNORE_INDEX
 from flexmoe.errors import FlexMoEError
 from flexmoe.training import answer_loss, mean_loss, train_steps
+from tests.tiny_models import ARCHITECTURES, build_model, random_batches
 
 
 def labelled(batch: dict[str, torch.Tensor], answer_from: tuple[int, int]) -> dict:

@@ -31,10 +31,10 @@ from flexmoe.data import (
     select_categories,
     tokenize_example,
 )
+from flexmoe.flex.model import FlexConfig, FlexModel
 from flexmoe.hardware import Placement
-from flexmoe.loading import load_model
 from flexmoe.methods import get_method
-from flexmoe.model import FlexConfig, FlexModel
+from flexmoe.models.loading import load_model
 from flexmoe.training import train_steps
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "dolly" / "max_length.json"

@@ -47,10 +47,10 @@ from flexmoe.evaluation.plan import plan
 from flexmoe.federated.federation import initial_arrays
 from flexmoe.federated.protocol import TrainReply
 from flexmoe.federated.records import arrays_to_state, wire_bytes
+from flexmoe.flex.model import FlexConfig, FlexModel
 from flexmoe.hardware import Placement, Stopwatch
-from flexmoe.loading import load_model
 from flexmoe.methods import get_method
-from flexmoe.model import FlexConfig, FlexModel
+from flexmoe.models.loading import load_model
 from flexmoe.results import ROUNDS_FILE, read_rounds, work_seconds
 from flexmoe.runconfig import RunConfig
 from flexmoe.training import train_steps

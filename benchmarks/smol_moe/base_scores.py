@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 from flexmoe.client.worker import ClientWorker
+from flexmoe.flex.model import initial_shared_state
 from flexmoe.io import atomic_write_text
-from flexmoe.model import initial_shared_state
 from flexmoe.runconfig import RunConfig
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "smol-moe" / "base.json"

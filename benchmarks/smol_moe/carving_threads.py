@@ -4,8 +4,8 @@ order, as another CPU's BLAS does).
 
     python benchmarks/smol_moe/carving_threads.py [--batches 2] [--carving FILE]
 
-``--carving`` carves with another version of ``flexmoe/carving.py``, e.g. the float32 one of
-smol-moe v1: ``git show d6edcb7:src/flexmoe/carving.py > /tmp/carving_v1.py``. Needs the cached
+``--carving`` carves with another version of ``flexmoe/models/carving.py``, e.g. the float32 one
+of smol-moe v1: ``git show d6edcb7:src/flexmoe/carving.py > /tmp/carving_v1.py``. Needs the cached
 smol-moe build's GGUF (``flexmoe info smol-moe`` makes it); about 4 minutes on 2 cores.
 """
 
@@ -23,12 +23,12 @@ from check_model import largest_move, summary  # beside this script
 
 from flexmoe.cache import cache_dir
 from flexmoe.data import calibration_texts, text_batches
-from flexmoe.loading import CALIBRATION_SEQ_LEN, SMOL_CARVING, SMOL_GGUF, load_dense_model
+from flexmoe.models.loading import CALIBRATION_SEQ_LEN, SMOL_CARVING, SMOL_GGUF, load_dense_model
 
 
 def carve_once(carving_file: str | None, batches: int, out: Path) -> None:
     """Carve on this process's thread count and save the weights and the partition to ``out``."""
-    carving = importlib.import_module("flexmoe.carving")
+    carving = importlib.import_module("flexmoe.models.carving")
     if carving_file:
         spec = importlib.util.spec_from_file_location("other_carving", carving_file)
         carving = importlib.util.module_from_spec(spec)

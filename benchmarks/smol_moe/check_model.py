@@ -23,7 +23,7 @@ import torch
 
 from flexmoe.hardware import Placement
 from flexmoe.io import atomic_write_text
-from flexmoe.loading import CARVE_REPORT, fingerprint, load_model, resolve_model_path
+from flexmoe.models.loading import CARVE_REPORT, fingerprint, load_model, resolve_model_path
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "smol-moe"
 MODEL = "smol-moe"

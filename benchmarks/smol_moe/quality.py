@@ -33,9 +33,9 @@ from flexmoe.evaluation.mmlu import (
 )
 from flexmoe.evaluation.perplexity import domain_perplexities
 from flexmoe.evaluation.routing import routing_statistics
+from flexmoe.flex.moe import find_moe_blocks
 from flexmoe.io import atomic_write_text
-from flexmoe.loading import SMOL_GGUF, SMOL_MOE, load_dense_model, load_model, smol_moe_path
-from flexmoe.moe import find_moe_blocks
+from flexmoe.models.loading import SMOL_GGUF, SMOL_MOE, load_dense_model, load_model, smol_moe_path
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "smol_moe" / "quality.json"
 INSTRUCTIONS = [

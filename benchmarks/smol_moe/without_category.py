@@ -15,7 +15,7 @@ import statistics
 from collections.abc import Iterable
 from pathlib import Path
 
-from flexmoe.benchmark.summary import Run, group_runs, load_runs, method_order, setting_labels
+from benchmarks.harness.summary import Run, group_runs, load_runs, method_order, setting_labels
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "smol-moe"
 

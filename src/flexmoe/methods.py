@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.sharing import SharedConfig
+from flexmoe.flex.sharing import SharedConfig
 
 
 class GraftSource(StrEnum):
@@ -59,7 +59,7 @@ class Method:
 
     @property
     def selection(self) -> str:
-        """The selection strategy its grafts use (see ``flexmoe.selection``)."""
+        """The selection strategy its grafts use (see ``flexmoe.flex.selection``)."""
         return "random" if self.graft is GraftSource.RANDOM else "top"
 
 

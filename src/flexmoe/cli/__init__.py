@@ -15,12 +15,18 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 
-from flexmoe.cli import bench, models, run
+from flexmoe.cli import models, run
 from flexmoe.errors import FlexMoEError, Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, unknown = build_parser().parse_known_args(argv)
+    return execute(build_parser(), argv)
+
+
+def execute(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Run the command ``parser`` parses from ``argv``: its exit status, with an error, a
+    Ctrl-C or a SIGTERM as one line on stderr."""
+    args, unknown = parser.parse_known_args(argv)
     if unknown:  # named by the command's own parser, whose usage shows what it takes
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     with _signals_stop():
@@ -29,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
                 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
                 if "transformers" in sys.modules:  # called in-process: too late for the variables
-                    from flexmoe.loading import quiet_transformers
+                    from flexmoe.models.loading import quiet_transformers
 
                     quiet_transformers()
             args.command(args)
@@ -49,11 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def entry() -> None:
-    """The ``flexmoe`` command: ``main()``, then exit at once, even where an interrupted run
-    left a runtime's thread waiting for replies that will never come (Flower's ServerApp
-    thread), which a normal exit would wait for forever."""
-    code = main()
+def entry(code: int | None = None) -> None:
+    """The ``flexmoe`` command: ``main()`` (or an exit status already ``code``), then exit at
+    once, even where an interrupted run left a runtime's thread waiting for replies that will
+    never come (Flower's ServerApp thread), which a normal exit would wait for forever."""
+    code = main() if code is None else code
     sys.stdout.flush()
     sys.stderr.flush()
     main_thread = threading.main_thread()
@@ -91,19 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.set_defaults(loads_models=False)
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    for module in (run, models, bench):
+    for module in (run, models):
         module.add_commands(commands)
-    _name_command_parsers(parser)
+    name_command_parsers(parser)
     return parser
 
 
-def _name_command_parsers(parser: argparse.ArgumentParser) -> None:
+def name_command_parsers(parser: argparse.ArgumentParser) -> None:
     """Give every command's parser to its own arguments as ``command_parser``."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for command in action.choices.values():
                 command.set_defaults(command_parser=command)
-                _name_command_parsers(command)
+                name_command_parsers(command)
 
 
 if __name__ == "__main__":

@@ -226,8 +226,8 @@ def run_plan(args: argparse.Namespace) -> None:
 
 def run_carve(args: argparse.Namespace) -> None:
     """Carve a dense model into an MoE and save it."""
-    from flexmoe.carving import CarveConfig
-    from flexmoe.loading import carve_and_save, load_dense_model
+    from flexmoe.models.carving import CarveConfig
+    from flexmoe.models.loading import carve_and_save, load_dense_model
 
     check_writable(args.out)  # before minutes of loading
     check_new_folder(args.out)
@@ -263,8 +263,8 @@ def _calibration_text(path: Path) -> str:
 def run_graft(args: argparse.Namespace) -> None:
     """Select and graft experts on a data file; write the adapter and its report."""
     from flexmoe.data import load_dataset, pad_token_id, sequential_batches, tokenize_examples
-    from flexmoe.loading import load_model
-    from flexmoe.model import FlexConfig, FlexModel
+    from flexmoe.flex.model import FlexConfig, FlexModel
+    from flexmoe.models.loading import load_model
 
     if args.max_examples < 1:
         raise FlexMoEError(f"--max-examples must be at least 1, got {args.max_examples}")
@@ -302,8 +302,8 @@ def run_graft(args: argparse.Namespace) -> None:
 
 def _evaluated_model(args: argparse.Namespace) -> tuple:
     """The base model, with the personal adapter put on when one is given."""
-    from flexmoe.loading import load_model
-    from flexmoe.model import FlexModel
+    from flexmoe.flex.model import FlexModel
+    from flexmoe.models.loading import load_model
 
     model, tokenizer = load_model(args.model, placement_of(args))
     if args.adapter is not None:
@@ -353,7 +353,7 @@ def run_eval_cost(args: argparse.Namespace) -> None:
     """Side by side on the same held-out text: the base model and the grafted model(s)."""
     _check_report_path(args.out)
     from flexmoe.data import heldout_texts, text_batches
-    from flexmoe.loading import load_model
+    from flexmoe.models.loading import load_model
 
     if args.adapter is not None and args.experts_per_layer:
         raise FlexMoEError("give --adapter or --experts-per-layer, not both")
@@ -384,8 +384,8 @@ COST_COLUMNS = (
 def _grafted_prices(args: argparse.Namespace, base, batches: list) -> list[dict]:
     """The price of the adapter given, or of a fresh graft of each --experts-per-layer count."""
     from flexmoe.evaluation.cost import price_of_grafts
-    from flexmoe.loading import load_model
-    from flexmoe.model import FlexConfig, FlexModel
+    from flexmoe.flex.model import FlexConfig, FlexModel
+    from flexmoe.models.loading import load_model
 
     if args.adapter is not None:
         personalised, _ = _evaluated_model(args)
@@ -406,8 +406,8 @@ def _grafted_prices(args: argparse.Namespace, base, batches: list) -> list[dict]
 
 def run_info(args: argparse.Namespace) -> None:
     """Print a model's folder, size and MoE layout."""
-    from flexmoe.loading import load_model, resolve_model_path
-    from flexmoe.moe import find_moe_blocks
+    from flexmoe.flex.moe import find_moe_blocks
+    from flexmoe.models.loading import load_model, resolve_model_path
 
     folder = resolve_model_path(args.model)
     placement = placement_of(args)
@@ -433,7 +433,7 @@ def run_info(args: argparse.Namespace) -> None:
              f"neurons active per token, {carving['calibration_tokens']:,} calibration tokens")
         )  # fmt: skip
     if args.adapter is not None:
-        from flexmoe.model import FlexModel
+        from flexmoe.flex.model import FlexModel
 
         flex = FlexModel.from_pretrained(model, args.adapter)
         grafted = {g.layer: (list(g.source_experts), g.intermediate_sizes) for g in flex.grafts}

@@ -19,9 +19,9 @@ from pathlib import Path
 from torch import nn
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.graft import grafted_blocks
+from flexmoe.flex.graft import grafted_blocks
 from flexmoe.hardware import Placement
-from flexmoe.loading import load_model, resolve_model_path
+from flexmoe.models.loading import load_model, resolve_model_path
 
 Stamp = tuple[tuple[str, int, int], ...]  # (file, size, modification time) of a model folder
 

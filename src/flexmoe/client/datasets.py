@@ -18,7 +18,7 @@ from flexmoe.data import (
     tokenize_example,
 )
 from flexmoe.errors import FlexMoEError
-from flexmoe.loading import load_tokenizer
+from flexmoe.models.loading import load_tokenizer
 from flexmoe.runconfig import RunConfig
 
 GENERIC_TEXT_CHARS = 600

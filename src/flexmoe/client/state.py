@@ -12,8 +12,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from flexmoe.flex.model import FlexModel
 from flexmoe.io import atomic_write_text, make_private, private_folder
-from flexmoe.model import FlexModel
 
 KEEP_ROUNDS = 2
 

@@ -28,12 +28,12 @@ from flexmoe.data import (
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluation.diagnostics import diagnostics
 from flexmoe.evaluation.generation import generate_answers, rouge_l
+from flexmoe.flex.model import FlexConfig, FlexModel
+from flexmoe.flex.roles import Role
 from flexmoe.hardware import Placement, Stopwatch
-from flexmoe.loading import load_model, load_tokenizer
 from flexmoe.methods import GraftSource
-from flexmoe.model import FlexConfig, FlexModel
+from flexmoe.models.loading import load_model, load_tokenizer
 from flexmoe.results import Diagnostics
-from flexmoe.roles import Role
 from flexmoe.runconfig import RunConfig
 from flexmoe.training import cosine_lr, mean_loss, train_steps
 

@@ -20,10 +20,10 @@ from torch import nn
 
 from flexmoe.data import on_model_device
 from flexmoe.errors import FlexMoEError
-from flexmoe.graft import GraftedMoEBlock, grafted_blocks
+from flexmoe.flex.graft import GraftedMoEBlock, grafted_blocks
+from flexmoe.flex.moe import MoEBlockView, find_moe_blocks
+from flexmoe.flex.selection import Batch
 from flexmoe.hardware import Stopwatch
-from flexmoe.moe import MoEBlockView, find_moe_blocks
-from flexmoe.selection import Batch
 
 
 def linear_flops(module: nn.Module | None) -> int:

@@ -24,10 +24,10 @@ from flexmoe.evaluation.cost import flops_per_token
 from flexmoe.evaluation.mmlu import MMLUQuestion, evaluate_mmlu, fetch_mmlu, load_mmlu
 from flexmoe.evaluation.perplexity import domain_perplexities
 from flexmoe.evaluation.routing import routing_statistics
+from flexmoe.flex.model import FlexModel
 from flexmoe.io import atomic_write_text, folder_lock
-from flexmoe.loading import fingerprint as model_fingerprint
-from flexmoe.loading import say
-from flexmoe.model import FlexModel
+from flexmoe.models.loading import fingerprint as model_fingerprint
+from flexmoe.models.loading import say
 from flexmoe.results import Diagnostics, FlopsPerToken, Knowledge, MMLUScore, Routing, to_plain
 
 HELDOUT_TOKENS = 2048  # per pretraining domain

@@ -23,12 +23,12 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from flexmoe.evaluation.cost import flops_per_token
-from flexmoe.graft import ADAPTER_DTYPE, LayerGraft
-from flexmoe.loading import load_config, meta_model
+from flexmoe.flex.graft import ADAPTER_DTYPE, LayerGraft
+from flexmoe.flex.model import FlexConfig, FlexModel
+from flexmoe.flex.moe import MoEBlockView, find_moe_blocks
+from flexmoe.flex.roles import Role
 from flexmoe.methods import Method
-from flexmoe.model import FlexConfig, FlexModel
-from flexmoe.moe import MoEBlockView, find_moe_blocks
-from flexmoe.roles import Role
+from flexmoe.models.loading import load_config, meta_model
 
 WIRE_BYTES = 4  # per shared parameter, each way (float32 arrays)
 ANSWER_SHARE = 0.25  # positions whose logits training computes (answers only; see answer_loss)

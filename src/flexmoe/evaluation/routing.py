@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from flexmoe.data import on_model_device
-from flexmoe.graft import ADAPTER_DTYPE, GraftedMoEBlock, grafted_blocks
-from flexmoe.moe import MoEBlockView, RoutingRule, find_moe_blocks
+from flexmoe.flex.graft import ADAPTER_DTYPE, GraftedMoEBlock, grafted_blocks
+from flexmoe.flex.moe import MoEBlockView, RoutingRule, find_moe_blocks
+from flexmoe.flex.selection import Batch, capture_block_inputs
 from flexmoe.results import LayerRouting, RoutingStatistics
-from flexmoe.selection import Batch, capture_block_inputs
 
 
 @dataclass

@@ -233,7 +233,7 @@ def in_order_sent(update: State | None, sent: State) -> State | None:
 def _cached_worker(settings: RunConfig, partition: int, state_dir: Path, own_data: str | None):
     # transformers only where jobs run: a message's process that forwards it needs none
     from flexmoe.client import ClientWorker
-    from flexmoe.loading import quiet_transformers
+    from flexmoe.models.loading import quiet_transformers
 
     quiet_transformers()
     return ClientWorker(settings, partition, state_dir, own_data)

@@ -2,58 +2,36 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager, suppress
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from flexmoe.errors import FlexMoEError
+from flexmoe.federated.certificates import Certificates, generate_certificates, generate_node_key
 from flexmoe.federated.node_worker import key_path
+from flexmoe.federated.processes import (
+    LOOPBACK,
+    Supervisor,
+    console_script,
+    died,
+    free_ports,
+    sigterm_as_exit,
+)
 from flexmoe.federated.protocol import DEPLOYED, OUT_DIR, NodeConfig, NodeLimits
-from flexmoe.federated.reaper import descendants_of, kill_if_alive, reaped
+from flexmoe.federated.reaper import reaped
 
 ConfigValue = str | int | float | bool
 
-LOOPBACK = "127.0.0.1"
 CONNECTION = "flexmoe-local"  # name of the SuperLink connection written for the `flwr` CLI
-STOP_GRACE_S = 5.0
 RUN_ID = re.compile(r"Successfully started run (\d+)")
-
-
-@dataclass(frozen=True)
-class Certificates:
-    """PEM files of a private CA and a server certificate valid for the loopback names."""
-
-    ca: Path
-    cert: Path
-    key: Path
-
-
-@dataclass
-class Process:
-    """One launched process, its role and its log file."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
 
 
 @dataclass
@@ -67,7 +45,10 @@ class Deployment:
     env: dict[str, str]
     node_workers: bool = True  # one per SuperNode, keeping its model loaded between messages
     limits: NodeLimits = DEPLOYED  # what each SuperNode lets the server ask of it
-    processes: list[Process] = field(default_factory=list)
+    processes: Supervisor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.processes = Supervisor(self.logs, self.env)
 
     @property
     def superlink_address(self) -> str:
@@ -123,26 +104,27 @@ def deploy_local(
     config = {**run_config, OUT_DIR: str(out_dir.resolve())}
     _check_app_dir(app_dir, config)
     deadline = time.monotonic() + timeout_s
-    with reaped(), _sigterm_as_exit():  # what it starts dies with it, even on SIGKILL
+    with reaped(), sigterm_as_exit():  # what it starts dies with it, even on SIGKILL
         deployment = _prepare(out_dir.resolve(), supernodes, node_workers)
         deployment.limits = replace(DEPLOYED, share_diagnostics=share_diagnostics)
+        processes = deployment.processes
         sockets = [deployment.worker_socket(index) for index in range(supernodes)]
         try:
             _say("starting the SuperLink and registering the SuperNodes' keys")
-            _launch(deployment, "superlink", superlink_command(deployment))
+            processes.launch("superlink", superlink_command(deployment))
             _register_supernodes(deployment, deadline)
             _say(f"starting {supernodes} SuperNodes" + (" and their node workers" * node_workers))
             for index, socket_path in enumerate(sockets):
                 if socket_path is not None:
-                    _launch(deployment, f"node-worker-{index}", node_worker_command(socket_path))
-                    _wait_for_file(deployment, key_path(socket_path), deadline)
-                _launch(deployment, f"supernode-{index}", supernode_command(deployment, index))
+                    processes.launch(f"node-worker-{index}", node_worker_command(socket_path))
+                    processes.wait_for_file(key_path(socket_path), deadline)
+                processes.launch(f"supernode-{index}", supernode_command(deployment, index))
             _write_manifest(deployment)
             _wait_for_supernodes(deployment, deadline)
             _say("running the app (flwr run)")
             _run_app(deployment, app_dir, config, deadline)
         finally:
-            stop_all(deployment.processes)
+            processes.stop()
             for socket_path in filter(None, sockets):  # a stopped worker's socket and key
                 socket_path.unlink(missing_ok=True)
                 key_path(socket_path).unlink(missing_ok=True)
@@ -156,7 +138,7 @@ def superlink_command(deployment: Deployment) -> list[str]:
     """The `flower-superlink` command line: TLS on one loopback port, ServerApp in a subprocess."""
     certs = deployment.certs
     return [
-        *_console_script("flower-superlink"),
+        *console_script("flower-superlink"),
         "--ssl-ca-certfile", str(certs.ca),
         "--ssl-certfile", str(certs.cert),
         "--ssl-keyfile", str(certs.key),
@@ -180,7 +162,7 @@ def supernode_command(deployment: Deployment, index: int) -> list[str]:
         limits=deployment.limits,
     )
     return [
-        *_console_script("flower-supernode"),
+        *console_script("flower-supernode"),
         "--superlink", deployment.superlink_address,
         "--root-certificates", str(certs.ca),
         "--node-config", format_config(node.to_flat()),
@@ -202,57 +184,6 @@ def node_worker_command(socket_path: Path) -> list[str]:
 def format_config(config: Mapping[str, ConfigValue]) -> str:
     """Render a config as Flower's space-separated `key=value` pairs with TOML values."""
     return " ".join(f"{key}={_toml_value(value)}" for key, value in config.items())
-
-
-def generate_certificates(folder: Path) -> Certificates:
-    """Write a fresh CA and a server certificate for 127.0.0.1/localhost into `folder`, which
-    only its owner may enter (the CA is what a client of the SuperLink's APIs needs)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = _name("flexmoe deploy-local CA")
-    ca = (
-        _builder(ca_name, ca_name, ca_key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOOPBACK))]
-    server = (
-        _builder(_name("localhost"), ca_name, server_key.public_key())
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    certs = Certificates(folder / "ca.crt", folder / "server.crt", folder / "server.key")
-    certs.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    certs.cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    _write_private(certs.key, _pem_private_key(server_key))
-    return certs
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct loopback TCP ports that are free now (the OS picks them)."""
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind((LOOPBACK, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-
-
-def stop_all(processes: Sequence[Process]) -> None:
-    """Terminate every process group (and stray descendants), then kill what remains."""
-    descendants = descendants_of(p.popen.pid for p in processes)
-    for process in processes:
-        _signal_group(process.popen, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
-    for process in processes:
-        with suppress(subprocess.TimeoutExpired):
-            process.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
-        _signal_group(process.popen, signal.SIGKILL)
-        process.popen.wait()
-    kill_if_alive(descendants)
 
 
 def _prepare(out_dir: Path, supernodes: int, node_workers: bool) -> Deployment:
@@ -277,19 +208,19 @@ def _run_app(
 ) -> None:
     """Submit the app with `flwr run --stream`, wait for the run to end, check it completed."""
     command = [
-        *_console_script("flwr"), "run", str(app_dir), CONNECTION,
+        *console_script("flwr"), "run", str(app_dir), CONNECTION,
         "--run-config", format_config(config), "--stream",
     ]  # fmt: skip
-    client = _launch(deployment, "flwr-run", command)
-    _wait_for_exit(deployment, client, deadline)
+    client = deployment.processes.launch("flwr-run", command)
+    deployment.processes.wait_for_exit(client, deadline)
     if client.popen.returncode != 0:
-        raise _died(client)
+        raise died(client)
     match = RUN_ID.search(client.log.read_text(errors="replace"))
     if match is None:
         raise FlexMoEError(f"`flwr run` started no run; see {client.log}")
     status = _run_status(deployment, int(match.group(1)))
     while not status.startswith("finished"):  # the log stream ended early: poll instead
-        _check_alive(deployment, skip=client)
+        deployment.processes.check_alive(skip=client)
         if time.monotonic() > deadline:
             raise FlexMoEError(f"the Flower run timed out; see {client.log}")
         time.sleep(2)
@@ -303,42 +234,21 @@ def _run_app(
 
 def _register_supernodes(deployment: Deployment, deadline: float) -> None:
     """Register every SuperNode's public key at the SuperLink, which refuses any other node."""
-    _wait_for_port(deployment, deployment.superlink_port, deadline)
+    deployment.processes.wait_for_port(deployment.superlink_port, deadline)
     for index in range(len(deployment.supernode_ports)):
         public = generate_node_key(deployment.node_key(index))
         _flwr_json(deployment, "supernode", "register", str(public), CONNECTION)
 
 
-def generate_node_key(private: Path) -> Path:
-    """Write a new ECDSA P-384 key pair for a SuperNode in OpenSSH format, as Flower reads it:
-    the private key at mode 0600, the public key beside it (returned)."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    private.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(private.parent, 0o700)
-    encoded = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    _write_private(private, encoded)
-    public = private.with_suffix(".pub")
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-    )
-    return public
-
-
 def _wait_for_supernodes(deployment: Deployment, deadline: float) -> None:
     """Wait until every SuperNode is registered and online at the SuperLink."""
-    _wait_for_port(deployment, deployment.superlink_port, deadline)
+    deployment.processes.wait_for_port(deployment.superlink_port, deadline)
     expected = len(deployment.supernode_ports)
     while True:
         nodes = _flwr_json(deployment, "supernode", "ls", CONNECTION)["nodes"]
         if sum(node["status"] == "online" for node in nodes) >= expected:
             return
-        _check_alive(deployment)
+        deployment.processes.check_alive()
         if time.monotonic() > deadline:
             raise FlexMoEError(f"SuperNodes did not come online; see {deployment.logs}")
         time.sleep(1)
@@ -352,7 +262,7 @@ def _run_status(deployment: Deployment, run_id: int) -> str:
 
 def _flwr_json(deployment: Deployment, *args: str) -> dict[str, Any]:
     """Run a `flwr` CLI command against our SuperLink and parse its JSON output."""
-    command = [*_console_script("flwr"), *args, "--format", "json"]
+    command = [*console_script("flwr"), *args, "--format", "json"]
     result = subprocess.run(command, env=deployment.env, capture_output=True, text=True)
     try:
         answer = json.loads(result.stdout)
@@ -363,74 +273,6 @@ def _flwr_json(deployment: Deployment, *args: str) -> dict[str, Any]:
     return answer
 
 
-def _wait_for_exit(deployment: Deployment, process: Process, deadline: float) -> None:
-    """Wait for `process` to exit while all the others stay up and the deadline holds."""
-    while process.popen.poll() is None:
-        _check_alive(deployment, skip=process)
-        if time.monotonic() > deadline:
-            raise FlexMoEError(f"the Flower run timed out; see {process.log}")
-        time.sleep(0.5)
-
-
-def _wait_for_file(deployment: Deployment, path: Path, deadline: float) -> None:
-    """Wait until ``path`` exists (a node worker writes its key once it listens)."""
-    _wait_until(deployment, path.exists, f"{path} did not appear", deadline)
-
-
-def _wait_for_port(deployment: Deployment, port: int, deadline: float) -> None:
-    """Wait until something accepts connections on the loopback `port`."""
-
-    def listening() -> bool:
-        with socket.socket() as sock:
-            return sock.connect_ex((LOOPBACK, port)) == 0
-
-    _wait_until(deployment, listening, f"nothing listens on {LOOPBACK}:{port}", deadline)
-
-
-def _wait_until(
-    deployment: Deployment, ready: Callable[[], bool], failure: str, deadline: float
-) -> None:
-    """Poll ``ready`` while every launched process stays up and the deadline holds."""
-    while True:
-        _check_alive(deployment)
-        if ready():
-            return
-        if time.monotonic() > deadline:
-            raise FlexMoEError(f"{failure}; see {deployment.logs}")
-        time.sleep(0.2)
-
-
-def _check_alive(deployment: Deployment, skip: Process | None = None) -> None:
-    """Raise if any launched process other than `skip` has exited."""
-    for process in deployment.processes:
-        if process is not skip and process.popen.poll() is not None:
-            raise _died(process)
-
-
-def _died(process: Process) -> FlexMoEError:
-    """The error that names a process that exited and its log."""
-    return FlexMoEError(
-        f"{process.name} exited with code {process.popen.returncode}; see {process.log}"
-    )
-
-
-def _launch(deployment: Deployment, name: str, command: list[str]) -> Process:
-    """Start `command` in its own process group, logging stdout and stderr to logs/<name>.log."""
-    log = deployment.logs / f"{name}.log"
-    with log.open("wb") as sink:
-        popen = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=deployment.env,
-            start_new_session=True,
-        )
-    process = Process(name, popen, log)
-    deployment.processes.append(process)
-    return process
-
-
 def _write_manifest(deployment: Deployment) -> None:
     """Record ports, PIDs, commands and logs in deployment.json (for people and tests)."""
     manifest = {
@@ -439,7 +281,7 @@ def _write_manifest(deployment: Deployment) -> None:
         "certificates": {k: str(v) for k, v in vars(deployment.certs).items()},
         "processes": [
             {"name": p.name, "pid": p.popen.pid, "command": p.popen.args, "log": str(p.log)}
-            for p in deployment.processes
+            for p in deployment.processes.processes
         ],
     }
     (deployment.out_dir / "deployment.json").write_text(json.dumps(manifest, indent=2))
@@ -465,32 +307,6 @@ def _child_env(flwr_home: Path) -> dict[str, str]:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")]),
     }
-
-
-@contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit while deploying, so `finally` blocks stop the processes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    """Signal handler that exits through the normal cleanup path."""
-    raise SystemExit(128 + signum)
-
-
-def _console_script(name: str) -> list[str]:
-    """The path of a Flower console script installed next to this Python."""
-    script = Path(sys.executable).parent / name
-    if not script.exists():
-        raise FlexMoEError(f"{script} not found: install Flower with `pip install 'flwr>=1.41'`")
-    return [str(script)]
 
 
 def _check_app_dir(app_dir: Path, run_config: Mapping[str, ConfigValue]) -> None:
@@ -529,47 +345,3 @@ def _toml_value(value: ConfigValue) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return json.dumps(value)
-
-
-def _name(common_name: str) -> x509.Name:
-    """An X.509 name with only a common name."""
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _builder(
-    subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePublicKey
-) -> x509.CertificateBuilder:
-    """A certificate builder valid from an hour ago for 30 days."""
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-    )
-
-
-def _pem_private_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    """An unencrypted PKCS#8 PEM encoding of `key`."""
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` to a file only its owner can read (mode 0600)."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-
-
-def _signal_group(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    """Send `sig` to the process group that `popen` leads, if it still exists."""
-    with suppress(ProcessLookupError):
-        os.killpg(popen.pid, sig)

@@ -40,9 +40,9 @@ from flexmoe.federated.strategies import (
     strategy_state,
 )
 from flexmoe.federated.validation import screen_updates, sender
+from flexmoe.flex.model import initial_shared_state
 from flexmoe.io import atomic_write
 from flexmoe.methods import Method
-from flexmoe.model import initial_shared_state
 from flexmoe.results import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,

@@ -81,7 +81,7 @@ def serve(socket: Path, run: Any) -> None:
     key = secrets.token_bytes(32)
     with Listener(str(socket), family="AF_UNIX", authkey=key) as listener:
         os.chmod(socket, 0o600)
-        atomic_write(key_path(socket), lambda scratch: _write_private(scratch, key))
+        atomic_write(key_path(socket), lambda scratch: scratch.write_bytes(key), private=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         print(f"flexmoe node worker: listening on {socket}", flush=True)
         try:
@@ -115,8 +115,3 @@ def _send(connection: Connection, value: Any) -> None:
 
 def _receive(connection: Connection) -> Any:
     return pickle.loads(connection.recv_bytes())
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-    os.chmod(path, 0o600)

@@ -28,10 +28,10 @@ from flexmoe.federated.federation import (
 )
 from flexmoe.federated.reaper import reaped
 from flexmoe.federated.strategies import make_strategy
+from flexmoe.flex.moe import find_moe_blocks
 from flexmoe.hardware import Placement
 from flexmoe.io import atomic_write_text, folder_lock
-from flexmoe.loading import load_model
-from flexmoe.moe import find_moe_blocks
+from flexmoe.models.loading import load_model
 from flexmoe.results import (
     CHECKPOINT_FILE,
     DATA_FILE,

@@ -1,0 +1,56 @@
+"""FLEx, the method: find a model's MoE layers, select the experts that best reconstruct a
+client's data, graft them as personal experts, and assign every parameter a role.
+
+Read bottom to top: ``moe`` (a view of any transformers MoE block), ``selection`` (which
+experts), ``graft`` (personal experts behind a sigmoid gate), ``sharing`` and ``roles`` (what is
+shared, personal or frozen), ``model`` (``FlexModel``, the PEFT-like wrapper).
+
+The names below load on first use, so that ``flexmoe.flex.sharing`` (read by the settings)
+imports no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flexmoe.flex.graft import LayerGraft
+    from flexmoe.flex.model import FlexConfig, FlexModel, initial_shared_state
+    from flexmoe.flex.moe import MoEBlockView, find_moe_blocks
+    from flexmoe.flex.roles import Role, parameter_roles
+    from flexmoe.flex.selection import LayerChoice, select_experts
+    from flexmoe.flex.sharing import SharedConfig
+
+_EXPORTS = {
+    "FlexConfig": "model",
+    "FlexModel": "model",
+    "initial_shared_state": "model",
+    "LayerChoice": "selection",
+    "select_experts": "selection",
+    "LayerGraft": "graft",
+    "MoEBlockView": "moe",
+    "find_moe_blocks": "moe",
+    "Role": "roles",
+    "parameter_roles": "roles",
+    "SharedConfig": "sharing",
+}
+__all__ = [
+    "FlexConfig",
+    "FlexModel",
+    "LayerChoice",
+    "LayerGraft",
+    "MoEBlockView",
+    "Role",
+    "SharedConfig",
+    "find_moe_blocks",
+    "initial_shared_state",
+    "parameter_roles",
+    "select_experts",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'flexmoe.flex' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"flexmoe.flex.{_EXPORTS[name]}"), name)

@@ -1,0 +1,253 @@
+"""Which pretrained experts to graft: the reconstruction criterion of Lu et al. (ACL 2024).
+
+For a set S of experts the block is re-run as if routing could use S alone (every other router
+logit at -inf, the block's own top-k and weighting re-applied) and compared with its real output:
+``L(S) = sum over batches of ||Z - Z_S||_F``. Only the routed part of a block depends on the
+router, so ``Z - Z_S = R - sum_e W_S[:, e] * E_e(X)``, with ``R`` the block's real routed output
+and ``E_e`` expert e's output. One model forward per batch caches every block's input; all
+candidates of all layers are then scored from those inputs, never by a forward per candidate.
+A batch's ``scored_mask``, when it has one, limits the sum to those tokens (the forward still
+sees every token of the attention mask).
+
+Strategies for r experts per layer:
+
+- ``top`` (default): the r experts with the lowest single-expert loss ``L({e})``: the paper's
+  criterion applied expert by expert; one pass over the data.
+- ``greedy``: grow S one expert at a time, adding the expert that minimises ``L(S)``; r passes.
+- ``exhaustive``: the r-subset with the lowest ``L(S)``; one pass, refused beyond
+  ``MAX_EXHAUSTIVE_SETS`` subsets.
+- ``random``: r experts drawn uniformly from ``seed`` (the random-expert ablation); losses are
+  still scored and reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from flexmoe.data import on_model_device
+from flexmoe.errors import FlexMoEError
+from flexmoe.flex.moe import MoEBlockView
+
+STRATEGIES = ("top", "greedy", "exhaustive", "random")
+MAX_EXHAUSTIVE_SETS = 5000
+MAX_MIXED_ELEMENTS = 2**25  # bounds the [sets, tokens, hidden] tensor scored at once
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class LayerChoice:
+    """The outcome of selection for one MoE layer."""
+
+    layer: int
+    losses: list[float]  # L({e}) for every candidate expert e
+    chosen: list[int]
+    set_loss: float | None  # L(chosen); not computed by 'top' for r > 1
+    importance: torch.Tensor  # [r, I] mean |intermediate activation| of the chosen experts
+
+    def to_report(self) -> dict:
+        return {
+            "layer": self.layer,
+            "losses": self.losses,
+            "chosen": self.chosen,
+            "set_loss": self.set_loss,
+        }
+
+
+@dataclass
+class _LayerScores:
+    set_losses: torch.Tensor  # [S] float64
+    activation_sum: torch.Tensor  # [E, I]
+    tokens: int = 0
+
+
+def select_experts(
+    model: nn.Module,
+    views: Sequence[MoEBlockView],
+    batches: Sequence[Batch],
+    experts_per_layer: int = 1,
+    strategy: str = "top",
+    progress: bool = False,
+    seed: int = 0,
+) -> list[LayerChoice]:
+    """Choose ``experts_per_layer`` experts to graft in every MoE layer from local ``batches``."""
+    _validate(views, batches, experts_per_layer, strategy)
+    r = experts_per_layer
+    first = {v.layer: _first_sets(v.num_experts, r, strategy) for v in views}
+    scores = score_sets(model, views, batches, first, progress)
+    choices = {}
+    for v in views:
+        losses = scores[v.layer].set_losses
+        if strategy == "exhaustive" and r > 1:
+            best = int(losses[v.num_experts :].argmin()) + v.num_experts
+            choices[v.layer] = (_members(first[v.layer][best]), float(losses[best]))
+        else:
+            order = losses[: v.num_experts].argsort()[:r].tolist()
+            choices[v.layer] = (order, float(losses[order[0]]) if r == 1 else None)
+    if strategy == "greedy":
+        choices = _greedy(model, views, batches, choices, r, progress)
+    if strategy == "random":
+        generator = torch.Generator().manual_seed(seed)
+        choices = {
+            v.layer: (sorted(torch.randperm(v.num_experts, generator=generator)[:r].tolist()), None)
+            for v in views
+        }
+    return [_layer_choice(v, scores[v.layer], *choices[v.layer]) for v in views]
+
+
+@torch.no_grad()
+def score_sets(
+    model: nn.Module,
+    views: Sequence[MoEBlockView],
+    batches: Sequence[Batch],
+    allowed: Mapping[int, torch.Tensor],
+    progress: bool = False,
+) -> dict[int, _LayerScores]:
+    """``L(S)`` for every row ``S`` of the boolean ``allowed[layer]`` masks ``[S, E]``."""
+    scores = {
+        v.layer: _LayerScores(
+            torch.zeros(len(allowed[v.layer]), dtype=torch.float64),
+            torch.zeros(v.num_experts, v.intermediate_size, device=v.experts.down_proj.device),
+        )
+        for v in views
+    }
+    was_training = model.training
+    model.eval()
+    with capture_block_inputs(views) as inputs:
+        for batch in tqdm(batches, desc="scoring experts", disable=not progress, leave=False):
+            batch = on_model_device(batch, model)
+            model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                use_cache=False,
+                logits_to_keep=1,  # only the MoE blocks' inputs are needed, not the vocabulary
+            )
+            keep = batch.get("scored_mask", batch["attention_mask"]).bool()
+            if not keep.any():
+                continue
+            for v in views:
+                _accumulate(v, inputs[v.layer][keep], allowed[v.layer], scores[v.layer])
+    model.train(was_training)
+    return scores
+
+
+def _accumulate(
+    view: MoEBlockView, x: torch.Tensor, allowed: torch.Tensor, scores: _LayerScores
+) -> None:
+    routed = view.routed_output(x).float()
+    activations = view.expert_activations(x)
+    outputs = view.expert_outputs(activations).float()
+    logits = view.router_logits(x)
+    chunk = max(1, MAX_MIXED_ELEMENTS // max(1, x.numel()))
+    losses = []
+    for sets in allowed.to(logits.device).split(chunk):
+        weights = view.rule.dense(logits.expand(len(sets), *logits.shape), sets[:, None, :])
+        mixed = torch.einsum("sne,enh->snh", weights, outputs)
+        losses.append((routed - mixed).flatten(1).norm(dim=1))
+    # summed in float64 on the host (MPS has no float64): one small copy per batch and layer
+    scores.set_losses += torch.cat(losses).cpu().double()
+    scores.activation_sum += activations.abs().sum(dim=1).float()
+    scores.tokens += len(x)
+
+
+@contextlib.contextmanager
+def capture_block_inputs(views: Sequence[MoEBlockView]) -> Iterator[dict[int, torch.Tensor]]:
+    inputs: dict[int, torch.Tensor] = {}
+
+    def hook_for(layer: int):
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            inputs[layer] = hidden.reshape(*hidden.shape[:2], -1)
+
+        return hook
+
+    handles = [
+        v.block.register_forward_pre_hook(hook_for(v.layer), with_kwargs=True) for v in views
+    ]
+    try:
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _validate(
+    views: Sequence[MoEBlockView], batches: Sequence[Batch], r: int, strategy: str
+) -> None:
+    if strategy not in STRATEGIES:
+        raise FlexMoEError(f"unknown selection strategy {strategy!r}; choose one of {STRATEGIES}")
+    if not batches:
+        raise FlexMoEError("no local data to select experts from: the data set is empty")
+    num_experts = min(v.num_experts for v in views)
+    if not 1 <= r <= num_experts:
+        raise FlexMoEError(f"experts per layer must be between 1 and {num_experts}, got {r}")
+    if strategy == "exhaustive" and math.comb(num_experts, r) > MAX_EXHAUSTIVE_SETS:
+        raise FlexMoEError(
+            f"exhaustive selection of {r} of {num_experts} experts would score "
+            f"{math.comb(num_experts, r)} sets (limit {MAX_EXHAUSTIVE_SETS}); use 'greedy'"
+        )
+
+
+def _first_sets(num_experts: int, r: int, strategy: str) -> torch.Tensor:
+    """Singletons, followed by every r-subset when the search is exhaustive."""
+    singles = torch.eye(num_experts, dtype=torch.bool)
+    if strategy != "exhaustive" or r == 1:
+        return singles
+    subsets = torch.zeros(math.comb(num_experts, r), num_experts, dtype=torch.bool)
+    for row, members in enumerate(itertools.combinations(range(num_experts), r)):
+        subsets[row, list(members)] = True
+    return torch.cat([singles, subsets])
+
+
+def _members(mask: torch.Tensor) -> list[int]:
+    return mask.nonzero().flatten().tolist()
+
+
+def _greedy(
+    model: nn.Module,
+    views: Sequence[MoEBlockView],
+    batches: Sequence[Batch],
+    choices: dict[int, tuple[list[int], float | None]],
+    r: int,
+    progress: bool,
+) -> dict[int, tuple[list[int], float | None]]:
+    chosen = {layer: members[:1] for layer, (members, _) in choices.items()}
+    set_loss = {layer: loss for layer, (_, loss) in choices.items()}
+    for _ in range(1, r):
+        grown = {v.layer: _grow(v.num_experts, chosen[v.layer]) for v in views}
+        scores = score_sets(model, views, batches, grown, progress)
+        for v in views:
+            losses = scores[v.layer].set_losses
+            best = int(losses.argmin())
+            chosen[v.layer] = _members(grown[v.layer][best])
+            set_loss[v.layer] = float(losses[best])
+    return {layer: (chosen[layer], set_loss[layer]) for layer in chosen}
+
+
+def _grow(num_experts: int, members: list[int]) -> torch.Tensor:
+    """Every set made of ``members`` plus one expert not yet in it."""
+    rest = [e for e in range(num_experts) if e not in members]
+    sets = torch.zeros(len(rest), num_experts, dtype=torch.bool)
+    sets[:, members] = True
+    sets[torch.arange(len(rest)), rest] = True
+    return sets
+
+
+def _layer_choice(
+    view: MoEBlockView, scores: _LayerScores, chosen: list[int], set_loss: float | None
+) -> LayerChoice:
+    return LayerChoice(
+        layer=view.layer,
+        losses=scores.set_losses[: view.num_experts].tolist(),
+        chosen=chosen,
+        set_loss=set_loss,
+        importance=scores.activation_sum[chosen].cpu() / max(1, scores.tokens),
+    )

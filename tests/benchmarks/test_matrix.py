@@ -1,0 +1,47 @@
+"""Benchmark matrices: their cells, narrowed and with shared settings."""
+
+import pytest
+
+from benchmarks.harness.matrix import MATRICES, Cell, select
+from flexmoe.errors import FlexMoEError
+from flexmoe.methods import METHODS
+
+
+def test_default_matrix_covers_every_method_split_and_seed():
+    cells = MATRICES["default"].cells()
+    assert len(cells) == len(METHODS) * 3 * 3
+    assert len({c.name for c in cells}) == len(cells)
+    by_name = {c.name: c for c in cells}
+    config = by_name["dirichlet-0.5/flex-generic/seed2"].config()
+    assert (config.split, config.alpha, config.clients, config.seed) == ("dirichlet", 0.5, 10, 2)
+    assert by_name["pathological/fedavg-full/seed0"].config().clients == 4
+
+
+def test_smoke_matrix_is_small_and_ablations_run_each_setting_once():
+    smoke = MATRICES["smoke"].cells()
+    assert [c.name for c in smoke[:3]] == [f"pathological/flex/seed{s}" for s in (0, 1, 2)]
+    assert {c.overrides["method"] for c in smoke} == {"flex", "fedavg", "fedavg-full"}
+    assert all(c.config().rounds <= 2 and c.config().max_train <= 16 for c in smoke)
+    names = [c.name for c in MATRICES["ablations"].cells()]
+    assert "experts-per-layer-3/flex/seed1" in names and "clients-20/flex/seed0" in names
+    assert "size-ratio-0.25/flex/seed2" in names
+    assert not any(n.startswith("size-ratio-1.0/") for n in names)  # same as experts-per-layer-1
+    config = {c.name: c.config() for c in MATRICES["ablations"].cells()}
+    assert config["clients-20/flex/seed0"].clients == 20
+    assert config["clients-20/flex/seed0"].split == "dirichlet"
+
+
+def test_select_narrows_a_matrix_and_applies_shared_settings():
+    matrix = select(MATRICES["default"], ["flex", "fedavg"], [7], ["dirichlet"], {"rounds": 3})
+    names = [c.name for c in matrix.cells()]
+    assert names == [f"dirichlet-{a}/{m}/seed7" for a in ("1.0", "0.5") for m in ("flex", "fedavg")]
+    assert all(c.config().rounds == 3 for c in matrix.cells())
+    assert Cell("x", {"rounds": 3, "method": "flex"}).arguments() == [
+        "--method", "flex", "--rounds", "3"
+    ]  # fmt: skip
+    with pytest.raises(FlexMoEError, match="unknown method"):
+        select(MATRICES["smoke"], ["nope"])
+    with pytest.raises(FlexMoEError, match="no group"):
+        select(MATRICES["smoke"], groups=["dirichlet"])
+    with pytest.raises(FlexMoEError, match="local-steps must be at least 1"):
+        select(MATRICES["smoke"], overrides={"local_steps": 0})
