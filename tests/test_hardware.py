@@ -10,7 +10,7 @@ from flexmoe.flex.model import FlexModel
 from flexmoe.flex.roles import Role
 from flexmoe.hardware import Placement, resolve_device
 from flexmoe.models.loading import load_model
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import Settings
 from flexmoe.training import mean_loss, train_steps
 from tests.tiny_models import random_batches
 
@@ -46,14 +46,14 @@ def test_flexmoe_run_on_cuda_without_one_fails_in_one_line(tmp_path, capsys):
 )
 def test_bad_device_and_dtype_names_are_refused_with_the_settings(setting, value, message):
     with pytest.raises(FlexMoEError, match=message):
-        RunConfig().updated({setting: value})
+        Settings().updated({setting: value})
 
 
 def test_auto_is_float32_on_a_cpu_and_bfloat16_parses():
     if not torch.cuda.is_available():
         assert Placement.resolve() == Placement(torch.device("cpu"), torch.float32)
     assert Placement.resolve("cpu", "bfloat16").dtype is torch.bfloat16
-    assert RunConfig().updated({"gradient-checkpointing": "true"}).gradient_checkpointing
+    assert Settings().updated({"gradient-checkpointing": "true"}).train.gradient_checkpointing
 
 
 def bf16_and_fp32(folder):

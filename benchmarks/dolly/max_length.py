@@ -31,7 +31,7 @@ from flexmoe.data import (
     select_categories,
     tokenize_example,
 )
-from flexmoe.flex.model import FlexConfig, FlexModel
+from flexmoe.flex import FlexConfig, FlexModel
 from flexmoe.hardware import Placement
 from flexmoe.methods import get_method
 from flexmoe.models.loading import load_model

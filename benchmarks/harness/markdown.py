@@ -25,7 +25,7 @@ from benchmarks.harness.summary import (
 from benchmarks.harness.tuning import MAX_WIDENINGS, Choice, at_edge, choose
 from flexmoe.methods import METHODS
 from flexmoe.results import Knowledge, MMLUScore
-from flexmoe.runconfig import option_name
+from flexmoe.schema import kebab
 
 REFERENCE = "fedavg-full"  # traffic is compared with naive dense FL
 
@@ -450,7 +450,7 @@ def ablation_section(
 ) -> list[str]:
     lines = []
     for name, members in ablation_families(grouped):
-        lines += [f"### {option_name(name)} ({family_label(labels[members[0]], name)})", ""]
+        lines += [f"### {kebab(name)} ({family_label(labels[members[0]], name)})", ""]
         rows = [
             [str(dict(s)[name]), m, str(x.n), f"{x.rouge:.2f}", _number(x.rouge_std),
              _percent(x.ppl_increase), _number(x.flops_ratio, ".3f"),
@@ -459,7 +459,7 @@ def ablation_section(
             for m, x in grouped[s].items()
         ]  # fmt: skip
         header = [
-            option_name(name),
+            kebab(name),
             "method",
             "seeds",
             "mean ROUGE-L",
@@ -504,7 +504,7 @@ def sweep_section(runs: Sequence[Run]) -> list[str]:
     """The hyperparameter sweep: every value's mean validation ROUGE-L, and the choice."""
     tuning = choose(runs)
     rows = [
-        [method, option_name(choice.setting), value, f"{score:.2f}",
+        [method, kebab(choice.setting), value, f"{score:.2f}",
          _chosen_mark(choice) if float(value) == choice.chosen else ""]
         for method, choice in tuning.choices.items()
         for value, score in choice.scores.items()

@@ -9,7 +9,8 @@ from pathlib import Path
 from benchmarks.harness.tuning import SWEEP_STAGES, Tuning, sweep_stage
 from flexmoe.errors import FlexMoEError
 from flexmoe.methods import METHODS
-from flexmoe.runconfig import RunConfig, Scalar, field_name, option_name
+from flexmoe.schema import Scalar, kebab, snake
+from flexmoe.settings import Settings
 
 DEFAULT_ROOT = Path("benchmarks") / "results"
 DEFAULT_SEEDS = (0, 1, 2)
@@ -26,18 +27,18 @@ class Group:
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of a matrix: a stable name and the RunConfig settings it changes."""
+    """One run of a matrix: a stable name and the Settings settings it changes."""
 
     name: str
     overrides: dict[str, Scalar]
 
-    def config(self) -> RunConfig:
+    def config(self) -> Settings:
         """The full settings of this cell (validated)."""
-        return RunConfig().updated(self.overrides)
+        return Settings().updated(self.overrides)
 
     def arguments(self) -> list[str]:
         """The ``flexmoe run`` options giving this cell's settings, sorted by name."""
-        flat = {option_name(key): value for key, value in self.overrides.items()}
+        flat = {kebab(key): value for key, value in self.overrides.items()}
         return [part for key in sorted(flat) for part in (f"--{key}", str(flat[key]))]
 
 
@@ -56,7 +57,7 @@ class Matrix:
         """Every cell, group-major; a group whose settings repeat an earlier one's is run once."""
         cells, seen = [], set()
         for group in self.groups:
-            key = RunConfig().updated(group.overrides)
+            key = Settings().updated(group.overrides)
             if key in seen:
                 continue
             seen.add(key)
@@ -104,7 +105,7 @@ def split_groups(names: Iterable[str] = SPLITS) -> tuple[Group, ...]:
 def ablation_groups() -> tuple[Group, ...]:
     """One group per value of every ablated setting, on top of that ablation's split."""
     return tuple(
-        Group(f"{setting}-{value}", {**SPLITS[split], field_name(setting): value})
+        Group(f"{setting}-{value}", {**SPLITS[split], snake(setting): value})
         for setting, (split, values) in ABLATIONS.items()
         for value in values
     )

@@ -22,7 +22,7 @@ from benchmarks.harness.summary import (
     setting_plots,
     split_sweep,
 )
-from flexmoe.runconfig import option_name
+from flexmoe.schema import kebab
 
 Curve = list[tuple[int, float]]
 
@@ -104,7 +104,7 @@ def plot_ablation(
         axes.errorbar(
             xs, ys, yerr=[x.rouge_std or 0.0 for _, x in points], marker="o", label=method
         )
-    _finish(figure, axes, title, option_name(name), "mean ROUGE-L", path)
+    _finish(figure, axes, title, kebab(name), "mean ROUGE-L", path)
 
 
 def _finish(figure, axes, title: str, xlabel: str, ylabel: str, path: Path) -> None:

@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.harness.matrix import Cell
@@ -21,7 +21,8 @@ from flexmoe.results import (
     read_checkpoint,
     read_results,
 )
-from flexmoe.runconfig import RUNTIME_SETTINGS, RunConfig, field_name
+from flexmoe.schema import snake
+from flexmoe.settings import RUNTIME_SETTINGS, Settings
 
 CommandBuilder = Callable[[Cell, Path], list[str]]
 
@@ -34,7 +35,7 @@ def flexmoe_command(cell: Cell, out: Path) -> list[str]:
     if not (out / CHECKPOINT_FILE).is_file():
         return [*run, "--out", str(out), *cell.arguments()]
     config = cell.config()
-    runtime = [f"--{name}={getattr(config, field_name(name))}" for name in RUNTIME_SETTINGS]
+    runtime = [f"--{name}={config.to_flat()[name]}" for name in RUNTIME_SETTINGS]
     return [*run, "--resume", str(out), *cell.arguments(), *runtime]
 
 
@@ -61,8 +62,8 @@ def log_path(root: Path, cell: Cell) -> Path:
 
 def stale_settings(results: RunResults, cell: Cell) -> list[str]:
     """Settings of ``cell`` that a finished run's results.json disagrees with."""
-    saved, config = results.config or {}, asdict(cell.config())
-    wanted = {name: config[name] for name in (field_name(k) for k in cell.overrides)}
+    saved, config = results.config or {}, cell.config().to_record()
+    wanted = {name: config[name] for name in (snake(k) for k in cell.overrides)}
     return [
         f"{key} {saved[key]!r} != {value!r}"
         for key, value in sorted(wanted.items())
@@ -85,7 +86,7 @@ def run_cell(root: Path, cell: Cell, command: CommandBuilder | None = None) -> O
     interrupted = out / CHECKPOINT_FILE
     resuming = interrupted.is_file()
     if resuming:  # resumed only as exactly this cell, rounds included
-        changed = RunConfig().updated(read_checkpoint(out).config).differences(cell.config())
+        changed = Settings().updated(read_checkpoint(out).config).differences(cell.config())
         changed = {k: v for k, v in changed.items() if k not in RUNTIME_SETTINGS}
         if changed:
             listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())

@@ -10,7 +10,7 @@ import itertools
 import json
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,8 @@ from flexmoe.results import (
     read_results,
     read_rounds,
 )
-from flexmoe.runconfig import RUNTIME_SETTINGS, RunConfig, field_name, option_name
+from flexmoe.schema import kebab, snake
+from flexmoe.settings import RUNTIME_SETTINGS, Settings
 
 PLOTS_DIR = "plots"
 # the settings only some methods use, beside the learning rate every method uses
@@ -48,7 +49,7 @@ MEASUREMENT_FIELDS = ("eval_every", "diagnostics", "mmlu_per_topic")
 # a method's own hyperparameters, tuned per method (benchmarks.harness.tuning): methods compare
 # in one table whatever their values, which the table shows
 METHOD_FIELDS = ("lr", "proximal_mu", "server_lr")
-RUNTIME_FIELDS = tuple(field_name(s) for s in RUNTIME_SETTINGS)  # no bearing on results
+RUNTIME_FIELDS = tuple(snake(s) for s in RUNTIME_SETTINGS)  # no bearing on results
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class Run:
         top = {k: getattr(self.results, k) for k in ("split", "alpha", "seed")}
         top = {k: v for k, v in top.items() if v is not None}
         saved = self.results.config
-        defaults = asdict(RunConfig()) if saved else {}
+        defaults = Settings().to_record() if saved else {}
         return {**defaults, **top, "method": self.method, **(saved or {})}
 
     def setting(self) -> Setting:
@@ -123,7 +124,7 @@ class Summary:
         parts = []
         for name in ("lr", *OWN_HYPERPARAMETERS.get(self.runs[0].method, ())):
             values = sorted({r.config[name] for r in self.runs})
-            parts.append(f"{option_name(name)} {' / '.join(f'{v:g}' for v in values)}")
+            parts.append(f"{kebab(name)} {' / '.join(f'{v:g}' for v in values)}")
         return ", ".join(parts)
 
     def client_rouge(self) -> dict[int, float]:
@@ -215,7 +216,7 @@ def setting_labels(settings: Iterable[Setting]) -> dict[Setting, str]:
     for split, configs in by_split.items():
         varied = _varied_fields(configs)
         for config in configs:
-            parts = [split, *(f"{option_name(f)} {config.get(f)}" for f in varied)]
+            parts = [split, *(f"{kebab(f)} {config.get(f)}" for f in varied)]
             labels[tuple(sorted(config.items()))] = ", ".join(parts)
     return labels
 
@@ -265,7 +266,7 @@ def ablation_families(
 
 def family_label(label: str, name: str) -> str:
     """A setting's label without the ablated field."""
-    return ", ".join(p for p in label.split(", ") if not p.startswith(f"{option_name(name)} "))
+    return ", ".join(p for p in label.split(", ") if not p.startswith(f"{kebab(name)} "))
 
 
 def _slug(text: str) -> str:
@@ -273,7 +274,7 @@ def _slug(text: str) -> str:
 
 
 def ablation_plot(label: str, name: str) -> str:
-    return f"ablation-{option_name(name)}-{_slug(family_label(label, name))}.png"
+    return f"ablation-{kebab(name)}-{_slug(family_label(label, name))}.png"
 
 
 def setting_plots(label: str) -> dict[str, str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from benchmarks.harness.summary import Run, load_runs
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_write_text, read_json
-from flexmoe.runconfig import Scalar, field_name, option_name
+from flexmoe.schema import Scalar, kebab, snake
 
 TUNED_FILE = "tuned.json"
 LORA_LRS = (3e-4, 1e-3, 3e-3)
@@ -71,9 +71,9 @@ class Tuning:
         settings = {}
         parent = INHERITS.get(method)
         if parent in self.choices:
-            settings[field_name(self.choices[parent].setting)] = self.choices[parent].chosen
+            settings[snake(self.choices[parent].setting)] = self.choices[parent].chosen
         if method in self.choices:
-            settings[field_name(self.choices[method].setting)] = self.choices[method].chosen
+            settings[snake(self.choices[method].setting)] = self.choices[method].chosen
         return settings
 
 
@@ -87,7 +87,7 @@ def choose(runs: Iterable[Run]) -> Tuning:
         swept = _swept(run.method)
         if swept is None or run.config.get("eval_split") != "validation":
             continue
-        value = float(run.config[field_name(swept[0])])
+        value = float(run.config[snake(swept[0])])
         scores.setdefault(run.method, {}).setdefault(value, []).append(run.results.mean_rouge_l)
     choices = {}
     for method, by_value in scores.items():
@@ -143,7 +143,7 @@ def sweep_stage(stage: int, tuning: Tuning) -> list[tuple[str, dict[str, Scalar]
                 "its stage has no finished cell"
             )
         for value in swept_values(method, tuning):
-            settings = {**SWEEP_SETTINGS, **inherited, "method": method, field_name(setting): value}
+            settings = {**SWEEP_SETTINGS, **inherited, "method": method, snake(setting): value}
             cells.append((f"{method}/{setting}-{_text(value)}", settings))
     return cells
 
@@ -170,7 +170,7 @@ def read_tuning(path: Path) -> Tuning:
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise FlexMoEError(f"{path}: not a tuned.json ({error!r}); re-run the sweep") from None
     for method, choice in choices.items():
-        if _swept(method) is None or option_name(choice.setting) != _swept(method)[0]:
+        if _swept(method) is None or kebab(choice.setting) != _swept(method)[0]:
             raise FlexMoEError(f"{path}: {method} was not swept over {choice.setting!r}")
     return Tuning(choices)
 

@@ -47,12 +47,12 @@ from flexmoe.evaluation.plan import plan
 from flexmoe.federated.federation import initial_arrays
 from flexmoe.federated.protocol import TrainReply
 from flexmoe.federated.records import arrays_to_state, wire_bytes
-from flexmoe.flex.model import FlexConfig, FlexModel
+from flexmoe.flex import FlexConfig, FlexModel
 from flexmoe.hardware import Placement, Stopwatch
 from flexmoe.methods import get_method
 from flexmoe.models.loading import load_model
 from flexmoe.results import ROUNDS_FILE, read_rounds, work_seconds
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import Settings
 from flexmoe.training import train_steps
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "perf"
@@ -107,7 +107,7 @@ def section_dtype() -> dict:
 
 
 def reply_bytes(name: str, method: str, lora_rank: int = 32) -> int:
-    config = RunConfig(
+    config = Settings.of(
         lora_rank=lora_rank,
         model=name,
         method=method,
@@ -180,7 +180,7 @@ def section_latency() -> dict:
 
 def section_overhead() -> dict:
     """Three rounds of one smol-moe client, the base kept and the base reloaded every round."""
-    config = RunConfig(
+    config = Settings.of(
         model="smol-moe",
         clients=4,
         rounds=3,

@@ -19,7 +19,7 @@ from pathlib import Path
 from flexmoe.client.worker import ClientWorker
 from flexmoe.flex.model import initial_shared_state
 from flexmoe.io import atomic_write_text
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import Settings
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "smol-moe" / "base.json"
 CELL = {  # the benchmark's cell size (README: "Results on smol-moe")
@@ -36,12 +36,12 @@ SPLITS = {
 }
 
 
-def base_scores(config: RunConfig) -> list[float]:
+def base_scores(config: Settings) -> list[float]:
     """Each client's ROUGE-L of the base model on its test split."""
     shared = initial_shared_state(config.model, config.chosen_method().shared)
     scores = []
     with tempfile.TemporaryDirectory() as scratch:
-        for client in range(config.clients):
+        for client in range(config.federation.clients):
             worker = ClientWorker(config, client, Path(scratch) / f"client-{client}")
             scores.append(worker.evaluate(0, shared).rouge_l)
     return scores
@@ -57,7 +57,7 @@ def main() -> None:
             key = f"{name}/seed{seed}"
             if key in found:
                 continue
-            config = RunConfig().updated({**CELL, **settings, "seed": seed})
+            config = Settings().updated({**CELL, **settings, "seed": seed})
             clients = base_scores(config)
             found[key] = {"clients": clients, "mean_rouge_l": statistics.fmean(clients)}
             atomic_write_text(args.out, json.dumps(found, indent=1) + "\n")

@@ -54,6 +54,12 @@ class Method:
         return self.aggregation is not Aggregation.NONE
 
     @property
+    def averages(self) -> bool:
+        """Whether its server takes FedAvg's weighted mean of the updates (FedProx's too), which
+        a robust aggregation may replace and differential privacy is accounted for."""
+        return self.aggregation in (Aggregation.FEDAVG, Aggregation.FEDPROX)
+
+    @property
     def grafts(self) -> bool:
         return self.graft is not GraftSource.NONE
 

@@ -238,7 +238,7 @@ class RunResults:
     flops_ratio: float | None = None
     comm: Traffic
     wall_s: float | None = None
-    config: dict[str, Any] | None = None  # the RunConfig, as saved
+    config: dict[str, Any] | None = None  # the settings, by their flat names
     privacy: Privacy | None = None  # for private runs
     regrafted: dict[str, int] = field(default_factory=dict)  # client -> round it started afresh
 
@@ -327,7 +327,7 @@ class Checkpoint:
     """What the server saves after every round, besides the arrays under ``checkpoints/``."""
 
     run_id: str = ""  # made when the run starts; names its clients' personal state
-    config: dict[str, Any]  # the RunConfig
+    config: dict[str, Any]  # the settings, by their flat names (Settings.to_record)
     round: int = 0
     history: list[RoundRecord] = field(default_factory=list)
     wall_s: float = 0.0

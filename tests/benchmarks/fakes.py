@@ -3,7 +3,6 @@
 import json
 import statistics
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.harness import runner
@@ -22,14 +21,14 @@ from flexmoe.results import (
     write_results,
     write_rounds,
 )
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import Settings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_results(method: str, seed: int, rouges: list[float], **settings) -> RunResults:
     """A run's results as ``flexmoe run`` makes them, with one client per ROUGE-L score."""
-    config = RunConfig().updated({"method": method, "seed": seed, **settings})
+    config = Settings().updated({"method": method, "seed": seed, **settings})
     up = 1_000_000 if method == "fedavg-full" else 10_000
     clients = [
         ClientResult(
@@ -46,16 +45,16 @@ def fake_results(method: str, seed: int, rouges: list[float], **settings) -> Run
     ]
     return RunResults(
         method=method,
-        split=config.split,
-        alpha=config.alpha,
+        split=config.data.split,
+        alpha=config.data.alpha,
         seed=seed,
-        rounds=config.rounds,
+        rounds=config.federation.rounds,
         clients=clients,
         mean_rouge_l=statistics.fmean(rouges),
         mean_test_loss=1.0,
         comm=Traffic(bytes_up=up, bytes_down=up),
         wall_s=12.3 + seed,  # differs between runs; must not change the report
-        config=asdict(config),
+        config=config.to_record(),
     )
 
 

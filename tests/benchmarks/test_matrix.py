@@ -13,29 +13,30 @@ def test_default_matrix_covers_every_method_split_and_seed():
     assert len({c.name for c in cells}) == len(cells)
     by_name = {c.name: c for c in cells}
     config = by_name["dirichlet-0.5/flex-generic/seed2"].config()
-    assert (config.split, config.alpha, config.clients, config.seed) == ("dirichlet", 0.5, 10, 2)
-    assert by_name["pathological/fedavg-full/seed0"].config().clients == 4
+    chosen = (config.data.split, config.data.alpha, config.federation.clients, config.seed)
+    assert chosen == ("dirichlet", 0.5, 10, 2)
+    assert by_name["pathological/fedavg-full/seed0"].config().federation.clients == 4
 
 
 def test_smoke_matrix_is_small_and_ablations_run_each_setting_once():
     smoke = MATRICES["smoke"].cells()
     assert [c.name for c in smoke[:3]] == [f"pathological/flex/seed{s}" for s in (0, 1, 2)]
     assert {c.overrides["method"] for c in smoke} == {"flex", "fedavg", "fedavg-full"}
-    assert all(c.config().rounds <= 2 and c.config().max_train <= 16 for c in smoke)
+    assert all(c.config().federation.rounds <= 2 and c.config().data.max_train <= 16 for c in smoke)
     names = [c.name for c in MATRICES["ablations"].cells()]
     assert "experts-per-layer-3/flex/seed1" in names and "clients-20/flex/seed0" in names
     assert "size-ratio-0.25/flex/seed2" in names
     assert not any(n.startswith("size-ratio-1.0/") for n in names)  # same as experts-per-layer-1
     config = {c.name: c.config() for c in MATRICES["ablations"].cells()}
-    assert config["clients-20/flex/seed0"].clients == 20
-    assert config["clients-20/flex/seed0"].split == "dirichlet"
+    assert config["clients-20/flex/seed0"].federation.clients == 20
+    assert config["clients-20/flex/seed0"].data.split == "dirichlet"
 
 
 def test_select_narrows_a_matrix_and_applies_shared_settings():
     matrix = select(MATRICES["default"], ["flex", "fedavg"], [7], ["dirichlet"], {"rounds": 3})
     names = [c.name for c in matrix.cells()]
     assert names == [f"dirichlet-{a}/{m}/seed7" for a in ("1.0", "0.5") for m in ("flex", "fedavg")]
-    assert all(c.config().rounds == 3 for c in matrix.cells())
+    assert all(c.config().federation.rounds == 3 for c in matrix.cells())
     assert Cell("x", {"rounds": 3, "method": "flex"}).arguments() == [
         "--method", "flex", "--rounds", "3"
     ]  # fmt: skip

@@ -2,7 +2,6 @@
 
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -69,7 +68,7 @@ def test_an_interrupted_cell_is_resumed_with_its_own_settings(tmp_path):
 
     cell = select(MATRICES["smoke"], ["flex"], [0]).cells()[0]
     assert flexmoe_command(cell, tmp_path)[3:6] == ["run", "--out", str(tmp_path)]
-    write_checkpoint(tmp_path, Checkpoint(run_id="r", config=asdict(cell.config())))
+    write_checkpoint(tmp_path, Checkpoint(run_id="r", config=cell.config().to_record()))
     command = flexmoe_command(cell, tmp_path)
     assert command[3:6] == ["run", "--resume", str(tmp_path)]
     assert command[6:] == [*cell.arguments(), "--reply-timeout=0.0"]  # not the saved wait
@@ -77,8 +76,8 @@ def test_an_interrupted_cell_is_resumed_with_its_own_settings(tmp_path):
 
 def test_an_interrupted_cell_with_other_settings_is_not_resumed(tmp_path):
     cell = select(MATRICES["smoke"], ["flex"], [0]).cells()[0]
-    other = cell.config().updated({"rounds": cell.config().rounds + 1})
-    write_checkpoint(tmp_path / cell.name, Checkpoint(run_id="r", config=asdict(other)))
+    other = cell.config().updated({"rounds": cell.config().federation.rounds + 1})
+    write_checkpoint(tmp_path / cell.name, Checkpoint(run_id="r", config=other.to_record()))
     [outcome] = run_cells(tmp_path, [cell], jobs=1, command=fake_command(), echo=lambda _: None)
     assert outcome.status == "failed" and "rounds 3 -> 2" in outcome.reason
 
@@ -86,7 +85,7 @@ def test_an_interrupted_cell_with_other_settings_is_not_resumed(tmp_path):
 def test_an_interrupted_cell_whose_server_waited_otherwise_is_resumed(tmp_path):
     cell = select(MATRICES["smoke"], ["flex"], [0]).cells()[0]
     waited = cell.config().updated({"reply-timeout": 3600.0})
-    write_checkpoint(tmp_path / cell.name, Checkpoint(run_id="r", config=asdict(waited)))
+    write_checkpoint(tmp_path / cell.name, Checkpoint(run_id="r", config=waited.to_record()))
     runner.log_path(tmp_path, cell).write_text("round 1 of the first attempt\n")
     [outcome] = run_cells(tmp_path, [cell], jobs=1, command=fake_command(), echo=lambda _: None)
     assert outcome.status == "done"
@@ -96,7 +95,7 @@ def test_an_interrupted_cell_whose_server_waited_otherwise_is_resumed(tmp_path):
 
 def test_a_cell_that_fails_on_resuming_says_how_to_run_it_from_the_start(tmp_path):
     cell = select(MATRICES["smoke"], ["fedavg"], [0]).cells()[0]
-    write_checkpoint(tmp_path / cell.name, Checkpoint(run_id="r", config=asdict(cell.config())))
+    write_checkpoint(tmp_path / cell.name, Checkpoint(run_id="r", config=cell.config().to_record()))
     [outcome] = run_cells(tmp_path, [cell], jobs=1, command=fake_command("fedavg"), echo=print)
     assert outcome.reason == (
         f"exit status 3 on resuming it (to run it from the start, delete {tmp_path / cell.name})"

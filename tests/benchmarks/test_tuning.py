@@ -35,7 +35,7 @@ def test_the_sweep_chooses_on_validation_runs_and_methods_inherit_what_they_trai
     stage_two = sweep_cells(1, tuning, {"rounds": 2})
     assert {c.overrides["method"] for c in stage_two} == {"fedprox", "fedadam"}
     assert all(c.overrides["lr"] == 3e-4 for c in stage_two)
-    assert all(c.config().eval_split == "validation" for c in stage_two)
+    assert all(c.config().data.eval_split == "validation" for c in stage_two)
     assert "fedprox/proximal-mu-0.1/seed0" in [c.name for c in stage_two]
     with pytest.raises(FlexMoEError, match="needs the learning rate chosen for fedavg"):
         sweep_cells(1, Tuning({}), {})

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from safetensors.numpy import save_file
 from benchmarks import report
 from flexmoe.cli import main
 from flexmoe.results import Checkpoint, write_checkpoint
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import Settings
 
 Damage = Callable[[Path], None]
 
@@ -134,9 +133,9 @@ def test_damaged_adapter(capsys, tmp_path, olmoe_dir, adapter, case, name, damag
 @pytest.fixture
 def run_folder(tmp_path, random_model, dolly_file) -> tuple[Path, list[str]]:
     """A run stopped after round 1, with the settings to resume it."""
-    config = RunConfig(model=str(random_model), data=str(dolly_file), clients=2, rounds=2)
+    config = Settings.of(model=str(random_model), data=str(dolly_file), clients=2, rounds=2)
     out = tmp_path / "run"
-    write_checkpoint(out, Checkpoint(run_id="abc", config=asdict(config), round=1))
+    write_checkpoint(out, Checkpoint(run_id="abc", config=config.to_record(), round=1))
     arrays = {"w": np.zeros(3, dtype=np.float32)}
     (out / "checkpoints").mkdir()
     save_file(arrays, str(out / "checkpoints" / "shared-round-0001.safetensors"))

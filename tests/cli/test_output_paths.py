@@ -6,7 +6,7 @@ import pytest
 from benchmarks import bench, report
 from flexmoe.cli import main
 from flexmoe.cli.run import default_out
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import Settings
 
 
 def one_error_line(capsys) -> str:
@@ -91,7 +91,7 @@ def test_a_run_that_fails_on_its_data_leaves_no_folder_behind(capsys, tmp_path):
 
 
 def test_default_run_folders_of_the_same_second_differ():
-    names = {default_out(RunConfig()) for _ in range(20)}
+    names = {default_out(Settings()) for _ in range(20)}
     assert len(names) == 20
 
 

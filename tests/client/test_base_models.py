@@ -12,17 +12,17 @@ from flexmoe.federated.records import arrays_to_state
 from flexmoe.flex.model import PERSONAL_WEIGHTS, FlexModel
 from flexmoe.hardware import Placement
 from flexmoe.methods import get_method
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import Settings
 
 CPU = Placement.resolve("cpu", "float32")
 
 
-def settings(model, data, **overrides) -> RunConfig:
+def settings(model, data, **overrides) -> Settings:
     small = dict(clients=2, rounds=2, local_steps=2, batch_size=4, max_length=512, device="cpu")
-    return RunConfig(model=str(model), data=str(data), **{**small, **overrides})
+    return Settings.of(model=str(model), data=str(data), **{**small, **overrides})
 
 
-def global_state(config: RunConfig) -> dict[str, torch.Tensor]:
+def global_state(config: Settings) -> dict[str, torch.Tensor]:
     return arrays_to_state(initial_arrays(config, get_method(config.method)))
 
 
@@ -75,7 +75,7 @@ def test_a_model_folder_changed_on_disk_is_loaded_again(tmp_path, random_model):
     assert models.loads == 2
 
 
-def run_rounds(config: RunConfig, root, order, isolated: bool) -> dict:
+def run_rounds(config: Settings, root, order, isolated: bool) -> dict:
     """Train ``order``'s (method, client, round) steps; ``isolated`` drops the base between."""
     workers, losses = {}, {}
     for method, client, round_ in order:
@@ -87,7 +87,7 @@ def run_rounds(config: RunConfig, root, order, isolated: bool) -> dict:
         if isolated:
             BASE_MODELS.drop()
         worker = workers[key]
-        shared = global_state(worker.config)
+        shared = global_state(worker.settings)
         losses[(method, client, round_)] = worker.train(round_, shared).train_loss
     return losses
 

@@ -266,12 +266,12 @@ def test_selection_marks_the_content_or_the_answer_and_never_the_template(
     assert plain.scored is None  # "all": every token
     for scored, wanted in [("content", "Translate to French.Good morningBonjour"),
                            ("answer", "Bonjour")]:  # fmt: skip
-        marked = tokenize_example(WITH_INPUT, chosen, max_length=200, scored=scored)
+        marked = tokenize_example(WITH_INPUT, chosen, max_length=200, selection_tokens=scored)
         assert (marked.input_ids, marked.labels) == (plain.input_ids, plain.labels)
         assert len(marked.scored) == len(marked.input_ids)
         kept = [i for i, mark in zip(marked.input_ids, marked.scored, strict=True) if mark]
         assert chosen.decode(kept).replace(" ", "") == wanted.replace(" ", "")
-    batch = collate([tokenize_example(NO_INPUT, chosen, 200, scored="answer"), plain], 0)
+    batch = collate([tokenize_example(NO_INPUT, chosen, 200, selection_tokens="answer"), plain], 0)
     assert batch["scored_mask"][1].tolist() == batch["attention_mask"][1].tolist()
     with pytest.raises(FlexMoEError, match="unknown selection tokens 'prompt'"):
-        tokenize_example(WITH_INPUT, chosen, max_length=200, scored="prompt")
+        tokenize_example(WITH_INPUT, chosen, max_length=200, selection_tokens="prompt")

@@ -15,10 +15,10 @@ from flexmoe.evaluation.plan import (
 from flexmoe.federated.federation import initial_arrays
 from flexmoe.federated.protocol import TrainReply
 from flexmoe.federated.records import arrays_to_state, wire_bytes
-from flexmoe.flex.model import FlexConfig, FlexModel
+from flexmoe.flex import FlexConfig, FlexModel
 from flexmoe.methods import METHODS, get_method
 from flexmoe.models.loading import shipped_configs
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import Settings
 from flexmoe.training import answer_loss
 from tests import ROOT
 from tests.tiny_models import ARCHITECTURES, build_model
@@ -46,7 +46,7 @@ def test_every_shipped_config_builds_and_plans(name):
 
 
 def test_the_planned_uplink_is_what_a_client_sends(tmp_path, random_model, dolly_file):
-    config = RunConfig(
+    config = Settings.of(
         model=str(random_model), data=str(dolly_file), clients=2, rounds=1, local_steps=1,
         batch_size=4, max_length=512, device="cpu",
     )  # fmt: skip

@@ -9,8 +9,8 @@ import torch
 
 from benchmarks.harness.summary import utilisation_shift
 from flexmoe.evaluation.routing import routing_statistics
+from flexmoe.flex import FlexConfig, FlexModel
 from flexmoe.flex.graft import grafted_blocks
-from flexmoe.flex.model import FlexConfig, FlexModel
 from flexmoe.flex.moe import find_moe_blocks
 from flexmoe.results import LayerRouting, RoutingStatistics, to_plain
 from tests.tiny_models import ARCHITECTURES, build_model, random_batches

@@ -1,7 +1,6 @@
 """The federated layer: what crosses the wire, checkpoints, resume, and errors."""
 
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,18 +24,18 @@ from flexmoe.federated.protocol import (
 )
 from flexmoe.federated.records import wire_bytes
 from flexmoe.methods import METHODS, get_method
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import Settings
 from tests import ROOT
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-def settings(model, data, **overrides) -> RunConfig:
+def settings(model, data, **overrides) -> Settings:
     small = dict(clients=2, rounds=1, local_steps=2, batch_size=4, max_length=512)
-    return RunConfig(model=str(model), data=str(data), **{**small, **overrides})
+    return Settings.of(model=str(model), data=str(data), **{**small, **overrides})
 
 
-def client_reply(config: RunConfig, out, client: int, arrays, proximal_mu: float = 0.0):
+def client_reply(config: Settings, out, client: int, arrays, proximal_mu: float = 0.0):
     """Drive the real ClientApp with a real train message, the run's settings in its context.
 
     ``proximal_mu`` is what the FedProx strategy adds to the request (0: another strategy).
@@ -45,12 +44,12 @@ def client_reply(config: RunConfig, out, client: int, arrays, proximal_mu: float
     record.update({SERVER_ROUND: 1, PROXIMAL_MU: proximal_mu})  # as FedProx's strategy does
     content = RecordDict({ARRAYS: arrays, CONFIG: record})
     message = Message(content, dst_node_id=client + 1, message_type="train")
-    node = NodeConfig(client, config.clients).to_flat()
+    node = NodeConfig(client, config.federation.clients).to_flat()
     run_config = run_config_of(config, str(out))
     return client_app.app(message, Context(1, client + 1, node, RecordDict(), run_config))
 
 
-def train_reply(config: RunConfig, out) -> Message:
+def train_reply(config: Settings, out) -> Message:
     """The reply of client 0 to round 1 of ``config``."""
     return client_reply(config, out, 0, initial_arrays(config, get_method(config.method)))
 
@@ -130,13 +129,18 @@ def test_flower_app_config_declares_every_run_setting():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     declared = dict(pyproject["tool"]["flwr"]["app"]["config"])
     declared.pop("out-dir")
-    assert declared == RunConfig().to_flat()
+    assert Settings().updated(declared) == Settings()  # every setting, by its group's name
+    tables = {name: t for name, t in declared.items() if isinstance(t, dict)}
+    keys = {f"{name}.{key}" for name, table in tables.items() for key in table}
+    assert set(Settings().to_run_config()) == keys | (set(declared) - set(tables))
 
 
 def test_flex_uplink_is_a_small_fraction_of_full_fedavg_on_the_bundled_model(tmp_path, dolly_file):
     replies = {
         method: train_reply(
-            RunConfig(model="tiny", data=str(dolly_file), clients=2, local_steps=1, method=method),
+            Settings.of(
+                model="tiny", data=str(dolly_file), clients=2, local_steps=1, method=method
+            ),
             tmp_path / method,
         )
         for method in ("flex", "fedavg-full")
@@ -182,14 +186,14 @@ def test_every_method_trains_and_aggregates(tmp_path, random_model, dolly_file, 
     config = settings(random_model, dolly_file, method=method, proximal_mu=0.1)
     arrays = initial_arrays(config, get_method(method))
     replies = [client_reply(config, tmp_path, c, arrays) for c in range(2)]
-    strategy = make_strategy(get_method(method), config)
+    strategy = make_strategy(config)
     remember_global(strategy, arrays)
     aggregated, _ = strategy.aggregate_train(1, replies)
     assert set(aggregated.keys()) == set(arrays.keys())
     before = {k: a.numpy() for k, a in arrays.items()}
     assert any((aggregated[k].numpy() != before[k]).any() for k in before)
     state = strategy_state(strategy)
-    fresh = make_strategy(get_method(method), config)
+    fresh = make_strategy(config)
     restore_strategy_state(fresh, state)
     assert strategy_state(fresh).keys() == state.keys()
 
@@ -223,12 +227,11 @@ def test_only_fedprox_clients_train_with_a_proximal_term(
 
     config = settings(random_model, dolly_file, method=method, proximal_mu=0.25)
     arrays = initial_arrays(config, get_method(method))
-    strategy = make_strategy(get_method(method), config)
-    requests = strategy.configure_train(
-        1, arrays, round_instructions(tmp_path, "test-run", 1).to_record(), Nodes(config.clients)
-    )
+    strategy = make_strategy(config)
+    request = round_instructions(tmp_path, "test-run", 1).to_record()
+    requests = strategy.configure_train(1, arrays, request, Nodes(config.federation.clients))
     request = next(r for r in requests if r.metadata.dst_node_id == 1)
-    node = NodeConfig(0, config.clients).to_flat()
+    node = NodeConfig(0, config.federation.clients).to_flat()
     context = Context(1, 1, node, RecordDict(), run_config_of(config, str(tmp_path)))
     reply = client_app.app(request, context)
     assert TrainReply.from_message(reply).proximal_mu == mu
@@ -251,12 +254,12 @@ def test_every_aggregation_has_its_own_strategy_and_local_aggregates_nothing():
     from flexmoe.methods import Aggregation
 
     assert set(STRATEGIES) == set(Aggregation) - {Aggregation.NONE}
-    config = RunConfig(proximal_mu=0.5)
+    config = Settings.of(proximal_mu=0.5)
     for method in METHODS.values():
-        strategy = make_strategy(method, config)
+        strategy = make_strategy(config.updated({"method": method.name}))
         assert isinstance(strategy, FedAvg)
         assert isinstance(strategy, FedProx) == (method.aggregation is Aggregation.FEDPROX)
-    assert make_strategy(get_method("fedprox"), config).proximal_mu == 0.5
+    assert make_strategy(config.updated({"method": "fedprox"})).proximal_mu == 0.5
 
 
 def test_a_request_without_the_round_is_refused_clearly():
@@ -291,8 +294,8 @@ def test_the_server_refuses_non_finite_arrays():
 def test_server_optimisers_step_at_the_server_learning_rate(method):
     from flexmoe.federated.strategies import make_strategy
 
-    config = RunConfig(method=method, server_lr=0.05, lr=2e-4)
-    strategy = make_strategy(get_method(method), config)
+    config = Settings.of(method=method, server_lr=0.05, lr=2e-4)
+    strategy = make_strategy(config)
     assert (strategy.eta, strategy.eta_l) == (0.05, 2e-4)
 
 
@@ -303,8 +306,8 @@ def node_reply(config, out, node: dict, run_key="test-run", kind="train", detail
     arrays = initial_arrays(config, get_method(config.method))
     content = RecordDict({ARRAYS: arrays, CONFIG: record})
     message = Message(content, dst_node_id=1, message_type=kind)
-    context = Context(1, 1, {**NodeConfig(0, config.clients).to_flat(), **node}, RecordDict(),
-                      run_config_of(config, str(out)))  # fmt: skip
+    node = {**NodeConfig(0, config.federation.clients).to_flat(), **node}
+    context = Context(1, 1, node, RecordDict(), run_config_of(config, str(out)))
     return client_app.app(message, context)
 
 
@@ -370,9 +373,9 @@ def test_a_private_runs_updates_are_clipped_to_the_norm_on_real_messages(
 ):
     from flexmoe.federated.strategies import make_strategy
 
-    def update_norm(config: RunConfig) -> tuple[float, int]:
+    def update_norm(config: Settings) -> tuple[float, int]:
         arrays = initial_arrays(config, get_method("flex"))
-        strategy = make_strategy(get_method("flex"), config)
+        strategy = make_strategy(config)
         request = next(
             m for m in strategy.configure_train(
                 1, arrays, round_instructions(tmp_path, "r", 1).to_record(), Nodes(2)
@@ -387,7 +390,7 @@ def test_a_private_runs_updates_are_clipped_to_the_norm_on_real_messages(
     plain = settings(random_model, dolly_file, method="flex", lr=1e-2)
     free, weight = update_norm(plain)
     assert free > 1e-3 and weight > 1
-    private = replace(plain, dp_clipping_norm=1e-3, dp_noise_multiplier=1.0)
+    private = plain.updated({"dp-clipping-norm": 1e-3, "dp-noise-multiplier": 1.0})
     clipped, weight = update_norm(private)
     assert clipped == pytest.approx(1e-3, rel=1e-3)  # clipped, not merely small
     assert weight == 1  # client-level DP weighs every client equally

@@ -14,7 +14,7 @@ from flexmoe.federated.node_worker import Job, key_path, submit
 from flexmoe.federated.protocol import RoundInstructions
 from flexmoe.federated.records import arrays_to_state
 from flexmoe.methods import get_method
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import Settings
 
 pytestmark = pytest.mark.slow  # a node worker process per test
 
@@ -37,7 +37,7 @@ def worker_socket(tmp_path):
     assert not key_path(socket).exists()
 
 
-def job(config: RunConfig, tmp_path, kind: str, round_: int) -> Job:
+def job(config: Settings, tmp_path, kind: str, round_: int) -> Job:
     shared = arrays_to_state(initial_arrays(config, get_method(config.method)))
     instructions = RoundInstructions(round_, "run", str(tmp_path / "state"))
     return Job(kind, config, 0, tmp_path / "state" / "client-0", 1, instructions, shared)
@@ -46,7 +46,7 @@ def job(config: RunConfig, tmp_path, kind: str, round_: int) -> Job:
 def test_the_worker_answers_jobs_and_keeps_the_model_between_them(
     tmp_path, worker_socket, random_model, dolly_file
 ):
-    config = RunConfig(
+    config = Settings.of(
         model=str(random_model), data=str(dolly_file), clients=2, rounds=2, local_steps=1,
         batch_size=4, max_length=512, max_test=2, max_new_tokens=2, device="cpu",
     )  # fmt: skip
@@ -62,7 +62,7 @@ def test_the_worker_answers_jobs_and_keeps_the_model_between_them(
 def test_a_failing_job_is_one_error_and_the_worker_lives_on(
     tmp_path, worker_socket, random_model, dolly_file
 ):
-    config = RunConfig(model=str(tmp_path / "missing"), data=str(dolly_file), device="cpu")
+    config = Settings.of(model=str(tmp_path / "missing"), data=str(dolly_file), device="cpu")
     with pytest.raises(FlexMoEError, match="does not exist"):
         submit(worker_socket, Job("train", config, 0, tmp_path, 1, None, {}))
     with pytest.raises(AuthenticationError):
@@ -73,4 +73,4 @@ def test_a_failing_job_is_one_error_and_the_worker_lives_on(
 
 def test_a_node_without_its_worker_says_how_to_start_one(tmp_path):
     with pytest.raises(FlexMoEError, match="flexmoe node-worker --socket"):
-        submit(tmp_path / "none.sock", Job("train", RunConfig(), 0, tmp_path, 1, None, {}))
+        submit(tmp_path / "none.sock", Job("train", Settings(), 0, tmp_path, 1, None, {}))

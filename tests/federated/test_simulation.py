@@ -29,7 +29,7 @@ from flexmoe.results import (
     read_rounds,
     to_plain,
 )
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -288,7 +288,7 @@ def test_clients_that_train_the_whole_model_run_one_at_a_time_on_every_core(monk
     moments; two at once exhausted a 23 GB machine on smol-moe."""
     monkeypatch.setattr("os.cpu_count", lambda: 6)
     cpu = Placement.resolve("cpu", "float32")
-    full, lora = RunConfig(method="fedavg-full"), RunConfig(method="flex")
+    full, lora = Settings.of(method="fedavg-full"), Settings.of(method="flex")
     assert simulated_threads(full) == 6 and simulated_threads(lora) == 1
     assert client_resources(cpu, simulated_threads(full)) == {"num_cpus": 6, "num_gpus": 0.0}
     assert client_resources(cpu, simulated_threads(lora)) == {"num_cpus": 1, "num_gpus": 0.0}

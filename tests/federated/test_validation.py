@@ -10,8 +10,7 @@ from flexmoe.federated.federation import aggregate, screen
 from flexmoe.federated.protocol import NUM_EXAMPLES, TrainReply
 from flexmoe.federated.strategies import make_strategy
 from flexmoe.federated.validation import screen_updates
-from flexmoe.methods import get_method
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 GLOBAL = {"q.lora_A": np.zeros((2, 3), np.float32), "q.lora_B": np.zeros((3, 2), np.float32)}
@@ -70,12 +69,12 @@ def test_a_float_example_count_another_dtype_or_unreadable_metrics_are_rejected(
 
 def test_the_round_goes_on_without_rejected_updates_when_enough_remain():
     replies = [update(0, 1.0), update(1, 3.0), update(2, float("inf"))]
-    config = RunConfig(clients=3, min_updates=2, max_train=300)
+    config = Settings.of(clients=3, min_updates=2, max_train=300)
     valid, rejected = screen(1, replies, current(), config)
-    arrays = aggregate(make_strategy(get_method("fedavg"), config), 1, valid)
+    arrays = aggregate(make_strategy(config), 1, valid)
     assert np.allclose(arrays["q.lora_A"].numpy(), 2.0)  # the mean of the two valid ones
     assert [r.client_id for r in rejected] == [2]
-    every = RunConfig(clients=3, max_train=300)  # min-updates 0: every reply must be valid
+    every = Settings.of(clients=3, max_train=300)  # min-updates 0: every reply must be valid
     with pytest.raises(FlexMoEError, match=r"2 of 3 updates are valid.*client 2: holds non-finite"):
         screen(1, replies, current(), every)
 
@@ -84,21 +83,21 @@ def test_the_round_goes_on_without_rejected_updates_when_enough_remain():
 def test_robust_aggregation_resists_an_outlying_update(aggregation, expected):
     values = [1.0, 2.0, 3.0, 1000.0] if aggregation == "trimmed-mean" else [1.0, 2.0, 1000.0]
     replies = [update(i, v) for i, v in enumerate(values)]
-    config = RunConfig(clients=len(values), aggregation=aggregation, trim_fraction=0.25)
+    config = Settings.of(clients=len(values), aggregation=aggregation, trim_fraction=0.25)
     valid, _ = screen(1, replies, current(), config)
-    arrays = aggregate(make_strategy(get_method("flex"), config), 1, valid)
+    arrays = aggregate(make_strategy(config), 1, valid)
     assert np.allclose(arrays["q.lora_B"].numpy(), expected)
 
 
 def test_robust_aggregation_is_refused_for_server_optimisers():
     with pytest.raises(FlexMoEError, match="fedadam aggregates with its own server optimiser"):
-        make_strategy(get_method("fedadam"), RunConfig(method="fedadam", aggregation="median"))
+        make_strategy(Settings.of(method="fedadam", aggregation="median"))
 
 
 @pytest.mark.parametrize("method", ["fedadam", "fedyogi", "fedadagrad", "fedavgm"])
 def test_a_server_optimisers_aggregate_keeps_the_wire_dtype_so_the_next_round_is_accepted(method):
-    config = RunConfig(method=method, clients=2, max_train=300, server_lr=0.1)
-    strategy = make_strategy(get_method(method), config)
+    config = Settings.of(method=method, clients=2, max_train=300, server_lr=0.1)
+    strategy = make_strategy(config)
     list(strategy.configure_train(1, current(), ConfigRecord(), Connected(2)))
     arrays = aggregate(
         strategy, 1, screen(1, [update(0, 1.0), update(1, 3.0)], current(), config)[0]

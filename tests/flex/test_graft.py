@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from flexmoe.errors import FlexMoEError
+from flexmoe.flex import FlexConfig, FlexModel
 from flexmoe.flex.graft import GraftedMoEBlock, apply_grafts, grafted_blocks
-from flexmoe.flex.model import FlexConfig, FlexModel
 from flexmoe.flex.moe import find_moe_blocks
 from flexmoe.flex.roles import Role
 from flexmoe.flex.sharing import SharedConfig

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.flex.model import CONFIG_NAME, PERSONAL_WEIGHTS, SHARED_WEIGHTS, FlexConfig, FlexModel
+from flexmoe.flex.config import FlexConfig
+from flexmoe.flex.model import CONFIG_NAME, PERSONAL_WEIGHTS, SHARED_WEIGHTS, FlexModel
 from flexmoe.flex.roles import Role
 from flexmoe.models.loading import fingerprint
 from tests.tiny_models import build_model, random_batches

@@ -10,12 +10,16 @@ from pathlib import Path
 from flexmoe.cli.options import (
     MODEL_HELP,
     add_placement_options,
+    add_setting_options,
     integers,
     names,
     placement_of,
+    setting_values,
 )
 from flexmoe.errors import FlexMoEError
+from flexmoe.flex.config import FlexConfig, GraftSettings
 from flexmoe.io import atomic_write_text, check_new_folder, check_writable
+from flexmoe.settings import DataSettings, TrainSettings
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -79,28 +83,7 @@ def _add_graft(commands: argparse._SubParsersAction) -> None:
     graft.add_argument(
         "--force", action="store_true", help="write into --out even if it holds files already"
     )
-    graft.add_argument(
-        "--experts-per-layer",
-        type=int,
-        default=1,
-        metavar="R",
-        help="experts grafted per MoE layer (default %(default)s)",
-    )
-    graft.add_argument(
-        "--size-ratio",
-        type=float,
-        default=1.0,
-        metavar="RHO",
-        help="fraction of intermediate neurons kept, most active first (default %(default)s)",
-    )
-    graft.add_argument(
-        "--selection",
-        default="top",
-        help="top, greedy, exhaustive or random (default %(default)s)",
-    )
-    graft.add_argument(
-        "--gate-bias", type=float, default=0.0, help="initial gate bias (default %(default)s)"
-    )
+    add_setting_options(graft, FlexConfig)
     graft.add_argument(
         "--max-examples",
         type=int,
@@ -108,16 +91,8 @@ def _add_graft(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="examples scored, the first of the data (default %(default)s)",
     )
-    graft.add_argument(
-        "--max-length",
-        type=int,
-        default=512,
-        metavar="N",
-        help="tokens per example, a longer context cut to fit (default %(default)s)",
-    )
-    graft.add_argument(
-        "--batch-size", type=int, default=8, metavar="N", help="(default %(default)s)"
-    )
+    add_setting_options(graft, DataSettings, ["max_length"])
+    add_setting_options(graft, TrainSettings, ["batch_size"], {"batch_size": 8})
     add_placement_options(graft)
     graft.set_defaults(command=run_graft, loads_models=True)
 
@@ -147,7 +122,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     cost.add_argument(
         "--experts-per-layer", type=integers, metavar="R,...", help="graft counts (default 1)"
     )
-    cost.add_argument("--size-ratio", type=float, default=1.0, metavar="RHO")
+    add_setting_options(cost, GraftSettings, ["size_ratio"])
     cost.add_argument("--batches", type=int, default=4, help="of held-out text (default 4)")
     cost.add_argument("--batch-size", type=int, default=4)
     cost.add_argument("--seq-len", type=int, default=128)
@@ -185,11 +160,9 @@ def _add_plan(commands: argparse._SubParsersAction) -> None:
         choices=("float32", "bfloat16", "float16"),
         help="of the frozen base (default %(default)s)",
     )
-    plan.add_argument("--batch-size", type=int, default=8, help="(default %(default)s)")
+    add_setting_options(plan, TrainSettings, ["batch_size", "lora_rank"], {"batch_size": 8})
     plan.add_argument("--seq-len", type=int, default=512, help="(default %(default)s)")
-    plan.add_argument("--experts-per-layer", type=int, default=1, metavar="R")
-    plan.add_argument("--lora-rank", type=int, default=32, help="(default %(default)s)")
-    plan.add_argument("--size-ratio", type=float, default=1.0, metavar="RHO")
+    add_setting_options(plan, GraftSettings, ["experts_per_layer", "size_ratio"])
     plan.add_argument("--out", type=Path, help="also write the plan as JSON here")
     plan.set_defaults(command=run_plan, loads_models=True)
 
@@ -203,22 +176,21 @@ def run_plan(args: argparse.Namespace) -> None:
     from flexmoe.hardware import DTYPES
     from flexmoe.methods import METHODS, get_method
 
-    for option in ("batch_size", "seq_len", "experts_per_layer", "lora_rank"):
-        if getattr(args, option) < 1:
-            raise FlexMoEError(f"--{option.replace('_', '-')} must be at least 1")
-    if not 0 < args.size_ratio <= 1:
-        raise FlexMoEError(f"--size-ratio must be in (0, 1], got {args.size_ratio}")
+    graft = GraftSettings.from_values(setting_values(args, GraftSettings))
+    train = TrainSettings.from_values(setting_values(args, TrainSettings))
+    if args.seq_len < 1:
+        raise FlexMoEError(f"--seq-len must be at least 1, got {args.seq_len}")
     chosen = args.method or list(METHODS)
     names = dict.fromkeys([*chosen, "fedavg-full"])
-    methods = [get_method(m).with_lora_rank(args.lora_rank) for m in names]
+    methods = [get_method(m).with_lora_rank(train.lora_rank) for m in names]
     result = plan(
         args.model,
         methods,
         DTYPES[args.dtype],
-        args.batch_size,
+        train.batch_size,
         args.seq_len,
-        args.experts_per_layer,
-        args.size_ratio,
+        graft.experts_per_layer,
+        graft.size_ratio,
     )
     print(format_plan(result))
     _report(asdict(result), args.out)
@@ -263,22 +235,24 @@ def _calibration_text(path: Path) -> str:
 def run_graft(args: argparse.Namespace) -> None:
     """Select and graft experts on a data file; write the adapter and its report."""
     from flexmoe.data import load_dataset, pad_token_id, sequential_batches, tokenize_examples
-    from flexmoe.flex.model import FlexConfig, FlexModel
+    from flexmoe.flex.model import FlexModel
     from flexmoe.models.loading import load_model
 
     if args.max_examples < 1:
         raise FlexMoEError(f"--max-examples must be at least 1, got {args.max_examples}")
+    config = FlexConfig.from_values(setting_values(args, FlexConfig))
+    max_length = DataSettings.from_values(setting_values(args, DataSettings)).max_length
+    batch_size = TrainSettings.from_values(setting_values(args, TrainSettings)).batch_size
     check_writable(args.out)
     if not args.force:
         check_new_folder(args.out)
-    config = FlexConfig(
-        args.experts_per_layer, args.size_ratio, args.selection, gate_bias=args.gate_bias
-    )
     started = time.perf_counter()
     examples = load_dataset(args.data)[: args.max_examples]
     model, tokenizer = load_model(args.model, placement_of(args))
-    tokenized = tokenize_examples(examples, tokenizer, args.max_length, terminate=False)
-    batches = sequential_batches(tokenized, args.batch_size, pad_token_id(tokenizer))
+    tokenized = tokenize_examples(
+        examples, tokenizer, max_length, terminate=False, selection_tokens=config.selection_tokens
+    )
+    batches = sequential_batches(tokenized, batch_size, pad_token_id(tokenizer))
     flex, choices = FlexModel.graft(model, batches, config, progress=True)
     flex.save_pretrained(args.out)
     report = {
@@ -290,6 +264,7 @@ def run_graft(args: argparse.Namespace) -> None:
         "experts_per_layer": config.experts_per_layer,
         "size_ratio": config.size_ratio,
         "selection": config.selection,
+        "selection_tokens": config.selection_tokens,
         "wall_s": round(time.perf_counter() - started, 3),
     }
     atomic_write_text(args.out / "graft_report.json", json.dumps(report, indent=2))
@@ -384,7 +359,7 @@ COST_COLUMNS = (
 def _grafted_prices(args: argparse.Namespace, base, batches: list) -> list[dict]:
     """The price of the adapter given, or of a fresh graft of each --experts-per-layer count."""
     from flexmoe.evaluation.cost import price_of_grafts
-    from flexmoe.flex.model import FlexConfig, FlexModel
+    from flexmoe.flex.model import FlexModel
     from flexmoe.models.loading import load_model
 
     if args.adapter is not None:
@@ -397,10 +372,10 @@ def _grafted_prices(args: argparse.Namespace, base, batches: list) -> list[dict]
         ]
     rows = []
     for count in args.experts_per_layer or [1]:
-        config = FlexConfig(experts_per_layer=count, size_ratio=args.size_ratio)
+        config = FlexConfig.from_values({"experts_per_layer": count, "size_ratio": args.size_ratio})
         grafted, _ = FlexModel.graft(load_model(args.model, placement_of(args))[0], batches, config)
         price = price_of_grafts(grafted.model, base, batches, args.repeats)
-        rows.append({"experts_per_layer": count, "size_ratio": args.size_ratio, **price})
+        rows.append({"experts_per_layer": count, "size_ratio": config.size_ratio, **price})
     return rows
 
 

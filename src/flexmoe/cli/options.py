@@ -3,8 +3,44 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from flexmoe.schema import Group, option_name
 
 MODEL_HELP = "a local Hugging Face MoE folder, or a named model: tiny, smol-moe"
+
+
+METAVARS = {int: "N", float: "X", str: "TEXT", bool: "BOOL"}
+
+
+def add_setting_options(
+    parser: argparse.ArgumentParser,
+    group: type[Group],
+    names: Sequence[str] | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """``--option`` for each setting of ``group`` (or those ``names`` names), with the help
+    declared for it and its default, or the command's own in ``defaults``. Values stay text:
+    the group checks them when it is made (``setting_values``)."""
+    for spec in group.specs():
+        if names is not None and spec.name not in names:
+            continue
+        default = (defaults or {}).get(spec.name, spec.default)
+        parser.add_argument(
+            f"--{option_name(spec)}",
+            dest=spec.name,
+            default=default,
+            metavar=METAVARS[type(spec.default)],
+            help=f"{spec.metadata['help']} (default {default})",
+        )
+
+
+def setting_values(args: argparse.Namespace, group: type[Group]) -> dict[str, Any]:
+    """The values of ``group``'s settings that the command has options for."""
+    return {
+        spec.name: getattr(args, spec.name) for spec in group.specs() if hasattr(args, spec.name)
+    }
 
 
 def add_placement_options(parser: argparse.ArgumentParser) -> None:

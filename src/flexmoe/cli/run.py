@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from flexmoe.cli.options import checked_placement
+from flexmoe.cli.options import METAVARS, checked_placement
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import check_writable, read_json
 from flexmoe.results import (
@@ -21,15 +21,14 @@ from flexmoe.results import (
     RunResults,
     read_rounds,
 )
-from flexmoe.runconfig import RunConfig, describe_settings, field_name
-
-METAVARS = {int: "N", float: "X", str: "TEXT", bool: "BOOL"}
+from flexmoe.schema import snake
+from flexmoe.settings import Settings, describe_settings
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser(
         "run",
-        help="run a federation in simulation (default: FLEx on Natural Instructions)",
+        help="run a federation in simulation (default: FLEx on the packaged Dolly-15k)",
         description="Run a federated job on Flower's simulation engine, evaluate every client, "
         "print a results table and write OUT/results.json with OUT/rounds.json beside it.",
     )
@@ -84,23 +83,29 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Every run setting as an option (each also settable in --config FILE.toml).
 
-    Values stay text here: RunConfig parses and checks them, so that a bad value is one
+    Values stay text here: ``Settings`` parses and checks them, so that a bad value is one
     ``flexmoe: error:`` line naming the setting.
     """
     parser.add_argument("--config", type=Path, help="TOML file of settings")
     parser.add_argument("--out", type=Path, help="output folder (default runs/<time>-<method>)")
-    for name, default, text in describe_settings():
-        metavar = METAVARS[type(default)]
-        parser.add_argument(f"--{name}", metavar=metavar, help=f"{text} (default {default})")
+    for setting in describe_settings():
+        parser.add_argument(
+            f"--{setting.option}",
+            metavar=METAVARS[type(setting.default)],
+            help=f"{setting.help} (default {setting.default})",
+        )
 
 
-def settings(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
-    """Settings from --config (or ``base``), then the options given on the command line."""
-    given = {name: getattr(args, field_name(name)) for name, _, _ in describe_settings()}
-    overrides = {name: value for name, value in given.items() if value is not None}
-    if base is None:
-        base = RunConfig.from_toml(args.config) if args.config else RunConfig()
-    return base.updated(overrides)
+def given_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The settings given as options, by their flat names."""
+    given = {s.option: getattr(args, snake(s.option)) for s in describe_settings()}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def new_settings(args: argparse.Namespace) -> Settings:
+    """A new run's settings: --config's (or the defaults), then the options given."""
+    base = Settings.from_toml(args.config) if args.config else Settings()
+    return base.updated(given_settings(args))
 
 
 def client_list(text: str) -> tuple[int, ...]:
@@ -114,10 +119,10 @@ def client_list(text: str) -> tuple[int, ...]:
     return clients
 
 
-def default_out(config: RunConfig, kind: str = "") -> Path:
+def default_out(settings: Settings, kind: str = "") -> Path:
     """``runs/<time>-<kind><method>-<random>``: two runs started in one second differ."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{kind}{config.method}-{secrets.token_hex(2)}"
+    return Path("runs") / f"{stamp}-{kind}{settings.method}-{secrets.token_hex(2)}"
 
 
 def run_run(args: argparse.Namespace) -> None:
@@ -126,21 +131,26 @@ def run_run(args: argparse.Namespace) -> None:
         if args.config or args.out:
             raise FlexMoEError("--resume continues a run with its own settings and folder; "
                                "give neither --config nor --out with it")  # fmt: skip
-        config, out = settings(args, RunConfig.saved_in(args.resume)), args.resume
+        out, settings, given = args.resume, None, given_settings(args)
     else:
-        config = settings(args)
-        out = args.out or default_out(config)
+        settings, given = new_settings(args), None
+        out = args.out or default_out(settings)
     check_writable(out)
-    from flexmoe.federated.simulation import simulate  # after the settings are checked: heavy
+    from flexmoe.federated.run import Resume, claimed, resolve_run  # after the settings: heavy
+    from flexmoe.federated.simulation import simulate
 
-    checked_placement(config.device, config.dtype)  # a device this machine lacks: before all
-
-    print(
-        f"flexmoe run: {config.method}, {config.clients} clients, {config.rounds} rounds -> {out}"
-    )
-    resume = args.resume is not None
-    print(results_table(simulate(config, out, resume=resume, regraft=args.regraft)))
-    print(truncation_table(read_json(out / DATA_FILE, "rerun to write it"), config.max_length))
+    resume = Resume.NEVER if settings else Resume.REQUIRED
+    with claimed(out):
+        run = resolve_run(out, settings, given, resume, args.regraft)
+        settings = run.settings
+        checked_placement(settings.device, settings.dtype)  # a device this machine lacks
+        federation = settings.federation
+        print(f"flexmoe run: {settings.method}, {federation.clients} clients, "
+              f"{federation.rounds} rounds -> {out}")  # fmt: skip
+        results = simulate(run)
+    print(results_table(results))
+    report = read_json(out / DATA_FILE, "rerun to write it")
+    print(truncation_table(report, settings.data.max_length))
     print(round_times(read_rounds(out / ROUNDS_FILE)))
     print(f"peak memory of the server process: {peak_memory_gb():.2f} GB resident")
     print(f"results written to {out / RESULTS_FILE}")
@@ -148,37 +158,37 @@ def run_run(args: argparse.Namespace) -> None:
 
 def run_deploy_local(args: argparse.Namespace) -> None:
     """Run the app on a local TLS deployment of Flower and print its results."""
-    config = settings(args)
+    settings = new_settings(args)
     if args.clients is not None and args.clients != args.supernodes:
         raise FlexMoEError(
             f"--clients {args.clients} and --supernodes {args.supernodes} disagree: every "
             "SuperNode is one client; give --supernodes alone"
         )
-    config = config.updated({"clients": args.supernodes})
+    settings = settings.updated({"clients": args.supernodes})
     from flexmoe.federated.client_app import check_limits
     from flexmoe.federated.deploy import deploy_local, find_app_dir
-    from flexmoe.federated.federation import check_out
     from flexmoe.federated.protocol import DEPLOYED
+    from flexmoe.federated.run import resolve_run
     from flexmoe.federated.simulation import check_run
     from flexmoe.results import read_results
 
-    out = (args.out or default_out(config, "deploy-")).resolve()
+    out = (args.out or default_out(settings, "deploy-")).resolve()
     check_writable(out)
     if (out / CHECKPOINT_FILE).is_file():  # its clients' state is on its SuperNodes' disks
         raise FlexMoEError(
             f"{out} holds a run, and deploy-local starts a new one each time (it cannot resume "
             "one); give another --out"
         )
-    check_limits(config, DEPLOYED)  # what the SuperNodes would refuse, before any starts
-    checked_placement(config.device, config.dtype)
-    check_out(out, config, resume=False)
-    check_run(config)
+    check_limits(settings, DEPLOYED)  # what the SuperNodes would refuse, before any starts
+    checked_placement(settings.device, settings.dtype)
+    resolve_run(out, settings)  # its folder's checks, here before any process starts
+    check_run(settings)
     print(f"flexmoe deploy-local: {args.supernodes} SuperNodes over TLS -> {out}")
     deploy_local(
         find_app_dir(),
         args.supernodes,
         out,
-        config.to_flat(),
+        settings.to_run_config(),
         args.timeout,
         args.node_workers,
         args.share_diagnostics,

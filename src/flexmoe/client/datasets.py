@@ -19,7 +19,7 @@ from flexmoe.data import (
 )
 from flexmoe.errors import FlexMoEError
 from flexmoe.models.loading import load_tokenizer
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import DataSettings, Settings
 
 GENERIC_TEXT_CHARS = 600
 TRUNCATED = ("examples", "context_cut", "answer_cut")
@@ -32,48 +32,51 @@ def load_examples(data: str, max_per_task: int) -> tuple[InstructionExample, ...
 
 
 @functools.lru_cache(maxsize=4)
-def client_datasets(config: RunConfig) -> tuple[ClientData, ...]:
-    """Every client's train and test split, the same in every process for the same config.
+def client_datasets(data: DataSettings, clients: int, seed: int) -> tuple[ClientData, ...]:
+    """Every client's train and test split, the same in every process for the same settings.
 
     Each category's test pool is fixed by the data alone (``hold_out_test_pools``); the
-    clients share the rest by ``config.split``.
+    clients share the rest by ``data.split``.
     """
-    return tuple(_split(config, config.data, config.clients, config.split, config.seed))
+    return tuple(_split(data, data.source, clients, data.split, seed))
 
 
-def own_client_data(config: RunConfig, path: str, client_id: int) -> ClientData:
+def own_client_data(data: DataSettings, path: str, client_id: int, seed: int) -> ClientData:
     """Client ``client_id``'s data when its node holds its own file: all of it, split into
     test pools and training examples as the run's data is."""
-    (client,) = _split(config, path, 1, "iid", config.seed * 10_007 + client_id)
+    (client,) = _split(data, path, 1, "iid", seed * 10_007 + client_id)
     return replace(client, client_id=client_id)
 
 
-def _split(config: RunConfig, data: str, clients: int, scheme: str, seed: int) -> list[ClientData]:
-    examples = select_categories(load_examples(data, config.max_per_task), config.categories)
-    held_out = hold_out_test_pools(examples, config.test_per_category, config.test_fraction)
-    partition = partition_examples(held_out.train, clients, scheme, seed, config.alpha)
+def _split(
+    data: DataSettings, source: str, clients: int, scheme: str, seed: int
+) -> list[ClientData]:
+    examples = select_categories(load_examples(source, data.max_per_task), data.categories)
+    held_out = hold_out_test_pools(examples, data.test_per_category, data.test_fraction)
+    partition = partition_examples(held_out.train, clients, scheme, seed, data.alpha)
     datasets = build_client_datasets(
         held_out.train,
         partition,
         held_out.pools,
         seed,
-        config.max_train,
-        config.max_test,
-        validation=config.eval_split == "validation",
+        data.max_train,
+        data.max_test,
+        validation=data.eval_split == "validation",
     )
     for client in datasets:
         _check_not_empty(client)
     return datasets
 
 
-def truncation_report(config: RunConfig) -> dict[str, dict[str, int]]:
+def truncation_report(settings: Settings) -> dict[str, dict[str, int]]:
     """Per category, how many of the examples the clients use had their input cut short to fit
     ``max-length`` tokens, and how many their answer even so (counted once each)."""
-    tokenizer = load_tokenizer(config.model)
-    used = {e: None for client in client_datasets(config) for e in client.train + client.test}
+    tokenizer = load_tokenizer(settings.model)
+    clients = client_datasets(settings.data, settings.federation.clients, settings.seed)
+    used = {e: None for client in clients for e in client.train + client.test}
     report: dict[str, dict[str, int]] = {}
     for example in used:
-        tokens = tokenize_example(example, tokenizer, config.max_length)
+        tokens = tokenize_example(example, tokenizer, settings.data.max_length)
         counts = report.setdefault(category_of(example), dict.fromkeys(TRUNCATED, 0))
         counts["examples"] += 1
         counts["context_cut"] += tokens.context_cut

@@ -28,13 +28,14 @@ from flexmoe.data import (
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluation.diagnostics import diagnostics
 from flexmoe.evaluation.generation import generate_answers, rouge_l
-from flexmoe.flex.model import FlexConfig, FlexModel
+from flexmoe.flex.config import FlexConfig
+from flexmoe.flex.model import FlexModel
 from flexmoe.flex.roles import Role
 from flexmoe.hardware import Placement, Stopwatch
 from flexmoe.methods import GraftSource
 from flexmoe.models.loading import load_model, load_tokenizer
 from flexmoe.results import Diagnostics
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import Settings
 from flexmoe.training import cosine_lr, mean_loss, train_steps
 
 State = dict[str, torch.Tensor]
@@ -66,41 +67,44 @@ class ClientWorker:
     """A client of a run: builds its model for a round, trains it, evaluates it."""
 
     def __init__(
-        self, config: RunConfig, client_id: int, state_dir: Path, own_data: str | None = None
+        self, settings: Settings, client_id: int, state_dir: Path, own_data: str | None = None
     ) -> None:
         """``own_data``, a node's own data file, is all this client's (split into its train and
         test parts); without it the client takes its share of the run's data."""
-        self.config = config
-        self.method = config.chosen_method()
+        self.settings = settings
+        self.method = settings.chosen_method()
         self.client_id = client_id
         self.store = StateStore(state_dir)
         if own_data is not None:
-            self.data = own_client_data(config, own_data, client_id)
+            self.data = own_client_data(settings.data, own_data, client_id, settings.seed)
         else:
-            datasets = client_datasets(config)
+            clients = settings.federation.clients
+            datasets = client_datasets(settings.data, clients, settings.seed)
             if not 0 <= client_id < len(datasets):
                 raise FlexMoEError(f"client {client_id} is not among the {len(datasets)} clients")
             self.data = datasets[client_id]
-        self.tokenizer = load_tokenizer(config.model)
-        self.placement = Placement.resolve(config.device, config.dtype)
-        self.train_examples = tokenize_examples(self.data.train, self.tokenizer, config.max_length)
+        self.tokenizer = load_tokenizer(settings.model)
+        self.placement = Placement.resolve(settings.device, settings.dtype)
+        self.max_length = settings.data.max_length
+        self.train_examples = tokenize_examples(self.data.train, self.tokenizer, self.max_length)
 
     @property
     def seed(self) -> int:
-        return self.config.seed * 10_007 + self.client_id
+        return self.settings.seed * 10_007 + self.client_id
 
     def train(self, round_: int, global_shared: State, proximal_mu: float = 0.0) -> TrainResult:
         """One round of local training from the latest earlier state and the global parameters.
 
         ``proximal_mu`` > 0 adds FedProx's proximal term towards ``global_shared``.
         """
+        train = self.settings.train
         batches = iterate_batches(
             self.train_examples,
-            self.config.batch_size,
+            train.batch_size,
             self.seed,
-            start_step=(round_ - 1) * self.config.local_steps,
+            start_step=(round_ - 1) * train.local_steps,
         )
-        lr = cosine_lr(round_, self.config.rounds, self.config.lr, self.config.min_lr)
+        lr = cosine_lr(round_, self.settings.federation.rounds, train.lr, train.min_lr)
         clock = Stopwatch(self.placement.device)
         with self.model_for_round(round_, global_shared, clock) as model:
             torch.manual_seed(self.seed * 1_000 + round_)
@@ -108,11 +112,11 @@ class ClientWorker:
                 losses = train_steps(
                     model.model,  # names as in the shared state, for the proximal anchor
                     (collate(b, pad_token_id(self.tokenizer)) for b in batches),
-                    self.config.local_steps,
+                    train.local_steps,
                     lr,
                     anchor=global_shared if proximal_mu > 0 else None,
                     proximal_mu=proximal_mu,
-                    gradient_checkpointing=self.config.gradient_checkpointing,
+                    gradient_checkpointing=train.gradient_checkpointing,
                 )
             self.check_finite(round_, losses, model)
             with clock.lap("save"):
@@ -145,17 +149,18 @@ class ClientWorker:
         ``detailed`` adds what it costs in knowledge, routing and compute (see
         ``flexmoe.evaluation.diagnostics``).
         """
-        test = tokenize_examples(self.data.test, self.tokenizer, self.config.max_length)
-        batches = sequential_batches(test, self.config.batch_size, pad_token_id(self.tokenizer))
+        batch_size = self.settings.train.batch_size
+        test = tokenize_examples(self.data.test, self.tokenizer, self.max_length)
+        batches = sequential_batches(test, batch_size, pad_token_id(self.tokenizer))
         clock = Stopwatch(self.placement.device)
         with self.model_for_round(round_ + 1, global_shared, clock) as model, clock.lap("compute"):
             answers = generate_answers(
                 model,
                 self.tokenizer,
                 self.data.test,
-                self.config.max_new_tokens,
-                self.config.prompt_room,
-                self.config.batch_size,
+                self.settings.evaluation.max_new_tokens,
+                self.settings.prompt_room,
+                batch_size,
             )
             scores = rouge_l(answers, [e.output for e in self.data.test])
             self.store.save_predictions(round_, prediction_rows(self.data.test, answers, scores))
@@ -174,16 +179,16 @@ class ClientWorker:
         """``flexmoe.evaluation.diagnostics`` of ``model`` beside the pristine base."""
         base = None
         if self.method.shared.trains_base_weights:
-            base, _ = load_model(self.config.model, self.placement)  # its weights were trained
+            base, _ = load_model(self.settings.model, self.placement)  # its weights were trained
         measures = self.store.root.parent / "measures"  # the run's, shared by its clients here
         return diagnostics(
             model,
-            self.config.model,
+            self.settings.model,
             self.tokenizer,
             batches,
             measures,
             base,
-            self.config.mmlu_per_topic,
+            self.settings.evaluation.mmlu_per_topic,
         )
 
     @contextlib.contextmanager
@@ -201,7 +206,7 @@ class ClientWorker:
         with contextlib.ExitStack() as lending:
             with clock.lap("load"):
                 base = lending.enter_context(
-                    BASE_MODELS.lend(self.config.model, self.placement, trains_weights)
+                    BASE_MODELS.lend(self.settings.model, self.placement, trains_weights)
                 )
             with clock.lap("restore"):
                 model = self.restored_model(base, round_, global_shared)
@@ -228,9 +233,7 @@ class ClientWorker:
         """The client's model at its first participation: grafted as its method says."""
         torch.manual_seed(self.seed)
         config = FlexConfig(
-            experts_per_layer=self.config.experts_per_layer,
-            size_ratio=self.config.size_ratio,
-            gate_bias=self.config.gate_bias,
+            **vars(self.settings.graft),
             selection=self.method.selection,
             seed=self.seed,
             shared=self.method.shared,
@@ -244,17 +247,16 @@ class ClientWorker:
         """The client's training data (scoring the tokens ``selection-tokens`` names), or
         generic text for the generic ablation."""
         examples = self.train_examples
+        selection_tokens = self.settings.graft.selection_tokens
         if self.method.graft is GraftSource.GENERIC:
-            ids = [self.tokenizer.encode(t)[: self.config.max_length] for t in generic_texts()]
+            ids = [self.tokenizer.encode(t)[: self.max_length] for t in generic_texts()]
             examples = [TokenizedExample(i, i) for i in ids if i]
-        elif self.config.selection_tokens != "all":
+        elif selection_tokens != "all":
             examples = tokenize_examples(
-                self.data.train,
-                self.tokenizer,
-                self.config.max_length,
-                scored=self.config.selection_tokens,
+                self.data.train, self.tokenizer, self.max_length, selection_tokens=selection_tokens
             )
-        return sequential_batches(examples, self.config.batch_size, pad_token_id(self.tokenizer))
+        batch_size = self.settings.train.batch_size
+        return sequential_batches(examples, batch_size, pad_token_id(self.tokenizer))
 
 
 def prediction_rows(

@@ -116,28 +116,30 @@ def tokenize_example(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     terminate: bool = True,
-    scored: str = "all",
+    selection_tokens: str = "all",
 ) -> TokenizedExample:
     """Tokenize prompt and response separately (so masking is exact), append eos, and fit it
     all in ``max_length`` tokens: the input is cut short first (``fit_context``), and only
     when instruction and answer alone are too long is the answer truncated.
 
     ``terminate=False`` leaves out the eos, for scoring text with tokenizers that have none.
-    ``scored`` marks the tokens the grafting criterion scores (``SELECTION_TOKENS``):
+    ``selection_tokens`` marks the tokens the grafting criterion scores (``SELECTION_TOKENS``):
     ``content`` marks the instruction, input and answer, which differ between clients, and
     leaves out the template around them (chat markup or Alpaca wording, and the eos) that every
     example shares; ``answer`` marks the answer alone.
     """
     _check_max_length(max_length)
-    if scored not in SELECTION_TOKENS:
-        raise FlexMoEError(f"unknown selection tokens {scored!r}; choose one of {SELECTION_TOKENS}")
+    if selection_tokens not in SELECTION_TOKENS:
+        raise FlexMoEError(
+            f"unknown selection tokens {selection_tokens!r}; choose one of {SELECTION_TOKENS}"
+        )
     response = tokenizer.encode(example.output, add_special_tokens=False)
     fitted, prompt = _fitted_prompt(example, tokenizer, max_length - len(response) - terminate)
-    if scored == "content":
+    if selection_tokens == "content":
         prompt, in_prompt = _prompt_with_content(fitted, tokenizer)
     else:
         in_prompt = [0] * len(prompt)
-    marks = None if scored == "all" else in_prompt + [1] * len(response)
+    marks = None if selection_tokens == "all" else in_prompt + [1] * len(response)
     if terminate:
         response.append(eos_token_id(tokenizer))
     input_ids = (prompt + response)[:max_length]
@@ -187,10 +189,12 @@ def tokenize_examples(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     terminate: bool = True,
-    scored: str = "all",
+    selection_tokens: str = "all",
 ) -> list[TokenizedExample]:
     """Tokenize all examples, dropping those whose prompt alone fills `max_length`."""
-    tokenized = [tokenize_example(e, tokenizer, max_length, terminate, scored) for e in examples]
+    tokenized = [
+        tokenize_example(e, tokenizer, max_length, terminate, selection_tokens) for e in examples
+    ]
     kept = [example for example in tokenized if example.num_target_tokens > 0]
     if examples and not kept:
         raise FlexMoEError(

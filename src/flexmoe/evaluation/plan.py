@@ -23,8 +23,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from flexmoe.evaluation.cost import flops_per_token
+from flexmoe.flex import FlexConfig, FlexModel
 from flexmoe.flex.graft import ADAPTER_DTYPE, LayerGraft
-from flexmoe.flex.model import FlexConfig, FlexModel
 from flexmoe.flex.moe import MoEBlockView, find_moe_blocks
 from flexmoe.flex.roles import Role
 from flexmoe.methods import Method

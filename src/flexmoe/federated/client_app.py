@@ -42,15 +42,15 @@ from flexmoe.federated.protocol import (
     TrainReply,
     arrays_of,
     client_state_dir,
-    settings_from_run_config,
+    split_run_config,
 )
 from flexmoe.hardware import Placement
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import Settings
 
 RUN_KEY_FORM = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def make_client_app(settings: RunConfig | None = None) -> ClientApp:
+def make_client_app(settings: Settings | None = None) -> ClientApp:
     """A ClientApp running ``settings``, or the run config's settings when none are given."""
     app = ClientApp()
 
@@ -65,7 +65,7 @@ def make_client_app(settings: RunConfig | None = None) -> ClientApp:
     return app
 
 
-def reply(kind: str, msg: Message, context: Context, settings: RunConfig | None) -> Message:
+def reply(kind: str, msg: Message, context: Context, settings: Settings | None) -> Message:
     """The reply to ``msg``: the job's result, or an error of one line naming the client, the
     round and what went wrong, its traceback written to a log file on this node (a raised
     exception would print the traceback in every runtime's log on its way to the server)."""
@@ -98,18 +98,20 @@ def clip_when_private(msg: Message, context: Context, call_next) -> Message:
 
 
 def job_of(
-    kind: str, msg: Message, context: Context, node: NodeConfig, settings: RunConfig | None
+    kind: str, msg: Message, context: Context, node: NodeConfig, settings: Settings | None
 ) -> Job:
     """What ``msg`` asks of this node, with the run's settings and the node's own."""
     threads = node.threads if settings is None else simulated_threads(settings)
     if settings is None:
-        settings, _ = settings_from_run_config(dict(context.run_config))
+        values, _ = split_run_config(dict(context.run_config))
+        settings = Settings().updated(values)
     if node.device:
         settings = settings.updated({"device": node.device})
-    partitions = node.num_partitions or settings.clients
-    if partitions != settings.clients:
+    clients = settings.federation.clients
+    partitions = node.num_partitions or clients
+    if partitions != clients:
         raise FlexMoEError(
-            f"{partitions} SuperNodes serve a run configured for {settings.clients} clients; "
+            f"{partitions} SuperNodes serve a run configured for {clients} clients; "
             "set clients to the number of SuperNodes"
         )
     check_limits(settings, node.limits)
@@ -135,7 +137,7 @@ def job_of(
     )
 
 
-def simulated_threads(settings: RunConfig) -> int:
+def simulated_threads(settings: Settings) -> int:
     """Torch threads of a simulated client process: one, or on the CPU every core for a method
     that trains the base weights, whose clients run one at a time (``client_resources``)."""
     on_cpu = Placement.resolve(settings.device, settings.dtype).device.type != "cuda"
@@ -143,11 +145,11 @@ def simulated_threads(settings: RunConfig) -> int:
     return (os.cpu_count() or 1) if on_cpu and whole_model else 1
 
 
-def check_limits(settings: RunConfig, limits: NodeLimits) -> None:
+def check_limits(settings: Settings, limits: NodeLimits) -> None:
     """Refuse a run that asks this node for less than its limits allow."""
     for setting, asked, least in (
-        ("batch-size", settings.batch_size, limits.min_batch_size),
-        ("max-test", settings.max_test, limits.min_test_size),
+        ("batch-size", settings.train.batch_size, limits.min_batch_size),
+        ("max-test", settings.data.max_test, limits.min_test_size),
     ):
         if asked < least:
             raise FlexMoEError(
@@ -157,7 +159,7 @@ def check_limits(settings: RunConfig, limits: NodeLimits) -> None:
 
 
 def answer(
-    kind: str, msg: Message, context: Context, settings: RunConfig | None
+    kind: str, msg: Message, context: Context, settings: Settings | None
 ) -> TrainReply | EvaluateReply:
     """The ``kind`` job ``msg`` asks for, run here or by the node worker the node names.
 
@@ -230,7 +232,7 @@ def in_order_sent(update: State | None, sent: State) -> State | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_worker(settings: RunConfig, partition: int, state_dir: Path, own_data: str | None):
+def _cached_worker(settings: Settings, partition: int, state_dir: Path, own_data: str | None):
     # transformers only where jobs run: a message's process that forwards it needs none
     from flexmoe.client import ClientWorker
     from flexmoe.models.loading import quiet_transformers

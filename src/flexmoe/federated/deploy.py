@@ -320,11 +320,20 @@ def _check_app_dir(app_dir: Path, run_config: Mapping[str, ConfigValue]) -> None
             f"{pyproject} has a [tool.flwr.federations] table, which `flwr run` (1.41) moves "
             "into its own config and comments out in the file; remove the table"
         )
-    unknown = sorted(set(run_config) - set(flwr["app"].get("config", {})))
+    unknown = sorted(set(run_config) - set(_flat_keys(flwr["app"].get("config", {}))))
     if unknown:
         raise FlexMoEError(
             f"run config keys {unknown} are not declared in [tool.flwr.app.config] of {pyproject}"
         )
+
+
+def _flat_keys(table: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys of a TOML table as Flower's run config names them (``train.lr``)."""
+    keys = []
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        keys += _flat_keys(value, f"{name}.") if isinstance(value, dict) else [name]
+    return keys
 
 
 def _declares_flower_app(pyproject: Path) -> bool:

@@ -11,8 +11,8 @@ import random
 import secrets
 import statistics
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +20,17 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from flexmoe.client.state import StateStore
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.protocol import (
     EvaluateReply,
     RoundInstructions,
     TrainReply,
-    client_state_dir,
 )
 from flexmoe.federated.records import in_wire_dtype, state_to_arrays, wire_bytes
+from flexmoe.federated.run import Run
 from flexmoe.federated.strategies import (
     accountant_of,
     make_strategy,
@@ -47,50 +45,42 @@ from flexmoe.results import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
     CLIENTS_DIR,
-    RESULTS_FILE,
     Checkpoint,
     ClientResult,
     ClientRound,
     RejectedUpdate,
     RoundRecord,
     RunResults,
-    read_checkpoint,
     write_checkpoint,
     write_results,
     write_rounds,
 )
-from flexmoe.runconfig import RESUMABLE_SETTINGS, RunConfig
+from flexmoe.settings import Settings
 
 KEEP_CHECKPOINTS = 2
 
 
-def run_federation(
-    grid: Grid,
-    config: RunConfig,
-    out: Path,
-    progress: bool = True,
-    resume: bool = True,
-    regraft: Sequence[int] = (),
-) -> RunResults:
-    """Run ``config.rounds`` rounds on ``grid``, evaluate, and write the results to ``out``.
+def run_federation(grid: Grid, run: Run, progress: bool = True) -> RunResults:
+    """Run ``run``'s rounds on ``grid``, evaluate, and write the results to its folder.
 
-    The caller holds ``out`` (``folder_lock``). A folder holding a run is continued when
-    ``resume`` is set and its settings agree (but for ``RESUMABLE_SETTINGS``), and refused
-    otherwise. ``regraft`` names clients of a resumed run whose personal state was lost and
-    who start afresh in its next round (``check_client_states``); the results record them.
+    The caller holds the folder (``folder_lock``) and resolved the run in it (``resolve_run``):
+    a resumed run continues from its checkpoint, and the clients ``run.regraft`` names start
+    afresh in its next round; the results record them.
     """
+    out, settings = run.out, run.settings
     remove_temporary_files(out)
-    method = config.chosen_method()
-    strategy = make_strategy(method, config)
-    state, arrays = start_or_resume(out, config, method, strategy, resume)
-    state.regrafted.update({str(client): state.round + 1 for client in regraft})
-    wait_for_clients(grid, config.clients)
+    strategy = make_strategy(settings)
+    state, arrays = start_or_resume(run, strategy)
+    state.regrafted.update({str(client): state.round + 1 for client in run.regraft})
+    wait_for_clients(grid, settings.federation.clients)
     session_started, wall_before = time.perf_counter(), state.wall_s
-    rounds = range(state.round + 1, config.rounds + 1)
-    for round_ in tqdm(rounds, desc=f"{config.method} rounds", disable=not progress):
-        arrays, record = train_round(grid, strategy, method, arrays, out, state, round_, config)
-        if config.eval_every and round_ % config.eval_every == 0 and round_ < config.rounds:
-            scores = evaluate_clients(grid, strategy, arrays, out, state.run_id, round_, config)
+    last, every = settings.federation.rounds, settings.evaluation.eval_every
+    for round_ in tqdm(
+        range(state.round + 1, last + 1), desc=f"{settings.method} rounds", disable=not progress
+    ):
+        arrays, record = train_round(grid, strategy, run, arrays, state, round_)
+        if every and round_ % every == 0 and round_ < last:
+            scores = evaluate_clients(grid, strategy, arrays, run, state.run_id, round_)
             record.mean_rouge_l = statistics.fmean(c.rouge_l for c in scores)
             record.client_rouge_l = {str(c.client_id): c.rouge_l for c in scores}
         state.history.append(record)
@@ -98,10 +88,11 @@ def run_federation(
         state.wall_s = wall_before + time.perf_counter() - session_started
         save_checkpoint(out, state, arrays, strategy)
     if progress:
-        extra = " and measure knowledge, routing and FLOPs" if config.diagnostics else ""
-        tqdm.write(f"final evaluation: {config.clients} clients answer their test examples{extra}")
+        extra = " and measure knowledge, routing and FLOPs" * settings.evaluation.diagnostics
+        clients = settings.federation.clients
+        tqdm.write(f"final evaluation: {clients} clients answer their test examples{extra}")
     evaluation = evaluate_clients(
-        grid, strategy, arrays, out, state.run_id, state.round, config, final=True
+        grid, strategy, arrays, run, state.run_id, state.round, final=True
     )
     state.wall_s = wall_before + time.perf_counter() - session_started
     results = RunResults.summarise(
@@ -114,12 +105,10 @@ def run_federation(
 def train_round(
     grid: Grid,
     strategy: Strategy,
-    method: Method,
+    run: Run,
     arrays: ArrayRecord,
-    out: Path,
     state: Checkpoint,
     round_: int,
-    config: RunConfig,
 ) -> tuple[ArrayRecord, RoundRecord]:
     """One round of training: the aggregate of the clients' valid updates, and its record.
 
@@ -127,75 +116,52 @@ def train_round(
     when it ends, not held until the next round's have arrived.
     """
     started = time.perf_counter()
-    random.seed(config.seed * 1_000 + round_)  # node sampling, when fraction-train < 1
-    request = round_instructions(out, state.run_id, round_).to_record()
+    random.seed(run.settings.seed * 1_000 + round_)  # node sampling, when fraction-train < 1
+    request = round_instructions(run.out, state.run_id, round_).to_record()
     messages = list(strategy.configure_train(round_, arrays, request, grid))
-    replies = _replies(grid, messages, config.reply_timeout)
-    valid, rejected = screen(round_, replies, arrays, config) if method.federated else (replies, [])
+    replies = _replies(grid, messages, run.settings.federation.reply_timeout)
+    federated = run.method.federated
+    valid, rejected = screen(round_, replies, arrays, run.settings) if federated else (replies, [])
     readable = [r for r in replies if sender(r) >= 0]  # a rejected update's bytes still count
     record = _round_record(round_, messages, readable, started)
     record.rejected = rejected
-    if method.federated:
+    if federated:
         arrays = aggregate(strategy, round_, valid)
         record.dp_epsilon, state.privacy_state = privacy_spent(strategy)
     return arrays, record
 
 
-def start_or_resume(
-    out: Path, config: RunConfig, method: Method, strategy: Strategy, resume: bool
-) -> tuple[Checkpoint, ArrayRecord]:
-    """The saved state of the run in ``out``, or a new run's, saved at once as round 0."""
-    check_out(out, config, resume)
-    if (out / CHECKPOINT_FILE).is_file():
-        state, arrays = load_checkpoint(out, strategy)
-        state.config = asdict(config)  # the same settings, but for RESUMABLE_SETTINGS
-        return state, arrays
-    state = Checkpoint(run_id=secrets.token_hex(8), config=asdict(config))
-    arrays = initial_arrays(config, method)
-    save_checkpoint(out, state, arrays, strategy)
+def start_or_resume(run: Run, strategy: Strategy) -> tuple[Checkpoint, ArrayRecord]:
+    """The saved state of a resumed run, with the strategy's put back, or a new run's, saved at
+    once as round 0."""
+    if run.saved is not None:
+        # the same settings, but for RESUMABLE_SETTINGS
+        state = replace(run.saved.state, config=run.settings.to_record())
+        restore_server_state(run, strategy)
+        # in_wire_dtype: FedAdam's checkpoints of earlier versions hold float64
+        arrays = ArrayRecord({k: Array(v) for k, v in run.saved.shared.items()})
+        return state, in_wire_dtype(arrays)
+    state = Checkpoint(run_id=secrets.token_hex(8), config=run.settings.to_record())
+    arrays = initial_arrays(run.settings, run.method)
+    save_checkpoint(run.out, state, arrays, strategy)
     return state, arrays
 
 
-def check_out(out: Path, config: RunConfig, resume: bool) -> None:
-    """Refuse an output folder that holds another run or its results.
-
-    A folder holding a run is continued only with ``resume`` and the same settings (but for
-    ``RESUMABLE_SETTINGS``).
-    """
-    if (out / CHECKPOINT_FILE).is_file():
-        if not resume:
-            raise FlexMoEError(f"{describe_run(out)}; continue it with --resume {out}")
-        check_resumable(out, config)
-    elif (out / RESULTS_FILE).is_file():
-        raise FlexMoEError(f"{out} holds the results of an earlier run; give another --out")
-
-
-def check_client_states(out: Path, regraft: Sequence[int] = ()) -> None:
-    """Refuse to resume the run in ``out`` while a client that took part in it has lost its
-    personal state (under ``out/clients``, where a simulation keeps it), unless ``regraft``
-    names that client; and refuse to regraft a client whose state is there."""
-    state = read_checkpoint(out)
-    last_round = {c.client_id: r.round for r in state.history for c in r.clients}
-    root = out / CLIENTS_DIR
-    folders = {
-        client: StateStore(client_state_dir(root, state.run_id, client)).folder(round_)
-        for client, round_ in sorted(last_round.items())
-    }
-    missing = {client: folder for client, folder in folders.items() if not folder.is_dir()}
-    kept = sorted(set(regraft) - set(missing))
-    if kept:
+def restore_server_state(run: Run, strategy: Strategy) -> None:
+    """Put the saved strategy state, privacy accountant and node-sampling state back."""
+    saved = run.saved
+    try:
+        restore_strategy_state(strategy, saved.strategy)
+        if saved.state.privacy_state is not None and accountant_of(strategy) is not None:
+            accountant_of(strategy).load_state_dict(saved.state.privacy_state)
+        if saved.state.random_state is not None:
+            version, internal, gauss = saved.state.random_state
+            random.setstate((version, tuple(internal), gauss))
+    except (KeyError, TypeError, ValueError) as error:
         raise FlexMoEError(
-            f"--regraft names client {', '.join(map(str, kept))}, whose personal state is in "
-            f"{root / state.run_id}; name only clients whose state is missing"
-        )
-    lost = {client: folder for client, folder in missing.items() if client not in regraft}
-    if lost:
-        names = ", ".join(f"{client} ({folder})" for client, folder in lost.items())
-        raise FlexMoEError(
-            f"{out}: the personal state of client {names} is missing, so resuming would graft "
-            f"{'it' if len(lost) == 1 else 'them'} afresh; put it back, or accept a fresh graft "
-            f"with --regraft {','.join(map(str, lost))} (recorded in the results)"
-        )
+            f"{run.out / CHECKPOINT_FILE}: the saved server state is damaged ({error}); start "
+            "the run again in a new folder"
+        ) from None
 
 
 def remove_temporary_files(out: Path) -> None:
@@ -205,42 +171,13 @@ def remove_temporary_files(out: Path) -> None:
             leftover.unlink()
 
 
-def check_resumable(out: Path, config: RunConfig) -> None:
-    """Refuse to continue the run in ``out`` with other settings than its own, but for
-    ``RESUMABLE_SETTINGS`` (the rounds may grow, and the server may wait otherwise)."""
-    saved = RunConfig.saved_in(out)
-    done = read_checkpoint(out).round
-    if config.rounds < done:
-        raise FlexMoEError(f"{describe_run(out)}: it cannot resume to {config.rounds} rounds")
-    changed = [
-        f"{name} {before!r} -> {after!r}"
-        for name, (before, after) in saved.differences(config).items()
-        if name not in RESUMABLE_SETTINGS
-    ]
-    if changed:
-        raise FlexMoEError(
-            f"{describe_run(out)} with other settings ({'; '.join(changed)}); resume it "
-            f"with its own settings (only {' and '.join('--' + n for n in RESUMABLE_SETTINGS)} "
-            "may change) or start a run in another folder"
-        )
-
-
-def describe_run(out: Path) -> str:
-    """``OUT holds run ID (round k of n, method M)``, from its checkpoint."""
-    state, config = read_checkpoint(out), RunConfig.saved_in(out)
-    return (
-        f"{out} holds run {state.run_id} (round {state.round} of {config.rounds}, "
-        f"method {config.method})"
-    )
-
-
 def screen(
-    round_: int, replies: list[Message], current: ArrayRecord, config: RunConfig
+    round_: int, replies: list[Message], current: ArrayRecord, settings: Settings
 ) -> tuple[list[Message], list[RejectedUpdate]]:
     """The updates fit to aggregate with ``current`` (``flexmoe.federated.validation``) and the
     ones left out; fewer valid updates than ``min-updates`` (0: every reply) fail the run."""
-    valid, rejected = screen_updates(replies, current, config.max_train)
-    needed = config.min_updates or len(replies)
+    valid, rejected = screen_updates(replies, current, settings.data.max_train)
+    needed = settings.federation.min_updates or len(replies)
     if len(valid) < needed:
         reasons = "; ".join(f"client {r.client_id}: {r.reason}" for r in rejected)
         raise FlexMoEError(
@@ -282,31 +219,30 @@ def wait_for_clients(grid: Grid, count: int, timeout_s: float = 600.0) -> None:
         time.sleep(0.5)
 
 
-def initial_arrays(config: RunConfig, method: Method) -> ArrayRecord:
+def initial_arrays(settings: Settings, method: Method) -> ArrayRecord:
     """The global shared parameters before round 1 (none for methods that do not federate)."""
     if not method.federated:
         return ArrayRecord()
-    torch.manual_seed(config.seed)
-    return state_to_arrays(initial_shared_state(config.model, method.shared))
+    torch.manual_seed(settings.seed)
+    return state_to_arrays(initial_shared_state(settings.model, method.shared))
 
 
 def evaluate_clients(
     grid: Grid,
     strategy: Strategy,
     arrays: ArrayRecord,
-    out: Path,
+    run: Run,
     run_id: str,
     round_: int,
-    config: RunConfig,
     final: bool = False,
 ) -> list[ClientResult]:
     """Every client scores the model it would use after ``round_``, on its own test split; the
     ``final`` evaluation also measures the diagnostics, if the run asks for them."""
-    detailed = final and config.diagnostics
-    request = round_instructions(out, run_id, round_, detailed).to_record()
+    detailed = final and run.settings.evaluation.diagnostics
+    request = round_instructions(run.out, run_id, round_, detailed).to_record()
     messages = strategy.configure_evaluate(round_, arrays, request, grid)
     clients = []
-    for message in _replies(grid, list(messages), config.reply_timeout):
+    for message in _replies(grid, list(messages), run.settings.federation.reply_timeout):
         reply = EvaluateReply.from_message(message)
         client = ClientResult(
             client_id=reply.client_id,
@@ -334,47 +270,6 @@ def save_checkpoint(out: Path, state: Checkpoint, arrays: ArrayRecord, strategy:
     for old in sorted(folder.glob("*-round-*.safetensors"))[: -2 * KEEP_CHECKPOINTS]:
         if state.tag not in old.name:
             old.unlink()
-
-
-def load_checkpoint(out: Path, strategy: Strategy) -> tuple[Checkpoint | None, ArrayRecord | None]:
-    """The state saved in ``out``, if any, with the strategy's state put back."""
-    if not (out / CHECKPOINT_FILE).is_file():
-        return None, None
-    state = read_checkpoint(out)
-    state.run_id = state.run_id or out.resolve().name  # a run made before run ids: its old key
-    shared, server = checkpoint_arrays(out, state)
-    try:
-        restore_strategy_state(strategy, server)
-        if state.privacy_state is not None and accountant_of(strategy) is not None:
-            accountant_of(strategy).load_state_dict(state.privacy_state)
-        if state.random_state is not None:
-            version, internal, gauss = state.random_state
-            random.setstate((version, tuple(internal), gauss))
-    except (KeyError, TypeError, ValueError) as error:
-        raise FlexMoEError(
-            f"{out / CHECKPOINT_FILE}: the saved server state is damaged ({error}); start the "
-            "run again in a new folder"
-        ) from None
-    # in_wire_dtype: FedAdam's checkpoints of earlier versions hold float64
-    return state, in_wire_dtype(ArrayRecord({k: Array(v) for k, v in shared.items()}))
-
-
-def checkpoint_arrays(
-    out: Path, state: Checkpoint
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The shared parameters and the strategy's state saved with ``state``; a missing or damaged
-    file is one error naming it."""
-    arrays = []
-    for kind in ("shared", "strategy"):
-        path = out / CHECKPOINT_DIR / f"{kind}-{state.tag}.safetensors"
-        try:
-            arrays.append(load_file(path))
-        except (SafetensorError, OSError) as error:
-            raise FlexMoEError(
-                f"{str(path)!r} cannot be read ({error}); the checkpoint of {out} is damaged, "
-                "so the run cannot resume: start it again in a new folder"
-            ) from None
-    return arrays[0], arrays[1]
 
 
 def round_instructions(

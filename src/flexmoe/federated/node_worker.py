@@ -37,7 +37,7 @@ class Job:
     """One message's work, as the ClientApp hands it to whoever runs it."""
 
     kind: str  # "train" or "evaluate"
-    settings: Any  # RunConfig
+    settings: Any  # Settings
     partition_id: int
     state_dir: Path
     threads: int

@@ -1,6 +1,6 @@
 """The messages of a flexmoe federation, encoded and decoded here and nowhere else.
 
-What a *run* is (its ``RunConfig``) is not sent with every message: as in Flower's own apps it is
+What a *run* is (its ``Settings``) is not sent with every message: as in Flower's own apps it is
 the run config (``context.run_config``) that ``flwr run`` hands every ServerApp and ClientApp;
 the in-process simulation gives its ClientApp the same settings directly.
 
@@ -24,7 +24,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.records import arrays_to_state, state_to_arrays
 from flexmoe.results import Diagnostics, from_plain, to_plain
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import Settings
 
 State = dict[str, torch.Tensor]
 Decoded = TypeVar("Decoded")
@@ -71,22 +71,22 @@ MIN_BATCH_SIZE = "min-batch-size"
 MIN_TEST_SIZE = "min-test-size"
 SHARE_DIAGNOSTICS = "share-diagnostics"
 
-OUT_DIR = "out-dir"  # the server's output folder: a run-config key that is not a RunConfig field
+OUT_DIR = "out-dir"  # the server's output folder: a run-config key that is not a setting
 
 
 # --- the run ---
 
 
-def run_config_of(config: RunConfig, out_dir: str) -> dict[str, Any]:
+def run_config_of(settings: Settings, out_dir: str) -> dict[str, Any]:
     """The Flower run config of a run: every setting, and the server's output folder."""
-    return {**config.to_flat(), OUT_DIR: out_dir}
+    return {**settings.to_run_config(), OUT_DIR: out_dir}
 
 
-def settings_from_run_config(run_config: dict[str, Any]) -> tuple[RunConfig, str | None]:
-    """The run's settings and output folder from a Flower run config."""
+def split_run_config(run_config: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """A Flower run config's settings (``Settings.updated`` reads them) and output folder."""
     values = dict(run_config)
     out_dir = values.pop(OUT_DIR, None)
-    return RunConfig().updated(values), None if out_dir is None else str(out_dir)
+    return values, None if out_dir is None else str(out_dir)
 
 
 # --- the node ---

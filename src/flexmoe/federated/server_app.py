@@ -8,7 +8,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from flexmoe.federated.federation import run_federation
-from flexmoe.federated.protocol import settings_from_run_config
+from flexmoe.federated.protocol import split_run_config
+from flexmoe.federated.run import Resume, resolve_run
 from flexmoe.io import folder_lock
 
 DEFAULT_OUT = "runs/flwr-run"
@@ -18,8 +19,10 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for `flwr run`: settings and the output folder come from the run config."""
-    settings, out = settings_from_run_config(dict(context.run_config))
+    """Entry point for `flwr run`: settings and the output folder come from the run config; a
+    run saved in that folder is continued."""
+    given, out = split_run_config(dict(context.run_config))
     folder = Path(out or DEFAULT_OUT)
     with folder_lock(folder):
-        run_federation(grid, settings, folder, progress=False)
+        run = resolve_run(folder, given=given, resume=Resume.IF_SAVED)
+        run_federation(grid, run, progress=False)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import warnings
-from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from flwr.app import Context
@@ -20,91 +17,62 @@ from flexmoe.client import truncation_report
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluation.diagnostics import mmlu_questions
 from flexmoe.federated.client_app import make_client_app, simulated_threads
-from flexmoe.federated.federation import (
-    check_client_states,
-    check_out,
-    load_checkpoint,
-    run_federation,
-)
+from flexmoe.federated.federation import run_federation
 from flexmoe.federated.reaper import reaped
-from flexmoe.federated.strategies import make_strategy
+from flexmoe.federated.run import Run, check_client_states
 from flexmoe.flex.moe import find_moe_blocks
 from flexmoe.hardware import Placement
-from flexmoe.io import atomic_write_text, folder_lock
+from flexmoe.io import atomic_write_text
 from flexmoe.models.loading import load_model
 from flexmoe.results import (
-    CHECKPOINT_FILE,
     DATA_FILE,
     RESULTS_FILE,
     RunResults,
     read_results,
 )
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import Settings
 
 RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def simulate(
-    config: RunConfig,
-    out: Path,
-    progress: bool = True,
-    resume: bool = False,
-    regraft: Sequence[int] = (),
-) -> RunResults:
-    """Run ``config`` on ``config.clients`` simulated SuperNodes; returns the results.
+def simulate(run: Run, progress: bool = True) -> RunResults:
+    """Run ``run`` on one simulated SuperNode per client; returns the results.
 
-    ``resume`` continues the run saved in ``out``; without it a folder holding a run is refused.
-    A resumed run needs every client that took part to have its personal state, but for those
-    ``regraft`` names (``check_client_states``). The folder is held (``folder_lock``) from the
-    first check to the last write.
+    The caller holds the run's folder from its resolution to the last write (``claimed``). A
+    resumed run needs every client that took part to have its personal state, but for those
+    ``run.regraft`` names (``check_client_states``).
     """
-    made = not out.exists()
-    try:
-        with folder_lock(out):
-            check_out(out, config, resume)
-            if (out / CHECKPOINT_FILE).is_file():  # read whole: damage shows before Ray starts
-                load_checkpoint(out, make_strategy(config.chosen_method(), config))
-                check_client_states(out, regraft)
-            elif regraft:
-                raise FlexMoEError("--regraft applies to a resumed run; give it with --resume")
-            atomic_write_text(out / DATA_FILE, json.dumps(check_run(config), indent=1) + "\n")
-            return _simulate(config, out, progress, resume, regraft)
-    except BaseException:
-        if made and not (out / CHECKPOINT_FILE).exists():  # a bad model or data: nothing to keep
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
-def _simulate(
-    config: RunConfig, out: Path, progress: bool, resume: bool, regraft: Sequence[int]
-) -> RunResults:
+    check_client_states(run)
+    report = check_run(run.settings)
+    atomic_write_text(run.out / DATA_FILE, json.dumps(report, indent=1) + "\n")
     failures: list[BaseException] = []
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_federation(grid, config, out, progress, resume, regraft)
+            run_federation(grid, run, progress)
         except BaseException as error:  # re-raised below, outside Flower's runtime
             failures.append(error)
 
+    settings = run.settings
     _quiet_flower()
     keep_ray_on_loopback()
     with reaped():  # no Ray process outlives this one, even if it is killed
         _start_ray(num_cpus=os.cpu_count() or 1)
         run_simulation(
             server_app=server,
-            client_app=make_client_app(config),
-            num_supernodes=config.clients,
+            client_app=make_client_app(settings),
+            num_supernodes=settings.federation.clients,
             backend_config={
                 "client_resources": client_resources(
-                    Placement.resolve(config.device, config.dtype), simulated_threads(config)
+                    Placement.resolve(settings.device, settings.dtype), simulated_threads(settings)
                 )
             },
         )
     if failures:
         raise failures[0]
-    results = out / RESULTS_FILE
+    results = run.out / RESULTS_FILE
     if not results.is_file():
         raise FlexMoEError(f"the run ended without writing {results}; see the log above")
     return read_results(results)
@@ -124,25 +92,25 @@ def client_resources(placement: Placement, cpu_threads: int) -> dict[str, float]
     return {"num_cpus": max(1, (os.cpu_count() or 1) // gpus), "num_gpus": 1.0}
 
 
-def check_run(config: RunConfig) -> dict[str, dict[str, int]]:
+def check_run(settings: Settings) -> dict[str, dict[str, int]]:
     """Fail early, with a clear error, on a bad model, data set or setting that needs the model,
     rather than inside a client; returns the data's ``truncation_report``.
 
     The model is checked on the host in the clients' dtype, so that the clients' accelerators
     hold only their own copies.
     """
-    placement = Placement.resolve(config.device, config.dtype)  # no such device: one line
-    make_strategy(config.chosen_method(), config)  # settings the strategy refuses: one line
-    model, _ = load_model(config.model, Placement(torch.device("cpu"), placement.dtype))
-    if config.chosen_method().grafts:
+    placement = Placement.resolve(settings.device, settings.dtype)  # no such device: one line
+    model, _ = load_model(settings.model, Placement(torch.device("cpu"), placement.dtype))
+    wanted = settings.graft.experts_per_layer
+    if settings.chosen_method().grafts:
         experts = min(view.num_experts for view in find_moe_blocks(model))
-        if config.experts_per_layer > experts:
+        if wanted > experts:
             raise FlexMoEError(
-                f"experts-per-layer {config.experts_per_layer} is more than the {experts} "
-                f"experts per layer of {config.model}; give at most {experts}"
+                f"experts-per-layer {wanted} is more than the {experts} experts per layer of "
+                f"{settings.model}; give at most {experts}"
             )
-    report = truncation_report(config)
-    if config.diagnostics and config.mmlu_per_topic:
+    report = truncation_report(settings)
+    if settings.evaluation.diagnostics and settings.evaluation.mmlu_per_topic:
         mmlu_questions()  # fetched once here, not by every client at once
     return report
 

@@ -21,9 +21,8 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from flexmoe.errors import FlexMoEError
 from flexmoe.methods import Aggregation, Method
-from flexmoe.runconfig import RunConfig
+from flexmoe.settings import FederationSettings, PrivacySettings, Settings, TrainSettings
 
 # Server-optimiser settings of OpenFedLLM, the code base the paper builds on (eta: server-lr).
 TAU = 1e-3
@@ -32,79 +31,74 @@ SERVER_MOMENTUM = 0.9
 STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
 
 
-def make_strategy(method: Method, config: RunConfig) -> Strategy:
-    """The strategy that aggregates ``method``'s shared parameters (FedAvg when none are),
+def make_strategy(settings: Settings) -> Strategy:
+    """The strategy that aggregates the method's shared parameters (FedAvg when none are),
     wrapped in Flower's client-side fixed-clipping DP when the run is private."""
-    strategy = _aggregation(method, config)
-    return _with_privacy(strategy, method, config) if config.private else strategy
+    strategy = _aggregation(settings.chosen_method(), settings.federation, settings.train)
+    if not settings.privacy.enabled:
+        return strategy
+    return _with_privacy(strategy, settings.federation.clients, settings.privacy)
 
 
-def _aggregation(method: Method, config: RunConfig) -> FedAvg:
+def _aggregation(method: Method, federation: FederationSettings, train: TrainSettings) -> FedAvg:
     common = {
-        "fraction_train": config.fraction_train,
+        "fraction_train": federation.fraction_train,
         "fraction_evaluate": 1.0,
         # Flower sizes a sample from the nodes connected so far: state the size outright.
-        "min_train_nodes": max(1, math.floor(config.fraction_train * config.clients)),
-        "min_evaluate_nodes": config.clients,
-        "min_available_nodes": config.clients,
+        "min_train_nodes": max(1, math.floor(federation.fraction_train * federation.clients)),
+        "min_evaluate_nodes": federation.clients,
+        "min_available_nodes": federation.clients,
     }
     if not method.federated:
         return FedAvg(**common)  # configures the rounds; nothing is aggregated
-    if config.aggregation != "mean":
-        if method.aggregation is not Aggregation.FEDAVG:
-            raise FlexMoEError(
-                f"aggregation={config.aggregation} replaces FedAvg's mean, and {method.name} "
-                "aggregates with its own server optimiser; use aggregation=mean"
-            )
-        if config.aggregation == "median":
-            return FedMedian(**common)
-        return FedTrimmedAvg(**common, beta=config.trim_fraction)
-    return STRATEGIES[method.aggregation](common, config)
+    if federation.aggregation == "median":
+        return FedMedian(**common)
+    if federation.aggregation == "trimmed-mean":
+        return FedTrimmedAvg(**common, beta=federation.trim_fraction)
+    return STRATEGIES[method.aggregation](common, federation, train)
 
 
-STRATEGIES: dict[Aggregation, Callable[[dict, RunConfig], FedAvg]] = {
-    Aggregation.FEDAVG: lambda common, _: FedAvg(**common),
-    Aggregation.FEDPROX: lambda common, c: FedProx(**common, proximal_mu=c.proximal_mu),
-    Aggregation.FEDAVGM: lambda common, _: FedAvgM(**common, server_momentum=SERVER_MOMENTUM),
-    Aggregation.FEDADAM: lambda common, c: FedAdam(**common, **_fedopt(c), **ADAPTIVE_BETAS),
-    Aggregation.FEDYOGI: lambda common, c: FedYogi(**common, **_fedopt(c), **ADAPTIVE_BETAS),
-    Aggregation.FEDADAGRAD: lambda common, c: FedAdagrad(**common, **_fedopt(c)),
+STRATEGIES: dict[Aggregation, Callable[..., FedAvg]] = {
+    Aggregation.FEDAVG: lambda common, *_: FedAvg(**common),
+    Aggregation.FEDPROX: lambda common, f, _: FedProx(**common, proximal_mu=f.proximal_mu),
+    Aggregation.FEDAVGM: lambda common, *_: FedAvgM(**common, server_momentum=SERVER_MOMENTUM),
+    Aggregation.FEDADAM: lambda common, *rates: FedAdam(
+        **common, **_fedopt(*rates), **ADAPTIVE_BETAS
+    ),
+    Aggregation.FEDYOGI: lambda common, *rates: FedYogi(
+        **common, **_fedopt(*rates), **ADAPTIVE_BETAS
+    ),
+    Aggregation.FEDADAGRAD: lambda common, *rates: FedAdagrad(**common, **_fedopt(*rates)),
 }
 
 
-def _fedopt(config: RunConfig) -> dict[str, float]:
+def _fedopt(federation: FederationSettings, train: TrainSettings) -> dict[str, float]:
     """A server optimiser's rates: eta is the server's, eta_l (recorded only) the clients'."""
-    return {"eta": config.server_lr, "eta_l": config.lr, "tau": TAU}
+    return {"eta": federation.server_lr, "eta_l": train.lr, "tau": TAU}
 
 
-def _with_privacy(strategy: FedAvg, method: Method, config: RunConfig) -> Strategy:
+def _with_privacy(strategy: FedAvg, clients: int, privacy: PrivacySettings) -> Strategy:
     """``strategy`` with each client's update clipped to ``dp-clipping-norm`` (by the clients'
     mod) and Gaussian noise of ``dp-noise-multiplier`` x that norm over the clients averaged
     added to the aggregate, the privacy spent accounted by Flower's RDP accountant.
 
     What is clipped and noised is what is federated: the shared parameters, and only them.
+    Which methods may be private the settings check (``Settings``): FedAvg's mean only.
     """
-    if not method.federated:
-        raise FlexMoEError(f"{method.name} federates nothing, so it has nothing to make private")
-    if type(strategy).aggregate_train is not FedAvg.aggregate_train:
-        raise FlexMoEError(
-            f"differential privacy is accounted for FedAvg's mean; {method.name} with "
-            f"aggregation={config.aggregation} aggregates otherwise"
-        )
     accountant = None
-    if config.dp_noise_multiplier > 0:
+    if privacy.dp_noise_multiplier > 0:
         accountant = RdpAccountant(
             PrivacyConfig(
-                target_delta=config.dp_delta,
-                population_size=config.clients,
+                target_delta=privacy.dp_delta,
+                population_size=clients,
                 neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
                 sampling_method=SamplingMethod.NO_AMPLIFICATION,  # no credit for sampling
             )
         )
     return DifferentialPrivacyClientSideFixedClipping(
         strategy,
-        config.dp_noise_multiplier,
-        config.dp_clipping_norm,
+        privacy.dp_noise_multiplier,
+        privacy.dp_clipping_norm,
         strategy.min_train_nodes,  # the clients sampled each round
         accountant=accountant,
     )

@@ -3,10 +3,11 @@ client's data, graft them as personal experts, and assign every parameter a role
 
 Read bottom to top: ``moe`` (a view of any transformers MoE block), ``selection`` (which
 experts), ``graft`` (personal experts behind a sigmoid gate), ``sharing`` and ``roles`` (what is
-shared, personal or frozen), ``model`` (``FlexModel``, the PEFT-like wrapper).
+shared, personal or frozen), ``config`` (``FlexConfig``: what a client grafts, its settings),
+``model`` (``FlexModel``, the PEFT-like wrapper).
 
-The names below load on first use, so that ``flexmoe.flex.sharing`` (read by the settings)
-imports no torch.
+The names below load on first use, so that ``flexmoe.flex.config`` and ``flexmoe.flex.sharing``
+(read by the settings) import no torch.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from flexmoe.flex.config import FlexConfig, GraftSettings
     from flexmoe.flex.graft import LayerGraft
-    from flexmoe.flex.model import FlexConfig, FlexModel, initial_shared_state
+    from flexmoe.flex.model import FlexModel, initial_shared_state
     from flexmoe.flex.moe import MoEBlockView, find_moe_blocks
     from flexmoe.flex.roles import Role, parameter_roles
     from flexmoe.flex.selection import LayerChoice, select_experts
     from flexmoe.flex.sharing import SharedConfig
 
 _EXPORTS = {
-    "FlexConfig": "model",
+    "FlexConfig": "config",
+    "GraftSettings": "config",
     "FlexModel": "model",
     "initial_shared_state": "model",
     "LayerChoice": "selection",
@@ -38,6 +41,7 @@ _EXPORTS = {
 __all__ = [
     "FlexConfig",
     "FlexModel",
+    "GraftSettings",
     "LayerChoice",
     "LayerGraft",
     "MoEBlockView",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 
 from flexmoe import __version__
 from flexmoe.errors import FlexMoEError
+from flexmoe.flex.config import FlexConfig
 from flexmoe.flex.graft import (
     ADAPTER_DTYPE,
     LayerGraft,
@@ -55,28 +56,6 @@ CONFIG_NAME = "flexmoe_config.json"
 PERSONAL_WEIGHTS = "personal.safetensors"
 SHARED_WEIGHTS = "shared.safetensors"
 GRAFT_PLAN_KEY = "flexmoe_grafts"  # personal weights' metadata: [layer, experts, sizes] each
-
-
-@dataclass(frozen=True)
-class FlexConfig:
-    """How a client personalises: what it grafts and what it shares."""
-
-    experts_per_layer: int = 1
-    size_ratio: float = 1.0
-    selection: str = "top"
-    seed: int = 0
-    gate_bias: float = 0.0
-    shared: SharedConfig = field(default_factory=SharedConfig)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> FlexConfig:
-        """A config as ``asdict`` wrote it; a TypeError names a field of the wrong type."""
-        for spec in fields(cls):
-            kind = type(spec.default) if spec.name != "shared" else dict
-            value = data.get(spec.name, spec.default if spec.name != "shared" else {})
-            if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
-                raise TypeError(f"{spec.name} must be {kind.__name__}, got {value!r:.40}")
-        return cls(**{**data, "shared": SharedConfig(**data.get("shared", {}))})
 
 
 class FlexModel(nn.Module):
@@ -283,7 +262,7 @@ def _read_config(directory: Path) -> SavedAdapter:
             grafts=[LayerGraft.from_dict(g) for g in saved["grafts"]],
             config=FlexConfig.from_dict(saved["config"]),
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError, FlexMoEError) as error:
         raise FlexMoEError(
             f"{str(path)!r} is not a valid adapter config ({type(error).__name__}: {error}); "
             "make the adapter again"

@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 
 from flexmoe.data import on_model_device
 from flexmoe.errors import FlexMoEError
+from flexmoe.flex.config import SELECTION_STRATEGIES
 from flexmoe.flex.moe import MoEBlockView
 
-STRATEGIES = ("top", "greedy", "exhaustive", "random")
 MAX_EXHAUSTIVE_SETS = 5000
 MAX_MIXED_ELEMENTS = 2**25  # bounds the [sets, tokens, hidden] tensor scored at once
 
@@ -182,8 +182,10 @@ def capture_block_inputs(views: Sequence[MoEBlockView]) -> Iterator[dict[int, to
 def _validate(
     views: Sequence[MoEBlockView], batches: Sequence[Batch], r: int, strategy: str
 ) -> None:
-    if strategy not in STRATEGIES:
-        raise FlexMoEError(f"unknown selection strategy {strategy!r}; choose one of {STRATEGIES}")
+    if strategy not in SELECTION_STRATEGIES:
+        raise FlexMoEError(
+            f"unknown selection strategy {strategy!r}; choose one of {SELECTION_STRATEGIES}"
+        )
     if not batches:
         raise FlexMoEError("no local data to select experts from: the data set is empty")
     num_experts = min(v.num_experts for v in views)

@@ -1,16 +1,19 @@
-"""Run settings: described and checked where they are parsed, one error line before Ray starts."""
+"""Run settings: declared once in groups, checked where they are parsed (one error line before
+Ray starts), read from flat, dotted and grouped names alike."""
 
 import re
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
-from flexmoe import data, runconfig
+from flexmoe import data
 from flexmoe.cli import main
 from flexmoe.data import SCHEMES
 from flexmoe.errors import FlexMoEError
-from flexmoe.runconfig import SPLITS, RunConfig, settings_table
+from flexmoe.flex import config as flex_config
+from flexmoe.settings import SPLITS, Settings, flower_app_config, settings_table
 from tests import ROOT
 
 
@@ -76,27 +79,78 @@ def test_more_grafted_experts_than_the_model_has_is_refused_before_ray_starts(
 
 
 def test_settings_keep_their_types_and_parse_command_line_text():
-    config = RunConfig().updated({"rounds": "3", "alpha": 2, "lr": "2e-3", "model": "x"})
-    assert (config.rounds, config.alpha, config.lr) == (3, 2.0, 2e-3)
-    assert isinstance(config.alpha, float)
+    config = Settings().updated({"rounds": "3", "alpha": 2, "lr": "2e-3", "model": "x"})
+    assert (config.federation.rounds, config.data.alpha, config.train.lr) == (3, 2.0, 2e-3)
+    assert isinstance(config.data.alpha, float)
     with pytest.raises(FlexMoEError, match="alpha must be above 0"):
-        RunConfig(alpha=0.0)
+        Settings.of(alpha=0.0)
 
 
 def test_split_and_selection_token_names_are_the_data_layers():
     assert SPLITS == SCHEMES
-    assert runconfig.SELECTION_TOKENS == data.SELECTION_TOKENS
+    assert flex_config.SELECTION_TOKENS == data.SELECTION_TOKENS
 
 
-def test_readme_table_of_settings_is_made_from_their_descriptions():
+def test_the_docs_table_and_the_flower_app_config_are_made_from_the_declarations():
     assert settings_table() in (ROOT / "docs" / "running.md").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    declared = tomllib.loads(flower_app_config())["tool"]["flwr"]["app"]["config"]
+    assert tomllib.loads(pyproject)["tool"]["flwr"]["app"]["config"] == declared
+    assert "\n".join(flower_app_config().splitlines()[1:]) in pyproject
+
+
+def test_flat_dotted_and_grouped_names_set_the_same_setting():
+    flat = Settings.of(lr=0.01, selection_tokens="answer", data="x.jsonl")
+    dotted = Settings().updated(
+        {"train.lr": 0.01, "graft.selection-tokens": "answer", "data.source": "x.jsonl"}
+    )
+    grouped = Settings().updated(
+        {"train": {"lr": 0.01}, "graft": {"selection_tokens": "answer"}, "data": "x.jsonl"}
+    )
+    assert flat == dotted == grouped != Settings()
+    assert (flat.train.lr, flat.graft.selection_tokens, flat.data.source) == (
+        0.01,
+        "answer",
+        "x.jsonl",
+    )
+    assert Settings().updated(flat.to_run_config()) == flat  # Flower's run config comes back
+    assert Settings().updated(flat.to_record()) == flat  # and so does a checkpoint's record
+
+
+@pytest.mark.parametrize(
+    ("values", "phrase"),
+    [
+        ({"train.colour": 1}, "unknown setting 'train.colour'"),
+        ({"colours.lr": 1}, "unknown setting group 'colours'"),
+        ({"train": {"lr": "fast"}}, "lr must be a number, got 'fast'"),
+    ],
+)
+def test_a_bad_dotted_or_grouped_name_is_one_error(values, phrase):
+    with pytest.raises(FlexMoEError, match=re.escape(phrase)):
+        Settings().updated(values)
+
+
+def test_a_toml_file_may_group_its_settings(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('method = "fedavg"\n[train]\nlr = 0.01\n[federation]\nrounds = 3\n')
+    assert Settings.from_toml(config) == Settings.of(method="fedavg", lr=0.01, rounds=3)
+
+
+def test_graft_plan_and_eval_take_their_options_from_the_same_declarations(capsys):
+    for argv in (["graft", "--help"], ["plan", "--help"], ["eval", "cost", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    help_text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    for spec in flex_config.GraftSettings.specs():
+        assert spec.metadata["help"] in help_text
+    assert "--selection-tokens" in help_text
 
 
 def test_every_setting_has_a_description_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     help_text = re.sub(r"\s+", " ", capsys.readouterr().out)
-    for name in RunConfig().to_flat():
+    for name in Settings().to_flat():
         assert f"--{name} " in help_text
 
 
@@ -114,20 +168,16 @@ def test_the_command_line_imports_no_torch_until_a_command_needs_it(call):
 
 
 def test_a_run_saved_before_newer_settings_resumes_with_their_defaults(tmp_path):
-    import json
 
-    from flexmoe.runconfig import ADDED_LATER
+    from flexmoe.federated.run import ADDED_LATER, saved_settings
 
-    old = {k: v for k, v in RunConfig(rounds=3).to_flat().items() if k not in ADDED_LATER}
-    (tmp_path / "checkpoint.json").write_text(json.dumps({"run_id": "r", "config": old}))
-    assert RunConfig.saved_in(tmp_path) == RunConfig(rounds=3)
+    old = {k: v for k, v in Settings.of(rounds=3).to_flat().items() if k not in ADDED_LATER}
+    assert saved_settings(tmp_path, old) == Settings.of(rounds=3)
     del old["lr"]  # a setting every checkpoint has: its absence is damage
-    (tmp_path / "checkpoint.json").write_text(json.dumps({"run_id": "r", "config": old}))
     with pytest.raises(FlexMoEError, match="saved settings are damaged \\(no lr\\)"):
-        RunConfig.saved_in(tmp_path)
+        saved_settings(tmp_path, old)
     # a run made before fixed test pools split its data another way: refused, not misread
     for name in ("lr", "categories", "test-per-category"):
         old.pop(name, None)
-    (tmp_path / "checkpoint.json").write_text(json.dumps({"run_id": "r", "config": old}))
     with pytest.raises(FlexMoEError, match=r"before fixed test pools.*start a new run"):
-        RunConfig.saved_in(tmp_path)
+        saved_settings(tmp_path, old)

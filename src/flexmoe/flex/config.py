@@ -1,0 +1,55 @@
+"""How a client grafts: ``GraftSettings`` (a run's ``graft`` group and ``flexmoe graft``'s
+options) and ``FlexConfig``, those with what the method decides (selection, seed, sharing).
+
+Plain data without torch: the settings and the command line read it cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Self
+
+from flexmoe.flex.sharing import SharedConfig
+from flexmoe.schema import Group, at_least, between, one_of, setting
+
+SELECTION_STRATEGIES = ("top", "greedy", "exhaustive", "random")
+# the tokens the criterion may score (flexmoe.data.SELECTION_TOKENS; a test keeps them equal)
+SELECTION_TOKENS = ("all", "content", "answer")
+
+
+@dataclass(frozen=True)
+class GraftSettings(Group):
+    """Which experts a client grafts, and how they start."""
+
+    experts_per_layer: int = setting(1, "experts grafted per MoE layer (FLEx)", at_least(1))
+    size_ratio: float = setting(
+        1.0, "share of a grafted expert's neurons kept", between(0, 1, True)
+    )
+    gate_bias: float = setting(0.0, "initial bias of the grafted experts' gates", between(-30, 30))
+    selection_tokens: str = setting(
+        "all",
+        "tokens the grafting criterion scores: all, content (instruction, input and answer "
+        "without the prompt template) or answer",
+        one_of(SELECTION_TOKENS),
+    )
+
+
+@dataclass(frozen=True)
+class FlexConfig(GraftSettings):
+    """How a client personalises: what it grafts (``GraftSettings``), how it selects, and what
+    it shares. Saved with every adapter."""
+
+    selection: str = setting(
+        "top",
+        "top (the paper's: the lowest single-expert losses), greedy, exhaustive or random",
+        one_of(SELECTION_STRATEGIES),
+    )
+    seed: int = setting(0, "of a random selection", at_least(0))
+    shared: SharedConfig = field(default_factory=SharedConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """A config as ``asdict`` wrote it (an adapter's); its settings are checked as made."""
+        values = dict(data)
+        shared = values.pop("shared", {})
+        return replace(cls.from_values(values), shared=SharedConfig(**shared))
