@@ -121,6 +121,7 @@ def test_flat_dotted_and_grouped_names_set_the_same_setting():
     ("values", "phrase"),
     [
         ({"train.colour": 1}, "unknown setting 'train.colour'"),
+        ({"colour": 1}, "unknown setting 'colour'; known: aggregation, alpha, batch-size"),
         ({"colours.lr": 1}, "unknown setting group 'colours'"),
         ({"train": {"lr": "fast"}}, "lr must be a number, got 'fast'"),
     ],

@@ -319,6 +319,10 @@ class Settings(Group):
             for name, group_values in grouped.items()
             if group_values
         }
+        unknown = sorted(set(map(snake, mine)) - {spec.name for spec in self.specs()})
+        if unknown:
+            names = ", ".join(sorted(self.to_flat()))
+            raise FlexMoEError(f"unknown setting {where + kebab(unknown[0])!r}; known: {names}")
         own = super().updated(mine, where) if mine else self
         return replace(own, **changes)
 

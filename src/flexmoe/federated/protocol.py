@@ -24,6 +24,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.records import arrays_to_state, state_to_arrays
 from flexmoe.results import Diagnostics, from_plain, to_plain
+from flexmoe.schema import Group, at_least, parsed, setting, typed
 from flexmoe.settings import Settings
 
 State = dict[str, torch.Tensor]
@@ -93,15 +94,17 @@ def split_run_config(run_config: dict[str, Any]) -> tuple[dict[str, Any], str | 
 
 
 @dataclass(frozen=True)
-class NodeLimits:
+class NodeLimits(Group):
     """What a node lets the server ask of it. The server chooses batch size, steps and test
     size; at 1 each, a reply's losses would be one example's. A SuperNode's defaults keep every
     reported number an average over several examples and keep diagnostics (category names,
     routing histograms, graft losses) on the node."""
 
-    min_batch_size: int = 4
-    min_test_size: int = 8
-    share_diagnostics: bool = False
+    min_batch_size: int = setting(4, "the least batch-size this node trains with", at_least(1))
+    min_test_size: int = setting(8, "the least max-test this node evaluates on", at_least(1))
+    share_diagnostics: bool = setting(
+        False, "report category names, test ids, knowledge, routing and graft losses"
+    )
 
 
 DEPLOYED = NodeLimits()  # a SuperNode's defaults, which its --node-config may change
@@ -129,21 +132,17 @@ class NodeConfig:
                 "this SuperNode has no partition-id; start it with "
                 "--node-config 'partition-id=I num-partitions=N'"
             )
-        partitions = node.get(NUM_PARTITIONS)
-        share = node.get(SHARE_DIAGNOSTICS, defaults.share_diagnostics)
+        limits = (MIN_BATCH_SIZE, MIN_TEST_SIZE, SHARE_DIAGNOSTICS)
+        given = {key: node[key] for key in limits if key in node}
         return cls(
-            partition_id=int(node[PARTITION_ID]),
-            num_partitions=None if partitions is None else int(partitions),
+            partition_id=_whole_number(node, PARTITION_ID),
+            num_partitions=_whole_number(node, NUM_PARTITIONS),
             state_dir=str(node[STATE_DIR]) if node.get(STATE_DIR) else None,
-            threads=int(node.get(THREADS, 1)),
+            threads=_whole_number(node, THREADS, 1),
             worker_socket=str(node[WORKER_SOCKET]) if node.get(WORKER_SOCKET) else None,
             device=str(node[DEVICE]) if node.get(DEVICE) else None,
             data=str(node[DATA]) if node.get(DATA) else None,
-            limits=NodeLimits(
-                min_batch_size=int(node.get(MIN_BATCH_SIZE, defaults.min_batch_size)),
-                min_test_size=int(node.get(MIN_TEST_SIZE, defaults.min_test_size)),
-                share_diagnostics=share if isinstance(share, bool) else str(share) == "true",
-            ),
+            limits=defaults.updated(given, "node-config "),
         )
 
     def to_flat(self) -> dict[str, int | str | bool]:
@@ -166,6 +165,12 @@ class NodeConfig:
         if self.data is not None:
             flat[DATA] = self.data
         return flat
+
+
+def _whole_number(node: dict[str, Any], key: str, default: int | None = None) -> int | None:
+    """A whole number of a node config (text or a number), or ``default`` when it is not set."""
+    value = node.get(key, default)
+    return None if value is None else typed(key, int, parsed(key, int, value))
 
 
 # --- a round's request ---
