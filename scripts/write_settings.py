@@ -19,12 +19,17 @@ SETTINGS_TABLE = re.compile(r"^\| option \| TOML / run config \|.*?\n(?=\n|\Z)",
 def write_pyproject(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     match = APP_CONFIG.search(text)
+    if match is None:
+        raise SystemExit(f"{path} has no [tool.flwr.app.config] table to write")
     table = flower_app_config().split("\n", 1)[1] + "\n"
-    path.write_text(text[: match.start("table")] + table + text[match.end("table") :])
+    new = text[: match.start("table")] + table + text[match.end("table") :]
+    path.write_text(new, encoding="utf-8")
 
 
 def write_docs(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
+    if SETTINGS_TABLE.search(text) is None:
+        raise SystemExit(f"{path} has no settings table to write")
     path.write_text(SETTINGS_TABLE.sub(settings_table() + "\n", text, count=1), encoding="utf-8")
 
 

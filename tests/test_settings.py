@@ -117,9 +117,21 @@ def test_flat_dotted_and_grouped_names_set_the_same_setting():
     assert Settings().updated(flat.to_record()) == flat  # and so does a checkpoint's record
 
 
+def test_a_method_and_its_settings_change_together():
+    median = Settings.of(aggregation="median")
+    assert median.updated({"method": "fedadam", "aggregation": "mean"}).method == "fedadam"
+    private = Settings.of(dp_clipping_norm=1.0)
+    assert private.updated({"method": "local", "dp-clipping-norm": 0.0}).method == "local"
+    with pytest.raises(FlexMoEError, match="fedadam aggregates with its own server optimiser"):
+        median.updated({"method": "fedadam"})
+
+
 @pytest.mark.parametrize(
     ("values", "phrase"),
     [
+        ({"train.rounds": 4}, "rounds is a setting of [federation], not of [train]"),
+        ({"lr": 0.1, "train.lr": 0.2}, "train.lr is given twice"),
+        ({"data": {"data": "x", "source": "y"}}, "data.source is given twice"),
         ({"train.colour": 1}, "unknown setting 'train.colour'"),
         ({"colour": 1}, "unknown setting 'colour'; known: aggregation, alpha, batch-size"),
         ({"colours.lr": 1}, "unknown setting group 'colours'"),

@@ -55,8 +55,8 @@ class Method:
 
     @property
     def averages(self) -> bool:
-        """Whether its server takes FedAvg's weighted mean of the updates (FedProx's too), which
-        a robust aggregation may replace and differential privacy is accounted for."""
+        """Whether its server takes FedAvg's weighted mean of the updates (FedProx's too): the
+        aggregate differential privacy is accounted for."""
         return self.aggregation in (Aggregation.FEDAVG, Aggregation.FEDPROX)
 
     @property

@@ -91,15 +91,24 @@ class Group:
 
     def updated(self, values: dict[str, Any], where: str = "") -> Self:
         """A copy with ``values`` applied (see ``from_values``)."""
-        known = {snake(option_name(s)): s for s in self.specs()} | {s.name: s for s in self.specs()}
+        return replace(self, **self.changes(values, where))
+
+    @classmethod
+    def changes(cls, values: dict[str, Any], where: str = "") -> dict[str, Any]:
+        """``{field: value}`` of ``values`` (by field or option name), parsed; a name that is
+        not this group's, or one setting given twice, is one error."""
+        specs = list(cls.specs())
+        known = {snake(option_name(s)): s for s in specs} | {s.name: s for s in specs}
         changes = {}
         for key, value in values.items():
             spec = known.get(snake(key))
             if spec is None:
-                names = ", ".join(sorted(option_name(s) for s in self.specs()))
+                names = ", ".join(sorted(kebab(s.name) for s in specs))
                 raise FlexMoEError(f"unknown setting {where + key!r}; known: {names}")
+            if spec.name in changes:
+                raise FlexMoEError(f"{where + kebab(spec.name)} is given twice")
             changes[spec.name] = parsed(option_name(spec), type(spec.default), value)
-        return replace(self, **changes)
+        return changes
 
     def to_flat(self) -> dict[str, Scalar]:
         """``{option name: value}`` of every setting, in declaration order."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.flex.config import GraftSettings
-from flexmoe.methods import METHODS, Method, get_method
+from flexmoe.methods import METHODS, Aggregation, Method, get_method
 from flexmoe.placement import DEVICE_FORMS, device_problem, dtype_problem
 from flexmoe.schema import (
     Group,
@@ -38,6 +38,9 @@ from flexmoe.schema import (
 SPLITS = ("pathological", "dirichlet", "iid")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 EVAL_SPLITS = ("test", "validation")
+# Flower's run config also names the server's output folder, which is no setting
+OUT_DIR = "out-dir"
+FLOWER_OUT_DIR = "runs/flwr-run"  # its default, for `flwr run .`
 # how a run waits, not what it computes: two runs apart only here have the same results
 RUNTIME_SETTINGS = ("reply-timeout",)
 RESUMABLE_SETTINGS = ("rounds", *RUNTIME_SETTINGS)  # what a resumed run may change
@@ -240,7 +243,11 @@ class Settings(Group):
         """Refuse what the method's server cannot do: a robust aggregation in place of its own
         server optimiser, or differential privacy of anything but FedAvg's mean."""
         aggregation = self.federation.aggregation
-        if aggregation != "mean" and method.federated and method.aggregation != "fedavg":
+        if (
+            aggregation != "mean"
+            and method.federated
+            and method.aggregation is not Aggregation.FEDAVG
+        ):
             raise FlexMoEError(
                 f"aggregation={aggregation} replaces FedAvg's mean, and {method.name} "
                 "aggregates with its own server optimiser; use aggregation=mean"
@@ -303,28 +310,24 @@ class Settings(Group):
         for key, value in values.items():
             group, _, name = key.rpartition(".")
             if not group and key in GROUPS and isinstance(value, dict):
-                grouped[key].update(value)
+                _add(grouped[key], value, key)
             elif group:
-                if group not in GROUPS:
-                    raise FlexMoEError(
-                        f"unknown setting group {group!r} in {key!r}; known: {', '.join(GROUPS)}"
-                    )
-                grouped[group][name] = value
+                _check_group(group, name, key)
+                _add(grouped[group], {name: value}, group)
             elif (owner := FLAT_OWNERS.get(snake(key))) is not None:
-                grouped[owner][key] = value
-            else:
+                _add(grouped[owner], {key: value}, owner)
+            elif snake(key) in {spec.name for spec in self.specs()}:
                 mine[key] = value
+            else:
+                names = ", ".join(sorted(self.to_flat()))
+                raise FlexMoEError(f"unknown setting {where + key!r}; known: {names}")
         changes = {
-            name: getattr(self, name).updated(group_values, f"{name}.")
+            name: replace(getattr(self, name), **GROUPS[name].changes(group_values, f"{name}."))
             for name, group_values in grouped.items()
             if group_values
         }
-        unknown = sorted(set(map(snake, mine)) - {spec.name for spec in self.specs()})
-        if unknown:
-            names = ", ".join(sorted(self.to_flat()))
-            raise FlexMoEError(f"unknown setting {where + kebab(unknown[0])!r}; known: {names}")
-        own = super().updated(mine, where) if mine else self
-        return replace(own, **changes)
+        # one replace, so that settings checked together are checked at their new values
+        return replace(self, **self.changes(mine, where), **changes)
 
     def to_flat(self) -> dict[str, Scalar]:
         """Every setting by its flat name: what checkpoints and results files record."""
@@ -346,6 +349,26 @@ class Settings(Group):
         """``{setting: (mine, other's)}`` for every setting in which the two differ."""
         mine, theirs = self.to_flat(), other.to_flat()
         return {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+
+
+def _add(group: dict[str, Any], values: dict[str, Any], name: str) -> None:
+    """Gather ``values`` for group ``name``; a setting given twice (flat and dotted, say) is
+    refused here, or by the group when given by its two names."""
+    for key, value in values.items():
+        if snake(key) in map(snake, group):
+            raise FlexMoEError(f"{name}.{kebab(key)} is given twice")
+        group[key] = value
+
+
+def _check_group(group: str, name: str, key: str) -> None:
+    """Refuse an unknown group, and name the group of a setting put in another one."""
+    if group not in GROUPS:
+        raise FlexMoEError(
+            f"unknown setting group {group!r} in {key!r}; known: {', '.join(GROUPS)}"
+        )
+    owner = FLAT_OWNERS.get(snake(name))
+    if owner is not None and owner != group:
+        raise FlexMoEError(f"{name} is a setting of [{owner}], not of [{group}] ({key!r})")
 
 
 # the group of every grouped setting's flat names (field and option), read for flat records
@@ -393,7 +416,7 @@ def settings_table() -> str:
 
 def flower_app_config() -> str:
     """The ``[tool.flwr.app.config]`` table of pyproject.toml, made from the declarations."""
-    lines = ["[tool.flwr.app.config]", 'out-dir = "runs/flwr-run"']
+    lines = ["[tool.flwr.app.config]", f"{OUT_DIR} = {_toml(FLOWER_OUT_DIR)}"]
     lines += [f"{d.key} = {_toml(d.default)}" for d in describe_settings()]
     return "\n".join(lines)
 

@@ -332,10 +332,14 @@ def run_eval_cost(args: argparse.Namespace) -> None:
 
     if args.adapter is not None and args.experts_per_layer:
         raise FlexMoEError("give --adapter or --experts-per-layer, not both")
+    configs = [  # checked before any model loads
+        FlexConfig.from_values({"experts_per_layer": count, "size_ratio": args.size_ratio})
+        for count in args.experts_per_layer or [1]
+    ]
     base, tokenizer = load_model(args.model, placement_of(args))
     texts = heldout_texts().values()
     batches = text_batches(tokenizer, texts, args.seq_len, args.batch_size, args.batches)
-    rows = _grafted_prices(args, base, batches)
+    rows = _grafted_prices(args, configs, base, batches)
     print(" ".join(f"{title:>{width}}" for title, width in COST_COLUMNS))
     for row in rows:
         latency = row["latency"]
@@ -356,8 +360,10 @@ COST_COLUMNS = (
 )  # fmt: skip
 
 
-def _grafted_prices(args: argparse.Namespace, base, batches: list) -> list[dict]:
-    """The price of the adapter given, or of a fresh graft of each --experts-per-layer count."""
+def _grafted_prices(
+    args: argparse.Namespace, configs: list[FlexConfig], base, batches: list
+) -> list[dict]:
+    """The price of the adapter given, or of a fresh graft of each of ``configs``."""
     from flexmoe.evaluation.cost import price_of_grafts
     from flexmoe.flex.model import FlexModel
     from flexmoe.models.loading import load_model
@@ -371,11 +377,16 @@ def _grafted_prices(args: argparse.Namespace, base, batches: list) -> list[dict]
             }
         ]
     rows = []
-    for count in args.experts_per_layer or [1]:
-        config = FlexConfig.from_values({"experts_per_layer": count, "size_ratio": args.size_ratio})
+    for config in configs:
         grafted, _ = FlexModel.graft(load_model(args.model, placement_of(args))[0], batches, config)
         price = price_of_grafts(grafted.model, base, batches, args.repeats)
-        rows.append({"experts_per_layer": count, "size_ratio": config.size_ratio, **price})
+        rows.append(
+            {
+                "experts_per_layer": config.experts_per_layer,
+                "size_ratio": config.size_ratio,
+                **price,
+            }
+        )
     return rows
 
 

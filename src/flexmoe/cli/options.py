@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flexmoe.schema import Group, option_name
+
+if TYPE_CHECKING:  # torch loads with the command that needs it, not with the parser
+    from flexmoe.hardware import Placement
 
 MODEL_HELP = "a local Hugging Face MoE folder, or a named model: tiny, smol-moe"
 
@@ -58,12 +61,12 @@ def add_placement_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def placement_of(args: argparse.Namespace):
+def placement_of(args: argparse.Namespace) -> Placement:
     """The ``Placement`` that ``--device`` and ``--dtype`` name, checked on this machine."""
     return checked_placement(args.device, args.dtype)
 
 
-def checked_placement(device: str, dtype: str):
+def checked_placement(device: str, dtype: str) -> Placement:
     """The placement named, resolved here, with a warning on stderr where it is slow."""
     import sys
 

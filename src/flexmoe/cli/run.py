@@ -139,7 +139,7 @@ def run_run(args: argparse.Namespace) -> None:
     from flexmoe.federated.run import Resume, claimed, resolve_run  # after the settings: heavy
     from flexmoe.federated.simulation import simulate
 
-    resume = Resume.NEVER if settings else Resume.REQUIRED
+    resume = Resume.REQUIRED if settings is None else Resume.NEVER
     with claimed(out):
         run = resolve_run(out, settings, given, resume, args.regraft)
         settings = run.settings

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -233,7 +233,7 @@ class ClientWorker:
         """The client's model at its first participation: grafted as its method says."""
         torch.manual_seed(self.seed)
         config = FlexConfig(
-            **vars(self.settings.graft),
+            **asdict(self.settings.graft),
             selection=self.method.selection,
             seed=self.seed,
             shared=self.method.shared,

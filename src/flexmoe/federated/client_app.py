@@ -16,12 +16,14 @@ import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import torch
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from flexmoe.errors import FlexMoEError
@@ -46,6 +48,9 @@ from flexmoe.federated.protocol import (
 )
 from flexmoe.hardware import Placement
 from flexmoe.settings import Settings
+
+if TYPE_CHECKING:  # transformers only where jobs run (``_cached_worker``)
+    from flexmoe.client import ClientWorker
 
 RUN_KEY_FORM = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -89,7 +94,7 @@ def _log_traceback() -> str:
     return path
 
 
-def clip_when_private(msg: Message, context: Context, call_next) -> Message:
+def clip_when_private(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's fixed-clipping mod when the server asks for clipping (a private run): the
     reply's update, its shared parameters minus the global ones, is clipped to that L2 norm."""
     if CLIPPING_NORM in msg.content.config_records.get(CONFIG, {}):
@@ -232,7 +237,9 @@ def in_order_sent(update: State | None, sent: State) -> State | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_worker(settings: Settings, partition: int, state_dir: Path, own_data: str | None):
+def _cached_worker(
+    settings: Settings, partition: int, state_dir: Path, own_data: str | None
+) -> ClientWorker:
     # transformers only where jobs run: a message's process that forwards it needs none
     from flexmoe.client import ClientWorker
     from flexmoe.models.loading import quiet_transformers

@@ -317,7 +317,7 @@ def _check_app_dir(app_dir: Path, run_config: Mapping[str, ConfigValue]) -> None
     flwr = tomllib.loads(pyproject.read_text())["tool"]["flwr"]
     if "federations" in flwr:
         raise FlexMoEError(
-            f"{pyproject} has a [tool.flwr.federations] table, which `flwr run` (1.41) moves "
+            f"{pyproject} has a [tool.flwr.federations] table, which `flwr run` (1.42) moves "
             "into its own config and comments out in the file; remove the table"
         )
     unknown = sorted(set(run_config) - set(_flat_keys(flwr["app"].get("config", {}))))

@@ -30,11 +30,9 @@ from flexmoe.federated.protocol import (
     TrainReply,
 )
 from flexmoe.federated.records import in_wire_dtype, state_to_arrays, wire_bytes
-from flexmoe.federated.run import Run
+from flexmoe.federated.run import Run, python_random_state
 from flexmoe.federated.strategies import (
     accountant_of,
-    make_strategy,
-    restore_strategy_state,
     strategy_state,
 )
 from flexmoe.federated.validation import screen_updates, sender
@@ -43,7 +41,6 @@ from flexmoe.io import atomic_write
 from flexmoe.methods import Method
 from flexmoe.results import (
     CHECKPOINT_DIR,
-    CHECKPOINT_FILE,
     CLIENTS_DIR,
     Checkpoint,
     ClientResult,
@@ -67,10 +64,9 @@ def run_federation(grid: Grid, run: Run, progress: bool = True) -> RunResults:
     a resumed run continues from its checkpoint, and the clients ``run.regraft`` names start
     afresh in its next round; the results record them.
     """
-    out, settings = run.out, run.settings
+    out, settings, strategy = run.out, run.settings, run.strategy
     remove_temporary_files(out)
-    strategy = make_strategy(settings)
-    state, arrays = start_or_resume(run, strategy)
+    state, arrays = start_or_resume(run)
     state.regrafted.update({str(client): state.round + 1 for client in run.regraft})
     wait_for_clients(grid, settings.federation.clients)
     session_started, wall_before = time.perf_counter(), state.wall_s
@@ -131,37 +127,21 @@ def train_round(
     return arrays, record
 
 
-def start_or_resume(run: Run, strategy: Strategy) -> tuple[Checkpoint, ArrayRecord]:
-    """The saved state of a resumed run, with the strategy's put back, or a new run's, saved at
-    once as round 0."""
+def start_or_resume(run: Run) -> tuple[Checkpoint, ArrayRecord]:
+    """The saved state of a resumed run (its strategy's put back by ``resolve_run``), or a new
+    run's, saved at once as round 0."""
     if run.saved is not None:
         # the same settings, but for RESUMABLE_SETTINGS
         state = replace(run.saved.state, config=run.settings.to_record())
-        restore_server_state(run, strategy)
+        if state.random_state is not None:  # node sampling goes on where it stopped
+            random.setstate(python_random_state(state.random_state))
         # in_wire_dtype: FedAdam's checkpoints of earlier versions hold float64
         arrays = ArrayRecord({k: Array(v) for k, v in run.saved.shared.items()})
         return state, in_wire_dtype(arrays)
     state = Checkpoint(run_id=secrets.token_hex(8), config=run.settings.to_record())
     arrays = initial_arrays(run.settings, run.method)
-    save_checkpoint(run.out, state, arrays, strategy)
+    save_checkpoint(run.out, state, arrays, run.strategy)
     return state, arrays
-
-
-def restore_server_state(run: Run, strategy: Strategy) -> None:
-    """Put the saved strategy state, privacy accountant and node-sampling state back."""
-    saved = run.saved
-    try:
-        restore_strategy_state(strategy, saved.strategy)
-        if saved.state.privacy_state is not None and accountant_of(strategy) is not None:
-            accountant_of(strategy).load_state_dict(saved.state.privacy_state)
-        if saved.state.random_state is not None:
-            version, internal, gauss = saved.state.random_state
-            random.setstate((version, tuple(internal), gauss))
-    except (KeyError, TypeError, ValueError) as error:
-        raise FlexMoEError(
-            f"{run.out / CHECKPOINT_FILE}: the saved server state is damaged ({error}); start "
-            "the run again in a new folder"
-        ) from None
 
 
 def remove_temporary_files(out: Path) -> None:

@@ -130,7 +130,7 @@ def console_script(name: str) -> list[str]:
     """The path of a console script (Flower's) installed next to this Python."""
     script = Path(sys.executable).parent / name
     if not script.exists():
-        raise FlexMoEError(f"{script} not found: install Flower with `pip install 'flwr>=1.41'`")
+        raise FlexMoEError(f"{script} not found: install Flower with `pip install 'flwr>=1.42'`")
     return [str(script)]
 
 

@@ -25,7 +25,7 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.federated.records import arrays_to_state, state_to_arrays
 from flexmoe.results import Diagnostics, from_plain, to_plain
 from flexmoe.schema import Group, at_least, parsed, setting, typed
-from flexmoe.settings import Settings
+from flexmoe.settings import OUT_DIR, Settings
 
 State = dict[str, torch.Tensor]
 Decoded = TypeVar("Decoded")
@@ -71,8 +71,6 @@ DATA = "data"
 MIN_BATCH_SIZE = "min-batch-size"
 MIN_TEST_SIZE = "min-test-size"
 SHARE_DIAGNOSTICS = "share-diagnostics"
-
-OUT_DIR = "out-dir"  # the server's output folder: a run-config key that is not a setting
 
 
 # --- the run ---

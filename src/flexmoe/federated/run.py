@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import random
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.serverapp.strategy import Strategy
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from flexmoe.client.state import StateStore
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.protocol import client_state_dir
+from flexmoe.federated.strategies import accountant_of, make_strategy, restore_strategy_state
 from flexmoe.io import folder_lock
 from flexmoe.methods import Method
 from flexmoe.results import (
@@ -83,6 +86,7 @@ class Run:
 
     settings: Settings
     out: Path
+    strategy: Strategy = field(compare=False, repr=False)  # built once; a resumed run's restored
     saved: Saved | None = None  # the checkpoint a resumed run continues from
     regraft: tuple[int, ...] = ()  # clients of a resumed run that start afresh
 
@@ -120,9 +124,34 @@ def resolve_run(
     if settings is None:
         settings = saved.settings if saved is not None else Settings()
     settings = settings.updated(given or {})
+    strategy = make_strategy(settings)
     if saved is not None:
         check_resumable(out, saved, settings)
-    return Run(settings, out, saved, tuple(regraft))
+        restore_server_state(out, saved, strategy)
+    return Run(settings, out, strategy, saved, tuple(regraft))
+
+
+def restore_server_state(out: Path, saved: Saved, strategy: Strategy) -> None:
+    """Put a checkpoint's strategy state and privacy accountant back into ``strategy``, and
+    check its node-sampling state (put back when the rounds start): damage is one error here,
+    before any process starts."""
+    try:
+        restore_strategy_state(strategy, saved.strategy)
+        if saved.state.privacy_state is not None and accountant_of(strategy) is not None:
+            accountant_of(strategy).load_state_dict(saved.state.privacy_state)
+        if saved.state.random_state is not None:
+            random.Random().setstate(python_random_state(saved.state.random_state))
+    except (KeyError, TypeError, ValueError) as error:
+        raise FlexMoEError(
+            f"{out / CHECKPOINT_FILE}: the saved server state is damaged ({error}); start the "
+            "run again in a new folder"
+        ) from None
+
+
+def python_random_state(saved: list) -> tuple:
+    """Python's ``random`` state as a checkpoint's JSON keeps it (lists for tuples)."""
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
 
 
 def check_client_states(run: Run) -> None:

@@ -11,8 +11,7 @@ from flexmoe.federated.federation import run_federation
 from flexmoe.federated.protocol import split_run_config
 from flexmoe.federated.run import Resume, resolve_run
 from flexmoe.io import folder_lock
-
-DEFAULT_OUT = "runs/flwr-run"
+from flexmoe.settings import FLOWER_OUT_DIR
 
 app = ServerApp()
 
@@ -22,7 +21,7 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run`: settings and the output folder come from the run config; a
     run saved in that folder is continued."""
     given, out = split_run_config(dict(context.run_config))
-    folder = Path(out or DEFAULT_OUT)
+    folder = Path(out or FLOWER_OUT_DIR)
     with folder_lock(folder):
         run = resolve_run(folder, given=given, resume=Resume.IF_SAVED)
         run_federation(grid, run, progress=False)

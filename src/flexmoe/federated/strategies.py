@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -55,26 +54,33 @@ def _aggregation(method: Method, federation: FederationSettings, train: TrainSet
         return FedMedian(**common)
     if federation.aggregation == "trimmed-mean":
         return FedTrimmedAvg(**common, beta=federation.trim_fraction)
-    return STRATEGIES[method.aggregation](common, federation, train)
+    options = _own_options(method.aggregation, federation, train)
+    return STRATEGIES[method.aggregation](**common, **options)
 
 
-STRATEGIES: dict[Aggregation, Callable[..., FedAvg]] = {
-    Aggregation.FEDAVG: lambda common, *_: FedAvg(**common),
-    Aggregation.FEDPROX: lambda common, f, _: FedProx(**common, proximal_mu=f.proximal_mu),
-    Aggregation.FEDAVGM: lambda common, *_: FedAvgM(**common, server_momentum=SERVER_MOMENTUM),
-    Aggregation.FEDADAM: lambda common, *rates: FedAdam(
-        **common, **_fedopt(*rates), **ADAPTIVE_BETAS
-    ),
-    Aggregation.FEDYOGI: lambda common, *rates: FedYogi(
-        **common, **_fedopt(*rates), **ADAPTIVE_BETAS
-    ),
-    Aggregation.FEDADAGRAD: lambda common, *rates: FedAdagrad(**common, **_fedopt(*rates)),
+STRATEGIES: dict[Aggregation, type[FedAvg]] = {
+    Aggregation.FEDAVG: FedAvg,
+    Aggregation.FEDPROX: FedProx,
+    Aggregation.FEDAVGM: FedAvgM,
+    Aggregation.FEDADAM: FedAdam,
+    Aggregation.FEDYOGI: FedYogi,
+    Aggregation.FEDADAGRAD: FedAdagrad,
 }
 
 
-def _fedopt(federation: FederationSettings, train: TrainSettings) -> dict[str, float]:
-    """A server optimiser's rates: eta is the server's, eta_l (recorded only) the clients'."""
-    return {"eta": federation.server_lr, "eta_l": train.lr, "tau": TAU}
+def _own_options(
+    aggregation: Aggregation, federation: FederationSettings, train: TrainSettings
+) -> dict[str, float]:
+    """A strategy's settings beyond FedAvg's: FedProx's mu, FedAvgM's momentum, a server
+    optimiser's rates (eta is the server's; eta_l, the clients', is recorded only)."""
+    rates = {"eta": federation.server_lr, "eta_l": train.lr, "tau": TAU}
+    return {
+        Aggregation.FEDPROX: {"proximal_mu": federation.proximal_mu},
+        Aggregation.FEDAVGM: {"server_momentum": SERVER_MOMENTUM},
+        Aggregation.FEDADAM: {**rates, **ADAPTIVE_BETAS},
+        Aggregation.FEDYOGI: {**rates, **ADAPTIVE_BETAS},
+        Aggregation.FEDADAGRAD: rates,
+    }.get(aggregation, {})
 
 
 def _with_privacy(strategy: FedAvg, clients: int, privacy: PrivacySettings) -> Strategy:

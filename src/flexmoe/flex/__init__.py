@@ -1,9 +1,10 @@
 """FLEx, the method: find a model's MoE layers, select the experts that best reconstruct a
 client's data, graft them as personal experts, and assign every parameter a role.
 
-Read bottom to top: ``moe`` (a view of any transformers MoE block), ``selection`` (which
-experts), ``graft`` (personal experts behind a sigmoid gate), ``sharing`` and ``roles`` (what is
-shared, personal or frozen), ``config`` (``FlexConfig``: what a client grafts, its settings),
+Read bottom to top, as the import contract in pyproject.toml orders them: ``moe`` (a view of
+any transformers MoE block) and ``sharing`` (what a federation shares), ``config``
+(``FlexConfig``: what a client grafts, its declared settings), ``selection`` (which experts),
+``graft`` (personal experts behind a sigmoid gate), ``roles`` (shared, personal or frozen),
 ``model`` (``FlexModel``, the PEFT-like wrapper).
 
 The names below load on first use, so that ``flexmoe.flex.config`` and ``flexmoe.flex.sharing``

@@ -6,7 +6,7 @@ Plain data without torch: the settings and the command line read it cheaply.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 from flexmoe.flex.sharing import SharedConfig
@@ -49,7 +49,8 @@ class FlexConfig(GraftSettings):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
-        """A config as ``asdict`` wrote it (an adapter's); its settings are checked as made."""
+        """A config as ``asdict`` wrote it (an adapter's): its values as they were saved (a
+        number saved as text is damage, not parsed), checked as the config is made."""
         values = dict(data)
         shared = values.pop("shared", {})
-        return replace(cls.from_values(values), shared=SharedConfig(**shared))
+        return cls(**values, shared=SharedConfig(**shared))

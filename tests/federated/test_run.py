@@ -1,4 +1,5 @@
-"""Refusing and resuming a run folder: a run in it, other settings, fewer rounds."""
+"""Resolving a run (flexmoe.federated.run): a run in its folder, other settings, fewer rounds,
+a damaged server state, all refused before any process starts."""
 
 import numpy as np
 import pytest
@@ -66,3 +67,17 @@ def test_resume_takes_neither_another_folder_nor_fewer_rounds_than_done(tmp_path
     )
     with pytest.raises(FlexMoEError, match="cannot resume to 2 rounds"):
         resolve_run(tmp_path, config.updated({"rounds": 2}), resume=Resume.REQUIRED)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [{"random_state": [3, [1, 2], None]}, {"random_state": [3, ["x"], None]}],
+    ids=["short random state", "not numbers"],
+)
+def test_a_damaged_server_state_is_refused_when_the_run_is_resolved(tmp_path, damage):
+    """Before any process starts: resolve_run restores the strategy and checks the rest."""
+    config = saved_run(tmp_path, rounds=3)
+    state = Checkpoint(run_id="abc", config=config.to_record(), round=1, **damage)
+    write_checkpoint(tmp_path, state)
+    with pytest.raises(FlexMoEError, match="the saved server state is damaged"):
+        resolve_run(tmp_path, resume=Resume.REQUIRED)
