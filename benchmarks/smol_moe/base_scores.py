@@ -2,7 +2,7 @@
 
     python benchmarks/smol_moe/base_scores.py [--out benchmarks/results/smol-moe/base.json]
 
-For each split and seed of the smol-moe benchmark (the sizes of ``CELL``, as the README's
+For each split and seed of the smol-moe benchmark (the sizes of ``CELL``, as docs/results.md's
 commands give them), every client's ROUGE-L on its own test split, computed by the clients' own
 evaluation code on the pretrained model with an untrained shared LoRA (its B matrices are zero,
 so it computes the base model exactly). A split and seed already in the file are skipped.
@@ -22,7 +22,7 @@ from flexmoe.io import atomic_write_text
 from flexmoe.settings import Settings
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "smol-moe" / "base.json"
-CELL = {  # the benchmark's cell size (README: "Results on smol-moe")
+CELL = {  # the benchmark's cell size (docs/results.md: "Results on smol-moe")
     "model": "smol-moe",
     "batch_size": 4,
     "max_train": 32,

@@ -2,10 +2,10 @@
 
     python benchmarks/smol_moe/without_category.py [--category classification] [FOLDER ...]
 
-The README's "without classification" columns: on the pathological split one client holds the
-classification category, whose few yes/no test answers swing a run's four-client mean by up to
-18.75 points. A run's score here is its mean over the other clients; the table gives the mean and
-sample standard deviation over seeds, per setting (the report's grouping) and method.
+The "without classification" columns of docs/results.md: on the pathological split one client
+holds the classification category, whose few yes/no test answers swing a run's four-client mean
+by up to 18.75 points. A run's score here is its mean over the other clients; the table gives the
+mean and sample standard deviation over seeds, per setting (the report's grouping) and method.
 """
 
 from __future__ import annotations
