@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.harness.matrix import Cell
-from benchmarks.harness.summary import SAMPLES_FILE, write_samples
+from benchmarks.harness.summary import SAMPLES_FILE, SCORES_FILE, write_samples, write_scores
 from flexmoe.errors import FlexMoEError
 from flexmoe.results import (
     CHECKPOINT_FILE,
@@ -80,8 +80,7 @@ def run_cell(root: Path, cell: Cell, command: CommandBuilder | None = None) -> O
         if stale:
             reason = f"{finished} was made with other settings ({', '.join(stale)})"
             return Outcome(cell, "failed", log, reason=reason)
-        if not (out / SAMPLES_FILE).is_file():
-            write_samples(out)
+        keep_predictions(out)
         return Outcome(cell, "skipped", log)
     interrupted = out / CHECKPOINT_FILE
     resuming = interrupted.is_file()
@@ -110,8 +109,17 @@ def run_cell(root: Path, cell: Cell, command: CommandBuilder | None = None) -> O
         if resuming:  # e.g. its checkpoint's files did not come with it to this machine
             reason += f" on resuming it (to run it from the start, delete {out})"
         return Outcome(cell, "failed", log, wall, reason)
-    write_samples(out)
+    keep_predictions(out)
     return Outcome(cell, "done", log, wall)
+
+
+def keep_predictions(out: Path) -> None:
+    """Write what a finished cell's report and paired comparisons read of its clients'
+    predictions (``samples.json``, ``scores.json``), unless they are there."""
+    if not (out / SAMPLES_FILE).is_file():
+        write_samples(out)
+    if not (out / SCORES_FILE).is_file():
+        write_scores(out)
 
 
 def default_jobs() -> int:

@@ -39,6 +39,7 @@ OWN_HYPERPARAMETERS = {
 }
 SAMPLES = 2  # test predictions per client shown in a report
 SAMPLES_FILE = "samples.json"
+SCORES_FILE = "scores.json"  # every test example's ROUGE-L, for paired comparisons
 
 
 ABLATION_FIELDS = ("experts_per_layer", "size_ratio", "gate_bias", "selection_tokens", "clients")
@@ -160,20 +161,54 @@ def write_samples(folder: Path, count: int = SAMPLES, width: int = 200) -> Path 
     evaluation, taken from the files the run's clients kept beside their state (a simulation's
     clients keep them in its folder), without the prompt or reference texts, which quote the
     data set. None when the clients kept no predictions."""
-    results = read_results(folder / RESULTS_FILE)
-    samples = {}
-    for client in results.clients:
-        name = f"client-{client.client_id}/predictions/round-{results.rounds:04d}.jsonl"
-        for file in sorted(folder.glob(f"{CLIENTS_DIR}/*/{name}"))[:1]:
-            rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines()]
-            samples[str(client.client_id)] = [
-                {key: row[key] for key in ("prompt_id", "category", "rouge_l")}
-                | {"prediction": row["prediction"][:width]}
-                for row in rows[:count]
-            ]
+    samples = {
+        client: [
+            {key: row[key] for key in ("prompt_id", "category", "rouge_l")}
+            | {"prediction": row["prediction"][:width]}
+            for row in rows[:count]
+        ]
+        for client, rows in final_predictions(folder).items()
+    }
     if not samples:
         return None
     return atomic_write_text(folder / SAMPLES_FILE, json.dumps(samples, indent=1) + "\n")
+
+
+def write_scores(folder: Path) -> Path | None:
+    """``folder/scores.json``: every test example's ROUGE-L of each client's final evaluation,
+    by prompt id (no text of the data set), for comparisons paired on the same examples. None
+    when the clients kept no predictions."""
+    scores = {
+        client: {row["prompt_id"]: row["rouge_l"] for row in rows}
+        for client, rows in final_predictions(folder).items()
+    }
+    if not scores:
+        return None
+    return atomic_write_text(folder / SCORES_FILE, json.dumps(scores, indent=1) + "\n")
+
+
+def read_scores(folder: Path) -> dict[int, dict[str, float]]:
+    """What ``write_scores`` kept for the run in ``folder``, by client (nothing if none)."""
+    path = folder / SCORES_FILE
+    if not path.is_file():
+        return {}
+    kept = read_json(path, "run 'python -m benchmarks.bench' again to make it")
+    return {
+        int(client): {str(k): float(v) for k, v in rows.items()} for client, rows in kept.items()
+    }
+
+
+def final_predictions(folder: Path) -> dict[str, list[dict]]:
+    """Each client's rows of its final evaluation's predictions, as the clients kept them beside
+    their state (a simulation's clients keep them in its folder)."""
+    results = read_results(folder / RESULTS_FILE)
+    predictions = {}
+    for client in results.clients:
+        name = f"client-{client.client_id}/predictions/round-{results.rounds:04d}.jsonl"
+        for file in sorted(folder.glob(f"{CLIENTS_DIR}/*/{name}"))[:1]:
+            lines = file.read_text(encoding="utf-8").splitlines()
+            predictions[str(client.client_id)] = [json.loads(line) for line in lines]
+    return predictions
 
 
 def read_samples(folder: Path) -> dict[int, list[dict]]:

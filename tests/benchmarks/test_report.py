@@ -9,7 +9,7 @@ from benchmarks import report
 from benchmarks.harness.matrix import MATRICES
 from benchmarks.harness.plots import loss_curve, mean_curve, rouge_curve
 from benchmarks.harness.report import write_report
-from benchmarks.harness.summary import Run, load_runs, write_samples
+from benchmarks.harness.summary import Run, load_runs, read_scores, write_samples, write_scores
 from flexmoe.errors import FlexMoEError
 from flexmoe.results import (
     Knowledge,
@@ -194,6 +194,9 @@ def test_report_shows_mmlu_selection_agreement_predictions_margins_and_the_sweep
         assert list(samples) == ["1"] and len(samples["1"]) == 2  # what the bench keeps
         assert set(samples["1"][0]) == {"prompt_id", "category", "prediction", "rouge_l"}
         assert len(samples["1"][0]["prediction"]) == 200
+        write_scores(folder)  # every example's score, by prompt id, and no text of the data
+        assert read_scores(folder) == {1: {"ab": 50.0}}
+        assert "Paris" not in (folder / "scores.json").read_text()
     write_run(
         tmp_path / "fedavg", fake_results("fedavg", 0, [20.0], split="pathological", clients=2)
     )
