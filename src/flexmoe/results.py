@@ -340,6 +340,10 @@ class Checkpoint:
         """Names the arrays of this round under ``checkpoints/``."""
         return f"round-{self.round:04d}"
 
+    def arrays_path(self, out: Path, kind: str) -> Path:
+        """Where the run in ``out`` keeps this round's ``kind`` arrays (shared, strategy)."""
+        return out / CHECKPOINT_DIR / f"{kind}-{self.tag}.safetensors"
+
 
 # --- files ---
 

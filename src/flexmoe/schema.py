@@ -7,6 +7,7 @@ range) when it is made, so a bad value fails in one line naming the setting, bef
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import Field, dataclass, field, fields, replace
@@ -56,6 +57,13 @@ def setting(default: Scalar, help: str, check: Check | None = None, option: str 
 def option_name(spec: Field) -> str:
     """A setting's name on the command line and in flat records (``local-steps``)."""
     return spec.metadata.get("option") or kebab(spec.name)
+
+
+def toml_literal(value: Scalar) -> str:
+    """A value as a TOML literal (JSON strings and numbers are TOML's too)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)
 
 
 def kebab(name: str) -> str:

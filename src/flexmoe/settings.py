@@ -32,6 +32,7 @@ from flexmoe.schema import (
     option_name,
     setting,
     snake,
+    toml_literal,
 )
 
 # the partition schemes of flexmoe.data (a test keeps them equal; data imports torch, this not)
@@ -416,14 +417,6 @@ def settings_table() -> str:
 
 def flower_app_config() -> str:
     """The ``[tool.flwr.app.config]`` table of pyproject.toml, made from the declarations."""
-    lines = ["[tool.flwr.app.config]", f"{OUT_DIR} = {_toml(FLOWER_OUT_DIR)}"]
-    lines += [f"{d.key} = {_toml(d.default)}" for d in describe_settings()]
+    lines = ["[tool.flwr.app.config]", f"{OUT_DIR} = {toml_literal(FLOWER_OUT_DIR)}"]
+    lines += [f"{d.key} = {toml_literal(d.default)}" for d in describe_settings()]
     return "\n".join(lines)
-
-
-def _toml(value: Scalar) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    return repr(value)

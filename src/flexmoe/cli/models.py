@@ -11,10 +11,10 @@ from flexmoe.cli.options import (
     MODEL_HELP,
     add_placement_options,
     add_setting_options,
+    chosen_settings,
     integers,
     names,
     placement_of,
-    setting_values,
 )
 from flexmoe.errors import FlexMoEError
 from flexmoe.flex.config import FlexConfig, GraftSettings
@@ -176,8 +176,8 @@ def run_plan(args: argparse.Namespace) -> None:
     from flexmoe.hardware import DTYPES
     from flexmoe.methods import METHODS, get_method
 
-    graft = GraftSettings.from_values(setting_values(args, GraftSettings))
-    train = TrainSettings.from_values(setting_values(args, TrainSettings))
+    graft = chosen_settings(args, GraftSettings)
+    train = chosen_settings(args, TrainSettings)
     if args.seq_len < 1:
         raise FlexMoEError(f"--seq-len must be at least 1, got {args.seq_len}")
     chosen = args.method or list(METHODS)
@@ -240,9 +240,9 @@ def run_graft(args: argparse.Namespace) -> None:
 
     if args.max_examples < 1:
         raise FlexMoEError(f"--max-examples must be at least 1, got {args.max_examples}")
-    config = FlexConfig.from_values(setting_values(args, FlexConfig))
-    max_length = DataSettings.from_values(setting_values(args, DataSettings)).max_length
-    batch_size = TrainSettings.from_values(setting_values(args, TrainSettings)).batch_size
+    config = chosen_settings(args, FlexConfig)
+    max_length = chosen_settings(args, DataSettings).max_length
+    batch_size = chosen_settings(args, TrainSettings).batch_size
     check_writable(args.out)
     if not args.force:
         check_new_folder(args.out)

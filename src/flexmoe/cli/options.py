@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flexmoe.schema import Group, option_name
 
 if TYPE_CHECKING:  # torch loads with the command that needs it, not with the parser
     from flexmoe.hardware import Placement
+
+G = TypeVar("G", bound=Group)
 
 MODEL_HELP = "a local Hugging Face MoE folder, or a named model: tiny, smol-moe"
 
@@ -22,10 +24,12 @@ def add_setting_options(
     group: type[Group],
     names: Sequence[str] | None = None,
     defaults: dict[str, Any] | None = None,
+    unset: bool = False,
 ) -> None:
     """``--option`` for each setting of ``group`` (or those ``names`` names), with the help
-    declared for it and its default, or the command's own in ``defaults``. Values stay text:
-    the group checks them when it is made (``setting_values``)."""
+    declared for it and its default, or the command's own in ``defaults``. With ``unset`` an
+    option not given is None, for settings that come from elsewhere too (a TOML file, a saved
+    run). Values stay text: the group checks them when it is made (``chosen_settings``)."""
     for spec in group.specs():
         if names is not None and spec.name not in names:
             continue
@@ -33,17 +37,22 @@ def add_setting_options(
         parser.add_argument(
             f"--{option_name(spec)}",
             dest=spec.name,
-            default=default,
+            default=None if unset else default,
             metavar=METAVARS[type(spec.default)],
             help=f"{spec.metadata['help']} (default {default})",
         )
 
 
 def setting_values(args: argparse.Namespace, group: type[Group]) -> dict[str, Any]:
-    """The values of ``group``'s settings that the command has options for."""
+    """The values of ``group``'s settings that the command has options for, by field name."""
     return {
         spec.name: getattr(args, spec.name) for spec in group.specs() if hasattr(args, spec.name)
     }
+
+
+def chosen_settings(args: argparse.Namespace, group: type[G]) -> G:
+    """``group`` with the values of the command's options for it, checked."""
+    return group.from_values(setting_values(args, group))
 
 
 def add_placement_options(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from flexmoe.cli.options import METAVARS, checked_placement
+from flexmoe.cli.options import add_setting_options, checked_placement, setting_values
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import check_writable, read_json
 from flexmoe.results import (
@@ -21,8 +21,9 @@ from flexmoe.results import (
     RunResults,
     read_rounds,
 )
-from flexmoe.schema import snake
-from flexmoe.settings import Settings, describe_settings
+from flexmoe.settings import GROUPS, Settings
+
+SETTING_GROUPS = (Settings, *GROUPS.values())  # every setting's options, top-level ones first
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -88,18 +89,14 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument("--config", type=Path, help="TOML file of settings")
     parser.add_argument("--out", type=Path, help="output folder (default runs/<time>-<method>)")
-    for setting in describe_settings():
-        parser.add_argument(
-            f"--{setting.option}",
-            metavar=METAVARS[type(setting.default)],
-            help=f"{setting.help} (default {setting.default})",
-        )
+    for group in SETTING_GROUPS:
+        add_setting_options(parser, group, unset=True)
 
 
 def given_settings(args: argparse.Namespace) -> dict[str, str]:
-    """The settings given as options, by their flat names."""
-    given = {s.option: getattr(args, snake(s.option)) for s in describe_settings()}
-    return {name: value for name, value in given.items() if value is not None}
+    """The settings given as options, by their field names."""
+    given = (setting_values(args, group).items() for group in SETTING_GROUPS)
+    return {name: value for values in given for name, value in values if value is not None}
 
 
 def new_settings(args: argparse.Namespace) -> Settings:

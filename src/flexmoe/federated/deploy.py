@@ -27,8 +27,7 @@ from flexmoe.federated.processes import (
 )
 from flexmoe.federated.protocol import DEPLOYED, OUT_DIR, NodeConfig, NodeLimits
 from flexmoe.federated.reaper import reaped
-
-ConfigValue = str | int | float | bool
+from flexmoe.schema import Scalar, toml_literal
 
 CONNECTION = "flexmoe-local"  # name of the SuperLink connection written for the `flwr` CLI
 RUN_ID = re.compile(r"Successfully started run (\d+)")
@@ -88,7 +87,7 @@ def deploy_local(
     app_dir: Path,
     supernodes: int,
     out_dir: Path,
-    run_config: Mapping[str, ConfigValue],
+    run_config: Mapping[str, Scalar],
     timeout_s: float = 600,
     node_workers: bool = True,
     share_diagnostics: bool = False,
@@ -181,9 +180,9 @@ def node_worker_command(socket_path: Path) -> list[str]:
     return [sys.executable, "-m", "flexmoe", "node-worker", "--socket", str(socket_path)]
 
 
-def format_config(config: Mapping[str, ConfigValue]) -> str:
+def format_config(config: Mapping[str, Scalar]) -> str:
     """Render a config as Flower's space-separated `key=value` pairs with TOML values."""
-    return " ".join(f"{key}={_toml_value(value)}" for key, value in config.items())
+    return " ".join(f"{key}={toml_literal(value)}" for key, value in config.items())
 
 
 def _prepare(out_dir: Path, supernodes: int, node_workers: bool) -> Deployment:
@@ -204,7 +203,7 @@ def _prepare(out_dir: Path, supernodes: int, node_workers: bool) -> Deployment:
 
 
 def _run_app(
-    deployment: Deployment, app_dir: Path, config: Mapping[str, ConfigValue], deadline: float
+    deployment: Deployment, app_dir: Path, config: Mapping[str, Scalar], deadline: float
 ) -> None:
     """Submit the app with `flwr run --stream`, wait for the run to end, check it completed."""
     command = [
@@ -292,7 +291,7 @@ def _write_flwr_config(deployment: Deployment) -> None:
     text = (
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "{deployment.superlink_address}"\n'
-        f"root-certificates = {_toml_value(str(deployment.certs.ca))}\n"
+        f"root-certificates = {toml_literal(str(deployment.certs.ca))}\n"
     )
     (Path(deployment.env["FLWR_HOME"]) / "config.toml").write_text(text)
 
@@ -309,7 +308,7 @@ def _child_env(flwr_home: Path) -> dict[str, str]:
     }
 
 
-def _check_app_dir(app_dir: Path, run_config: Mapping[str, ConfigValue]) -> None:
+def _check_app_dir(app_dir: Path, run_config: Mapping[str, Scalar]) -> None:
     """Refuse folders that hold no Flower app, that `flwr run` would rewrite, or lack keys."""
     pyproject = app_dir / "pyproject.toml"
     if not _declares_flower_app(pyproject):
@@ -347,10 +346,3 @@ def _declares_flower_app(pyproject: Path) -> bool:
 def _project_name(pyproject: Path) -> str | None:
     """The [project] name in `pyproject`."""
     return tomllib.loads(pyproject.read_text()).get("project", {}).get("name")
-
-
-def _toml_value(value: ConfigValue) -> str:
-    """A config value as a TOML literal (JSON strings are TOML basic strings)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(value)

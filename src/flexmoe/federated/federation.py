@@ -24,17 +24,10 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.federated.protocol import (
-    EvaluateReply,
-    RoundInstructions,
-    TrainReply,
-)
+from flexmoe.federated.protocol import EvaluateReply, RoundInstructions, TrainReply
 from flexmoe.federated.records import in_wire_dtype, state_to_arrays, wire_bytes
 from flexmoe.federated.run import Run, python_random_state
-from flexmoe.federated.strategies import (
-    accountant_of,
-    strategy_state,
-)
+from flexmoe.federated.strategies import accountant_of, strategy_state
 from flexmoe.federated.validation import screen_updates, sender
 from flexmoe.flex.model import initial_shared_state
 from flexmoe.io import atomic_write
@@ -242,9 +235,9 @@ def save_checkpoint(out: Path, state: Checkpoint, arrays: ArrayRecord, strategy:
     """The arrays of this round first, then rounds.json and checkpoint.json naming them."""
     folder = out / CHECKPOINT_DIR
     shared = {k: np.ascontiguousarray(a.numpy()) for k, a in arrays.items()}
-    atomic_write(folder / f"shared-{state.tag}.safetensors", lambda p: save_file(shared, str(p)))
+    atomic_write(state.arrays_path(out, "shared"), lambda p: save_file(shared, str(p)))
     server = strategy_state(strategy)
-    atomic_write(folder / f"strategy-{state.tag}.safetensors", lambda p: save_file(server, str(p)))
+    atomic_write(state.arrays_path(out, "strategy"), lambda p: save_file(server, str(p)))
     write_rounds(out, state.history)
     write_checkpoint(out, state)
     for old in sorted(folder.glob("*-round-*.safetensors"))[: -2 * KEEP_CHECKPOINTS]:

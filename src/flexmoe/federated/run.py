@@ -29,7 +29,6 @@ from flexmoe.federated.strategies import accountant_of, make_strategy, restore_s
 from flexmoe.io import folder_lock
 from flexmoe.methods import Method
 from flexmoe.results import (
-    CHECKPOINT_DIR,
     CHECKPOINT_FILE,
     CLIENTS_DIR,
     RESULTS_FILE,
@@ -219,7 +218,7 @@ def read_saved(out: Path) -> Saved:
     settings = saved_settings(out, state.config)
     arrays = []
     for kind in ("shared", "strategy"):
-        path = out / CHECKPOINT_DIR / f"{kind}-{state.tag}.safetensors"
+        path = state.arrays_path(out, kind)
         try:
             arrays.append(load_file(path))
         except (SafetensorError, OSError) as error:
