@@ -25,11 +25,13 @@ BENCH_OVERRIDES = {  # settings one option sets for every cell
             "max_test",
             "max_length",
             "max_new_tokens",
+            "eval_batch_size",
             "eval_every",
             "mmlu_per_topic",
         )
     },
     "min_lr": (float, "LR", "for every cell"),
+    "dtype": (str, "DTYPE", "for every cell: bfloat16 computes in mixed precision"),
 }
 
 

@@ -125,3 +125,51 @@ def test_a_half_precision_cpu_run_without_fast_kernels_is_warned_of(capsys):
     else:
         assert "no fast matrix kernel" in capsys.readouterr().err
     assert Placement.resolve("cpu", "float32").slow is None
+
+
+def test_bfloat16_computes_float32_weights_in_bfloat16_and_keeps_trained_ones_float32():
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+    bf16 = Placement.resolve("cpu", "bfloat16")
+    with bf16.autocast():
+        assert layer(x).dtype is torch.bfloat16
+    with Placement.resolve("cpu", "float32").autocast():
+        assert layer(x).dtype is torch.float32
+    assert bf16.for_trained_weights() == Placement.resolve("cpu", "float32")
+
+
+def test_a_cpu_model_loads_with_the_eager_experts(random_model):
+    model, _ = load_model(random_model, Placement.resolve("cpu", "float32"))
+    assert model.config._experts_implementation == "eager"
+
+
+def test_mixed_precision_trains_float32_adapters_on_a_bfloat16_base_like_float32(random_model):
+    batches = labelled(random_batches(3))
+    losses = {}
+    for dtype in ("bfloat16", "float32"):
+        placement = Placement.resolve("cpu", dtype)
+        base, _ = load_model(random_model, placement)
+        torch.manual_seed(0)
+        flex = FlexModel(base)
+        with placement.autocast():
+            losses[dtype] = train_steps(flex.model, iter(batches * 2), 6, lr=1e-2)
+        trained = [p for p in flex.model.parameters() if p.requires_grad]
+        assert {p.dtype for p in trained} == {torch.float32}
+    assert losses["bfloat16"][-1] < losses["bfloat16"][0]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.03)
+
+
+def test_fedavg_full_trains_float32_weights_under_bfloat16(tmp_path, random_model, dolly_file):
+    from flexmoe.client import ClientWorker
+    from flexmoe.federated.federation import initial_arrays
+    from flexmoe.federated.records import arrays_to_state
+
+    config = Settings.of(
+        model=str(random_model), data=str(dolly_file), method="fedavg-full", clients=2,
+        rounds=1, local_steps=1, batch_size=2, device="cpu", dtype="bfloat16",
+    )  # fmt: skip
+    worker = ClientWorker(config, 0, tmp_path)
+    shared = arrays_to_state(initial_arrays(config, config.chosen_method()))
+    with worker.model_for_round(1, shared) as model:
+        weights = {p.dtype for p in model.model.parameters() if p.requires_grad}
+    assert weights == {torch.float32}  # updates of 1e-5 would round away in bfloat16

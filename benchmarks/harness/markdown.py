@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Iterable, Sequence
-from typing import NamedTuple
+from collections.abc import Iterable, Sequence
 
+from benchmarks.harness.claims import (
+    FLEX,
+    KNOWLEDGE,
+    REFERENCE,
+    ROUGE,
+    Comparison,
+    Measure,
+    compare,
+    federated_baseline,
+    flex_arms,
+    personalises,
+)
 from benchmarks.harness.summary import (
     PLOTS_DIR,
     Run,
@@ -22,14 +33,9 @@ from benchmarks.harness.summary import (
     setting_plots,
     split_sweep,
 )
-from benchmarks.harness.tuning import MAX_WIDENINGS, Choice, at_edge, choose
-from flexmoe.methods import METHODS
+from benchmarks.harness.tuning import MAX_WIDENINGS, Choice, at_edge, choose, tuned_rates
 from flexmoe.results import Knowledge, MMLUScore
 from flexmoe.schema import kebab
-
-REFERENCE = "fedavg-full"  # traffic is compared with naive dense FL
-
-FLEX = "flex"
 
 NONE = "-"
 
@@ -53,7 +59,7 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 
 
 def best_line(label: str, summaries: dict[str, Summary]) -> list[str]:
-    """Which method has the best mean ROUGE-L, and where FLEx stands when it is not it."""
+    """Which arm has the best mean ROUGE-L, and where FLEx stands when it is not it."""
     ranked = sorted(summaries, key=lambda m: -summaries[m].rouge)
     top = summaries[ranked[0]].rouge
     best = [m for m in ranked if summaries[m].rouge == top]
@@ -67,165 +73,132 @@ def best_line(label: str, summaries: dict[str, Summary]) -> list[str]:
         )
     elif FLEX in summaries and len(summaries) > 1:
         lines.append(f"FLEx ({FLEX}) has the best mean ROUGE-L here.")
-    if FLEX in summaries and len(summaries) > 1:
-        lines.append(margin_line(summaries))
     return [*lines, ""]
 
 
-def margin_line(summaries: dict[str, Summary]) -> str:
-    """FLEx's margin over the best other method, beside both methods' seed-to-seed spread."""
-    lead = _lead(_rouge_per_run(summaries), [m for m in summaries if m != FLEX])
-    if lead.spread is None:
-        return (
-            f"Margin over {lead.rival}: {lead.margin:+.2f} ({ONE_RUN}: no spread to weigh it by)."
-        )
-    verdict = "more" if abs(lead.margin) > lead.spread else "no more"
-    return (
-        f"Margin over the best other method, {lead.rival}: {lead.margin:+.2f}, {verdict} than "
-        f"one seed-to-seed standard deviation ({FLEX} {_number(summaries[FLEX].rouge_std)}, "
-        f"{lead.rival} {_number(summaries[lead.rival].rouge_std)})."
-    )
-
-
-ONE_RUN = "at least one of the two measured on a single run"
-
-
-class Lead(NamedTuple):
-    """FLEx against the best of its rivals by a measure taken once per run."""
-
-    rival: str
-    flex_mean: float
-    rival_mean: float
-    margin: float  # positive: FLEx is ahead
-    spread: float | None  # the larger seed-to-seed std of the two; None unless both have two runs
-    rank: int  # FLEx's among itself and the rivals (ties share one)
-
-
-def _lead(per_run: dict[str, list[float]], rivals: Sequence[str], higher_is_better=True) -> Lead:
-    sign = 1 if higher_is_better else -1
-    score = {m: sign * statistics.fmean(per_run[m]) for m in (FLEX, *rivals)}
-    rival = max(rivals, key=score.__getitem__)
-    pair = (per_run[FLEX], per_run[rival])
-    spread = max(map(statistics.stdev, pair)) if min(map(len, pair)) > 1 else None
-    rank = 1 + sum(value > score[FLEX] for value in score.values())
-    means = (sign * score[FLEX], sign * score[rival])
-    return Lead(rival, *means, score[FLEX] - score[rival], spread, rank)
-
-
-def _rouge_per_run(summaries: dict[str, Summary]) -> dict[str, list[float]]:
-    return {m: [r.results.mean_rouge_l for r in s.runs] for m, s in summaries.items()}
-
-
-def claims_section(summaries: dict[str, Summary]) -> list[str]:
-    """The paper's three claims for FLEx, each weighed against this setting's runs."""
-    if FLEX not in summaries or len(summaries) < 2:
-        return []
-    claims = [rouge_claim(summaries), *knowledge_claims(summaries), traffic_claim(summaries)]
-    return [
-        "The paper's claims on these runs (a margin is supported when it exceeds the larger "
-        "seed-to-seed standard deviation of the two methods):",
-        "",
-        *(f"- {claim}" for claim in claims if claim),
-        "",
-    ]
-
-
-def _verdict(lead: Lead) -> str:
-    """Whether FLEx's lead holds against the seed-to-seed spread."""
-    if lead.margin <= 0:
-        return "not supported"
-    if lead.spread is None:
-        return f"untested ({ONE_RUN}: no seed-to-seed spread to weigh the margin by)"
-    return "supported" if lead.margin > lead.spread else "not shown (ahead by less than one std)"
-
-
-def rouge_claim(summaries: dict[str, Summary]) -> str | None:
-    """Claim 1: a better mean ROUGE-L than every federated baseline (methods that graft nothing)."""
-    baselines = [m for m in summaries if _federates(m) and not METHODS[m].grafts]
-    if not baselines:
-        return None
-    lead = _lead(_rouge_per_run(summaries), baselines)
-    return (
-        f"Better mean ROUGE-L than the federated baselines ({', '.join(baselines)}): "
-        f"{_verdict(lead)}. {FLEX} {lead.flex_mean:.2f}, the best of them {lead.rival} "
-        f"{lead.rival_mean:.2f}: margin {lead.margin:+.2f}, std {_number(lead.spread)}."
-    )
-
-
-class KnowledgeMeasure(NamedTuple):
-    name: str
-    per_run: Callable[[Run], float | None]
-    higher_is_better: bool
-    shown: Callable[[float], str]
-
-
-def _mmlu_probability_change(run: Run) -> float | None:
-    """The change in MMLU probability of the right letter from the base to the final models,
-    mean over the run's clients that scored MMLU."""
-    pairs = _mmlu_pairs(c.knowledge for c in run.results.clients)
-    return (
-        statistics.fmean(f.correct_probability - b.correct_probability for b, f in pairs)
-        if pairs
-        else None
-    )
-
-
-KNOWLEDGE_MEASURES = (
-    KnowledgeMeasure(
-        "held-out perplexity increase", lambda run: run.results.mean_ppl_increase, False, _percent
-    ),
-    KnowledgeMeasure(
-        "the change in MMLU p(right letter)", _mmlu_probability_change, True, lambda v: f"{v:+.4f}"
-    ),
+PAIRED = (
+    "Paired comparisons: the mean difference (first minus second) over what both measured on "
+    "the same test examples (ROUGE-L) or held-out domains (perplexity increase of each "
+    "client's model) in the same seeds; its interval is a hierarchical bootstrap (seeds, then "
+    "each client's examples or domains), at the level of Holm's step-down across the "
+    "comparisons of one FLEx arm, and a verdict names a difference only when that interval "
+    "excludes zero."
 )
 
 
-def knowledge_claims(summaries: dict[str, Summary]) -> list[str]:
-    """Claim 2: the least knowledge lost among the methods that federate (FLEx's ablations
-    included), by each measure the runs took."""
-    claims = []
-    for measure in KNOWLEDGE_MEASURES:
-        per_run = {
-            m: [v for v in map(measure.per_run, s.runs) if v is not None]
-            for m, s in summaries.items()
-            if _federates(m)
-        }
-        per_run = {m: values for m, values in per_run.items() if values}
-        if FLEX in per_run and len(per_run) > 1:
-            claims.append(_least_lost_claim(measure, per_run))
-    return claims
+def claims_section(summaries: dict[str, Summary]) -> list[str]:
+    """Each FLEx arm against every other arm by paired comparisons, and the paper's claims."""
+    candidates = flex_arms(summaries)
+    others = [m for m in summaries if summaries[m].method != FLEX]
+    if not candidates or not others:
+        return []
+    lines, rows = [PAIRED, ""], []
+    for arm in candidates:
+        rouge = compare(arm, others, summaries, ROUGE)
+        kept = [m for m in others if personalises(summaries[m].method)]
+        knowledge = compare(arm, kept, summaries, KNOWLEDGE) if kept else {}
+        rows += _comparison_rows(arm, rouge, ROUGE) + _comparison_rows(arm, knowledge, KNOWLEDGE)
+        claims = [
+            _rouge_claim(arm, rouge, summaries),
+            _every_method_claim(arm, rouge),
+            _knowledge_claim(arm, knowledge),
+            traffic_claim(summaries, arm),
+        ]
+        lines += [f"The paper's claims for {arm}:", ""]
+        lines += [f"- {claim}" for claim in claims if claim] + [""]
+    variants = [m for m in candidates if m != FLEX]
+    if FLEX in candidates and variants:
+        for measure in (ROUGE, KNOWLEDGE):
+            found = compare(FLEX, variants, summaries, measure)
+            rows += _comparison_rows(FLEX, found, measure)
+    if not rows:
+        return lines
+    header = ["first", "second", "measure", "seeds", "pairs", "difference", "interval", "p",
+              "verdict"]  # fmt: skip
+    return [*lines, *_table(header, rows)]
 
 
-def _least_lost_claim(measure: KnowledgeMeasure, per_run: dict[str, list[float]]) -> str:
-    """Where FLEx ranks by ``measure`` among ``per_run``'s methods, and its margin."""
-    rivals = [m for m in per_run if m != FLEX]
-    lead = _lead(per_run, rivals, measure.higher_is_better)
-    spread = NONE if lead.spread is None else measure.shown(lead.spread).lstrip("+")
+def _comparison_rows(arm: str, found: dict[str, Comparison], measure: Measure) -> list[list[str]]:
+    """A row per comparison that could be paired (the claims name the others)."""
+    rows = []
+    for rival, comparison in found.items():
+        verdict = comparison.verdict
+        if verdict is None:
+            continue
+        difference = verdict.difference
+        rows.append([
+            arm, rival, measure.name, str(difference.seeds), str(difference.examples),
+            f"{difference.mean:+.2f}", f"[{verdict.low:+.2f}, {verdict.high:+.2f}] at "
+            f"{100 * verdict.level:.3g}%", f"{difference.p_value:.3g}",
+            _favour_word(comparison.favours(measure.higher_is_better), arm, measure),
+        ])  # fmt: skip
+    return rows
+
+
+def _favour_word(favours: bool | None, arm: str, measure: Measure) -> str:
+    if favours is None:
+        return "no difference shown"
+    better = "loses less" if measure is KNOWLEDGE else "better"
+    worse = "loses more" if measure is KNOWLEDGE else "worse"
+    return f"{arm} {better if favours else worse}"
+
+
+def _judged(found: dict[str, Comparison], higher_is_better: bool) -> str:
+    """``supported`` when the arm is better than every rival in ``found``, else which not."""
+    untested = [m for m, c in found.items() if c.verdict is None]
+    outcome = {m: c.favours(higher_is_better) for m, c in found.items() if c.verdict}
+    worse = [m for m, better in outcome.items() if better is False]
+    tied = [m for m, better in outcome.items() if better is None]
+    if untested and not outcome:
+        reasons = sorted({found[m].problem for m in untested})
+        return f"untested (not paired: {'; '.join(reasons)})"
+    if not worse and not tied and not untested:
+        return "supported"
+    parts = [
+        f"{text} {', '.join(names)}"
+        for text, names in (("worse than", worse), ("no difference shown against", tied),
+                            ("not paired with", untested))
+        if names
+    ]  # fmt: skip
+    return f"not supported ({'; '.join(parts)})"
+
+
+def _rouge_claim(arm: str, found: dict[str, Comparison], summaries: dict[str, Summary]) -> str:
+    baselines = {m: c for m, c in found.items() if federated_baseline(summaries[m].method)}
+    if not baselines:
+        return ""
     return (
-        f"Least knowledge lost among the methods that federate ({', '.join(rivals)} beside "
-        f"{FLEX}), by {measure.name}: {_verdict(lead)}. {FLEX} {measure.shown(lead.flex_mean)} "
-        f"(rank {lead.rank} of {len(per_run)}), the best of the others {lead.rival} "
-        f"{measure.shown(lead.rival_mean)}: margin {measure.shown(lead.margin)}, std {spread}."
+        f"Better ROUGE-L than the federated baselines ({', '.join(baselines)}): "
+        f"{_judged(baselines, True)}."
     )
 
 
-def traffic_claim(summaries: dict[str, Summary]) -> str | None:
+def _every_method_claim(arm: str, found: dict[str, Comparison]) -> str:
+    return f"Better ROUGE-L than every other method ({', '.join(found)}): {_judged(found, True)}."
+
+
+def _knowledge_claim(arm: str, found: dict[str, Comparison]) -> str:
+    if not found:
+        return ""
+    return (
+        "Least knowledge lost (held-out perplexity increase) among the methods that "
+        f"personalise ({', '.join(found)}): {_judged(found, False)}."
+    )
+
+
+def traffic_claim(summaries: dict[str, Summary], arm: str = FLEX) -> str | None:
     """Claim 3: far less traffic, taken as under 1% of fedavg-full's uplink."""
     if REFERENCE not in summaries:
         return None
-    flex, full = (summaries[m].traffic("bytes_up") for m in (FLEX, REFERENCE))
+    flex, full = (summaries[m].traffic("bytes_up") for m in (arm, REFERENCE))
     if full == 0:
         return f"Under 1% of {REFERENCE}'s uplink: untested ({REFERENCE}'s runs sent nothing)."
     ratio = flex / full
     verdict = "supported" if ratio < 0.01 else "not supported"
     return (
-        f"Under 1% of {REFERENCE}'s uplink: {verdict}. {FLEX} sends {ratio:.2%} of it "
+        f"Under 1% of {REFERENCE}'s uplink: {verdict}. {arm} sends {ratio:.2%} of it "
         f"({_megabytes_cell(flex)} MB against {_megabytes_cell(full)} MB per run)."
     )
-
-
-def _federates(method: str) -> bool:
-    return method in METHODS and METHODS[method].federated
 
 
 def privacy_line(summaries: dict[str, Summary]) -> list[str]:
@@ -532,7 +505,7 @@ def render_report(runs: Sequence[Run]) -> str:
     """report.md for ``runs``: a function of their JSON files only."""
     files = len(runs)
     runs, sweep = split_sweep(runs)
-    grouped = group_runs(runs)
+    grouped = group_runs(runs, tuned_rates(sweep))
     labels = setting_labels(grouped)
     lines = [
         "# Benchmark report",

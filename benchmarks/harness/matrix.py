@@ -43,6 +43,39 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class Arm:
+    """What a matrix runs under one name: a method, with settings of its own or at another
+    method's tuned learning rate (an equal-rate control)."""
+
+    method: str
+    settings: dict[str, Scalar] = field(default_factory=dict)
+    rate_of: str | None = None  # train at this method's tuned learning rate
+
+    def settings_in(self, tuned: Tuning, name: str) -> dict[str, Scalar]:
+        """This arm's settings beyond its method's tuned ones."""
+        if self.rate_of is None:
+            return dict(self.settings)
+        rate = tuned.settings_for(self.rate_of).get("lr")
+        if rate is None:
+            raise FlexMoEError(
+                f"{name} trains at {self.rate_of}'s tuned learning rate; give the sweep's "
+                "tuned.json with --tuned"
+            )
+        return {**self.settings, "lr": rate}
+
+
+ARMS: dict[str, Arm] = {
+    **{method: Arm(method) for method in METHODS},
+    # FLEx scoring only the answer tokens when it picks the expert to graft
+    "flex-answer": Arm("flex", {"selection_tokens": "answer"}),
+    # equal-rate controls: what the graft does, apart from what the learning rate does
+    "flex-at-fedavg-lr": Arm("flex", rate_of="fedavg"),
+    "fedavg-at-flex-lr": Arm("fedavg", rate_of="flex"),
+    "fedsa-lora-at-flex-lr": Arm("fedsa-lora", rate_of="flex"),
+}
+
+
+@dataclass(frozen=True)
 class Matrix:
     """Methods x groups x seeds, with settings every cell shares."""
 
@@ -61,17 +94,18 @@ class Matrix:
             if key in seen:
                 continue
             seen.add(key)
-            for method in self.methods:
-                tuned = self.tuned.settings_for(method)
+            for name in self.methods:
+                arm = ARMS[name]
+                tuned = {**self.tuned.settings_for(arm.method), **arm.settings_in(self.tuned, name)}
                 for seed in self.seeds:
                     settings = {
                         **self.overrides,
                         **tuned,
                         **group.overrides,
-                        "method": method,
+                        "method": arm.method,
                         "seed": seed,
                     }
-                    cells.append(Cell(f"{group.name}/{method}/seed{seed}", settings))
+                    cells.append(Cell(f"{group.name}/{name}/seed{seed}", settings))
         return cells
 
 
@@ -166,8 +200,8 @@ def select(
     (``dirichlet`` keeps ``dirichlet-1.0`` and ``dirichlet-0.5``).
     """
     for method in methods or ():
-        if method not in METHODS:
-            raise FlexMoEError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method not in ARMS:
+            raise FlexMoEError(f"unknown method {method!r}; choose from {', '.join(ARMS)}")
     kept = matrix.groups
     if groups:
         kept = tuple(g for g in matrix.groups if any(_matches(g.name, s) for s in groups))

@@ -22,6 +22,7 @@ from benchmarks.harness.summary import (
     setting_plots,
     split_sweep,
 )
+from benchmarks.harness.tuning import tuned_rates
 from flexmoe.schema import kebab
 
 Curve = list[tuple[int, float]]
@@ -122,7 +123,8 @@ def write_plots(runs: Sequence[Run], folder: Path) -> list[Path]:
     """Every plot report.md links to, written under ``folder``; older plots there are removed."""
     for stale in folder.glob("*.png"):
         stale.unlink()
-    grouped = group_runs(split_sweep(runs)[0])
+    tested, sweep = split_sweep(runs)
+    grouped = group_runs(tested, tuned_rates(sweep))
     labels = setting_labels(grouped)
     written = []
     kinds = {

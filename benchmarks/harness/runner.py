@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 
 from benchmarks.harness.matrix import Cell
-from benchmarks.harness.summary import SAMPLES_FILE, SCORES_FILE, write_samples, write_scores
+from benchmarks.harness.summary import PREDICTIONS_FILE, write_predictions
 from flexmoe.errors import FlexMoEError
+from flexmoe.io import atomic_write_text
 from flexmoe.results import (
     CHECKPOINT_FILE,
     RESULTS_FILE,
@@ -25,6 +30,7 @@ from flexmoe.schema import snake
 from flexmoe.settings import RUNTIME_SETTINGS, Settings
 
 CommandBuilder = Callable[[Cell, Path], list[str]]
+PROVENANCE_FILE = "provenance.json"  # each start of a cell: the commit, machine and libraries
 
 
 def flexmoe_command(cell: Cell, out: Path) -> list[str]:
@@ -92,6 +98,7 @@ def run_cell(root: Path, cell: Cell, command: CommandBuilder | None = None) -> O
             reason = f"{interrupted} was started with other settings ({listed})"
             return Outcome(cell, "failed", log, reason=reason)
     log.parent.mkdir(parents=True, exist_ok=True)
+    record_start(out)
     started = time.perf_counter()
     with log.open("a" if resuming else "w") as handle:  # a resumed cell keeps its earlier log
         if resuming:
@@ -113,13 +120,51 @@ def run_cell(root: Path, cell: Cell, command: CommandBuilder | None = None) -> O
     return Outcome(cell, "done", log, wall)
 
 
+def record_start(out: Path) -> None:
+    """Add this start of a cell (its first, or a resumption) to ``out/provenance.json``: the
+    commit the code ran at, whether it had uncommitted changes, the machine and the libraries."""
+    path = out / PROVENANCE_FILE
+    starts = json.loads(path.read_text(encoding="utf-8"))["starts"] if path.is_file() else []
+    starts.append(
+        {
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            **_commit(),
+            "cpu": _cpu_name(),
+            "cores": os.cpu_count(),
+            **{name: metadata.version(name) for name in ("torch", "transformers", "flwr")},
+        }
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"starts": starts}, indent=1) + "\n")
+
+
+def _commit() -> dict[str, object]:
+    """The repository's commit and whether tracked files differ from it (None outside git)."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "uncommitted_changes": None if changes is None else bool(changes)}
+
+
+def _cpu_name() -> str:
+    for line in (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    ):
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
 def keep_predictions(out: Path) -> None:
-    """Write what a finished cell's report and paired comparisons read of its clients'
-    predictions (``samples.json``, ``scores.json``), unless they are there."""
-    if not (out / SAMPLES_FILE).is_file():
-        write_samples(out)
-    if not (out / SCORES_FILE).is_file():
-        write_scores(out)
+    """Write what the report and its paired comparisons read of a finished cell's clients'
+    predictions (``predictions.jsonl``), unless it is there."""
+    if not (out / PREDICTIONS_FILE).is_file():
+        write_predictions(out)
 
 
 def default_jobs() -> int:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_write_text, read_json
 from flexmoe.methods import METHODS
 from flexmoe.results import (
@@ -38,11 +39,14 @@ OWN_HYPERPARAMETERS = {
     **{m: ("server_lr",) for m in ("fedadam", "fedyogi", "fedadagrad")},
 }
 SAMPLES = 2  # test predictions per client shown in a report
-SAMPLES_FILE = "samples.json"
-SCORES_FILE = "scores.json"  # every test example's ROUGE-L, for paired comparisons
+PREDICTIONS_FILE = "predictions.jsonl"  # every test example's prediction and ROUGE-L
+SAMPLES_FILE = "samples.json"  # the first two, cut short: what cells made before kept
 
 
-ABLATION_FIELDS = ("experts_per_layer", "size_ratio", "gate_bias", "selection_tokens", "clients")
+# graft settings that make a variant of a method within a setting (its own arm, compared on the
+# same test examples), not a setting of their own
+ARM_FIELDS = ("experts_per_layer", "size_ratio", "gate_bias", "selection_tokens")
+ABLATION_FIELDS = ("clients",)  # settings compared across settings (other data, other examples)
 
 RUN_FIELDS = ("method", "seed")  # what differs between runs of one setting's tables
 # what a run measures, not what it trains: runs that differ only here share a setting
@@ -60,7 +64,8 @@ class Run:
     path: str  # the folder, relative to the report's folder
     results: RunResults
     rounds: list[RoundRecord] | None
-    samples: dict[int, list[dict]] = field(default_factory=dict)  # client -> test predictions
+    samples: dict[int, list[dict]] = field(default_factory=dict)  # client -> first predictions
+    scores: dict[int, dict[str, float]] = field(default_factory=dict)  # client -> id -> ROUGE-L
 
     @property
     def method(self) -> str:
@@ -76,8 +81,19 @@ class Run:
         return {**defaults, **top, "method": self.method, **(saved or {})}
 
     def setting(self) -> Setting:
-        ignored = RUN_FIELDS + MEASUREMENT_FIELDS + METHOD_FIELDS + RUNTIME_FIELDS
+        ignored = RUN_FIELDS + MEASUREMENT_FIELDS + METHOD_FIELDS + RUNTIME_FIELDS + ARM_FIELDS
         return tuple(sorted((k, v) for k, v in self.config.items() if k not in ignored))
+
+    def variant(self) -> str:
+        """The run's method and the graft settings it changes from their defaults, e.g.
+        ``flex (selection-tokens answer)``."""
+        defaults = Settings().to_record()
+        changed = [
+            f"{kebab(name)} {self.config[name]}"
+            for name in ARM_FIELDS
+            if self.config.get(name, defaults[name]) != defaults[name]
+        ]
+        return f"{self.method} ({', '.join(changed)})" if changed else self.method
 
 
 Setting = tuple[tuple[str, Any], ...]
@@ -92,6 +108,10 @@ class Summary:
     @property
     def n(self) -> int:
         return len(self.runs)
+
+    @property
+    def method(self) -> str:
+        return self.runs[0].method
 
     @property
     def rouge(self) -> float:
@@ -152,50 +172,48 @@ def load_runs(directory: Path) -> list[Run]:
         rounds = read_rounds(rounds_file) if rounds_file.is_file() else None
         folder = path.parent.relative_to(directory).as_posix()
         results = read_results(path)
-        runs.append(Run(folder, results, rounds, read_samples(path.parent)))
+        kept = read_predictions(path.parent)
+        samples = {c: rows[:SAMPLES] for c, rows in kept.items()}
+        scores = {c: {r["prompt_id"]: r["rouge_l"] for r in rows} for c, rows in kept.items()}
+        runs.append(Run(folder, results, rounds, samples or read_samples(path.parent), scores))
     return runs
 
 
-def write_samples(folder: Path, count: int = SAMPLES, width: int = 200) -> Path | None:
-    """``folder/samples.json``: the first ``count`` test predictions of each client's final
-    evaluation, taken from the files the run's clients kept beside their state (a simulation's
-    clients keep them in its folder), without the prompt or reference texts, which quote the
-    data set. None when the clients kept no predictions."""
-    samples = {
-        client: [
-            {key: row[key] for key in ("prompt_id", "category", "rouge_l")}
-            | {"prediction": row["prediction"][:width]}
-            for row in rows[:count]
-        ]
+PREDICTED = ("prompt_id", "category", "rouge_l", "prediction")  # what a cell keeps of each
+
+
+def write_predictions(folder: Path) -> Path | None:
+    """``folder/predictions.jsonl``: every test example of each client's final evaluation, one
+    line each (client, prompt id, category, ROUGE-L, prediction), from the files the run's
+    clients kept beside their state (a simulation's clients keep them in its folder). The prompt
+    and reference are left out: the prompt id names them in the data set. None when the clients
+    kept no predictions."""
+    lines = [
+        json.dumps({"client": int(client), **{key: row[key] for key in PREDICTED}})
         for client, rows in final_predictions(folder).items()
-    }
-    if not samples:
+        for row in rows
+    ]
+    if not lines:
         return None
-    return atomic_write_text(folder / SAMPLES_FILE, json.dumps(samples, indent=1) + "\n")
+    return atomic_write_text(folder / PREDICTIONS_FILE, "\n".join(lines) + "\n")
 
 
-def write_scores(folder: Path) -> Path | None:
-    """``folder/scores.json``: every test example's ROUGE-L of each client's final evaluation,
-    by prompt id (no text of the data set), for comparisons paired on the same examples. None
-    when the clients kept no predictions."""
-    scores = {
-        client: {row["prompt_id"]: row["rouge_l"] for row in rows}
-        for client, rows in final_predictions(folder).items()
-    }
-    if not scores:
-        return None
-    return atomic_write_text(folder / SCORES_FILE, json.dumps(scores, indent=1) + "\n")
-
-
-def read_scores(folder: Path) -> dict[int, dict[str, float]]:
-    """What ``write_scores`` kept for the run in ``folder``, by client (nothing if none)."""
-    path = folder / SCORES_FILE
+def read_predictions(folder: Path) -> dict[int, list[dict]]:
+    """What ``write_predictions`` kept for the run in ``folder``, by client (nothing if none)."""
+    path = folder / PREDICTIONS_FILE
     if not path.is_file():
         return {}
-    kept = read_json(path, "run 'python -m benchmarks.bench' again to make it")
-    return {
-        int(client): {str(k): float(v) for k, v in rows.items()} for client, rows in kept.items()
-    }
+    kept: dict[int, list[dict]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            kept.setdefault(int(row.pop("client")), []).append(row)
+        except (ValueError, KeyError, TypeError) as error:
+            raise FlexMoEError(
+                f"{path}, line {number}: not a prediction record ({error}); delete the file and "
+                "run 'python -m benchmarks.bench' again to make it"
+            ) from None
+    return kept
 
 
 def final_predictions(folder: Path) -> dict[str, list[dict]]:
@@ -212,7 +230,8 @@ def final_predictions(folder: Path) -> dict[str, list[dict]]:
 
 
 def read_samples(folder: Path) -> dict[int, list[dict]]:
-    """What ``write_samples`` kept for the run in ``folder`` (nothing if it kept none)."""
+    """What ``samples.json`` keeps of the first test predictions of each client, in a cell made
+    before cells kept all their predictions."""
     path = folder / SAMPLES_FILE
     if not path.is_file():
         return {}
@@ -272,15 +291,42 @@ def _setting_order(setting: Setting) -> tuple:
     )
 
 
-def group_runs(runs: Iterable[Run]) -> dict[Setting, dict[str, Summary]]:
-    """Runs by setting, then by method, settings and methods in report order."""
-    grouped: dict[Setting, dict[str, list[Run]]] = {}
+def group_runs(
+    runs: Iterable[Run], rates: Mapping[str, float] | None = None
+) -> dict[Setting, dict[str, Summary]]:
+    """Runs by setting, then by arm (``arms``), settings and arms in report order."""
+    grouped: dict[Setting, list[Run]] = {}
     for run in runs:
-        grouped.setdefault(run.setting(), {}).setdefault(run.method, []).append(run)
+        grouped.setdefault(run.setting(), []).append(run)
     return {
-        setting: {m: Summary(tuple(grouped[setting][m])) for m in method_order(grouped[setting])}
-        for setting in sorted(grouped, key=_setting_order)
+        setting: arms(grouped[setting], rates) for setting in sorted(grouped, key=_setting_order)
     }
+
+
+def arms(runs: Sequence[Run], rates: Mapping[str, float] | None = None) -> dict[str, Summary]:
+    """A setting's runs by arm: their ``variant``, and where one variant ran at several learning
+    rates, each rate its own arm, named after the method ``rates`` (each method's tuned rate)
+    gives it: its own rate keeps the plain name, another method's is ``at fedavg's lr``."""
+    by_variant: dict[str, list[Run]] = {}
+    for run in runs:
+        by_variant.setdefault(run.variant(), []).append(run)
+    named: dict[str, list[Run]] = {}
+    for variant, members in by_variant.items():
+        several = len({r.config["lr"] for r in members}) > 1
+        for run in members:
+            label = _rate_label(variant, run, rates or {}) if several else variant
+            named.setdefault(label, []).append(run)
+    order = {m: i for i, m in enumerate(method_order(r.method for r in runs))}
+    ranked = sorted(named, key=lambda label: (order[named[label][0].method], label))
+    return {label: Summary(tuple(named[label])) for label in ranked}
+
+
+def _rate_label(variant: str, run: Run, rates: Mapping[str, float]) -> str:
+    lr = run.config["lr"]
+    if rates.get(run.method) == lr:
+        return variant
+    owners = [m for m, rate in rates.items() if rate == lr and m != run.method]
+    return f"{variant} at {owners[0]}'s lr" if owners else f"{variant}, lr {lr:g}"
 
 
 def ablation_families(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -33,6 +33,29 @@ class Placement:
 
     def __str__(self) -> str:
         return f"{self.device} {str(self.dtype).removeprefix('torch.')}"
+
+    def for_trained_weights(self) -> Placement:
+        """Where pretrained weights that an optimiser updates are held: in float32 whatever
+        ``dtype`` computes in, since an update below bfloat16's resolution (2**-8 of a weight;
+        a step of a learning rate of 1e-5 is far smaller) would round away to nothing."""
+        return replace(self, dtype=torch.float32)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for the block: float32 weights (trained adapters, personal experts,
+        a base held for training) compute in bfloat16 when ``dtype`` is bfloat16.
+
+        float16 is left out: training in it needs loss scaling, which flexmoe does not do.
+        """
+        if self.dtype != torch.bfloat16 or self.device.type not in ("cpu", "cuda"):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    @property
+    def experts_implementation(self) -> str | None:
+        """How fused experts compute here, None for transformers' choice: on the CPU ``eager``
+        (a loop over the experts hit), as ``grouped_mm`` has no fast CPU kernel (a training step
+        of smol-moe took 1.3x as long with it, benchmarks/perf/step_speed.py)."""
+        return "eager" if self.device.type == "cpu" else None
 
     @property
     def slow(self) -> str | None:

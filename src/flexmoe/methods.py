@@ -64,6 +64,11 @@ class Method:
         return self.graft is not GraftSource.NONE
 
     @property
+    def personalises(self) -> bool:
+        """Whether each client keeps a model of its own: a graft, personal LoRA, or all of it."""
+        return self.grafts or not self.federated or self.shared.personal_lora_b
+
+    @property
     def selection(self) -> str:
         """The selection strategy its grafts use (see ``flexmoe.flex.selection``)."""
         return "random" if self.graft is GraftSource.RANDOM else "top"

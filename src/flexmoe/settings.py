@@ -185,6 +185,9 @@ class EvaluationSettings(Group):
     """What the clients' evaluation scores and measures."""
 
     max_new_tokens: int = setting(32, "greedy generation length for ROUGE-L", at_least(1))
+    eval_batch_size: int = setting(
+        32, "test prompts answered (and scored for the test loss) together", at_least(1)
+    )
     diagnostics: bool = setting(
         True, "measure knowledge, routing and FLOPs in the final evaluation"
     )

@@ -9,7 +9,7 @@ from benchmarks import report
 from benchmarks.harness.matrix import MATRICES
 from benchmarks.harness.plots import loss_curve, mean_curve, rouge_curve
 from benchmarks.harness.report import write_report
-from benchmarks.harness.summary import Run, load_runs, read_scores, write_samples, write_scores
+from benchmarks.harness.summary import Run, load_runs, read_predictions, write_predictions
 from flexmoe.errors import FlexMoEError
 from flexmoe.results import (
     Knowledge,
@@ -190,13 +190,12 @@ def test_report_shows_mmlu_selection_agreement_predictions_margins_and_the_sweep
         (kept / f"round-{results.rounds:04d}.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in rows)
         )
-        samples = json.loads(write_samples(folder).read_text())
-        assert list(samples) == ["1"] and len(samples["1"]) == 2  # what the bench keeps
-        assert set(samples["1"][0]) == {"prompt_id", "category", "prediction", "rouge_l"}
-        assert len(samples["1"][0]["prediction"]) == 200
-        write_scores(folder)  # every example's score, by prompt id, and no text of the data
-        assert read_scores(folder) == {1: {"ab": 50.0}}
-        assert "Paris" not in (folder / "scores.json").read_text()
+        kept = write_predictions(folder)  # every example, and no prompt or reference text
+        assert "Paris" not in kept.read_text() and "Name it." not in kept.read_text()
+        predictions = read_predictions(folder)
+        assert list(predictions) == [1] and len(predictions[1]) == 3
+        assert predictions[1][0] == {key: rows[0][key] for key in
+                                     ("prompt_id", "category", "rouge_l", "prediction")}  # fmt: skip
     write_run(
         tmp_path / "fedavg", fake_results("fedavg", 0, [20.0], split="pathological", clients=2)
     )

@@ -76,7 +76,8 @@ def test_graft_refuses_a_folder_holding_files_unless_forced(capsys, tmp_path):
     out = tmp_path / "adapter"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    argv = ["graft", "--model", "tiny", "--data", "dolly", "--max-examples", "8", "--out", str(out)]
+    argv = ["graft", "--model", "tiny", "--data", "dolly", "--selection-examples", "8"]
+    argv += ["--out", str(out)]
     assert main(argv) == 2
     assert "already exists" in one_error_line(capsys)
     assert main([*argv, "--force"]) == 0

@@ -84,13 +84,6 @@ def _add_graft(commands: argparse._SubParsersAction) -> None:
         "--force", action="store_true", help="write into --out even if it holds files already"
     )
     add_setting_options(graft, FlexConfig)
-    graft.add_argument(
-        "--max-examples",
-        type=int,
-        default=256,
-        metavar="N",
-        help="examples scored, the first of the data (default %(default)s)",
-    )
     add_setting_options(graft, DataSettings, ["max_length"])
     add_setting_options(graft, TrainSettings, ["batch_size"], {"batch_size": 8})
     add_placement_options(graft)
@@ -238,8 +231,6 @@ def run_graft(args: argparse.Namespace) -> None:
     from flexmoe.flex.model import FlexModel
     from flexmoe.models.loading import load_model
 
-    if args.max_examples < 1:
-        raise FlexMoEError(f"--max-examples must be at least 1, got {args.max_examples}")
     config = chosen_settings(args, FlexConfig)
     max_length = chosen_settings(args, DataSettings).max_length
     batch_size = chosen_settings(args, TrainSettings).batch_size
@@ -247,7 +238,7 @@ def run_graft(args: argparse.Namespace) -> None:
     if not args.force:
         check_new_folder(args.out)
     started = time.perf_counter()
-    examples = load_dataset(args.data)[: args.max_examples]
+    examples = load_dataset(args.data)[: config.selection_examples]
     model, tokenizer = load_model(args.model, placement_of(args))
     tokenized = tokenize_examples(
         examples, tokenizer, max_length, terminate=False, selection_tokens=config.selection_tokens

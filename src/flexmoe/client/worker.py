@@ -108,7 +108,7 @@ class ClientWorker:
         clock = Stopwatch(self.placement.device)
         with self.model_for_round(round_, global_shared, clock) as model:
             torch.manual_seed(self.seed * 1_000 + round_)
-            with clock.lap("compute"):
+            with clock.lap("compute"), self.placement.autocast():
                 losses = train_steps(
                     model.model,  # names as in the shared state, for the proximal anchor
                     (collate(b, pad_token_id(self.tokenizer)) for b in batches),
@@ -149,11 +149,16 @@ class ClientWorker:
         ``detailed`` adds what it costs in knowledge, routing and compute (see
         ``flexmoe.evaluation.diagnostics``).
         """
-        batch_size = self.settings.train.batch_size
+        batch_size = self.settings.evaluation.eval_batch_size
         test = tokenize_examples(self.data.test, self.tokenizer, self.max_length)
+        test.sort(key=lambda e: len(e.input_ids))  # little padding; the loss is a token mean
         batches = sequential_batches(test, batch_size, pad_token_id(self.tokenizer))
         clock = Stopwatch(self.placement.device)
-        with self.model_for_round(round_ + 1, global_shared, clock) as model, clock.lap("compute"):
+        with (
+            self.model_for_round(round_ + 1, global_shared, clock) as model,
+            clock.lap("compute"),
+            self.placement.autocast(),
+        ):
             answers = generate_answers(
                 model,
                 self.tokenizer,
@@ -179,7 +184,8 @@ class ClientWorker:
         """``flexmoe.evaluation.diagnostics`` of ``model`` beside the pristine base."""
         base = None
         if self.method.shared.trains_base_weights:
-            base, _ = load_model(self.settings.model, self.placement)  # its weights were trained
+            # its weights were trained: a pristine one, held as the trained one was
+            base, _ = load_model(self.settings.model, self.placement.for_trained_weights())
         measures = self.store.root.parent / "measures"  # the run's, shared by its clients here
         return diagnostics(
             model,
@@ -205,8 +211,11 @@ class ClientWorker:
         trains_weights = self.method.shared.trains_base_weights
         with contextlib.ExitStack() as lending:
             with clock.lap("load"):
+                placement = (
+                    self.placement.for_trained_weights() if trains_weights else self.placement
+                )
                 base = lending.enter_context(
-                    BASE_MODELS.lend(self.settings.model, self.placement, trains_weights)
+                    BASE_MODELS.lend(self.settings.model, placement, trains_weights)
                 )
             with clock.lap("restore"):
                 model = self.restored_model(base, round_, global_shared)
@@ -240,20 +249,24 @@ class ClientWorker:
         )
         if not self.method.grafts:
             return FlexModel(base, config=config)
-        model, _ = FlexModel.graft(base, self.selection_batches(), config)
+        with self.placement.autocast():
+            model, _ = FlexModel.graft(base, self.selection_batches(), config)
         return model
 
     def selection_batches(self) -> list[dict[str, torch.Tensor]]:
-        """The client's training data (scoring the tokens ``selection-tokens`` names), or
-        generic text for the generic ablation."""
-        examples = self.train_examples
-        selection_tokens = self.settings.graft.selection_tokens
+        """The first ``selection-examples`` of the client's shuffled training data (scoring the
+        tokens ``selection-tokens`` names), or generic text for the generic ablation."""
+        graft = self.settings.graft
+        examples = self.train_examples[: graft.selection_examples]
         if self.method.graft is GraftSource.GENERIC:
             ids = [self.tokenizer.encode(t)[: self.max_length] for t in generic_texts()]
-            examples = [TokenizedExample(i, i) for i in ids if i]
-        elif selection_tokens != "all":
+            examples = [TokenizedExample(i, i) for i in ids if i][: graft.selection_examples]
+        elif graft.selection_tokens != "all":
             examples = tokenize_examples(
-                self.data.train, self.tokenizer, self.max_length, selection_tokens=selection_tokens
+                self.data.train[: graft.selection_examples],
+                self.tokenizer,
+                self.max_length,
+                selection_tokens=graft.selection_tokens,
             )
         batch_size = self.settings.train.batch_size
         return sequential_batches(examples, batch_size, pad_token_id(self.tokenizer))

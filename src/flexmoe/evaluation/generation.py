@@ -26,14 +26,20 @@ def generate_answers(
     examples: Sequence[InstructionExample],
     max_new_tokens: int,
     max_prompt_tokens: int,
-    batch_size: int = 8,
+    batch_size: int = 16,
 ) -> list[str]:
-    """Greedy answers to each example's prompt, decoded without special tokens."""
+    """Greedy answers to each example's prompt, decoded without special tokens.
+
+    Prompts are batched by length (shortest first), so that a batch pads little; a batch stops
+    when all its answers have reached the end-of-sequence token.
+    """
     model.eval()
     prompts = [encode_prompt(e, tokenizer, max_prompt_tokens) for e in examples]
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        batch = collate_prompts(prompts[start : start + batch_size], pad_token_id(tokenizer))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = collate_prompts([prompts[i] for i in indices], pad_token_id(tokenizer))
         batch = on_model_device(batch, model)
         output = model.generate(
             **batch,
@@ -43,8 +49,9 @@ def generate_answers(
             eos_token_id=eos_token_id(tokenizer),
         )
         new_tokens = output[:, batch["input_ids"].shape[1] :]
-        answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return [a.strip() for a in answers]
+        decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        answers.update(zip(indices, decoded, strict=True))
+    return [answers[i].strip() for i in range(len(prompts))]
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:

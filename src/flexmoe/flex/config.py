@@ -32,6 +32,12 @@ class GraftSettings(Group):
         "without the prompt template) or answer",
         one_of(SELECTION_TOKENS),
     )
+    selection_examples: int = setting(
+        64,
+        "examples the grafting criterion scores: the first of a client's shuffled training "
+        "share (of the data, for flexmoe graft); the cost of grafting grows with them",
+        at_least(1),
+    )
 
 
 @dataclass(frozen=True)

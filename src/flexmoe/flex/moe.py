@@ -193,23 +193,25 @@ def _make_view(
     router: nn.Module,
     experts: nn.Module,
 ) -> MoEBlockView:
-    validate = not router.weight.is_meta
-    rule = (
-        _infer_rule(model, block, router) if validate else _candidate_rules(model, block, router)[0]
-    )
-    view = MoEBlockView(
-        layer=_layer_index(path),
-        path=path,
-        block=block,
-        router=router,
-        experts=experts,
-        rule=rule,
-        shared_expert=_first_attr(block, SHARED_EXPERT_NAMES),
-        shared_expert_gate=_first_attr(block, SHARED_GATE_NAMES),
-    )
-    if validate:
-        _check_expert_layout(model, view)
-    return view
+    def view(rule: RoutingRule) -> MoEBlockView:
+        return MoEBlockView(
+            layer=_layer_index(path),
+            path=path,
+            block=block,
+            router=router,
+            experts=experts,
+            rule=rule,
+            shared_expert=_first_attr(block, SHARED_EXPERT_NAMES),
+            shared_expert_gate=_first_attr(block, SHARED_GATE_NAMES),
+        )
+
+    if router.weight.is_meta:  # nothing to run: the first candidate rule, unchecked
+        return view(_candidate_rules(model, block, router)[0])
+    # checked against the model's own computation in its precision, never a mixed one
+    with torch.autocast(router.weight.device.type, enabled=False):
+        checked = view(_infer_rule(model, block, router))
+        _check_expert_layout(model, checked)
+    return checked
 
 
 def _candidate_rules(model: nn.Module, block: nn.Module, router: nn.Module) -> list[RoutingRule]:

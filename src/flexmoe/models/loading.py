@@ -95,8 +95,13 @@ def load_model(
     placement = placement or Placement.resolve("cpu", "float32")
     path = resolve_model_path(name_or_path)
     with _loading(path):
+        experts = placement.experts_implementation
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=placement.dtype, device_map=placement.device, local_files_only=True
+            path,
+            dtype=placement.dtype,
+            device_map=placement.device,
+            local_files_only=True,
+            **({"experts_implementation": experts} if experts else {}),
         )
     model.config.name_or_path = str(name_or_path)
     return model.eval(), load_tokenizer(name_or_path)
