@@ -87,8 +87,10 @@ class Matrix:
     tuned: Tuning = field(default_factory=lambda: Tuning({}))  # per-method choices of a sweep
 
     def cells(self) -> list[Cell]:
-        """Every cell, group-major; a group whose settings repeat an earlier one's is run once."""
-        cells, seen = [], set()
+        """Every cell, group-major; a group whose settings repeat an earlier one's is run once,
+        and so is an arm whose settings are another's (an equal-rate control where the two
+        methods chose the same rate)."""
+        cells, seen, made = [], set(), set()
         for group in self.groups:
             key = Settings().updated(group.overrides)
             if key in seen:
@@ -105,7 +107,10 @@ class Matrix:
                         "method": arm.method,
                         "seed": seed,
                     }
-                    cells.append(Cell(f"{group.name}/{name}/seed{seed}", settings))
+                    cell = Cell(f"{group.name}/{name}/seed{seed}", settings)
+                    if cell.config() not in made:
+                        made.add(cell.config())
+                        cells.append(cell)
         return cells
 
 

@@ -3,6 +3,7 @@
 import pytest
 
 from benchmarks.harness.matrix import MATRICES, Cell, select
+from benchmarks.harness.tuning import Choice, Tuning
 from flexmoe.errors import FlexMoEError
 from flexmoe.methods import METHODS
 
@@ -46,3 +47,23 @@ def test_select_narrows_a_matrix_and_applies_shared_settings():
         select(MATRICES["smoke"], groups=["dirichlet"])
     with pytest.raises(FlexMoEError, match="local-steps must be at least 1"):
         select(MATRICES["smoke"], overrides={"local_steps": 0})
+
+
+def test_arms_run_a_method_with_its_own_settings_or_another_methods_tuned_rate():
+    tuned = Tuning({m: Choice("lr", {}, rate) for m, rate in (("flex", 1e-3), ("fedavg", 3e-4))})
+    arms = ["flex", "flex-answer", "flex-at-fedavg-lr", "fedavg-at-flex-lr"]
+    matrix = select(MATRICES["default"], arms, [0], ["pathological"], tuned=tuned)
+    config = {c.name.split("/")[1]: c.config() for c in matrix.cells()}
+    assert [(c.method, c.train.lr) for c in config.values()] == [
+        ("flex", 1e-3), ("flex", 1e-3), ("flex", 3e-4), ("fedavg", 1e-3),
+    ]  # fmt: skip
+    assert config["flex-answer"].graft.selection_tokens == "answer"
+    same = Tuning({m: Choice("lr", {}, 1e-3) for m in ("flex", "fedavg")})
+    matrix = select(MATRICES["default"], ["flex", "flex-at-fedavg-lr"], [0], tuned=same)
+    assert [c.name for c in matrix.cells()] == [  # the control is flex itself: run once
+        f"{split}/flex/seed0" for split in ("pathological", "dirichlet-1.0", "dirichlet-0.5")
+    ]
+    with pytest.raises(FlexMoEError, match="trains at fedavg's tuned learning rate; give"):
+        select(MATRICES["default"], ["flex-at-fedavg-lr"], [0])
+    with pytest.raises(FlexMoEError, match="unknown method 'flex-answr'; choose from"):
+        select(MATRICES["default"], ["flex-answr"], [0])

@@ -3,6 +3,7 @@
 import json
 import statistics
 
+import numpy as np
 import pytest
 
 from benchmarks import report
@@ -82,17 +83,20 @@ def test_report_warns_of_several_runs_of_one_seed(tmp_path):
     assert table_row(report, "fedavg")[1:4] == ["2", "10.00", "0.00"]
 
 
-def test_settings_that_differ_in_one_ablated_field_form_an_ablation(tmp_path):
+def test_graft_variants_are_arms_of_one_setting_and_client_counts_an_ablation(tmp_path):
     for r, score in ((1, 30.0), (2, 34.0), (3, 33.0)):
         for seed in (0, 1):
             results = fake_results("flex", seed, [score + seed], experts_per_layer=r)
-            results.flops_ratio = 1 + 0.25 * r
             write_run(tmp_path / f"experts-per-layer-{r}" / "flex" / f"seed{seed}", results)
+    for clients, score in ((4, 20.0), (10, 22.0)):
+        results = fake_results("flex", 0, [score], split="dirichlet", clients=clients)
+        write_run(tmp_path / f"clients-{clients}" / "flex" / "seed0", results)
     report = write_report(tmp_path).read_text()
-    assert "## pathological, experts-per-layer 2" in report
-    assert "### experts-per-layer (pathological)" in report
-    assert table_row(report, "2") == ["2", "flex", "2", "34.50", "0.71", "-", "1.500", "0.010"]
-    assert (tmp_path / "plots" / "ablation-experts-per-layer-pathological.png").is_file()
+    assert report.count("\n## pathological") == 1  # the variants share the same test examples
+    assert table_row(report, "flex (experts-per-layer 2)")[1:4] == ["2", "34.50", "0.71"]
+    assert table_row(report, "flex")[1:3] == ["2", "30.50"]
+    assert "### clients (dirichlet-1.0)" in report  # other clients: other test examples
+    assert (tmp_path / "plots" / "ablation-clients-dirichlet-1.0.png").is_file()
 
 
 def test_curves_prefer_rouge_per_round_and_average_over_seeds():
@@ -169,7 +173,7 @@ def test_results_are_strict_json(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_report_shows_mmlu_selection_agreement_predictions_margins_and_the_sweep(tmp_path):
+def test_report_shows_mmlu_selection_agreement_predictions_and_the_sweep(tmp_path):
     for seed in (0, 1):
         results = fake_results("flex", seed, [30.0 + seed, 40.0], split="pathological", clients=2)
         for client, plan in zip(results.clients, ([1] * 10, [1] * 5 + [2] * 5), strict=True):
@@ -191,19 +195,20 @@ def test_report_shows_mmlu_selection_agreement_predictions_margins_and_the_sweep
             "".join(json.dumps(r) + "\n" for r in rows)
         )
         kept = write_predictions(folder)  # every example, and no prompt or reference text
-        assert "Paris" not in kept.read_text() and "Name it." not in kept.read_text()
+        assert "reference" not in kept.read_text() and "Name it." not in kept.read_text()
         predictions = read_predictions(folder)
         assert list(predictions) == [1] and len(predictions[1]) == 3
-        assert predictions[1][0] == {key: rows[0][key] for key in
-                                     ("prompt_id", "category", "rouge_l", "prediction")}  # fmt: skip
+        fields = ("prompt_id", "category", "rouge_l", "prediction")
+        assert predictions[1][0] == {key: rows[0][key] for key in fields}
     write_run(
         tmp_path / "fedavg", fake_results("fedavg", 0, [20.0], split="pathological", clients=2)
     )
     for lr, rouge in ((3e-4, 12.0), (1e-3, 14.0)):
         write_run(tmp_path / "sweep" / f"lr-{lr:g}", sweep_results("fedavg", "lr", lr, rouge))
     report = write_report(tmp_path).read_text()
-    assert (
-        "Margin over fedavg: +15.25 (at least one of the two measured on a single run: no" in report
+    assert (  # fedavg kept no per-example scores: nothing to pair flex's with
+        "- Better ROUGE-L than the federated baselines (fedavg): untested (not paired: no seed "
+        "where both kept each test example's ROUGE-L)." in report
     )
     assert table_row(report, "flex", after="MMLU 0-shot") == [
         "flex", "4", "40", "20.00", "25.00", "0.2500", "0.2650", "+0.0150",
@@ -220,68 +225,82 @@ def test_report_shows_mmlu_selection_agreement_predictions_margins_and_the_sweep
     assert "## eval-split" not in report  # the sweep runs are not a setting of their own
 
 
-def test_report_weighs_the_papers_three_claims_against_the_seed_spread(tmp_path):
+def synthetic(shift: float, ppl: float, seeds=(0, 1, 2), spread=8.0) -> dict:
+    """seed -> (two clients' per-example ROUGE-L: a method ``shift`` points above a common
+    base, with independent noise; their held-out perplexity on three domains, base 10)."""
+    arm = {}
+    for seed in seeds:
+        base = np.random.default_rng(seed).uniform(0, 60, size=(2, 40))
+        noise = np.random.default_rng([seed, int(100 * shift) + 1000]).normal(0, spread, (2, 40))
+        rouges = np.clip(base + shift + noise, 0, 100).round(2).tolist()
+        domains = [{d: ppl + 0.01 * (seed + i + c) for i, d in enumerate("abc")} for c in (0, 1)]
+        arm[seed] = (rouges, domains)
+    return arm
+
+
+def test_claims_are_supported_only_where_paired_intervals_exclude_zero(tmp_path):
     lines = claims(
         tmp_path,
         {
-            "flex": ([40.0, 42.0, 44.0], [0.01, 0.02, 0.03]),
-            "flex-random": ([50.0, 50.5, 51.0], [0.015] * 3),  # grafts: not a federated baseline
-            "fedavg": ([35.0, 36.0, 37.0], [0.05, 0.06, 0.07]),
-            "fedavg-full": ([30.0, 30.5, 31.0], [0.2] * 3),
-            "local": ([60.0] * 3, [0.0] * 3),  # federates nothing: left out of claims 1 and 2
+            "flex": synthetic(10.0, 10.2),
+            "flex-random": synthetic(0.0, 10.9),  # grafts: not a federated baseline
+            "fedavg": synthetic(0.0, 10.0),
+            "fedavg-full": synthetic(-5.0, 11.0),
+            "local": synthetic(10.0, 10.8),  # as good as flex by ROUGE-L
         },
     )
     assert lines == [
-        "- Better mean ROUGE-L than the federated baselines (fedavg, fedavg-full): supported. "
-        "flex 42.00, the best of them fedavg 36.00: margin +6.00, std 2.00.",
-        "- Least knowledge lost among the methods that federate (flex-random, fedavg, "
-        "fedavg-full beside flex), by held-out perplexity increase: not supported. flex +2.00% "
-        "(rank 2 of 4), the best of the others flex-random +1.50%: margin -0.50%, std 1.00%.",
-        "- Least knowledge lost among the methods that federate (fedavg beside flex), by the "
-        "change in MMLU p(right letter): untested (at least one of the two measured on a single "
-        "run: no seed-to-seed spread to weigh the margin by). flex -0.0100 (rank 1 of 2), the "
-        "best of the others fedavg -0.0300: margin +0.0200, std -.",
+        "- Better ROUGE-L than the federated baselines (fedavg, fedavg-full): supported.",
+        "- Better ROUGE-L than every other method (flex-random, fedavg, fedavg-full, local): not "
+        "supported (no difference shown against local).",
+        "- Least knowledge lost (held-out perplexity increase) among the methods that "
+        "personalise (flex-random, local): supported.",
         "- Under 1% of fedavg-full's uplink: supported. flex sends 0.50% of it (0.010 MB against "
         "2.000 MB per run).",
     ]
+    report = (tmp_path / "report.md").read_text()
+    row = table_row(report, "flex", after="| first |")
+    assert row[1:5] == ["flex-random", "ROUGE-L", "3", "240"]
+    low, high = (float(x) for x in row[6].split(" at ")[0].strip("[]").split(", "))
+    assert low < 10.0 < high and low > 0  # the known difference, inside its interval
+    assert row[-1] == "flex better"
 
 
-def test_a_lead_within_the_larger_spread_or_over_a_single_run_is_not_called_supported(tmp_path):
-    flex = ([40.0, 42.0, 44.0], [0.02] * 3)  # ROUGE-L std 2.0
-    within = claims(
-        tmp_path / "within",
+def test_a_flex_no_better_than_a_baseline_or_worse_is_not_supported(tmp_path):
+    lines = claims(
+        tmp_path,
         {
-            "flex": flex,
-            "fedavg": ([40.0, 40.5, 41.0], [0.05] * 3),
-            "fedavg-full": ([30.0, 31.0, 32.0], [0.05] * 3),
+            "flex": synthetic(0.0, 10.2, seeds=(0, 1)),  # fedavg's very scores
+            "fedavg": synthetic(0.0, 10.0, seeds=(0, 1)),
+            "fedsa-lora": synthetic(6.0, 10.1, seeds=(0, 1)),
+            "fedavg-full": synthetic(0.0, 10.0, seeds=(0,)),
         },
-        uplink=1_000_000,
-    )  # margin 1.5: above fedavg's std (0.5), below flex's (2.0)
-    assert within[0].startswith(
-        "- Better mean ROUGE-L than the federated baselines (fedavg, fedavg-full): not shown "
-        "(ahead by less than one std). flex 42.00, the best of them fedavg 40.50: margin +1.50"
-    )
-    assert within[1] == (
-        "- Least knowledge lost among the methods that federate (fedavg, fedavg-full beside "
-        "flex), by held-out perplexity increase: supported. flex +2.00% (rank 1 of 3), the best "
-        "of the others fedavg +5.00%: margin +3.00%, std 0.00%."
-    )
-    assert within[-1] == (
-        "- Under 1% of fedavg-full's uplink: not supported. flex sends 1.00% of it (0.010 MB "
-        "against 1.000 MB per run)."
-    )
-    single = claims(
-        tmp_path / "single",
-        {"flex": flex, "fedavg": ([10.0], [0.05]), "fedavg-full": ([5.0], [0.1])},
         uplink=0,
     )
-    assert (
-        "baselines (fedavg, fedavg-full): untested (at least one of the two measured " in single[0]
+    assert lines[0] == (
+        "- Better ROUGE-L than the federated baselines (fedavg, fedavg-full, fedsa-lora): not "
+        "supported (worse than fedsa-lora; no difference shown against fedavg, fedavg-full)."
     )
-    assert (
-        single[-1]
-        == "- Under 1% of fedavg-full's uplink: untested (fedavg-full's runs sent nothing)."
+    assert lines[-1] == (
+        "- Under 1% of fedavg-full's uplink: untested (fedavg-full's runs sent nothing)."
     )
+
+
+def test_arms_at_another_methods_rate_or_with_a_variant_graft_are_named(tmp_path):
+    for lr in (1e-3, 3e-4):
+        write_run(tmp_path / f"flex-{lr:g}", fake_results("flex", 0, [30.0], lr=lr))
+    answer = fake_results("flex", 0, [31.0], lr=1e-3, selection_tokens="answer")
+    write_run(tmp_path / "flex-answer", answer)
+    write_run(tmp_path / "fedavg", fake_results("fedavg", 0, [20.0], lr=3e-4))
+    for method, lr, rouge in (("flex", 1e-3, 15.0), ("flex", 3e-4, 12.0),
+                              ("fedavg", 3e-4, 14.0), ("fedavg", 1e-3, 10.0)):  # fmt: skip
+        write_run(tmp_path / "sweep" / method / f"{lr:g}", sweep_results(method, "lr", lr, rouge))
+    report = write_report(tmp_path).read_text()
+    assert [table_row(report, arm)[2] for arm in ("flex", "flex at fedavg's lr")] == [
+        "30.00", "30.00",
+    ]  # fmt: skip
+    assert table_row(report, "flex (selection-tokens answer)")[2] == "31.00"
+    assert "The paper's claims for flex (selection-tokens answer):" in report
 
 
 def test_methods_tuned_to_their_own_rates_compare_in_one_table(tmp_path):
