@@ -5,7 +5,9 @@
 Sections (each writes ``OUT/<section>.json``; a finished section is skipped unless ``--force``,
 so an interrupted run resumes):
 
-- ``dtype``: FLEx training step in bfloat16 against float32 on this CPU (tiny, smol-moe);
+- ``speed``: smol-moe's local step (4 Dolly examples at max-length 512) and greedy answers (128
+  new tokens) with transformers' default fused experts (``grouped_mm``) and flexmoe's on the CPU
+  (``eager``), in float32, in bfloat16 and in bfloat16 mixed precision, and in batches of 4 and 32;
 - ``uplink``: bytes of a real FLEx train reply against a real ``fedavg-full`` one (tiny,
   smol-moe), and ``flexmoe plan``'s ratio for the paper's Qwen1.5-MoE-A2.7B;
 - ``grafting``: selection + surgery against one forward pass over the same data;
@@ -58,7 +60,6 @@ from flexmoe.training import train_steps
 OUT = Path(__file__).resolve().parents[1] / "results" / "perf"
 MODELS = ("tiny", "smol-moe")
 CPU32 = Placement.resolve("cpu", "float32")
-CPU16 = Placement.resolve("cpu", "bfloat16")
 
 
 def calibration(name: str, batches: int = 4, batch_size: int = 4, seq_len: int = 128) -> list:
@@ -91,19 +92,73 @@ def flex_model(name: str, placement: Placement, batches: list, method: str = "fl
     return FlexModel(base, config=FlexConfig(shared=shared))
 
 
-def section_dtype() -> dict:
-    rows = {}
-    for name in MODELS:
-        # bfloat16 matrix products are slow here: smol-moe gets one short sequence
-        shape = (4, 4, 128) if name == "tiny" else (1, 1, 32)
-        batches = calibration(name, *shape)
-        row = {"tokens_per_step": int(batches[0]["attention_mask"].sum())}
-        for placement in (CPU32, CPU16):
-            steps = 2 if name == "tiny" else 1
-            seconds, loss = step_seconds(flex_model(name, placement, batches).model, batches, steps)
-            row[str(placement.dtype)] = {"step_s": seconds, "first_loss": loss}
-        rows[name] = row
-    return rows
+# a local step's setups on smol-moe, slowest first: (dtype, experts implementation, autocast)
+STEP_SETUPS = {
+    "fp32 grouped_mm (transformers)": ("float32", "grouped_mm", False),
+    "fp32 eager (flexmoe fp32)": ("float32", "eager", False),
+    "bf16 weights eager, no autocast": ("bfloat16", "eager", False),
+    "bf16 mixed eager (flexmoe bf16)": ("bfloat16", "eager", True),
+}
+GENERATION_SETUPS = {  # (dtype, experts implementation, autocast, batch size)
+    "fp32 grouped_mm b4": ("float32", "grouped_mm", False, 4),
+    "fp32 eager b32": ("float32", "eager", False, 32),
+    "bf16 mixed eager b32": ("bfloat16", "eager", True, 32),
+}
+NEW_TOKENS = 128
+
+
+def dolly_sample(per_category: int, test: bool) -> list:
+    """The first training or test examples of each of the paper's categories, mixed."""
+    from flexmoe.data import PAPER_CATEGORIES, hold_out_test_pools, load_dataset, select_categories
+
+    pools = hold_out_test_pools(select_categories(load_dataset("dolly"), "default"), 100, 0.2)
+    by_category = (
+        pools.pools
+        if test
+        else {c: [e for e in pools.train if e.category == c] for c in PAPER_CATEGORIES}
+    )
+    return [
+        e for i in range(per_category) for c in PAPER_CATEGORIES for e in by_category[c][i : i + 1]
+    ]
+
+
+def setup_model(dtype: str, experts: str) -> tuple[FlexModel, object, Placement]:
+    """smol-moe with the shared attention LoRA, computing its experts as ``experts`` says."""
+    placement = Placement.resolve("cpu", dtype)
+    base, tokenizer = load_model("smol-moe", placement)
+    base.set_experts_implementation(experts)
+    torch.manual_seed(0)
+    return (
+        FlexModel(base, config=FlexConfig(shared=get_method("fedavg").shared)),
+        tokenizer,
+        placement,
+    )
+
+
+def section_speed() -> dict:
+    """A local training step (4 Dolly examples at max-length 512) and greedy answers (128 new
+    tokens) on smol-moe, in each setup, side by side."""
+    from flexmoe.data import collate, pad_token_id, tokenize_example
+    from flexmoe.evaluation.generation import generate_answers
+
+    train, test = dolly_sample(4, test=False), dolly_sample(8, test=True)
+    steps = {}
+    for name, (dtype, experts, mixed) in STEP_SETUPS.items():
+        model, tokenizer, placement = setup_model(dtype, experts)
+        tokenized = [tokenize_example(e, tokenizer, 512) for e in train]
+        batches = [collate(tokenized[i : i + 4], pad_token_id(tokenizer)) for i in range(0, 16, 4)]
+        with placement.autocast() if mixed else contextlib.nullcontext():
+            seconds, loss = step_seconds(model.model, batches, steps=4)
+        tokens = statistics.fmean(int(b["attention_mask"].sum()) for b in batches)
+        steps[name] = {"step_s": seconds, "first_loss": loss, "tokens_per_step": tokens}
+    answers = {}
+    for name, (dtype, experts, mixed, batch_size) in GENERATION_SETUPS.items():
+        model, tokenizer, placement = setup_model(dtype, experts)
+        started = time.perf_counter()
+        with placement.autocast() if mixed else contextlib.nullcontext():
+            generate_answers(model, tokenizer, test, NEW_TOKENS, 512 - NEW_TOKENS, batch_size)
+        answers[name] = {"s_per_example": (time.perf_counter() - started) / len(test)}
+    return {"steps": steps, "generation": answers, "test_examples": len(test)}
 
 
 def reply_bytes(name: str, method: str, lora_rank: int = 32) -> int:
@@ -318,7 +373,7 @@ def section_clients() -> dict:
 
 
 SECTIONS = {
-    "dtype": section_dtype,
+    "speed": section_speed,
     "uplink": section_uplink,
     "grafting": section_grafting,
     "steps": section_steps,
@@ -342,13 +397,7 @@ def ratio(what: str, top: float, bottom: float, goal: str, side: str, note: str 
 def ratios(results: dict) -> list[Row]:
     """Every ratio measured, in the order of the sections."""
     rows = []
-    for name, row in results.get("dtype", {}).items():
-        b16, f32 = row["torch.bfloat16"], row["torch.float32"]
-        losses = f"loss {b16['first_loss']:.4f} vs {f32['first_loss']:.4f}"
-        what = f"bf16 / fp32 FLEx step, {name}"
-        rows.append(
-            ratio(what, b16["step_s"], f32["step_s"], "pick the faster", "{:.2f} s", losses)
-        )
+    rows += speed_rows(results.get("speed", {}))
     for name, row in results.get("uplink", {}).items():
         goal = "<= 0.05" if name == "tiny" else "<= 0.01"
         what = f"FLEx / fedavg-full uplink, {name}"
@@ -381,6 +430,18 @@ def ratios(results: dict) -> list[Row]:
 
 
 ROUNDS_2_3 = "rounds 2-3"
+
+
+def speed_rows(speed: dict) -> list[Row]:
+    """Each setup's step and answer time against the first setup's (transformers' default)."""
+    rows = []
+    for kind, key, noun in (("steps", "step_s", "step"), ("generation", "s_per_example", "answer")):
+        (first, reference), *others = speed[kind].items() if speed else [(None, None)]
+        for name, row in others:
+            note = f"loss {row['first_loss']:.4f}" if "first_loss" in row else "per example"
+            what = f"smol-moe {noun}, {name} / {first}"
+            rows.append(ratio(what, row[key], reference[key], "pick the faster", "{:.2f} s", note))
+    return rows
 
 
 def deployment_rows(deployed: dict) -> list[Row]:

@@ -180,7 +180,8 @@ class ClientResult:
     graft_losses: dict[str, list[float]] | None = None
     bytes_up: int = 0
     bytes_down: int = 0
-    eval_seconds: dict[str, float] = field(default_factory=dict)  # load, restore, compute
+    # the final evaluation's seconds: load, restore, answer, test_loss and diagnostics
+    eval_seconds: dict[str, float] = field(default_factory=dict)
 
     def with_diagnostics(self, diagnostics: Diagnostics | None) -> ClientResult:
         if diagnostics is None:

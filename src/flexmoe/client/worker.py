@@ -156,26 +156,30 @@ class ClientWorker:
         clock = Stopwatch(self.placement.device)
         with (
             self.model_for_round(round_ + 1, global_shared, clock) as model,
-            clock.lap("compute"),
             self.placement.autocast(),
         ):
-            answers = generate_answers(
-                model,
-                self.tokenizer,
-                self.data.test,
-                self.settings.evaluation.max_new_tokens,
-                self.settings.prompt_room,
-                batch_size,
-            )
+            with clock.lap("answer"):
+                answers = generate_answers(
+                    model,
+                    self.tokenizer,
+                    self.data.test,
+                    self.settings.evaluation.max_new_tokens,
+                    self.settings.prompt_room,
+                    batch_size,
+                )
             scores = rouge_l(answers, [e.output for e in self.data.test])
             self.store.save_predictions(round_, prediction_rows(self.data.test, answers, scores))
-            test_loss = mean_loss(model, batches)
+            with clock.lap("test_loss"):
+                test_loss = mean_loss(model, batches)
             if not math.isfinite(test_loss):
                 raise FlexMoEError(
                     f"client {self.client_id}, round {round_}: the test loss is {test_loss}; "
                     "its model is broken"
                 )
-            details = self.measure_diagnostics(model, batches) if detailed else None
+            details = None
+            if detailed:
+                with clock.lap("diagnostics"):
+                    details = self.measure_diagnostics(model, batches)
         return Evaluation(100 * sum(scores) / len(scores), test_loss, clock.seconds, details)
 
     def measure_diagnostics(
