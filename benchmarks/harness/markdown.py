@@ -532,8 +532,11 @@ def render_report(runs: Sequence[Run]) -> str:
         lines += [f"![{kind}]({PLOTS_DIR}/{file})" for kind, file in plots.items()] + [""]
     lines += ablation_section(grouped, labels) + sweep_section(sweep)
     rows = [
-        [r.path, r.method, str(r.config.get("seed", NONE)), f"{r.results.mean_rouge_l:.2f}"]
+        [r.path, r.method, str(r.config.get("seed", NONE)), f"{r.results.mean_rouge_l:.2f}",
+         ", ".join(r.commits) or NONE]
         for r in runs + sweep
-    ]
-    lines += ["## Runs", "", *_table(["folder", "method", "seed", "mean ROUGE-L"], rows)]
+    ]  # fmt: skip
+    header = ["folder", "method", "seed", "mean ROUGE-L", "commit"]
+    lines += ["## Runs", "", "Each run's commit, per start (a resumed run has several; '*': "
+              "the code had uncommitted changes):", "", *_table(header, rows)]  # fmt: skip
     return "\n".join(lines).rstrip("\n") + "\n"

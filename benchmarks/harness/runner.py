@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from benchmarks.harness.matrix import Cell
-from benchmarks.harness.summary import PREDICTIONS_FILE, write_predictions
+from benchmarks.harness.summary import PREDICTIONS_FILE, PROVENANCE_FILE, write_predictions
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_write_text
 from flexmoe.results import (
@@ -30,7 +30,6 @@ from flexmoe.schema import snake
 from flexmoe.settings import RUNTIME_SETTINGS, Settings
 
 CommandBuilder = Callable[[Cell, Path], list[str]]
-PROVENANCE_FILE = "provenance.json"  # each start of a cell: the commit, machine and libraries
 
 
 def flexmoe_command(cell: Cell, out: Path) -> list[str]:

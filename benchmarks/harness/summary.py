@@ -39,6 +39,7 @@ OWN_HYPERPARAMETERS = {
     **{m: ("server_lr",) for m in ("fedadam", "fedyogi", "fedadagrad")},
 }
 SAMPLES = 2  # test predictions per client shown in a report
+PROVENANCE_FILE = "provenance.json"  # each start of a cell: the commit, machine and libraries
 PREDICTIONS_FILE = "predictions.jsonl"  # every test example's prediction and ROUGE-L
 SAMPLES_FILE = "samples.json"  # the first two, cut short: what cells made before kept
 
@@ -66,6 +67,7 @@ class Run:
     rounds: list[RoundRecord] | None
     samples: dict[int, list[dict]] = field(default_factory=dict)  # client -> first predictions
     scores: dict[int, dict[str, float]] = field(default_factory=dict)  # client -> id -> ROUGE-L
+    commits: tuple[str, ...] = ()  # the code each start of the run ran at ('*': with changes)
 
     @property
     def method(self) -> str:
@@ -175,7 +177,8 @@ def load_runs(directory: Path) -> list[Run]:
         kept = read_predictions(path.parent)
         samples = {c: rows[:SAMPLES] for c, rows in kept.items()}
         scores = {c: {r["prompt_id"]: r["rouge_l"] for r in rows} for c, rows in kept.items()}
-        runs.append(Run(folder, results, rounds, samples or read_samples(path.parent), scores))
+        samples = samples or read_samples(path.parent)
+        runs.append(Run(folder, results, rounds, samples, scores, read_commits(path.parent)))
     return runs
 
 
@@ -227,6 +230,19 @@ def final_predictions(folder: Path) -> dict[str, list[dict]]:
             lines = file.read_text(encoding="utf-8").splitlines()
             predictions[str(client.client_id)] = [json.loads(line) for line in lines]
     return predictions
+
+
+def read_commits(folder: Path) -> tuple[str, ...]:
+    """The short commit of each start of the cell in ``folder`` that ``provenance.json``
+    records, marked ``*`` where tracked files had uncommitted changes (none if it has none)."""
+    path = folder / PROVENANCE_FILE
+    if not path.is_file():
+        return ()
+    starts = read_json(path, "it is written by 'python -m benchmarks.bench'")["starts"]
+    return tuple(
+        (start["commit"] or "?")[:7] + ("*" if start["uncommitted_changes"] else "")
+        for start in starts
+    )
 
 
 def read_samples(folder: Path) -> dict[int, list[dict]]:
