@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 
 from benchmarks import report
 from flexmoe.cli import main
+from flexmoe.errors import FlexMoEError
 from flexmoe.results import Checkpoint, write_checkpoint
 from flexmoe.settings import Settings
 
@@ -86,6 +87,21 @@ MODEL_DAMAGE = [
 def test_damaged_model_folder(capsys, tmp_path, olmoe_dir, case, name, damage):
     model = damaged_copy(olmoe_dir, tmp_path / "model", name, damage)
     assert_one_error_line(capsys, ["info", str(model)], model / name)
+
+
+WEIGHT_DAMAGE = [(k, d) for k, d in BYTES.items()]
+
+
+@pytest.mark.parametrize(("case", "damage"), WEIGHT_DAMAGE, ids=[c[0] for c in WEIGHT_DAMAGE])
+def test_a_run_refuses_damaged_weights_before_any_client_starts(capsys, tmp_path, olmoe_dir,
+                                                                case, damage):  # fmt: skip
+    """The run's pre-flight builds the model on the meta device, and reads the weight files'
+    headers alone."""
+    model = damaged_copy(olmoe_dir, tmp_path / "model", "model.safetensors", damage)
+    argv = ["run", "--model", str(model), "--data", "dolly", "--out", str(tmp_path / "run")]
+    err = assert_one_error_line(capsys, argv, model / "model.safetensors")
+    assert "no weights" in err if case == "delete" else "cannot load a causal LM" in err
+    assert not (tmp_path / "run" / "clients").exists()
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +220,18 @@ def test_damaged_results(capsys, tmp_path, case, name, damage):
     folder = write_run(tmp_path / "run", fake_results("flex", 0, [10.0]), train_losses(1.0))
     damage(folder / name)
     assert_one_error_line(capsys, [str(tmp_path)], folder / name, report.main)
+
+
+def test_a_runs_preflight_reads_no_weights(monkeypatch, olmoe_dir):
+    from transformers import AutoModelForCausalLM
+
+    from flexmoe.federated.simulation import check_run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pre-flight loaded the weights")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    report = check_run(Settings.of(model=str(olmoe_dir), data="dolly", experts_per_layer=2))
+    assert report  # the data's truncation report, per category
+    with pytest.raises(FlexMoEError, match="experts-per-layer 99 is more than the 6 experts"):
+        check_run(Settings.of(model=str(olmoe_dir), data="dolly", experts_per_layer=99))

@@ -23,7 +23,7 @@ from flexmoe.federated.run import Run, check_client_states
 from flexmoe.flex.moe import find_moe_blocks
 from flexmoe.hardware import Placement
 from flexmoe.io import atomic_write_text
-from flexmoe.models.loading import load_model
+from flexmoe.models.loading import check_weight_files, load_config, meta_model
 from flexmoe.results import (
     DATA_FILE,
     RESULTS_FILE,
@@ -96,11 +96,13 @@ def check_run(settings: Settings) -> dict[str, dict[str, int]]:
     """Fail early, with a clear error, on a bad model, data set or setting that needs the model,
     rather than inside a client; returns the data's ``truncation_report``.
 
-    The model is checked on the host in the clients' dtype, so that the clients' accelerators
-    hold only their own copies.
+    The model is built from its config on the meta device (shapes, no memory: the paper's model
+    would take 28.6 GB and minutes to load here) and its weight files' headers are read; the
+    clients load the weights themselves.
     """
     placement = Placement.resolve(settings.device, settings.dtype)  # no such device: one line
-    model, _ = load_model(settings.model, Placement(torch.device("cpu"), placement.dtype))
+    check_weight_files(settings.model)
+    model = meta_model(load_config(settings.model), placement.dtype)
     wanted = settings.graft.experts_per_layer
     if settings.chosen_method().grafts:
         experts = min(view.num_experts for view in find_moe_blocks(model))

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -143,6 +144,21 @@ def load_config(source: str) -> PretrainedConfig:
         return AutoConfig.for_model(values.pop("model_type"), **values)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, ValueError) as error:
         raise FlexMoEError(f"{str(path)!r} is not a usable model config: {error}") from None
+
+
+def check_weight_files(name_or_path: str | Path) -> None:
+    """Refuse, in one line, a model folder without weight files or with a damaged safetensors
+    header, reading the headers alone (no weights)."""
+    path = resolve_model_path(name_or_path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files and not any(path.glob("*.bin")):
+        raise FlexMoEError(
+            f"{str(path)!r} holds no weights (*.safetensors or *.bin); give a model folder "
+            "saved with save_pretrained"
+        )
+    for file in files:
+        with _loading(path), safe_open(file, "pt") as weights:
+            weights.keys()
 
 
 def meta_model(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
