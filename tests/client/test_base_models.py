@@ -124,3 +124,28 @@ def test_a_kept_base_costs_no_load_after_the_first_round(tmp_path, random_model,
     second = worker.train(2, global_state(config)).seconds
     assert set(first) == {"load", "restore", "compute", "save"}
     assert first["load"] > 0 and second["load"] < first["load"] / 10
+
+
+def test_full_fine_tuning_is_evaluated_beside_its_base_with_one_model_loaded(
+    tmp_path, random_model, dolly_file, monkeypatch
+):
+    from transformers import AutoModelForCausalLM
+
+    config = settings(random_model, dolly_file, method="fedavg-full")
+    BASE_MODELS.drop()
+    worker = ClientWorker(config, 0, tmp_path)
+    trained = worker.train(1, global_state(config)).shared
+    loads = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):
+        loads.append(args)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counted))
+    evaluation = worker.evaluate(1, trained, detailed=True)
+    assert len(loads) == 1  # the pristine base, measured, then the trained weights put on it
+    knowledge = evaluation.diagnostics.knowledge
+    assert knowledge.heldout_ppl.keys() == knowledge.heldout_ppl_base.keys()
+    assert knowledge.heldout_ppl != knowledge.heldout_ppl_base  # the trained model moved
+    assert set(evaluation.seconds) >= {"answer", "test_loss", "diagnostics"}

@@ -26,14 +26,14 @@ from flexmoe.data import (
     tokenize_examples,
 )
 from flexmoe.errors import FlexMoEError
-from flexmoe.evaluation.diagnostics import diagnostics
+from flexmoe.evaluation.diagnostics import BaseMeasures, diagnostics, measure_base
 from flexmoe.evaluation.generation import generate_answers, rouge_l
 from flexmoe.flex.config import FlexConfig
 from flexmoe.flex.model import FlexModel
 from flexmoe.flex.roles import Role
 from flexmoe.hardware import Placement, Stopwatch
 from flexmoe.methods import GraftSource
-from flexmoe.models.loading import load_model, load_tokenizer
+from flexmoe.models.loading import load_tokenizer
 from flexmoe.results import Diagnostics
 from flexmoe.settings import Settings
 from flexmoe.training import cosine_lr, mean_loss, train_steps
@@ -59,7 +59,7 @@ class Evaluation:
 
     rouge_l: float
     test_loss: float
-    seconds: dict[str, float]  # load, restore, compute
+    seconds: dict[str, float]  # load, restore, answer, test_loss, diagnostics
     diagnostics: Diagnostics | None = None
 
 
@@ -154,6 +154,10 @@ class ClientWorker:
         test.sort(key=lambda e: len(e.input_ids))  # little padding; the loss is a token mean
         batches = sequential_batches(test, batch_size, pad_token_id(self.tokenizer))
         clock = Stopwatch(self.placement.device)
+        base = None
+        if detailed and self.method.shared.trains_base_weights:
+            with clock.lap("diagnostics"):
+                base = self.pristine_base_measures(batches)
         with (
             self.model_for_round(round_ + 1, global_shared, clock) as model,
             self.placement.autocast(),
@@ -179,17 +183,30 @@ class ClientWorker:
             details = None
             if detailed:
                 with clock.lap("diagnostics"):
-                    details = self.measure_diagnostics(model, batches)
+                    details = self.measure_diagnostics(model, batches, base)
         return Evaluation(100 * sum(scores) / len(scores), test_loss, clock.seconds, details)
 
+    def pristine_base_measures(self, batches: list[dict[str, torch.Tensor]]) -> BaseMeasures:
+        """The base's measures on the pristine base, for a method that trains its weights: lent
+        before the trained model is put on it (it is the base that model is then put on, so two
+        full models never share the device), held as the trained one is."""
+        placement = self.placement.for_trained_weights()
+        with (
+            BASE_MODELS.lend(self.settings.model, placement, trains_weights=False) as pristine,
+            self.placement.autocast(),
+        ):
+            return measure_base(
+                pristine, self.tokenizer, batches, self.settings.evaluation.mmlu_per_topic
+            )
+
     def measure_diagnostics(
-        self, model: FlexModel, batches: list[dict[str, torch.Tensor]]
+        self,
+        model: FlexModel,
+        batches: list[dict[str, torch.Tensor]],
+        base: BaseMeasures | None = None,
     ) -> Diagnostics:
-        """``flexmoe.evaluation.diagnostics`` of ``model`` beside the pristine base."""
-        base = None
-        if self.method.shared.trains_base_weights:
-            # its weights were trained: a pristine one, held as the trained one was
-            base, _ = load_model(self.settings.model, self.placement.for_trained_weights())
+        """``flexmoe.evaluation.diagnostics`` of ``model`` beside its base's measures (taken on
+        ``model`` computing as its base unless given)."""
         measures = self.store.root.parent / "measures"  # the run's, shared by its clients here
         return diagnostics(
             model,

@@ -7,11 +7,11 @@ client's final evaluation.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,50 @@ from flexmoe.flex.model import FlexModel
 from flexmoe.io import atomic_write_text, folder_lock
 from flexmoe.models.loading import fingerprint as model_fingerprint
 from flexmoe.models.loading import say
-from flexmoe.results import Diagnostics, FlopsPerToken, Knowledge, MMLUScore, Routing, to_plain
+from flexmoe.results import (
+    Diagnostics,
+    FlopsPerToken,
+    Knowledge,
+    MMLUScore,
+    Routing,
+    RoutingStatistics,
+    to_plain,
+)
 
 HELDOUT_TOKENS = 2048  # per pretraining domain
 DIGEST_SAMPLE = 1 << 16  # values per trained parameter that tell two clients' models apart
 MEASURE_VERSION = 1  # of what the measures compute: bump to stop reading older cached values
 MEASURE_FILE = "value.json"
+
+
+@dataclass(frozen=True)
+class BaseMeasures:
+    """What a client's model is weighed against: its base's routing on the same batches, its
+    held-out perplexity per domain, and its MMLU score when asked."""
+
+    routing: RoutingStatistics
+    heldout: dict[str, float]
+    mmlu: MMLUScore | None = None
+
+
+def measure_base(
+    base: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    mmlu_per_topic: int = 0,
+) -> BaseMeasures:
+    """``BaseMeasures`` of ``base``: a pristine base model, or a ``FlexModel`` computing as its
+    base (``base_only``). Knowledge is kept in the flexmoe cache, for every later run."""
+    cache, name = cache_dir() / "measures", base_fingerprint(base)
+    mmlu = None
+    if mmlu_per_topic:
+        what = f"mmlu-{mmlu_per_topic}"
+        mmlu = measured(cache, name, base, what, _mmlu, _mmlu_score, tokenizer, mmlu_per_topic)
+    return BaseMeasures(
+        routing=routing_statistics(base, batches),
+        heldout=measured(cache, name, base, "heldout", _heldout, dict, tokenizer),
+        mmlu=mmlu,
+    )
 
 
 def diagnostics(
@@ -42,26 +80,22 @@ def diagnostics(
     tokenizer: PreTrainedTokenizerBase,
     batches: Sequence[Mapping[str, torch.Tensor]],
     measures: Path,
-    base: nn.Module | None = None,
+    base: BaseMeasures | None = None,
     mmlu_per_topic: int = 0,
 ) -> Diagnostics:
     """Knowledge, routing on ``batches`` and FLOPs of ``model``, each beside the base's.
 
-    The base is ``model`` with its adapters switched off, unless a pristine ``base`` is given
-    (needed when training changed pretrained weights). ``mmlu_per_topic`` > 0 adds MMLU 0-shot
-    on the first that many scored questions of every topic. The base's knowledge is kept in
-    the flexmoe cache, for every later run; the trained model's in ``measures`` (the run's), so
-    that clients sharing one model measure it once.
+    ``base`` is the base's measures, taken beforehand on a pristine base where training changed
+    pretrained weights; without it they are taken on ``model`` with its adapters switched off.
+    ``mmlu_per_topic`` > 0 adds MMLU 0-shot on the first that many scored questions of every
+    topic. The trained model's knowledge is kept in ``measures`` (the run's), so that clients
+    sharing one model measure it once.
     """
+    if base is None:
+        with model.base_only():
+            base = measure_base(model, tokenizer, batches, mmlu_per_topic)
     flops = flops_per_token(model)
     mmlu = f"mmlu-{mmlu_per_topic}"
-    with _base_of(model, base) as reference:
-        base_routing = routing_statistics(reference, batches)
-        cache, name = cache_dir() / "measures", base_fingerprint(reference)
-        base_heldout = measured(cache, name, reference, "heldout", _heldout, dict, tokenizer)
-        base_mmlu = mmlu_per_topic and measured(
-            cache, name, reference, mmlu, _mmlu, _mmlu_score, tokenizer, mmlu_per_topic
-        )
     trained = trained_digest(model, base_name)
     final_heldout = measured(measures, trained, model, "heldout", _heldout, dict, tokenizer)
     final_mmlu = mmlu_per_topic and measured(
@@ -70,27 +104,17 @@ def diagnostics(
     return Diagnostics(
         knowledge=Knowledge(
             heldout_ppl=final_heldout,
-            heldout_ppl_base=base_heldout,
+            heldout_ppl_base=base.heldout,
             mmlu=final_mmlu or None,
-            mmlu_base=base_mmlu or None,
+            mmlu_base=base.mmlu,
         ),
-        routing=Routing(base=base_routing, final=routing_statistics(model, batches)),
+        routing=Routing(base=base.routing, final=routing_statistics(model, batches)),
         flops_per_token=FlopsPerToken(
             base=flops["base"], personalised=flops["personalised"], ratio=flops["ratio"]
         ),
         grafted_experts={str(g.layer): list(g.source_experts) for g in model.grafts},
         graft_losses={str(g.layer): list(g.losses) for g in model.grafts if g.losses},
     )
-
-
-@contextlib.contextmanager
-def _base_of(model: FlexModel, base: nn.Module | None) -> Iterator[nn.Module]:
-    """``base`` when given, else ``model`` computing as its base for the block."""
-    if base is not None:
-        yield base
-        return
-    with model.base_only():
-        yield model
 
 
 def measured(
