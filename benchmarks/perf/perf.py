@@ -228,8 +228,7 @@ def section_latency() -> dict:
     rows = {}
     for name in MODELS:
         batches = calibration(name)
-        personalised = flex_model(name, CPU32, batches).model
-        rows[name] = latency_ratio(personalised, load_model(name, CPU32)[0], batches, repeats=7)
+        rows[name] = latency_ratio(flex_model(name, CPU32, batches), batches, repeats=7)
     return rows
 
 

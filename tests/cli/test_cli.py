@@ -157,6 +157,14 @@ def test_eval_cost_grafts_each_count_and_prices_it_against_the_base(tmp_path, ol
     adapter = ["--adapter", str(tmp_path / "adapter")]
     assert main([*argv, *adapter]) == 2
     assert "give --adapter or --experts-per-layer, not both" in capsys.readouterr().err
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"instruction": "Repeat: apple.", "output": "apple"}) + "\n")
+    graft = ["graft", "--model", str(olmoe_dir), "--data", str(data), "--out", adapter[1]]
+    assert main(graft) == 0
+    cost = ["eval", "cost", "--model", str(olmoe_dir), *adapter, *small, "--out", str(out)]
+    assert main(cost) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["adapter"] == adapter[1] and row["experts_per_token"] == 3
 
 
 def test_graft_works_with_a_tokenizer_that_has_no_special_tokens(tmp_path, alpaca_file, tokenizer):

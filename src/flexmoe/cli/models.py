@@ -354,23 +354,21 @@ COST_COLUMNS = (
 def _grafted_prices(
     args: argparse.Namespace, configs: list[FlexConfig], base, batches: list
 ) -> list[dict]:
-    """The price of the adapter given, or of a fresh graft of each of ``configs``."""
+    """The price of the adapter given, or of a fresh graft of each of ``configs``, each timed
+    against ``base`` (the same model with its adapters switched off: one model in memory)."""
     from flexmoe.evaluation.cost import price_of_grafts
     from flexmoe.flex.model import FlexModel
-    from flexmoe.models.loading import load_model
 
     if args.adapter is not None:
-        personalised, _ = _evaluated_model(args)
+        personalised = FlexModel.from_pretrained(base, args.adapter)
         return [
-            {
-                "adapter": str(args.adapter),
-                **price_of_grafts(personalised, base, batches, args.repeats),
-            }
+            {"adapter": str(args.adapter), **price_of_grafts(personalised, batches, args.repeats)}
         ]
     rows = []
     for config in configs:
-        grafted, _ = FlexModel.graft(load_model(args.model, placement_of(args))[0], batches, config)
-        price = price_of_grafts(grafted.model, base, batches, args.repeats)
+        grafted, _ = FlexModel.graft(base, batches, config)
+        price = price_of_grafts(grafted, batches, args.repeats)
+        base = grafted.unload()
         rows.append(
             {
                 "experts_per_layer": config.experts_per_layer,

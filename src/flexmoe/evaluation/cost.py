@@ -12,8 +12,10 @@ Element-wise work (activations, softmax, top-k, the weighted sum) is left out.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +26,9 @@ from flexmoe.flex.graft import GraftedMoEBlock, grafted_blocks
 from flexmoe.flex.moe import MoEBlockView, find_moe_blocks
 from flexmoe.flex.selection import Batch
 from flexmoe.hardware import Stopwatch
+
+if TYPE_CHECKING:
+    from flexmoe.flex.model import FlexModel
 
 
 def linear_flops(module: nn.Module | None) -> int:
@@ -83,39 +88,40 @@ def _forward_seconds(model: nn.Module, batches: Sequence[Batch]) -> float:
     return clock.seconds["forward"]
 
 
-def latency_ratio(
-    personalised: nn.Module, base: nn.Module, batches: Sequence[Batch], repeats: int = 5
-) -> dict:
-    """Median forward seconds of both models on the same batches, interleaved, and their ratio.
+def latency_ratio(model: FlexModel, batches: Sequence[Batch], repeats: int = 5) -> dict:
+    """Median forward seconds of ``model`` and of it computing as its base (grafts and LoRA
+    switched off, ``base_only``) on the same batches, interleaved, and their ratio.
 
-    ``personalised`` and ``base`` must be separate models (grafting modifies its base in place).
+    One model serves both, so a model of billions of parameters is never held twice; the base's
+    side still passes through the switched-off wrappers (a few Python calls a layer).
     """
     if repeats < 1 or not batches:
         raise FlexMoEError(f"need at least one batch and one repeat, got {len(batches)}, {repeats}")
-    models = {"personalised": personalised.eval(), "base": base.eval()}
-    for model in models.values():
-        _forward_seconds(model, batches[:1])  # warm-up
-    seconds: dict[str, list[float]] = {name: [] for name in models}
+    model.model.eval()
+    sides = {"personalised": contextlib.nullcontext, "base": model.base_only}
+    for side in sides.values():
+        with side():
+            _forward_seconds(model.model, batches[:1])  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
     for repeat in range(repeats):
-        order = list(models) if repeat % 2 == 0 else list(reversed(models))
+        order = list(sides) if repeat % 2 == 0 else list(reversed(sides))
         for name in order:
-            seconds[name].append(_forward_seconds(models[name], batches))
+            with sides[name]():
+                seconds[name].append(_forward_seconds(model.model, batches))
     medians = {f"{name}_s": statistics.median(values) for name, values in seconds.items()}
     tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
     ratio = medians["personalised_s"] / medians["base_s"]
     return {**medians, "ratio": ratio, "repeats": repeats, "tokens": tokens}
 
 
-def price_of_grafts(
-    personalised: nn.Module, base: nn.Module, batches: Sequence[Batch], repeats: int = 5
-) -> dict:
+def price_of_grafts(model: FlexModel, batches: Sequence[Batch], repeats: int = 5) -> dict:
     """What the grafted experts cost: FLOPs per token computed, and forward latency measured."""
-    flops = flops_per_token(personalised)
+    flops = flops_per_token(model.model)
     per_token = [layer["experts_per_token"] for layer in flops["layers"]]
     return {
         "experts_per_token": statistics.fmean(per_token),
         "flops_base": flops["base"],
         "flops_personalised": flops["personalised"],
         "flops_ratio": flops["ratio"],
-        "latency": latency_ratio(personalised, base, batches, repeats),
+        "latency": latency_ratio(model, batches, repeats),
     }
