@@ -109,3 +109,41 @@ def test_utilisation_shift_is_total_variation():
 
     shift = utilisation_shift(statistics([0.5, 0.5, 0.0]), statistics([0.25, 0.25, 0.5]))
     assert shift == {3: 0.5}
+
+
+def test_the_test_losss_forward_records_the_routing_a_forward_of_its_own_measures():
+    from flexmoe.data import IGNORE_INDEX
+    from flexmoe.evaluation.routing import RoutingRecorder
+    from flexmoe.training import mean_loss
+
+    torch.manual_seed(0)
+    model = FlexModel.graft(build_model("olmoe"), random_batches())[0]
+    batches = [
+        {**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, IGNORE_INDEX)}
+        for b in random_batches(2, seed=1)
+    ]
+    with RoutingRecorder(model) as recorder:
+        mean_loss(model, batches)
+    assert recorder.statistics() == routing_statistics(model, batches)
+    assert recorder.statistics().layers[0].tokens == 2 * (12 + 8)  # non-pad tokens, once each
+
+
+def test_the_bases_routing_on_the_same_test_batches_is_measured_once(monkeypatch, tmp_path):
+    from flexmoe.evaluation import diagnostics
+
+    monkeypatch.setenv("FLEXMOE_CACHE", str(tmp_path))
+    calls = []
+    measure = diagnostics.routing_statistics
+
+    def counted(model, batches):
+        calls.append(len(batches))
+        return measure(model, batches)
+
+    monkeypatch.setattr(diagnostics, "routing_statistics", counted)
+    monkeypatch.setattr(diagnostics, "_heldout", lambda model, tokenizer: {"prose": 1.0})
+    base = build_model("olmoe")
+    first = diagnostics.measure_base(base, None, random_batches(2))
+    again = diagnostics.measure_base(base, None, random_batches(2))
+    other = diagnostics.measure_base(base, None, random_batches(1))
+    assert calls == [2, 1]  # the same batches are read back; other batches measured
+    assert first.routing == again.routing != other.routing

@@ -28,13 +28,14 @@ from flexmoe.data import (
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluation.diagnostics import BaseMeasures, diagnostics, measure_base
 from flexmoe.evaluation.generation import generate_answers, rouge_l
+from flexmoe.evaluation.routing import RoutingRecorder
 from flexmoe.flex.config import FlexConfig
 from flexmoe.flex.model import FlexModel
 from flexmoe.flex.roles import Role
 from flexmoe.hardware import Placement, Stopwatch
 from flexmoe.methods import GraftSource
 from flexmoe.models.loading import load_tokenizer
-from flexmoe.results import Diagnostics
+from flexmoe.results import Diagnostics, RoutingStatistics
 from flexmoe.settings import Settings
 from flexmoe.training import cosine_lr, mean_loss, train_steps
 
@@ -173,7 +174,9 @@ class ClientWorker:
                 )
             scores = rouge_l(answers, [e.output for e in self.data.test])
             self.store.save_predictions(round_, prediction_rows(self.data.test, answers, scores))
-            with clock.lap("test_loss"):
+            # the test loss's forward records the final model's routing for the diagnostics
+            recording = RoutingRecorder(model) if detailed else contextlib.nullcontext()
+            with clock.lap("test_loss"), recording as routing:
                 test_loss = mean_loss(model, batches)
             if not math.isfinite(test_loss):
                 raise FlexMoEError(
@@ -183,7 +186,7 @@ class ClientWorker:
             details = None
             if detailed:
                 with clock.lap("diagnostics"):
-                    details = self.measure_diagnostics(model, batches, base)
+                    details = self.measure_diagnostics(model, batches, base, routing.statistics())
         return Evaluation(100 * sum(scores) / len(scores), test_loss, clock.seconds, details)
 
     def pristine_base_measures(self, batches: list[dict[str, torch.Tensor]]) -> BaseMeasures:
@@ -204,9 +207,10 @@ class ClientWorker:
         model: FlexModel,
         batches: list[dict[str, torch.Tensor]],
         base: BaseMeasures | None = None,
+        routing: RoutingStatistics | None = None,
     ) -> Diagnostics:
         """``flexmoe.evaluation.diagnostics`` of ``model`` beside its base's measures (taken on
-        ``model`` computing as its base unless given)."""
+        ``model`` computing as its base unless given), with its ``routing`` if recorded."""
         measures = self.store.root.parent / "measures"  # the run's, shared by its clients here
         return diagnostics(
             model,
@@ -216,6 +220,7 @@ class ClientWorker:
             measures,
             base,
             self.settings.evaluation.mmlu_per_topic,
+            routing,
         )
 
     @contextlib.contextmanager

@@ -35,6 +35,7 @@ from flexmoe.results import (
     MMLUScore,
     Routing,
     RoutingStatistics,
+    from_plain,
     to_plain,
 )
 
@@ -67,11 +68,25 @@ def measure_base(
     if mmlu_per_topic:
         what = f"mmlu-{mmlu_per_topic}"
         mmlu = measured(cache, name, base, what, _mmlu, _mmlu_score, tokenizer, mmlu_per_topic)
+    routing = f"routing-{batches_digest(batches)}"  # every cell scoring the same test examples
     return BaseMeasures(
-        routing=routing_statistics(base, batches),
+        routing=measured(cache, name, base, routing, routing_statistics, _routing, batches),
         heldout=measured(cache, name, base, "heldout", _heldout, dict, tokenizer),
         mmlu=mmlu,
     )
+
+
+def batches_digest(batches: Sequence[Mapping[str, torch.Tensor]]) -> str:
+    """A short hash of the token ids and masks of ``batches``."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for key in ("input_ids", "attention_mask"):
+            digest.update(batch[key].cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _routing(plain: dict) -> RoutingStatistics:
+    return from_plain(RoutingStatistics, plain, "a cached routing measure")
 
 
 def diagnostics(
@@ -82,11 +97,13 @@ def diagnostics(
     measures: Path,
     base: BaseMeasures | None = None,
     mmlu_per_topic: int = 0,
+    routing: RoutingStatistics | None = None,
 ) -> Diagnostics:
     """Knowledge, routing on ``batches`` and FLOPs of ``model``, each beside the base's.
 
     ``base`` is the base's measures, taken beforehand on a pristine base where training changed
     pretrained weights; without it they are taken on ``model`` with its adapters switched off.
+    ``routing`` is ``model``'s on ``batches`` when a forward over them recorded it already.
     ``mmlu_per_topic`` > 0 adds MMLU 0-shot on the first that many scored questions of every
     topic. The trained model's knowledge is kept in ``measures`` (the run's), so that clients
     sharing one model measure it once.
@@ -108,7 +125,7 @@ def diagnostics(
             mmlu=final_mmlu or None,
             mmlu_base=base.mmlu,
         ),
-        routing=Routing(base=base.routing, final=routing_statistics(model, batches)),
+        routing=Routing(base=base.routing, final=routing or routing_statistics(model, batches)),
         flops_per_token=FlopsPerToken(
             base=flops["base"], personalised=flops["personalised"], ratio=flops["ratio"]
         ),

@@ -9,8 +9,9 @@ and the experts it picks, can drift. For each MoE block this module reports, ove
 - ``utilisation_entropy``: the entropy of ``utilisation`` (``log(E)`` when perfectly balanced);
 - ``gate_means``: for a grafted block, the mean ``sigmoid(gate_j(x))`` of each grafted expert.
 
-Block inputs are captured by forward hooks during one model forward per batch; routing is then
-recomputed with the block's ``MoEBlockView`` (its router logits and checked routing rule).
+Block inputs are read by forward hooks as a forward passes (``RoutingRecorder``: the test loss's
+forward measures the routing too); routing is then recomputed with the block's ``MoEBlockView``
+(its router logits and checked routing rule).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 from flexmoe.data import on_model_device
 from flexmoe.flex.graft import ADAPTER_DTYPE, GraftedMoEBlock, grafted_blocks
 from flexmoe.flex.moe import MoEBlockView, RoutingRule, find_moe_blocks
-from flexmoe.flex.selection import Batch, capture_block_inputs
+from flexmoe.flex.selection import Batch
 from flexmoe.results import LayerRouting, RoutingStatistics
 
 
@@ -92,15 +93,56 @@ def entropy(probabilities: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(probabilities.to("cpu", torch.float64)).sum(dim=-1)
 
 
+class RoutingRecorder:
+    """Routing statistics of every forward ``model`` runs while recording: hooks read each MoE
+    block's non-pad inputs as they pass, so a forward run for another purpose (the test loss)
+    measures routing too."""
+
+    def __init__(self, model: nn.Module) -> None:
+        views = find_moe_blocks(model)
+        grafts = {id(g.block): g for g in grafted_blocks(model) if g.enabled}
+        self.model = model
+        self.views = views
+        self.tallies = {v.layer: _LayerTally(v, grafts.get(id(v.block))) for v in views}
+        self.mask: torch.Tensor | None = None
+        self.handles: list = []
+
+    def __enter__(self) -> RoutingRecorder:
+        self.handles.append(self.model.register_forward_pre_hook(self._read_mask, with_kwargs=True))
+        for view in self.views:
+            hook = self._tally_hook(self.tallies[view.layer])
+            self.handles.append(view.block.register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _read_mask(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        self.mask = (mask if mask is not None else torch.ones_like(ids)).bool()
+
+    def _tally_hook(self, tally: _LayerTally):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = hidden.reshape(*self.mask.shape, -1)
+            with torch.no_grad():
+                tally.add(hidden[self.mask])
+
+        return hook
+
+    def statistics(self) -> RoutingStatistics:
+        return RoutingStatistics(layers=[self.tallies[n].summary() for n in sorted(self.tallies)])
+
+
 @torch.no_grad()
 def routing_statistics(model: nn.Module, batches: Sequence[Batch]) -> RoutingStatistics:
     """Per-layer routing statistics of ``model`` (base or grafted) over non-pad tokens."""
-    views = find_moe_blocks(model)
-    grafts = {id(g.block): g for g in grafted_blocks(model) if g.enabled}
-    tallies = {v.layer: _LayerTally(v, grafts.get(id(v.block))) for v in views}
     was_training = model.training
     model.eval()
-    with capture_block_inputs(views) as inputs:
+    with RoutingRecorder(model) as recorder:
         for batch in batches:
             batch = on_model_device(batch, model)
             model(
@@ -109,8 +151,5 @@ def routing_statistics(model: nn.Module, batches: Sequence[Batch]) -> RoutingSta
                 use_cache=False,
                 logits_to_keep=1,  # only the MoE blocks' inputs are needed, not the vocabulary
             )
-            keep = batch["attention_mask"].bool()
-            for layer, tally in tallies.items():
-                tally.add(inputs[layer][keep])
     model.train(was_training)
-    return RoutingStatistics(layers=[tallies[layer].summary() for layer in sorted(tallies)])
+    return recorder.statistics()
