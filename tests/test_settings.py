@@ -182,10 +182,12 @@ def test_the_command_line_imports_no_torch_until_a_command_needs_it(call):
 
 def test_a_run_saved_before_newer_settings_resumes_with_their_defaults(tmp_path):
 
-    from flexmoe.federated.run import ADDED_LATER, saved_settings
+    from flexmoe.federated.run import saved_settings
 
-    old = {k: v for k, v in Settings.of(rounds=3).to_flat().items() if k not in ADDED_LATER}
-    assert saved_settings(tmp_path, old) == Settings.of(rounds=3)
+    newer = ("selection-examples", "eval-batch-size", "dtype")
+    old = {k: v for k, v in Settings.of(rounds=3).to_flat().items() if k not in newer}
+    # grafting scored every training example before selection-examples bounded it
+    assert saved_settings(tmp_path, old) == Settings.of(rounds=3, selection_examples=0)
     del old["lr"]  # a setting every checkpoint has: its absence is damage
     with pytest.raises(FlexMoEError, match="saved settings are damaged \\(no lr\\)"):
         saved_settings(tmp_path, old)

@@ -3,8 +3,9 @@
 Every comparison pairs two arms on what both measured on the same things in the same seeds: each
 test example's ROUGE-L, or each held-out domain's perplexity increase of a client's model. Its
 interval is a hierarchical bootstrap (``benchmarks.harness.paired``), and Holm's step-down runs
-across the comparisons of one family (one FLEx arm against every other arm), so that a claim
-resting on several comparisons is judged at the family's level.
+across the comparisons of one family (one FLEx arm against the other arms, by one measure; the
+paper's FLEx against its variants is a family of its own), so that a claim resting on several
+comparisons is judged at the family's level.
 """
 
 from __future__ import annotations

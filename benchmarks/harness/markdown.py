@@ -33,7 +33,7 @@ from benchmarks.harness.summary import (
     setting_plots,
     split_sweep,
 )
-from benchmarks.harness.tuning import MAX_WIDENINGS, Choice, at_edge, choose, tuned_rates
+from benchmarks.harness.tuning import MAX_WIDENINGS, Choice, at_edge, choose
 from flexmoe.results import Knowledge, MMLUScore
 from flexmoe.schema import kebab
 
@@ -81,8 +81,8 @@ PAIRED = (
     "the same test examples (ROUGE-L) or held-out domains (perplexity increase of each "
     "client's model) in the same seeds; its interval is a hierarchical bootstrap (seeds, then "
     "each client's examples or domains), at the level of Holm's step-down across the "
-    "comparisons of one FLEx arm, and a verdict names a difference only when that interval "
-    "excludes zero."
+    "comparisons of one family (one FLEx arm against the other arms by one measure), and a "
+    "verdict names a difference only when that interval excludes zero."
 )
 
 
@@ -505,7 +505,7 @@ def render_report(runs: Sequence[Run]) -> str:
     """report.md for ``runs``: a function of their JSON files only."""
     files = len(runs)
     runs, sweep = split_sweep(runs)
-    grouped = group_runs(runs, tuned_rates(sweep))
+    grouped = group_runs(runs)
     labels = setting_labels(grouped)
     lines = [
         "# Benchmark report",

@@ -31,6 +31,7 @@ class Cell:
 
     name: str
     overrides: dict[str, Scalar]
+    arm: str = ""  # the matrix arm it runs (ARMS), recorded beside its results
 
     def config(self) -> Settings:
         """The full settings of this cell (validated)."""
@@ -107,7 +108,7 @@ class Matrix:
                         "method": arm.method,
                         "seed": seed,
                     }
-                    cell = Cell(f"{group.name}/{name}/seed{seed}", settings)
+                    cell = Cell(f"{group.name}/{name}/seed{seed}", settings, name)
                     if cell.config() not in made:
                         made.add(cell.config())
                         cells.append(cell)

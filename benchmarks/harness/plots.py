@@ -22,7 +22,6 @@ from benchmarks.harness.summary import (
     setting_plots,
     split_sweep,
 )
-from benchmarks.harness.tuning import tuned_rates
 from flexmoe.schema import kebab
 
 Curve = list[tuple[int, float]]
@@ -123,8 +122,7 @@ def write_plots(runs: Sequence[Run], folder: Path) -> list[Path]:
     """Every plot report.md links to, written under ``folder``; older plots there are removed."""
     for stale in folder.glob("*.png"):
         stale.unlink()
-    tested, sweep = split_sweep(runs)
-    grouped = group_runs(tested, tuned_rates(sweep))
+    grouped = group_runs(split_sweep(runs)[0])
     labels = setting_labels(grouped)
     written = []
     kinds = {

@@ -16,7 +16,12 @@ from importlib import metadata
 from pathlib import Path
 
 from benchmarks.harness.matrix import Cell
-from benchmarks.harness.summary import PREDICTIONS_FILE, PROVENANCE_FILE, write_predictions
+from benchmarks.harness.summary import (
+    PREDICTIONS_FILE,
+    provenance_path,
+    read_provenance,
+    write_predictions,
+)
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_write_text
 from flexmoe.results import (
@@ -97,7 +102,7 @@ def run_cell(root: Path, cell: Cell, command: CommandBuilder | None = None) -> O
             reason = f"{interrupted} was started with other settings ({listed})"
             return Outcome(cell, "failed", log, reason=reason)
     log.parent.mkdir(parents=True, exist_ok=True)
-    record_start(out)
+    record_start(root, cell)
     started = time.perf_counter()
     with log.open("a" if resuming else "w") as handle:  # a resumed cell keeps its earlier log
         if resuming:
@@ -119,11 +124,12 @@ def run_cell(root: Path, cell: Cell, command: CommandBuilder | None = None) -> O
     return Outcome(cell, "done", log, wall)
 
 
-def record_start(out: Path) -> None:
-    """Add this start of a cell (its first, or a resumption) to ``out/provenance.json``: the
-    commit the code ran at, whether it had uncommitted changes, the machine and the libraries."""
-    path = out / PROVENANCE_FILE
-    starts = json.loads(path.read_text(encoding="utf-8"))["starts"] if path.is_file() else []
+def record_start(root: Path, cell: Cell) -> None:
+    """Add this start of a cell (its first, or a resumption) to its provenance file beside its
+    folder (``.../seed0.provenance.json``, as its log): the arm it runs, and per start the commit
+    the code ran at, whether the code had uncommitted changes, the machine and the libraries."""
+    path = provenance_path(cell_dir(root, cell))
+    starts = read_provenance(cell_dir(root, cell))[1]
     starts.append(
         {
             "started": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -133,8 +139,8 @@ def record_start(out: Path) -> None:
             **{name: metadata.version(name) for name in ("torch", "transformers", "flwr")},
         }
     )
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"starts": starts}, indent=1) + "\n")
+    arm = cell.arm or str(cell.overrides["method"])
+    atomic_write_text(path, json.dumps({"arm": arm, "starts": starts}, indent=1) + "\n")
 
 
 def _commit() -> dict[str, object]:
@@ -146,7 +152,9 @@ def _commit() -> dict[str, object]:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    changes = git("status", "--porcelain", "--untracked-files=no")
+    # the code's changes: results written since the last commit are not the code
+    code = ("src", "benchmarks", ":!benchmarks/results", "pyproject.toml")
+    changes = git("status", "--porcelain", "--untracked-files=no", "--", *code)
     return {"commit": commit, "uncommitted_changes": None if changes is None else bool(changes)}
 
 

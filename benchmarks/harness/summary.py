@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from flexmoe.results import (
     read_rounds,
 )
 from flexmoe.schema import kebab, snake
-from flexmoe.settings import RUNTIME_SETTINGS, Settings
+from flexmoe.settings import RUNTIME_SETTINGS, Settings, as_saved
 
 PLOTS_DIR = "plots"
 # the settings only some methods use, beside the learning rate every method uses
@@ -39,7 +39,6 @@ OWN_HYPERPARAMETERS = {
     **{m: ("server_lr",) for m in ("fedadam", "fedyogi", "fedadagrad")},
 }
 SAMPLES = 2  # test predictions per client shown in a report
-PROVENANCE_FILE = "provenance.json"  # each start of a cell: the commit, machine and libraries
 PREDICTIONS_FILE = "predictions.jsonl"  # every test example's prediction and ROUGE-L
 SAMPLES_FILE = "samples.json"  # the first two, cut short: what cells made before kept
 
@@ -68,6 +67,7 @@ class Run:
     samples: dict[int, list[dict]] = field(default_factory=dict)  # client -> first predictions
     scores: dict[int, dict[str, float]] = field(default_factory=dict)  # client -> id -> ROUGE-L
     commits: tuple[str, ...] = ()  # the code each start of the run ran at ('*': with changes)
+    arm: str = ""  # the matrix arm the bench ran it as, where it recorded one
 
     @property
     def method(self) -> str:
@@ -75,12 +75,13 @@ class Run:
 
     @property
     def config(self) -> dict:
-        """The run's settings; a setting newer than the run reads as its default."""
+        """The run's settings; a setting newer than the run reads as the value it ran with
+        (``flexmoe.settings.ADDED_LATER``: mostly the default)."""
         top = {k: getattr(self.results, k) for k in ("split", "alpha", "seed")}
         top = {k: v for k, v in top.items() if v is not None}
         saved = self.results.config
         defaults = Settings().to_record() if saved else {}
-        return {**defaults, **top, "method": self.method, **(saved or {})}
+        return {**defaults, **top, "method": self.method, **(as_saved(saved) if saved else {})}
 
     def setting(self) -> Setting:
         ignored = RUN_FIELDS + MEASUREMENT_FIELDS + METHOD_FIELDS + RUNTIME_FIELDS + ARM_FIELDS
@@ -178,7 +179,12 @@ def load_runs(directory: Path) -> list[Run]:
         samples = {c: rows[:SAMPLES] for c, rows in kept.items()}
         scores = {c: {r["prompt_id"]: r["rouge_l"] for r in rows} for c, rows in kept.items()}
         samples = samples or read_samples(path.parent)
-        runs.append(Run(folder, results, rounds, samples, scores, read_commits(path.parent)))
+        arm, starts = read_provenance(path.parent)
+        commits = tuple(
+            (start["commit"] or "?")[:7] + ("*" if start["uncommitted_changes"] else "")
+            for start in starts
+        )
+        runs.append(Run(folder, results, rounds, samples, scores, commits, arm))
     return runs
 
 
@@ -232,17 +238,22 @@ def final_predictions(folder: Path) -> dict[str, list[dict]]:
     return predictions
 
 
-def read_commits(folder: Path) -> tuple[str, ...]:
-    """The short commit of each start of the cell in ``folder`` that ``provenance.json``
-    records, marked ``*`` where tracked files had uncommitted changes (none if it has none)."""
-    path = folder / PROVENANCE_FILE
+def provenance_path(folder: Path) -> Path:
+    """Where the bench records a cell's arm and starts: beside its folder, as its log."""
+    return folder.with_name(f"{folder.name}.provenance.json")
+
+
+def read_provenance(folder: Path) -> tuple[str, list[dict]]:
+    """The arm and the starts recorded for the cell in ``folder`` (none for a run the bench
+    did not make, or made before it recorded them)."""
+    path = provenance_path(folder)
     if not path.is_file():
-        return ()
-    starts = read_json(path, "it is written by 'python -m benchmarks.bench'")["starts"]
-    return tuple(
-        (start["commit"] or "?")[:7] + ("*" if start["uncommitted_changes"] else "")
-        for start in starts
-    )
+        return "", []
+    kept = read_json(path, "delete it: the bench writes it again at the cell's next start")
+    try:
+        return str(kept["arm"]), list(kept["starts"])
+    except (KeyError, TypeError) as error:
+        raise FlexMoEError(f"{path}: not a provenance record ({error!r}); delete it") from None
 
 
 def read_samples(folder: Path) -> dict[int, list[dict]]:
@@ -307,42 +318,29 @@ def _setting_order(setting: Setting) -> tuple:
     )
 
 
-def group_runs(
-    runs: Iterable[Run], rates: Mapping[str, float] | None = None
-) -> dict[Setting, dict[str, Summary]]:
+def group_runs(runs: Iterable[Run]) -> dict[Setting, dict[str, Summary]]:
     """Runs by setting, then by arm (``arms``), settings and arms in report order."""
     grouped: dict[Setting, list[Run]] = {}
     for run in runs:
         grouped.setdefault(run.setting(), []).append(run)
-    return {
-        setting: arms(grouped[setting], rates) for setting in sorted(grouped, key=_setting_order)
-    }
+    return {setting: arms(grouped[setting]) for setting in sorted(grouped, key=_setting_order)}
 
 
-def arms(runs: Sequence[Run], rates: Mapping[str, float] | None = None) -> dict[str, Summary]:
-    """A setting's runs by arm: their ``variant``, and where one variant ran at several learning
-    rates, each rate its own arm, named after the method ``rates`` (each method's tuned rate)
-    gives it: its own rate keeps the plain name, another method's is ``at fedavg's lr``."""
+def arms(runs: Sequence[Run]) -> dict[str, Summary]:
+    """A setting's runs by arm: the one the bench recorded (``flex-at-fedavg-lr``), else their
+    ``variant``, and where one variant ran at several learning rates, each rate apart."""
     by_variant: dict[str, list[Run]] = {}
     for run in runs:
-        by_variant.setdefault(run.variant(), []).append(run)
+        by_variant.setdefault(run.arm or run.variant(), []).append(run)
     named: dict[str, list[Run]] = {}
     for variant, members in by_variant.items():
         several = len({r.config["lr"] for r in members}) > 1
         for run in members:
-            label = _rate_label(variant, run, rates or {}) if several else variant
+            label = f"{variant}, lr {run.config['lr']:g}" if several else variant
             named.setdefault(label, []).append(run)
     order = {m: i for i, m in enumerate(method_order(r.method for r in runs))}
     ranked = sorted(named, key=lambda label: (order[named[label][0].method], label))
     return {label: Summary(tuple(named[label])) for label in ranked}
-
-
-def _rate_label(variant: str, run: Run, rates: Mapping[str, float]) -> str:
-    lr = run.config["lr"]
-    if rates.get(run.method) == lr:
-        return variant
-    owners = [m for m, rate in rates.items() if rate == lr and m != run.method]
-    return f"{variant} at {owners[0]}'s lr" if owners else f"{variant}, lr {lr:g}"
 
 
 def ablation_families(

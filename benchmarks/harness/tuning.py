@@ -22,7 +22,6 @@ from pathlib import Path
 from benchmarks.harness.summary import Run, load_runs
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_write_text, read_json
-from flexmoe.methods import METHODS
 from flexmoe.schema import Scalar, kebab, snake
 
 TUNED_FILE = "tuned.json"
@@ -96,14 +95,6 @@ def choose(runs: Iterable[Run]) -> Tuning:
         best = max(means, key=lambda v: (means[v], -v))
         choices[method] = Choice(_swept(method)[0], {_text(v): means[v] for v in means}, best)
     return Tuning(choices)
-
-
-def tuned_rates(runs: Iterable[Run]) -> dict[str, float]:
-    """Each method's learning rate as the sweep among ``runs`` chose it, inherited ones
-    included (what names an arm that trained at another method's rate)."""
-    tuning = choose(runs)
-    rates = {method: tuning.settings_for(method).get("lr") for method in METHODS}
-    return {method: rate for method, rate in rates.items() if rate is not None}
 
 
 def swept_values(method: str, tuning: Tuning) -> list[float]:

@@ -7,8 +7,9 @@ Client seconds are summed over clients and rounds, so with clients in parallel p
 up to more than the wall time. Training phases: grafting (the first round's ``restore``, where a
 FLEx client grafts; later rounds restore a saved state), ``compute`` (the local steps) and the
 rest (loading the base, restoring and saving states, starting processes); evaluation phases:
-``answer`` (greedy answers), ``test_loss``, ``diagnostics`` (held-out perplexity, routing, FLOPs)
-and the rest.
+``answer`` (greedy answers), ``test_loss`` (with the final model's routing, recorded by the same
+forward), ``diagnostics`` (held-out perplexity, the base's routing and FLOPs; for a method that
+trains base weights, loading the pristine base too) and the rest.
 """
 
 from __future__ import annotations

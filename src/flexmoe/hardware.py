@@ -35,9 +35,10 @@ class Placement:
         return f"{self.device} {str(self.dtype).removeprefix('torch.')}"
 
     def for_trained_weights(self) -> Placement:
-        """Where pretrained weights that an optimiser updates are held: in float32 whatever
-        ``dtype`` computes in, since an update below bfloat16's resolution (2**-8 of a weight;
-        a step of a learning rate of 1e-5 is far smaller) would round away to nothing."""
+        """Where pretrained weights that an optimiser updates are held: in float32, since an
+        update below bfloat16's resolution (2**-8 of a weight; a step of a learning rate of 1e-5
+        is far smaller) would round away to nothing. Under ``autocast`` they compute in
+        bfloat16; with float16, which is not autocast, they compute in float32."""
         return replace(self, dtype=torch.float32)
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -45,6 +45,25 @@ FLOWER_OUT_DIR = "runs/flwr-run"  # its default, for `flwr run .`
 # how a run waits, not what it computes: two runs apart only here have the same results
 RUNTIME_SETTINGS = ("reply-timeout",)
 RESUMABLE_SETTINGS = ("rounds", *RUNTIME_SETTINGS)  # what a resumed run may change
+# settings newer than some saved runs, with what a run saved without one ran with: its default
+# (None), or the value that was fixed before it became a setting
+ADDED_LATER: dict[str, Scalar | None] = {
+    **dict.fromkeys(
+        ("device", "dtype", "gradient-checkpointing", "lora-rank", "server-lr", "eval-split",
+         "selection-tokens", "diagnostics", "mmlu-per-topic", "aggregation", "trim-fraction",
+         "min-updates", "reply-timeout", "dp-noise-multiplier", "dp-clipping-norm", "dp-delta",
+         "eval-batch-size")  # test prompts were batched as training examples: scores as now
+    ),
+    "selection-examples": 0,  # grafting scored every training example
+}  # fmt: skip
+
+
+def as_saved(flat: dict[str, Scalar]) -> dict[str, Scalar]:
+    """A saved run's flat settings with those it predates at the values it ran with (a setting
+    whose value was its default is left to the default)."""
+    known = {kebab(k) for k in flat}
+    fixed = {k: v for k, v in ADDED_LATER.items() if v is not None and k not in known}
+    return {**{snake(k): v for k, v in fixed.items()}, **flat}
 
 
 @dataclass(frozen=True)

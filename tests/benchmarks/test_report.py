@@ -286,21 +286,25 @@ def test_a_flex_no_better_than_a_baseline_or_worse_is_not_supported(tmp_path):
     )
 
 
-def test_arms_at_another_methods_rate_or_with_a_variant_graft_are_named(tmp_path):
-    for lr in (1e-3, 3e-4):
-        write_run(tmp_path / f"flex-{lr:g}", fake_results("flex", 0, [30.0], lr=lr))
+def test_arms_are_named_as_the_bench_ran_them_or_by_their_variant(tmp_path):
+    for arm, lr in (("flex", 1e-3), ("flex-at-fedavg-lr", 3e-4)):
+        folder = write_run(tmp_path / arm / "seed0", fake_results("flex", 0, [30.0], lr=lr))
+        (tmp_path / arm / "seed0.provenance.json").write_text(
+            json.dumps(
+                {"arm": arm, "starts": [{"commit": "abcdef123", "uncommitted_changes": True}]}
+            )
+        )
+        assert folder.is_dir()
     answer = fake_results("flex", 0, [31.0], lr=1e-3, selection_tokens="answer")
-    write_run(tmp_path / "flex-answer", answer)
-    write_run(tmp_path / "fedavg", fake_results("fedavg", 0, [20.0], lr=3e-4))
-    for method, lr, rouge in (("flex", 1e-3, 15.0), ("flex", 3e-4, 12.0),
-                              ("fedavg", 3e-4, 14.0), ("fedavg", 1e-3, 10.0)):  # fmt: skip
-        write_run(tmp_path / "sweep" / method / f"{lr:g}", sweep_results(method, "lr", lr, rouge))
+    write_run(tmp_path / "flex-answer", answer)  # no provenance: named by its variant
+    for lr in (1e-3, 3e-4):  # nor here: each rate apart
+        write_run(tmp_path / f"fedavg-{lr:g}", fake_results("fedavg", 0, [20.0], lr=lr))
     report = write_report(tmp_path).read_text()
-    assert [table_row(report, arm)[2] for arm in ("flex", "flex at fedavg's lr")] == [
-        "30.00", "30.00",
-    ]  # fmt: skip
+    assert table_row(report, "flex-at-fedavg-lr")[2] == "30.00"
     assert table_row(report, "flex (selection-tokens answer)")[2] == "31.00"
-    assert "The paper's claims for flex (selection-tokens answer):" in report
+    assert table_row(report, "fedavg, lr 0.0003")[1] == "1"
+    assert "The paper's claims for flex-at-fedavg-lr:" in report
+    assert table_row(report, "flex/seed0", after="## Runs")[-1] == "abcdef1*"
 
 
 def test_methods_tuned_to_their_own_rates_compare_in_one_table(tmp_path):

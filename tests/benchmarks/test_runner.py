@@ -58,9 +58,11 @@ def test_bench_command_reports_failed_cells_writes_the_report_and_exits_nonzero(
     assert str(tmp_path / "smoke" / "pathological" / "fedavg" / "seed1.log") in err
     report = (tmp_path / "smoke" / REPORT_FILE).read_text()
     assert table_row(report, "flex")[1] == "2" and "fedavg |" not in report
-    cell = tmp_path / "smoke" / "pathological" / "flex" / "seed0"
-    (start,) = json.loads((cell / "provenance.json").read_text())["starts"]
-    assert len(start["commit"]) == 40 and start["torch"] and start["cores"] >= 1
+    kept = tmp_path / "smoke" / "pathological" / "flex" / "seed0.provenance.json"
+    recorded = json.loads(kept.read_text())
+    (start,) = recorded["starts"]
+    assert recorded["arm"] == "flex" and start["torch"] and start["cores"] >= 1
+    assert len(start["commit"]) == 40
     assert table_row(report, "pathological/flex/seed0")[-1].startswith(start["commit"][:7])
     assert bench.main([*argv, "--rounds", "1", "--methods", "flex,fedavg-full"]) == 0  # all done
     assert bench.main(["--matrix", "smoke", "--list", "--seeds", "0"]) == 0

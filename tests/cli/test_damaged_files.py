@@ -222,7 +222,7 @@ def test_damaged_results(capsys, tmp_path, case, name, damage):
     assert_one_error_line(capsys, [str(tmp_path)], folder / name, report.main)
 
 
-def test_a_runs_preflight_reads_no_weights(monkeypatch, olmoe_dir):
+def test_a_runs_preflight_reads_no_weights(monkeypatch, tmp_path, olmoe_dir):
     from transformers import AutoModelForCausalLM
 
     from flexmoe.federated.simulation import check_run
@@ -231,6 +231,11 @@ def test_a_runs_preflight_reads_no_weights(monkeypatch, olmoe_dir):
         raise AssertionError("the pre-flight loaded the weights")
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    sharded = shutil.copytree(olmoe_dir, tmp_path / "sharded")
+    index = {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(FlexMoEError, match="lacks 1 weight shard.*model-00002-of-00002"):
+        check_run(Settings.of(model=str(sharded), data="dolly"))
     report = check_run(Settings.of(model=str(olmoe_dir), data="dolly", experts_per_layer=2))
     assert report  # the data's truncation report, per category
     with pytest.raises(FlexMoEError, match="experts-per-layer 99 is more than the 6 experts"):

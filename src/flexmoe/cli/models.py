@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from argparse import SUPPRESS
 from pathlib import Path
 
 from flexmoe.cli.options import (
@@ -84,6 +85,8 @@ def _add_graft(commands: argparse._SubParsersAction) -> None:
         "--force", action="store_true", help="write into --out even if it holds files already"
     )
     add_setting_options(graft, FlexConfig)
+    # its name before it became the run's graft setting
+    graft.add_argument("--max-examples", dest="selection_examples", type=int, help=SUPPRESS)
     add_setting_options(graft, DataSettings, ["max_length"])
     add_setting_options(graft, TrainSettings, ["batch_size"], {"batch_size": 8})
     add_placement_options(graft)
@@ -238,7 +241,7 @@ def run_graft(args: argparse.Namespace) -> None:
     if not args.force:
         check_new_folder(args.out)
     started = time.perf_counter()
-    examples = load_dataset(args.data)[: config.selection_examples]
+    examples = load_dataset(args.data)[: config.selection_count]
     model, tokenizer = load_model(args.model, placement_of(args))
     tokenized = tokenize_examples(
         examples, tokenizer, max_length, terminate=False, selection_tokens=config.selection_tokens

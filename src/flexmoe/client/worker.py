@@ -283,13 +283,13 @@ class ClientWorker:
         """The first ``selection-examples`` of the client's shuffled training data (scoring the
         tokens ``selection-tokens`` names), or generic text for the generic ablation."""
         graft = self.settings.graft
-        examples = self.train_examples[: graft.selection_examples]
+        examples = self.train_examples[: graft.selection_count]
         if self.method.graft is GraftSource.GENERIC:
             ids = [self.tokenizer.encode(t)[: self.max_length] for t in generic_texts()]
-            examples = [TokenizedExample(i, i) for i in ids if i][: graft.selection_examples]
+            examples = [TokenizedExample(i, i) for i in ids if i][: graft.selection_count]
         elif graft.selection_tokens != "all":
             examples = tokenize_examples(
-                self.data.train[: graft.selection_examples],
+                self.data.train[: graft.selection_count],
                 self.tokenizer,
                 self.max_length,
                 selection_tokens=graft.selection_tokens,

@@ -147,7 +147,9 @@ def measured(
     and device and read back with ``parse``: every process with the same weights measures them
     once, and one that finds another measuring them waits for its value."""
     weight = next(model.parameters())
-    key = f"v{MEASURE_VERSION}-{name}-{weight.dtype}-{weight.device.type}-{what}"
+    device = weight.device.type
+    mixed = torch.is_autocast_enabled(device) and f"-autocast-{torch.get_autocast_dtype(device)}"
+    key = f"v{MEASURE_VERSION}-{name}-{weight.dtype}{mixed or ''}-{device}-{what}"
     folder = root / key.replace("torch.", "")
     value = _read_measure(folder, parse)  # values are written atomically: no lock to read one
     if value is not None:

@@ -36,27 +36,8 @@ from flexmoe.results import (
     read_checkpoint,
 )
 from flexmoe.schema import kebab
-from flexmoe.settings import RESUMABLE_SETTINGS, Settings
+from flexmoe.settings import ADDED_LATER, RESUMABLE_SETTINGS, Settings, as_saved
 
-# settings newer than some saved runs: a checkpoint without them ran with their defaults
-ADDED_LATER = {
-    "device",
-    "dtype",
-    "gradient-checkpointing",
-    "lora-rank",
-    "server-lr",
-    "eval-split",
-    "selection-tokens",
-    "diagnostics",
-    "mmlu-per-topic",
-    "aggregation",
-    "trim-fraction",
-    "min-updates",
-    "reply-timeout",
-    "dp-noise-multiplier",
-    "dp-clipping-norm",
-    "dp-delta",
-}
 # settings of the fixed test pools: a checkpoint without them split its data another way
 DATA_SPLIT_SETTINGS = ("categories", "test-per-category")
 
@@ -230,8 +211,9 @@ def read_saved(out: Path) -> Saved:
 
 
 def saved_settings(out: Path, flat: dict[str, Any]) -> Settings:
-    """The settings a checkpoint recorded (flat names); those it predates take their defaults."""
-    known = {kebab(k) for k in flat} | ADDED_LATER
+    """The settings a checkpoint recorded (flat names); those it predates take the values it
+    ran with (``ADDED_LATER``)."""
+    known = {kebab(k) for k in flat} | set(ADDED_LATER)
     if not known & set(DATA_SPLIT_SETTINGS):
         raise FlexMoEError(
             f"{out} was made by a flexmoe before fixed test pools, whose clients' data this "
@@ -241,7 +223,7 @@ def saved_settings(out: Path, flat: dict[str, Any]) -> Settings:
         missing = sorted(set(Settings().to_flat()) - known)
         if missing:
             raise FlexMoEError(f"no {', '.join(missing[:3])}")
-        return Settings().updated(flat)
+        return Settings().updated(as_saved(flat))
     except FlexMoEError as error:
         raise FlexMoEError(
             f"{out / CHECKPOINT_FILE}: the saved settings are damaged ({error})"

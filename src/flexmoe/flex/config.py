@@ -35,9 +35,14 @@ class GraftSettings(Group):
     selection_examples: int = setting(
         64,
         "examples the grafting criterion scores: the first of a client's shuffled training "
-        "share (of the data, for flexmoe graft); the cost of grafting grows with them",
-        at_least(1),
+        "share (of the data, for flexmoe graft), 0 for all; the cost of grafting grows with them",
+        at_least(0),
     )
+
+    @property
+    def selection_count(self) -> int | None:
+        """How many examples selection scores, None for all (a slice's end)."""
+        return self.selection_examples or None
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,16 @@ def check_weight_files(name_or_path: str | Path) -> None:
     for file in files:
         with _loading(path), safe_open(file, "pt") as weights:
             weights.keys()
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        with _loading(path):
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        missing = sorted(shard for shard in shards if not (path / shard).is_file())
+        if missing:
+            raise FlexMoEError(
+                f"{str(path)!r} lacks {len(missing)} weight shard(s) its index names, e.g. "
+                f"{missing[0]}; download or copy the whole model folder"
+            )
 
 
 def meta_model(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
