@@ -205,7 +205,9 @@ class EvaluationSettings(Group):
 
     max_new_tokens: int = setting(32, "greedy generation length for ROUGE-L", at_least(1))
     eval_batch_size: int = setting(
-        32, "test prompts answered (and scored for the test loss) together", at_least(1)
+        32,
+        "test prompts answered together (the test loss is scored in training batches)",
+        at_least(1),
     )
     diagnostics: bool = setting(
         True, "measure knowledge, routing and FLOPs in the final evaluation"

@@ -150,10 +150,13 @@ class ClientWorker:
         ``detailed`` adds what it costs in knowledge, routing and compute (see
         ``flexmoe.evaluation.diagnostics``).
         """
-        batch_size = self.settings.evaluation.eval_batch_size
         test = tokenize_examples(self.data.test, self.tokenizer, self.max_length)
         test.sort(key=lambda e: len(e.input_ids))  # little padding; the loss is a token mean
-        batches = sequential_batches(test, batch_size, pad_token_id(self.tokenizer))
+        # scored in training-sized batches: logits over the vocabulary at every answer position
+        # of a batch take memory as a training step does (32 x 512 x 49k floats are 3 GB)
+        batches = sequential_batches(
+            test, self.settings.train.batch_size, pad_token_id(self.tokenizer)
+        )
         clock = Stopwatch(self.placement.device)
         base = None
         if detailed and self.method.shared.trains_base_weights:
@@ -170,7 +173,7 @@ class ClientWorker:
                     self.data.test,
                     self.settings.evaluation.max_new_tokens,
                     self.settings.prompt_room,
-                    batch_size,
+                    self.settings.evaluation.eval_batch_size,
                 )
             scores = rouge_l(answers, [e.output for e in self.data.test])
             self.store.save_predictions(round_, prediction_rows(self.data.test, answers, scores))
