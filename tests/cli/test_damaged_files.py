@@ -234,7 +234,7 @@ def test_a_runs_preflight_reads_no_weights(monkeypatch, tmp_path, olmoe_dir):
     sharded = shutil.copytree(olmoe_dir, tmp_path / "sharded")
     index = {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(FlexMoEError, match="lacks 1 weight shard.*model-00002-of-00002"):
+    with pytest.raises(FlexMoEError, match=r"lacks 1 weight shard.*model-00002-of-00002"):
         check_run(Settings.of(model=str(sharded), data="dolly"))
     report = check_run(Settings.of(model=str(olmoe_dir), data="dolly", experts_per_layer=2))
     assert report  # the data's truncation report, per category
