@@ -21,3 +21,9 @@ def device_problem(name: str) -> str | None:
 def dtype_problem(name: str) -> str | None:
     """Why ``name`` is not a dtype name, or None."""
     return None if name in DTYPE_NAMES else f"must be one of: {', '.join(DTYPE_NAMES)}"
+
+
+def cuda_index(name: str) -> int | None:
+    """N of ``cuda:N``; None for any other device name."""
+    kind, _, index = name.partition(":")
+    return int(index) if kind == "cuda" and index else None

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 from flexmoe.cache import CACHE_ENV
 from flexmoe.cli import main
 from flexmoe.data import hold_out_test_pools, load_dataset, select_categories
+from flexmoe.errors import FlexMoEError
 from flexmoe.federated.simulation import client_resources, simulated_threads
 from flexmoe.hardware import Placement
 from flexmoe.results import (
@@ -333,3 +335,24 @@ def test_a_client_that_cannot_write_fails_the_run_in_one_line_and_logs_its_trace
     log = Path(line.rsplit("traceback in ", 1)[1].rstrip(")"))
     assert "Traceback (most recent call last)" in log.read_text()
     log.unlink()
+
+
+def test_a_simulation_on_cuda_n_gives_ray_gpu_n_alone_and_its_actors_call_it_cuda(monkeypatch):
+    """No GPU here: what Ray would see and what its actors name, for each device a run asks."""
+    import os
+
+    from flexmoe.federated.client_app import actor_device
+    from flexmoe.federated.simulation import CUDA_VISIBLE, visible_gpus
+
+    assert [actor_device(d) for d in ("cuda:3", "cuda", "cpu")] == ["cuda", "cuda", "cpu"]
+    one_gpu = Placement(torch.device("cuda", 1), torch.bfloat16)
+    assert client_resources(one_gpu, 1) == {"num_cpus": os.cpu_count(), "num_gpus": 1.0}
+    monkeypatch.setenv(CUDA_VISIBLE, "4,5,6")
+    with visible_gpus("cuda:1"):
+        assert os.environ[CUDA_VISIBLE] == "5"
+    assert os.environ[CUDA_VISIBLE] == "4,5,6"
+    with visible_gpus("cpu"):
+        assert os.environ[CUDA_VISIBLE] == "4,5,6"
+    refused = pytest.raises(FlexMoEError, match="'cuda:3' is not available: 3 CUDA devices")
+    with refused, visible_gpus("cuda:3"):
+        pass

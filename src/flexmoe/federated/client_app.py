@@ -47,6 +47,7 @@ from flexmoe.federated.protocol import (
     split_run_config,
 )
 from flexmoe.hardware import Placement
+from flexmoe.placement import cuda_index
 from flexmoe.settings import Settings
 
 if TYPE_CHECKING:  # transformers only where jobs run (``_cached_worker``)
@@ -102,6 +103,12 @@ def clip_when_private(msg: Message, context: Context, call_next: ClientAppCallab
     return call_next(msg, context)
 
 
+def actor_device(device: str) -> str:
+    """The device a simulated client names inside its Ray actor: the one GPU Ray gave it is
+    ``cuda`` (Ray renumbers it 0), whatever ``cuda:N`` the run asked for."""
+    return "cuda" if cuda_index(device) is not None else device
+
+
 def job_of(
     kind: str, msg: Message, context: Context, node: NodeConfig, settings: Settings | None
 ) -> Job:
@@ -110,6 +117,8 @@ def job_of(
     if settings is None:
         values, _ = split_run_config(dict(context.run_config))
         settings = Settings().updated(values)
+    else:  # a simulated client, in a Ray actor that sees only the GPU Ray gave it
+        settings = settings.updated({"device": actor_device(settings.device)})
     if node.device:
         settings = settings.updated({"device": node.device})
     clients = settings.federation.clients

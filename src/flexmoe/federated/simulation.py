@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import warnings
+from collections.abc import Iterator
 
 import torch
 from flwr.app import Context
@@ -24,6 +26,7 @@ from flexmoe.flex.moe import find_moe_blocks
 from flexmoe.hardware import Placement
 from flexmoe.io import atomic_write_text
 from flexmoe.models.loading import check_weight_files, load_config, meta_model
+from flexmoe.placement import cuda_index
 from flexmoe.results import (
     DATA_FILE,
     RESULTS_FILE,
@@ -33,6 +36,7 @@ from flexmoe.results import (
 from flexmoe.settings import Settings
 
 RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
 
 
 def simulate(run: Run, progress: bool = True) -> RunResults:
@@ -56,19 +60,18 @@ def simulate(run: Run, progress: bool = True) -> RunResults:
             failures.append(error)
 
     settings = run.settings
+    placement = Placement.resolve(settings.device, settings.dtype)
+    resources = client_resources(placement, simulated_threads(settings))
     _quiet_flower()
     keep_ray_on_loopback()
-    with reaped():  # no Ray process outlives this one, even if it is killed
+    # no Ray process outlives this one, even if it is killed
+    with reaped(), visible_gpus(settings.device):
         _start_ray(num_cpus=os.cpu_count() or 1)
         run_simulation(
             server_app=server,
             client_app=make_client_app(settings),
             num_supernodes=settings.federation.clients,
-            backend_config={
-                "client_resources": client_resources(
-                    Placement.resolve(settings.device, settings.dtype), simulated_threads(settings)
-                )
-            },
+            backend_config={"client_resources": resources},
         )
     if failures:
         raise failures[0]
@@ -76,6 +79,30 @@ def simulate(run: Run, progress: bool = True) -> RunResults:
     if not results.is_file():
         raise FlexMoEError(f"the run ended without writing {results}; see the log above")
     return read_results(results)
+
+
+@contextlib.contextmanager
+def visible_gpus(device: str) -> Iterator[None]:
+    """For ``cuda:N``, Ray (started in the block) sees GPU N alone and gives it to the clients'
+    actors, in which it is ``cuda`` (``actor_device``); other devices leave CUDA's view as is."""
+    index = cuda_index(device)
+    if index is None:
+        yield
+        return
+    before = os.environ.get(CUDA_VISIBLE)
+    visible = before.split(",") if before else [str(i) for i in range(torch.cuda.device_count())]
+    if index >= len(visible):
+        raise FlexMoEError(
+            f"device {device!r} is not available: {len(visible)} CUDA devices are visible here"
+        )
+    os.environ[CUDA_VISIBLE] = visible[index]
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(CUDA_VISIBLE, None)
+        else:
+            os.environ[CUDA_VISIBLE] = before
 
 
 def client_resources(placement: Placement, cpu_threads: int) -> dict[str, float]:
@@ -88,7 +115,7 @@ def client_resources(placement: Placement, cpu_threads: int) -> dict[str, float]
     """
     if placement.device.type != "cuda":
         return {"num_cpus": cpu_threads, "num_gpus": 0.0}
-    gpus = torch.cuda.device_count()
+    gpus = 1 if placement.device.index is not None else torch.cuda.device_count()
     return {"num_cpus": max(1, (os.cpu_count() or 1) // gpus), "num_gpus": 1.0}
 
 
