@@ -14,9 +14,10 @@ from flexmoe.io import check_writable
 def build_parser() -> argparse.ArgumentParser:
     report = argparse.ArgumentParser(
         prog="python -m benchmarks.report",
-        description="Read every results.json under DIR and write DIR/report.md (means and "
-        "standard deviations over seeds, per-client scores, knowledge loss, traffic, ablations) "
-        "and PNG plots under DIR/plots.",
+        description="Read every results.json under DIR and write DIR/report.md (each arm's "
+        "means and standard deviations over seeds, paired comparisons with bootstrap intervals "
+        "and the paper's claims judged by them, per-client scores, knowledge loss, traffic, the "
+        "client-count ablation) and PNG plots under DIR/plots.",
     )
     report.add_argument("directory", type=Path, metavar="DIR")
     report.set_defaults(command=run_report, loads_models=False, command_parser=report)

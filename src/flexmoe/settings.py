@@ -245,7 +245,7 @@ class Settings(Group):
     dtype: str = setting(
         "auto",
         "the frozen base's precision: auto (bfloat16 on CUDA, float32 on CPU), float32, "
-        "bfloat16 or float16; adapters train in float32",
+        "bfloat16 (mixed precision: float32 adapters compute in bfloat16) or float16",
         dtype_problem,
     )
     data: DataSettings = field(default_factory=DataSettings)

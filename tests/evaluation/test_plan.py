@@ -36,6 +36,10 @@ def test_the_papers_model_on_paper():
     assert flex.memory.weights > 2 * result.parameters  # bfloat16 base, float32 adapters
     assert 0 < flex.memory.activations_checkpointed < flex.memory.activations
     assert 1 < result.flops_ratio < 1.25
+    full = plan("qwen1.5-moe-a2.7b", [get_method("fedavg-full")])
+    (memory,) = (m.memory for m in full.methods)  # trained in float32, as the clients hold it
+    assert (memory.weights, memory.gradients) == (4 * full.parameters, 4 * full.parameters)
+    assert memory.optimizer == 2 * memory.gradients
 
 
 @pytest.mark.parametrize("name", sorted(shipped_configs()))

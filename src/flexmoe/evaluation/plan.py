@@ -156,12 +156,16 @@ def plan_method(
     for name, role in roles.items():
         counts[role] += parameters[name].numel()
     trained = [p for p in parameters.values() if p.requires_grad]
-    trained_bytes = sum(p.numel() * p.element_size() for p in trained)
+
+    def held(p: torch.Tensor) -> int:  # a base whose weights train is held in float32
+        return p.numel() * (4 if method.shared.trains_base_weights else p.element_size())
+
+    trained_bytes = sum(held(p) for p in trained)
     shared = counts[Role.SHARED] if method.federated else 0
     on_disk = counts[Role.PERSONAL] + (0 if method.federated else counts[Role.SHARED])
     tokens = batch_size * seq_len
     memory = Memory(
-        weights=sum(p.numel() * p.element_size() for p in parameters.values()),
+        weights=sum(held(p) for p in parameters.values()),
         gradients=trained_bytes,
         optimizer=ADAM_MOMENTS * trained_bytes,
         activations=activation_bytes(flex, tokens, experts_per_layer if method.grafts else 0),
