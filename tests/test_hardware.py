@@ -173,3 +173,20 @@ def test_fedavg_full_trains_float32_weights_under_bfloat16(tmp_path, random_mode
     with worker.model_for_round(1, shared) as model:
         weights = {p.dtype for p in model.model.parameters() if p.requires_grad}
     assert weights == {torch.float32}  # updates of 1e-5 would round away in bfloat16
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "qwen2_moe", "mixtral"])
+def test_routers_route_as_in_float32_under_bfloat16_autocast(model_type):
+    from flexmoe.flex.moe import exact_routers, find_moe_blocks
+    from tests.tiny_models import build_model
+
+    model = build_model(model_type)
+    x = torch.randn(64, model.config.hidden_size)
+    view = find_moe_blocks(model)[0]
+    expected = view.router(x)
+    exact_routers(model)
+    with Placement.resolve("cpu", "bfloat16").autocast():
+        routed = view.router(x)
+        assert view.router_logits(x).dtype is torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(routed, expected, strict=True))
+    assert len(find_moe_blocks(model)) >= 1  # the wrapped routers still pass the rule's check

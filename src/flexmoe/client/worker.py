@@ -31,6 +31,7 @@ from flexmoe.evaluation.generation import generate_answers, rouge_l
 from flexmoe.evaluation.routing import RoutingRecorder
 from flexmoe.flex.config import FlexConfig
 from flexmoe.flex.model import FlexModel
+from flexmoe.flex.moe import exact_routers
 from flexmoe.flex.roles import Role
 from flexmoe.hardware import Placement, Stopwatch
 from flexmoe.methods import GraftSource
@@ -201,6 +202,7 @@ class ClientWorker:
             BASE_MODELS.lend(self.settings.model, placement, trains_weights=False) as pristine,
             self.placement.autocast(),
         ):
+            exact_routers(pristine)
             return measure_base(
                 pristine, self.tokenizer, batches, self.settings.evaluation.mmlu_per_topic
             )
@@ -246,6 +248,7 @@ class ClientWorker:
                 base = lending.enter_context(
                     BASE_MODELS.lend(self.settings.model, placement, trains_weights)
                 )
+                exact_routers(base)  # under mixed precision too
             with clock.lap("restore"):
                 model = self.restored_model(base, round_, global_shared)
             try:

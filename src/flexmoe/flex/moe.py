@@ -11,6 +11,7 @@ layout works without new code and one with a different rule is refused instead o
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import re
 from dataclasses import dataclass, replace
@@ -106,7 +107,8 @@ class MoEBlockView:
         return gate_up[:size], gate_up[size:], self.experts.down_proj[e]
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.router.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # routing's near-ties need float32
+            return F.linear(x.float(), self.router.weight.float())
 
     def expert_activations(self, x: torch.Tensor) -> torch.Tensor:
         """Intermediate activations of every expert on tokens ``x [N, H]``: ``[E, N, I]``."""
@@ -122,6 +124,26 @@ class MoEBlockView:
         """The routed experts' part of the block output, through the model's own modules."""
         _, weights, indices = self.router(x)
         return self.experts(x, indices, weights)
+
+
+def exact_routers(model: nn.Module) -> None:
+    """Make every router of ``model`` compute outside autocast, as the model wrote it (most
+    upcast to float32): under a bfloat16 autocast their logits would round, and near-ties would
+    send tokens to other experts. Once per model; the weights are untouched."""
+    if getattr(model, "_flexmoe_exact_routers", False):
+        return
+    for view in find_moe_blocks(model):
+        view.router.forward = _outside_autocast(view.router.forward, view.router.weight)
+    model._flexmoe_exact_routers = True
+
+
+def _outside_autocast(forward, weight: torch.Tensor):
+    @functools.wraps(forward)
+    def exact(hidden: torch.Tensor, *args, **kwargs):
+        with torch.autocast(weight.device.type, enabled=False):
+            return forward(hidden.to(weight.dtype), *args, **kwargs)
+
+    return exact
 
 
 def find_moe_blocks(model: nn.Module) -> list[MoEBlockView]:
@@ -241,7 +263,8 @@ def _infer_rule(model: nn.Module, block: nn.Module, router: nn.Module) -> Routin
     # otherwise make the right rule look wrong
     probe = copy.deepcopy(router).float()
     x = torch.randn(64, router.weight.shape[-1], generator=torch.Generator().manual_seed(0))
-    logits, weights, indices = probe(x.to(probe.weight.device))
+    # the class's forward: a copy of a router that exact_routers wrapped would call the original
+    logits, weights, indices = type(probe).forward(probe, x.to(probe.weight.device))
     actual = torch.zeros(logits.shape, device=logits.device)
     actual = actual.scatter(-1, indices.long(), weights.float())
     for rule in _candidate_rules(model, block, probe):
