@@ -50,6 +50,7 @@ from flexmoe.federated.federation import initial_arrays
 from flexmoe.federated.protocol import TrainReply
 from flexmoe.federated.records import arrays_to_state, wire_bytes
 from flexmoe.flex import FlexConfig, FlexModel
+from flexmoe.flex.moe import exact_routers
 from flexmoe.hardware import Placement, Stopwatch
 from flexmoe.methods import get_method
 from flexmoe.models.loading import load_model
@@ -127,6 +128,7 @@ def setup_model(dtype: str, experts: str) -> tuple[FlexModel, object, Placement]
     placement = Placement.resolve("cpu", dtype)
     base, tokenizer = load_model("smol-moe", placement)
     base.set_experts_implementation(experts)
+    exact_routers(base)  # as a client's base: routers outside autocast
     torch.manual_seed(0)
     return (
         FlexModel(base, config=FlexConfig(shared=get_method("fedavg").shared)),
