@@ -3,9 +3,10 @@
     python benchmarks/smol_moe/base_scores.py [--out benchmarks/results/smol-moe/base.json]
 
 For each split and seed of the Natural Instructions smol-moe benchmark (the sizes of ``CELL``, as
-its cells in benchmarks/results/smol-moe were run; not yet the Dolly benchmark's), every client's ROUGE-L on its own test split, computed by the clients' own
-evaluation code on the pretrained model with an untrained shared LoRA (its B matrices are zero,
-so it computes the base model exactly). A split and seed already in the file are skipped.
+its cells in benchmarks/results/smol-moe were run; not yet the Dolly benchmark's), every client's
+ROUGE-L on its own test split, computed by the clients' own evaluation code on the pretrained model
+with an untrained shared LoRA (its B matrices are zero, so it computes the base model exactly).
+A split and seed already in the file are skipped.
 """
 
 from __future__ import annotations
