@@ -54,8 +54,8 @@ class Placement:
     @property
     def experts_implementation(self) -> str | None:
         """How fused experts compute here, None for transformers' choice: on the CPU ``eager``
-        (a loop over the experts hit), as ``grouped_mm`` has no fast CPU kernel (a training step
-        of smol-moe took 1.3x as long with it, benchmarks/perf/step_speed.py)."""
+        (a loop over the experts hit), as ``grouped_mm`` has no fast CPU kernel (a float32 training
+        step of smol-moe took 1.23x as long with it: benchmarks/perf/perf.py, section speed)."""
         return "eager" if self.device.type == "cpu" else None
 
     @property

@@ -20,6 +20,7 @@ from torch import nn
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.flex.graft import grafted_blocks
+from flexmoe.flex.moe import exact_routers
 from flexmoe.hardware import Placement
 from flexmoe.models.loading import load_model, resolve_model_path
 
@@ -78,6 +79,7 @@ class BaseModels:
         if self._loaded is None or self._loaded.key != key:
             self.drop()  # before loading the next, so that two never share the memory
             model, _ = load_model(name, placement)
+            exact_routers(model)  # routing stays exact under mixed precision
             self._loaded = _Loaded(key, model.requires_grad_(False))
             self.loads += 1
         return self._loaded

@@ -31,7 +31,6 @@ from flexmoe.evaluation.generation import generate_answers, rouge_l
 from flexmoe.evaluation.routing import RoutingRecorder
 from flexmoe.flex.config import FlexConfig
 from flexmoe.flex.model import FlexModel
-from flexmoe.flex.moe import exact_routers
 from flexmoe.flex.roles import Role
 from flexmoe.hardware import Placement, Stopwatch
 from flexmoe.methods import GraftSource
@@ -197,12 +196,10 @@ class ClientWorker:
         """The base's measures on the pristine base, for a method that trains its weights: lent
         before the trained model is put on it (it is the base that model is then put on, so two
         full models never share the device), held as the trained one is."""
-        placement = self.placement.for_trained_weights()
         with (
-            BASE_MODELS.lend(self.settings.model, placement, trains_weights=False) as pristine,
+            BASE_MODELS.lend(self.settings.model, self.base_placement, False) as pristine,
             self.placement.autocast(),
         ):
-            exact_routers(pristine)
             return measure_base(
                 pristine, self.tokenizer, batches, self.settings.evaluation.mmlu_per_topic
             )
@@ -228,6 +225,12 @@ class ClientWorker:
             routing,
         )
 
+    @property
+    def base_placement(self) -> Placement:
+        """Where this client's base is held: as placed, or in float32 when its weights train."""
+        trains = self.method.shared.trains_base_weights
+        return self.placement.for_trained_weights() if trains else self.placement
+
     @contextlib.contextmanager
     def model_for_round(
         self, round_: int, global_shared: State, clock: Stopwatch | None = None
@@ -242,13 +245,9 @@ class ClientWorker:
         trains_weights = self.method.shared.trains_base_weights
         with contextlib.ExitStack() as lending:
             with clock.lap("load"):
-                placement = (
-                    self.placement.for_trained_weights() if trains_weights else self.placement
-                )
                 base = lending.enter_context(
-                    BASE_MODELS.lend(self.settings.model, placement, trains_weights)
+                    BASE_MODELS.lend(self.settings.model, self.base_placement, trains_weights)
                 )
-                exact_routers(base)  # under mixed precision too
             with clock.lap("restore"):
                 model = self.restored_model(base, round_, global_shared)
             try:

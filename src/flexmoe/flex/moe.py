@@ -129,12 +129,9 @@ class MoEBlockView:
 def exact_routers(model: nn.Module) -> None:
     """Make every router of ``model`` compute outside autocast, as the model wrote it (most
     upcast to float32): under a bfloat16 autocast their logits would round, and near-ties would
-    send tokens to other experts. Once per model; the weights are untouched."""
-    if getattr(model, "_flexmoe_exact_routers", False):
-        return
+    send tokens to other experts. Once per model, as it is loaded; the weights are untouched."""
     for view in find_moe_blocks(model):
         view.router.forward = _outside_autocast(view.router.forward, view.router.weight)
-    model._flexmoe_exact_routers = True
 
 
 def _outside_autocast(forward, weight: torch.Tensor):
