@@ -28,6 +28,7 @@ BENCH_OVERRIDES = {  # settings one option sets for every cell
             "eval_batch_size",
             "eval_every",
             "mmlu_per_topic",
+            "selection_token_budget",
         )
     },
     "min_lr": (float, "LR", "for every cell"),

@@ -58,6 +58,25 @@ ARCHITECTURES = {
         routed_scaling_factor=2.5,
     ),
 }
+# MoE architectures beyond the tested list, built with the sizes of MOE_SIZES their configs have:
+# graft must work on them by the modelled routing rules or by running the router as written
+# (phimoe's sparsemixer); minimax_m2's router takes its bias from the block as an argument
+OTHER_ARCHITECTURES = (
+    "cohere2_moe", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "granitemoe",
+    "minimax", "minimax_m2", "phimoe", "solar_open",
+)  # fmt: skip
+MOE_SIZES = dict(
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_experts=6,
+    num_local_experts=6,
+    n_routed_experts=6,
+    num_experts_per_tok=2,
+    head_dim=8,
+    first_k_dense_replace=0,
+    n_group=1,
+    topk_group=1,
+)
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "To be, or not to be, that is the question.",
@@ -83,7 +102,12 @@ def make_tokenizer(corpus: Iterable[str], vocab_size: int = VOCAB) -> PreTrained
 
 def build_model(model_type: str, seed: int = 0) -> PreTrainedModel:
     """A tiny randomly initialised causal LM of ``model_type``, in evaluation mode."""
-    config = AutoConfig.for_model(model_type, **{**COMMON, **ARCHITECTURES[model_type]})
+    if model_type in ARCHITECTURES:
+        sizes = {**COMMON, **ARCHITECTURES[model_type]}
+    else:
+        defaults = AutoConfig.for_model(model_type)
+        sizes = {k: v for k, v in {**COMMON, **MOE_SIZES}.items() if hasattr(defaults, k)}
+    config = AutoConfig.for_model(model_type, **sizes)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
 

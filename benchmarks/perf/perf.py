@@ -10,7 +10,9 @@ so an interrupted run resumes):
   (``eager``), in float32, in bfloat16 and in bfloat16 mixed precision, and in batches of 4 and 32;
 - ``uplink``: bytes of a real FLEx train reply against a real ``fedavg-full`` one (tiny,
   smol-moe), and ``flexmoe plan``'s ratio for the paper's Qwen1.5-MoE-A2.7B;
-- ``grafting``: selection + surgery against one forward pass over the same data;
+- ``grafting``: selection + surgery (with the default token budget, and scoring every token)
+  against one forward pass over the same 64 Dolly training examples;
+- ``budget``: how often a token budget picks the expert that every token picks (smol-moe);
 - ``steps``: a FLEx local step against a full fine-tuning step of the same model and batches;
 - ``latency``: the personalised model's forward (one grafted expert per layer) against the base's;
 - ``overhead``: a client's per-round load + restore + save against its compute on smol-moe, with
@@ -50,7 +52,8 @@ from flexmoe.federated.federation import initial_arrays
 from flexmoe.federated.protocol import TrainReply
 from flexmoe.federated.records import arrays_to_state, wire_bytes
 from flexmoe.flex import FlexConfig, FlexModel
-from flexmoe.flex.moe import exact_routers
+from flexmoe.flex.moe import exact_routers, find_moe_blocks
+from flexmoe.flex.selection import scored_token_masks, token_errors, visit_block_inputs
 from flexmoe.hardware import Placement, Stopwatch
 from flexmoe.methods import get_method
 from flexmoe.models.loading import load_model
@@ -197,22 +200,104 @@ def section_uplink() -> dict:
     return rows
 
 
+def selection_batches(tokenizer, examples: list) -> list:
+    """A client's selection data as a run batches it: max-length 512, 4 examples a batch."""
+    from flexmoe.data import pad_token_id, sequential_batches, tokenize_examples
+
+    tokenized = tokenize_examples(examples, tokenizer, 512)
+    return sequential_batches(tokenized, 4, pad_token_id(tokenizer))
+
+
 def section_grafting() -> dict:
+    """Grafting as a run does by default (64 training examples, a token budget per layer) and
+    scoring every token, against one forward (every position's logits, as training computes)
+    over the same 64 Dolly training examples, 16 of each of the paper's categories."""
     rows = {}
+    examples = dolly_sample(16, test=False)
     for name in MODELS:
-        batches = calibration(name)
-        base, _ = load_model(name, CPU32)
+        base, tokenizer = load_model(name, CPU32)
+        exact_routers(base)
+        batches = selection_batches(tokenizer, examples)
         clock = Stopwatch(CPU32.device)
         with torch.no_grad(), clock.lap("forward"):
             for batch in batches:
                 base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        with clock.lap("graft"):
-            FlexModel.graft(base, batches)
+        for lap, budget in (("graft", FlexConfig().selection_token_budget), ("graft_all", 0)):
+            with clock.lap(lap):
+                model, _ = FlexModel.graft(base, batches, FlexConfig(selection_token_budget=budget))
+            model.unload()
         rows[name] = {
             **clock.seconds,
             "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+            "budget": FlexConfig().selection_token_budget,
         }
     return rows
+
+
+BUDGETS = (256, 512, 1024, 2048, 4096, 8192)
+DRAWS = 10
+
+
+def section_budget() -> dict:
+    """How often grafting from a token budget picks the expert that scoring every token picks,
+    on smol-moe with 64 training examples of each paper category (a pathological client's
+    selection), over ``DRAWS`` seeds of the draw: every token's criterion is computed once and
+    each draw's loss summed from it, exactly as ``select_experts`` would."""
+    from flexmoe.data import PAPER_CATEGORIES
+
+    base, tokenizer = load_model("smol-moe", CPU32)
+    exact_routers(base)
+    views = find_moe_blocks(base)
+    pools = dolly_sample(64, test=False)
+    rows = {}
+    for category in PAPER_CATEGORIES:
+        examples = [e for e in pools if e.category == category]
+        batches = selection_batches(tokenizer, examples)
+        errors = token_errors_by_batch(base, views, batches)
+        everything = {layer: budget_losses(per_batch, None) for layer, per_batch in errors.items()}
+        best = {layer: int(losses.argmin()) for layer, losses in everything.items()}
+        rows[category] = {"tokens": sum(int(b["attention_mask"].sum()) for b in batches)}
+        for budget in BUDGETS:
+            same, regret = [], []
+            for seed in range(DRAWS):
+                masks = scored_token_masks(batches, budget, seed)
+                drawn = [m[b["attention_mask"].bool()] for m, b in zip(masks, batches, strict=True)]
+                for layer, per_batch in errors.items():
+                    chosen = int(budget_losses(per_batch, drawn).argmin())
+                    same.append(chosen == best[layer])
+                    full = everything[layer]
+                    regret.append(float(full[chosen] / full[best[layer]] - 1))
+            rows[category][str(budget)] = {
+                "same_expert": statistics.fmean(same),
+                "mean_regret": statistics.fmean(regret),
+                "max_regret": max(regret),
+            }
+    return rows
+
+
+@torch.no_grad()
+def token_errors_by_batch(model, views, batches) -> dict[int, list[torch.Tensor]]:
+    """Every singleton's squared error on every real token: per layer, one ``[E, n]`` per batch
+    (tokens in the order of the batch's attention mask)."""
+    errors: dict[int, list[torch.Tensor]] = {v.layer: [] for v in views}
+
+    def record(view, tokens: torch.Tensor) -> None:
+        singletons = torch.eye(view.num_experts, dtype=torch.bool)
+        errors[view.layer].append(token_errors(view, tokens, singletons).double().cpu())
+
+    model.eval()
+    with visit_block_inputs(views, record) as scored:
+        for batch in batches:
+            scored["mask"] = batch["attention_mask"].bool().flatten()
+            model(**batch, use_cache=False, logits_to_keep=1)
+    return errors
+
+
+def budget_losses(per_batch: list[torch.Tensor], drawn: list[torch.Tensor] | None) -> torch.Tensor:
+    """``L({e})`` for every expert: the sum over batches of the norm over the drawn tokens."""
+    if drawn is None:
+        drawn = [torch.ones(e.shape[1], dtype=torch.bool) for e in per_batch]
+    return sum(e[:, d].sum(dim=1).sqrt() for e, d in zip(per_batch, drawn, strict=True))
 
 
 def section_steps() -> dict:
@@ -377,6 +462,7 @@ SECTIONS = {
     "speed": section_speed,
     "uplink": section_uplink,
     "grafting": section_grafting,
+    "budget": section_budget,
     "steps": section_steps,
     "latency": section_latency,
     "overhead": section_overhead,
@@ -405,7 +491,12 @@ def ratios(results: dict) -> list[Row]:
         rows.append(ratio(what, row["flex"], row["fedavg-full"], goal, "{:,} B"))
     for name, row in results.get("grafting", {}).items():
         what, tokens = f"grafting / one forward, {name}", f"{row['tokens']} tokens"
-        rows.append(ratio(what, row["graft"], row["forward"], "<= 2", "{:.2f} s", tokens))
+        scored = f"{row['budget']} of {tokens} scored" if "budget" in row else tokens
+        rows.append(ratio(what, row["graft"], row["forward"], "<= 2", "{:.2f} s", scored))
+        if "graft_all" in row:
+            what = f"grafting scoring every token / one forward, {name}"
+            rows.append(ratio(what, row["graft_all"], row["forward"], "-", "{:.2f} s", tokens))
+    rows += budget_rows(results.get("budget", {}))
     for name, row in results.get("steps", {}).items():
         what = f"FLEx step / full fine-tuning step, {name}"
         rows.append(ratio(what, row["flex"], row["fedavg-full"], "<= 0.8", "{:.3f} s"))
@@ -431,6 +522,23 @@ def ratios(results: dict) -> list[Row]:
 
 
 ROUNDS_2_3 = "rounds 2-3"
+
+
+def budget_rows(budget: dict) -> list[Row]:
+    """Per budget, over categories, layers and draws: the share of choices equal to every
+    token's, and how much worse by every token's criterion the others are on average."""
+    rows = []
+    for size in BUDGETS if budget else ():
+        cells = [by_budget[str(size)] for by_budget in budget.values()]
+        same = statistics.fmean(c["same_expert"] for c in cells)
+        regret = statistics.fmean(c["mean_regret"] for c in cells)
+        worst = max(c["max_regret"] for c in cells)
+        what = f"same expert as scoring every token, smol-moe, budget {size}"
+        note = (
+            f"criterion {100 * regret:.2f}% above the best on average, {100 * worst:.1f}% at worst"
+        )
+        rows.append((what, same, "report", note))
+    return rows
 
 
 def speed_rows(speed: dict) -> list[Row]:

@@ -11,9 +11,11 @@ PYTHON=${PYTHON:-.venv/bin/python}
 BENCH="$PYTHON -m benchmarks.bench"
 # every cell: float32 (bfloat16 mixed precision took 0.69 of a float32 step with eager experts
 # where the CPU has bfloat16 kernels, 12x a float32 step where it has not, and the sessions that run this matrix land on either kind), 5 local
-# steps of 4 examples, the paper's final learning rate, 128 new tokens, one cell at a time
+# steps of 4 examples, the paper's final learning rate, 128 new tokens, one cell at a time;
+# grafting scores every token of its 64 examples, as the matrix's first cells did (they predate
+# the token budget)
 S="--model smol-moe --dtype float32 --local-steps 5 --batch-size 4 --min-lr 1e-6
-   --max-new-tokens 128 --out $OUT --jobs 1"
+   --max-new-tokens 128 --selection-token-budget 0 --out $OUT --jobs 1"
 # the pathological split: 4 clients (one paper category each), 10 rounds (200 training examples
 # a client, each seen once), 100 test examples a client, the same in every cell
 P="--splits pathological --rounds 10 --max-train 200 --max-test 100"

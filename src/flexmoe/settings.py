@@ -55,6 +55,7 @@ ADDED_LATER: dict[str, Scalar | None] = {
          "eval-batch-size")  # test prompts were batched as training examples: scores as now
     ),
     "selection-examples": 0,  # grafting scored every training example
+    "selection-token-budget": 0,  # and every token of them
 }  # fmt: skip
 
 

@@ -1,13 +1,17 @@
 """The cost of K+1 experts: analytic FLOPs against hand counts, and the latency report's shape."""
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from flexmoe.data import text_batches
 from flexmoe.errors import FlexMoEError
-from flexmoe.evaluation.cost import flops_per_token, latency_ratio
+from flexmoe.evaluation.cost import flops_per_token, grafting_flops, latency_ratio
 from flexmoe.flex.graft import LayerGraft, grafted_blocks
 from flexmoe.flex.model import FlexModel
-from tests.tiny_models import build_model, random_batches
+from flexmoe.flex.moe import find_moe_blocks
+from flexmoe.flex.selection import select_experts
+from tests.tiny_models import ARCHITECTURES, build_model, random_batches
 
 H = 32  # conftest's hidden size; routed experts have I = 16 and top-2 routing everywhere
 ROUTED = 2 * 3 * 2 * H * 16
@@ -68,3 +72,24 @@ def test_text_batches_cut_the_joined_texts_into_full_windows(tokenizer):
         FlexMoEError, match=r"fill 0 batches of 8 x 64 tokens, not 4; give more text"
     ):
         text_batches(tokenizer, texts, seq_len=64, batch_size=8, count=4)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_grafting_flops_are_what_torch_counts(model_type):
+    model = build_model(model_type)
+    model.set_experts_implementation("eager")  # grouped_mm is invisible to the flop counter
+    tokens = 12  # sequences of one token: attention scores, left out of the count, are tiny
+    batch = {
+        "input_ids": torch.randint(2, 50, (tokens, 1)),
+        "attention_mask": torch.ones(tokens, 1, dtype=torch.long),
+    }
+    with FlopCounterMode(display=False) as forward, torch.no_grad():
+        model(**batch, use_cache=False, logits_to_keep=1)
+    views = find_moe_blocks(model)  # outside the count: it checks each block's layout
+    with FlopCounterMode(display=False) as grafting:
+        select_experts(model, views, [batch])
+    head = 2 * model.get_output_embeddings().weight.numel() * tokens
+    counted = grafting_flops(model)
+    assert forward.get_total_flops() - head == pytest.approx(counted["forward"] * tokens, rel=0.02)
+    scoring = grafting.get_total_flops() - forward.get_total_flops()
+    assert scoring == counted["scoring"] * tokens

@@ -8,6 +8,7 @@ from flexmoe.client import ClientWorker
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluation.plan import (
     activation_bytes,
+    format_plan,
     plan,
     plans_table,
     saved_activation_bytes,
@@ -15,7 +16,7 @@ from flexmoe.evaluation.plan import (
 from flexmoe.federated.federation import initial_arrays
 from flexmoe.federated.protocol import TrainReply
 from flexmoe.federated.records import arrays_to_state, wire_bytes
-from flexmoe.flex import FlexConfig, FlexModel
+from flexmoe.flex import FlexConfig, FlexModel, GraftSettings
 from flexmoe.methods import METHODS, get_method
 from flexmoe.models.loading import shipped_configs
 from flexmoe.settings import Settings
@@ -40,6 +41,24 @@ def test_the_papers_model_on_paper():
     (memory,) = (m.memory for m in full.methods)  # trained in float32, as the clients hold it
     assert (memory.weights, memory.gradients) == (4 * full.parameters, 4 * full.parameters)
     assert memory.optimizer == 2 * memory.gradients
+
+
+def test_the_token_budget_bounds_grafting_on_the_papers_model():
+    budgeted = plan("qwen1.5-moe-a2.7b", PLANNED[:1])
+    everything = plan(
+        "qwen1.5-moe-a2.7b", PLANNED[:1], graft=GraftSettings(selection_token_budget=0)
+    )
+    assert budgeted.grafting_forwards <= 2 < everything.grafting_forwards
+    # 60 experts scored where a forward runs 4 routed and a shared expert: about 6.5 forwards
+    assert everything.grafting_forwards - 1 == pytest.approx(
+        (budgeted.grafting_forwards - 1) * 64 * 512 / 4096
+    )
+    every_example = plan(
+        "qwen1.5-moe-a2.7b", PLANNED[:1], graft=GraftSettings(selection_examples=0)
+    )
+    assert every_example.grafting_forwards is None  # a budget's share shrinks as data grows
+    line = "every training example, scoring 4096 tokens per layer: a forward over them plus"
+    assert line in format_plan(every_example)
 
 
 @pytest.mark.parametrize("name", sorted(shipped_configs()))

@@ -8,23 +8,24 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from flexmoe.errors import FlexMoEError
+from flexmoe.flex import selection
 from flexmoe.flex.graft import plan_grafts
 from flexmoe.flex.moe import MoEBlockView, find_moe_blocks
-from flexmoe.flex.selection import select_experts
+from flexmoe.flex.selection import scored_token_masks, select_experts
 from tests.tiny_models import ARCHITECTURES, build_model, random_batches
 
 
 class RouteOnly(TorchFunctionMode):
     """Sets the router logits of every expert outside ``allowed`` to -inf, inside real code."""
 
-    def __init__(self, router_weight: torch.Tensor, allowed: torch.Tensor):
+    def __init__(self, router_weight: torch.Tensor, allowed: torch.Tensor, fill=float("-inf")):
         super().__init__()
-        self.router_weight, self.allowed = router_weight, allowed
+        self.router_weight, self.allowed, self.fill = router_weight, allowed, fill
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is F.linear and self._is_router(args[1]):
-            out = out.masked_fill(~self.allowed, float("-inf"))
+            out = out.masked_fill(~self.allowed, self.fill)
         return out
 
     def _is_router(self, weight: torch.Tensor) -> bool:
@@ -83,6 +84,45 @@ def test_selection_scores_only_the_marked_tokens(model_type):
     unmarked = [{k: v for k, v in b.items() if k != "scored_mask"} for b in batches]
     everywhere = select_experts(model, views, unmarked)
     assert [c.losses for c in marked] != [c.losses for c in everywhere]
+
+
+def test_a_token_budget_draws_that_many_scored_tokens_by_seed():
+    batches = random_batches()  # 60 real tokens
+    masks = scored_token_masks(batches, 25, seed=3)
+    assert sum(int(m.sum()) for m in masks) == 25
+    real = [b["attention_mask"].bool() for b in batches]
+    assert all(not (m & ~r).any() for m, r in zip(masks, real, strict=True))
+    same, other = scored_token_masks(batches, 25, 3), scored_token_masks(batches, 25, 4)
+    assert all(torch.equal(m, n) for m, n in zip(masks, same, strict=True))
+    assert not all(torch.equal(m, n) for m, n in zip(masks, other, strict=True))
+    for budget in (0, 60, 1000):  # none, or no fewer than there are: every token
+        whole = scored_token_masks(batches, budget, seed=3)
+        assert all(torch.equal(m, r) for m, r in zip(whole, real, strict=True))
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3"])
+def test_a_token_budget_scores_exactly_the_drawn_tokens(model_type):
+    model, batches = build_model(model_type), random_batches()
+    views = find_moe_blocks(model)
+    budgeted = select_experts(model, views, batches, seed=3, token_budget=25)
+    drawn = scored_token_masks(batches, 25, seed=3)
+    marked = [{**b, "scored_mask": m.long()} for b, m in zip(batches, drawn, strict=True)]
+    for view, choice in zip(views, budgeted, strict=True):
+        brute = [brute_force_loss(model, view, marked, [e]) for e in range(view.num_experts)]
+        assert choice.losses == pytest.approx(brute, rel=1e-4, abs=1e-6)
+    assert [c.losses for c in budgeted] != [c.losses for c in select_experts(model, views, batches)]
+
+
+@pytest.mark.parametrize("strategy", ["top", "greedy"])
+def test_scoring_token_by_token_changes_nothing(monkeypatch, strategy):
+    model, batches = build_model("olmoe"), random_batches()
+    views = find_moe_blocks(model)
+    whole = select_experts(model, views, batches, 2, strategy)
+    monkeypatch.setattr(selection, "MAX_MIXED_ELEMENTS", 1)  # one token and one set at a time
+    chunked = select_experts(model, views, batches, 2, strategy)
+    for a, b in zip(whole, chunked, strict=True):
+        assert (a.chosen, a.losses) == (b.chosen, pytest.approx(b.losses, rel=1e-5))
+        assert torch.allclose(a.importance, b.importance, atol=1e-6)
 
 
 def test_top_r_takes_the_lowest_losses():

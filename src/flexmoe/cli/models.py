@@ -158,7 +158,11 @@ def _add_plan(commands: argparse._SubParsersAction) -> None:
     )
     add_setting_options(plan, TrainSettings, ["batch_size", "lora_rank"], {"batch_size": 8})
     plan.add_argument("--seq-len", type=int, default=512, help="(default %(default)s)")
-    add_setting_options(plan, GraftSettings, ["experts_per_layer", "size_ratio"])
+    add_setting_options(
+        plan,
+        GraftSettings,
+        ["experts_per_layer", "size_ratio", "selection_examples", "selection_token_budget"],
+    )
     plan.add_argument("--out", type=Path, help="also write the plan as JSON here")
     plan.set_defaults(command=run_plan, loads_models=True)
 
@@ -185,8 +189,7 @@ def run_plan(args: argparse.Namespace) -> None:
         DTYPES[args.dtype],
         train.batch_size,
         args.seq_len,
-        graft.experts_per_layer,
-        graft.size_ratio,
+        graft,
     )
     print(format_plan(result))
     _report(asdict(result), args.out)
@@ -400,7 +403,7 @@ def run_info(args: argparse.Namespace) -> None:
         ("MoE layers", f"{len(views)}: {[v.layer for v in views]}"),
         ("experts per layer", str(first.num_experts)),
         ("top-k", str(first.rule.top_k)),
-        ("routing", f"{first.rule.scoring}, normalised top-k: {first.rule.normalize}"),
+        ("routing", first.rule.describe()),
         ("expert size", f"hidden {first.hidden_size}, intermediate {first.intermediate_size}"),
         ("shared expert", shared),
     ]

@@ -73,6 +73,33 @@ def flops_per_token(model: nn.Module) -> dict:
     }
 
 
+def grafting_flops(model: nn.Module) -> dict:
+    """What grafting computes per token, counted as above: the ``forward`` it runs over every
+    selection token (every ``nn.Linear`` but the output head, which selection skips, plus the
+    MoE blocks), and the ``scoring`` of every expert on each scored token in every MoE layer (the
+    router twice, all E experts, the routed output again, and mixing each candidate's weights)."""
+    views = find_moe_blocks(model)
+    inside = {id(m) for v in views for m in v.block.modules()}
+    head = model.get_output_embeddings()
+    dense = sum(
+        2 * m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and id(m) not in inside and m is not head
+    )
+    moe = sum(_layer_flops(v, None)["base"] for v in views)
+    scoring = sum(
+        2 * v.hidden_size * v.num_experts * (2 + v.num_experts)
+        + (v.num_experts + v.rule.top_k) * 3 * 2 * v.hidden_size * v.intermediate_size
+        for v in views
+    )
+    return {"forward": dense + moe, "scoring": scoring}
+
+
+def grafting_forwards(flops: dict, selection_tokens: int, scored_tokens: int) -> float:
+    """Grafting's compute as a multiple of one forward over its ``selection_tokens``."""
+    return 1 + scored_tokens * flops["scoring"] / (selection_tokens * flops["forward"])
+
+
 @torch.no_grad()
 def _forward_seconds(model: nn.Module, batches: Sequence[Batch]) -> float:
     """Wall-clock seconds of one forward over every batch."""

@@ -10,7 +10,8 @@ by role exactly. From those counts:
 - training memory of one client: weights as held (frozen base in its dtype, adapters in float32),
   gradients and AdamW's two moments for what trains, and an estimate of the activations saved
   for the backward pass (``activation_bytes``; measured against autograd in the tests);
-- MoE FLOPs per token of the base and of K+1 experts (``flexmoe.evaluation.cost``).
+- MoE FLOPs per token of the base and of K+1 experts, and grafting's compute as a multiple of
+  one forward over its selection examples (``flexmoe.evaluation.cost``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from flexmoe.evaluation.cost import flops_per_token
-from flexmoe.flex import FlexConfig, FlexModel
+from flexmoe.evaluation.cost import flops_per_token, grafting_flops, grafting_forwards
+from flexmoe.flex import FlexConfig, FlexModel, GraftSettings
 from flexmoe.flex.graft import ADAPTER_DTYPE, LayerGraft
 from flexmoe.flex.moe import MoEBlockView, find_moe_blocks
 from flexmoe.flex.roles import Role
@@ -81,10 +82,21 @@ class Plan:
     batch_size: int
     seq_len: int
     methods: list[MethodPlan]
+    grafting: dict  # FLOPs per token: a forward's and scoring's (see grafting_flops)
+    selection_tokens: int | None  # selection examples x seq_len; None: every example
+    scored_tokens: int | None  # per layer; None: every selection token
 
     @property
     def flops_ratio(self) -> float:
         return self.flops_personalised / self.flops_base
+
+    @property
+    def grafting_forwards(self) -> float | None:
+        """Grafting's compute in forwards over the selection data (None: it grows with it)."""
+        if self.selection_tokens is None:
+            return None if self.scored_tokens else grafting_forwards(self.grafting, 1, 1)
+        scored = min(self.scored_tokens or self.selection_tokens, self.selection_tokens)
+        return grafting_forwards(self.grafting, self.selection_tokens, scored)
 
     def uplink_ratio(self, method: str, baseline: str = "fedavg-full") -> float:
         by_name = {m.method: m for m in self.methods}
@@ -97,13 +109,15 @@ def plan(
     dtype: torch.dtype = torch.bfloat16,
     batch_size: int = 8,
     seq_len: int = 512,
-    experts_per_layer: int = 1,
-    size_ratio: float = 1.0,
+    graft: GraftSettings | None = None,
 ) -> Plan:
-    """Plan every method of ``methods`` on the model ``source`` names (see ``load_config``)."""
+    """Plan every method of ``methods`` on the model ``source`` names (see ``load_config``),
+    grafting as ``graft`` says (default: the default settings)."""
+    graft = graft or GraftSettings()
     model = meta_model(load_config(source), dtype)
     views = find_moe_blocks(model)
-    grafts = first_expert_grafts(views, experts_per_layer, size_ratio)
+    experts_per_layer = graft.experts_per_layer
+    grafts = first_expert_grafts(views, experts_per_layer, graft.size_ratio)
     planned = [
         plan_method(model, method, grafts, batch_size, seq_len, experts_per_layer)
         for method in methods
@@ -125,6 +139,9 @@ def plan(
         batch_size=batch_size,
         seq_len=seq_len,
         methods=planned,
+        grafting=grafting_flops(model),
+        selection_tokens=graft.selection_examples * seq_len or None,
+        scored_tokens=graft.selection_token_budget or None,
     )
 
 
@@ -291,6 +308,7 @@ def format_plan(result: Plan) -> str:
         f"top-{result.top_k}",
         f"grafting {result.experts_per_layer} expert(s) per layer: {flex_experts} experts per "
         f"token, MoE FLOPs per token {result.flops_ratio:.3f}x the base's",
+        _grafting_line(result),
         f"traffic per client and round, each way; memory of one training client at batch "
         f"{result.batch_size} x {result.seq_len} tokens (activations estimated; after the /: "
         "with gradient checkpointing)",
@@ -312,6 +330,24 @@ def format_plan(result: Plan) -> str:
     return "\n".join(lines)
 
 
+def _grafting_line(result: Plan) -> str:
+    selection = (
+        f"{result.selection_tokens // result.seq_len} examples x {result.seq_len} tokens"
+        if result.selection_tokens
+        else "every training example"
+    )
+    scored = f"{result.scored_tokens} tokens" if result.scored_tokens else "every token"
+    forwards = result.grafting_forwards
+    if forwards is None:  # a fixed scoring cost on top of a forward over data of unknown size
+        scoring = result.scored_tokens * result.grafting["scoring"] / result.grafting["forward"]
+        cost = (
+            f"a forward over them plus as much compute as a forward over {_count(scoring)} tokens"
+        )
+    else:
+        cost = f"{forwards:.2f} forwards' compute"
+    return f"grafting on {selection}, scoring {scored} per layer: {cost}"
+
+
 PLAN_COLUMNS = (
     ("method", 12), ("shared", 8), ("personal", 8), ("traffic", 9), ("vs full", 8), ("adapter", 9),
     ("weights", 9), ("grad+Adam", 9), ("activations", 19), ("total", 9),
@@ -322,8 +358,9 @@ def plans_table(plans: list[Plan]) -> str:
     """The README's table: FLEx against fedavg-full on each model, from ``plan``."""
     rows = [
         "| model | parameters | FLEx uplink / round | fedavg-full uplink / round | ratio "
-        "| personal adapter | FLEx client memory (checkpointed) | MoE FLOPs, K+1 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| personal adapter | FLEx client memory (checkpointed) | MoE FLOPs, K+1 "
+        "| grafting, in forwards (every token) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for result in plans:
         by_name = {m.method: m for m in result.methods}
@@ -334,7 +371,8 @@ def plans_table(plans: list[Plan]) -> str:
             f"| {result.model} | {_count(result.parameters)} | {_size(flex.bytes_up)} | "
             f"{_size(full.bytes_up)} | {result.uplink_ratio('flex'):.1e} | "
             f"{_size(flex.adapter_bytes)} | {_size(flex.memory.total)} ({_size(checkpointed)}) "
-            f"| {result.flops_ratio:.3f}x |"
+            f"| {result.flops_ratio:.3f}x | {result.grafting_forwards:.2f} "
+            f"({grafting_forwards(result.grafting, 1, 1):.2f}) |"
         )
     return "\n".join(rows)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from flexmoe.data import on_model_device
 from flexmoe.flex.graft import ADAPTER_DTYPE, GraftedMoEBlock, grafted_blocks
-from flexmoe.flex.moe import MoEBlockView, RoutingRule, find_moe_blocks
+from flexmoe.flex.moe import MoEBlockView, find_moe_blocks
 from flexmoe.flex.selection import Batch
 from flexmoe.results import LayerRouting, RoutingStatistics
 
@@ -52,7 +52,7 @@ class _LayerTally:
         _, indices = self.view.rule.route(logits)
         counts = torch.bincount(indices.flatten(), minlength=len(self.assignments))
         self.assignments += counts.cpu()
-        self.entropy_sum += entropy(routing_distribution(self.view.rule, logits)).sum().item()
+        self.entropy_sum += entropy(self.view.rule.distribution(logits)).sum().item()
         self.tokens += len(x)
         if self.grafted is not None:
             self.gate_sums += torch.stack(
@@ -76,15 +76,6 @@ class _LayerTally:
             max_entropy=math.log(self.view.num_experts),
             gate_means=(self.gate_sums / tokens).tolist(),
         )
-
-
-def routing_distribution(rule: RoutingRule, logits: torch.Tensor) -> torch.Tensor:
-    """Each token's distribution over experts: softmax, or sigmoid scores normalised to 1."""
-    logits = logits.float()
-    if rule.scoring == "softmax":
-        return logits.softmax(dim=-1)
-    scores = logits.sigmoid()
-    return scores / scores.sum(dim=-1, keepdim=True)
 
 
 def entropy(probabilities: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,14 @@ class GraftSettings(Group):
         at_least(0),
     )
 
+    selection_token_budget: int = setting(
+        4096,
+        "tokens per MoE layer the grafting criterion scores: a uniform draw (by the run's seed) "
+        "from the selection examples' scored tokens, 0 for all; bounds grafting's cost at any "
+        "number of experts",
+        at_least(0),
+    )
+
     @property
     def selection_count(self) -> int | None:
         """How many examples selection scores, None for all (a slice's end)."""
@@ -55,7 +63,7 @@ class FlexConfig(GraftSettings):
         "top (the paper's: the lowest single-expert losses), greedy, exhaustive or random",
         one_of(SELECTION_STRATEGIES),
     )
-    seed: int = setting(0, "of a random selection", at_least(0))
+    seed: int = setting(0, "of a random selection and of the scored tokens' draw", at_least(0))
     shared: SharedConfig = field(default_factory=SharedConfig)
 
     @classmethod

@@ -87,7 +87,14 @@ class FlexModel(nn.Module):
         config = config or FlexConfig()
         views = find_moe_blocks(base)
         choices = select_experts(
-            base, views, batches, config.experts_per_layer, config.selection, progress, config.seed
+            base,
+            views,
+            batches,
+            config.experts_per_layer,
+            config.selection,
+            progress,
+            config.seed,
+            config.selection_token_budget,
         )
         return cls(base, plan_grafts(views, choices, config.size_ratio), config), choices
 

@@ -5,13 +5,17 @@ A block qualifies when it holds an experts module with fused 3-D ``gate_up_proj`
 ``weight`` is ``[E, H]``. The routing rule (softmax or sigmoid scoring, top-k, normalisation,
 scaling, grouped top-k with a score-correction bias) is read off the router's attributes and then
 *checked against the router's own forward* on random inputs, so an architecture with the same
-layout works without new code and one with a different rule is refused instead of mis-modelled.
+layout works without new code. A router whose rule is none of these (Phi-MoE's sparsemixer, say)
+is run as the model wrote it (``RouterForward``): its linear logits are replaced, inside its own
+forward, by the logits to route (masked to a candidate set), which is exact and slower. Only a
+router that even that cannot drive (one routing by token ids, say) is refused.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import itertools
 import re
 from dataclasses import dataclass, replace
@@ -19,19 +23,53 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from flexmoe.errors import FlexMoEError
 
 ROUTER_NAMES = ("gate", "router")
+MASKED_LOGIT = -1e30  # an expert outside the candidate set, for a router run as written
+BIAS = "e_score_correction_bias"  # a router's bias added to scores for the choice only
 SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
 SHARED_GATE_NAMES = ("shared_expert_gate",)
 LAYOUT_TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 1e-2}  # else 1e-3
 TESTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v3", "glm4_moe")
 
 
+class Routing:
+    """How a router turns logits ``[..., E]`` into top-k expert weights (``route``)."""
+
+    top_k: int
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights, indices)`` of shape ``[..., top_k]``, as the router would."""
+        raise NotImplementedError
+
+    def logits(self, router: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The router's logits ``[N, E]`` for tokens ``x [N, H]``, in float32."""
+        with torch.autocast(x.device.type, enabled=False):  # routing's near-ties need float32
+            return F.linear(x.float(), router.weight.float())
+
+    def dense(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense routing weights ``[..., E]``; experts outside ``allowed`` get logit -inf."""
+        if allowed is not None:
+            logits = logits.float().masked_fill(~allowed, float("-inf"))
+        weights, indices = self.route(logits)
+        dense = torch.zeros(logits.shape, dtype=weights.dtype, device=weights.device)
+        return dense.scatter(-1, indices, weights)
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each token's distribution over experts (for routing entropy): softmax by default."""
+        return logits.float().softmax(dim=-1)
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class RoutingRule:
-    """How a router turns logits ``[N, E]`` into top-k expert weights."""
+class RoutingRule(Routing):
+    """A rule flexmoe models: softmax or sigmoid scores, top-k, normalisation, scaling, grouped
+    top-k with a score-correction bias."""
 
     top_k: int
     scoring: str = "softmax"  # "softmax" or "sigmoid"
@@ -42,7 +80,6 @@ class RoutingRule:
     bias: torch.Tensor | None = None  # score-correction bias, used for choice only
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(weights, indices)`` of shape ``[..., top_k]``, as the router would."""
         logits = logits.float()
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         choice = scores if self.bias is None else scores + self.bias.float()
@@ -54,13 +91,20 @@ class RoutingRule:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scale, indices
 
-    def dense(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
-        """Dense routing weights ``[..., E]``; experts outside ``allowed`` get logit -inf."""
-        if allowed is not None:
-            logits = logits.float().masked_fill(~allowed, float("-inf"))
-        weights, indices = self.route(logits)
-        dense = torch.zeros(logits.shape, dtype=weights.dtype, device=weights.device)
-        return dense.scatter(-1, indices, weights)
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax, or sigmoid scores normalised to 1."""
+        if self.scoring == "softmax":
+            return super().distribution(logits)
+        scores = logits.float().sigmoid()
+        return scores / scores.sum(dim=-1, keepdim=True)
+
+    def describe(self) -> str:
+        grouped = f", best {self.topk_group} of {self.n_group} groups" if self.n_group > 1 else ""
+        return (
+            f"{self.scoring} top-{self.top_k}{grouped}, normalised: {self.normalize}, "
+            f"scale {self.scale:g}{', score-correction bias' if self.bias is not None else ''} "
+            "(modelled: candidates scored in one pass)"
+        )
 
     def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
         grouped = choice.unflatten(-1, (self.n_group, -1))
@@ -69,6 +113,89 @@ class RoutingRule:
         keep.scatter_(-1, group_scores.topk(self.topk_group, dim=-1).indices, True)
         keep = keep.unsqueeze(-1).expand_as(grouped).flatten(-2)
         return choice.masked_fill(~keep, float("-inf"))
+
+
+@dataclass(frozen=True, eq=False)
+class RouterForward(Routing):
+    """A router whose rule flexmoe does not model, run as the model wrote it: inside its own
+    forward, the output of the op applying its weight is replaced by the logits to route. Exact
+    for any rule that depends on the tokens only through those logits; slower than a modelled
+    rule (the router runs once per candidate set)."""
+
+    top_k: int
+    router: nn.Module
+    args: tuple = ()  # what its block passes its forward beyond the hidden states
+
+    def logits(self, router: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with (
+            _RouterWeightOp(self.router.weight) as op,
+            torch.autocast(x.device.type, enabled=False),
+        ):
+            type(self.router).forward(self.router, x, *self.args)
+        return op.output.float()
+
+    @torch.no_grad()
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = logits.reshape(-1, logits.shape[-1])
+        weight = self.router.weight
+        placeholder = torch.zeros(
+            len(flat), weight.shape[-1], dtype=weight.dtype, device=weight.device
+        )
+        with _RouterWeightOp(weight, flat) as op, torch.autocast(weight.device.type, enabled=False):
+            _, weights, indices = type(self.router).forward(self.router, placeholder, *self.args)
+        if not op.seen:
+            raise FlexMoEError(f"router {type(self.router).__name__} stopped using its weight")
+        shape = (*logits.shape[:-1], weights.shape[-1])
+        return weights.float().reshape(shape), indices.long().reshape(shape)
+
+    def dense(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """As ``Routing.dense``, with experts outside ``allowed`` at a finite floor instead of -inf
+        (a rule may give NaN when fewer than top-k experts remain, as sparsemixer does) and
+        dropped from the result whatever weight the rule still gives them."""
+        if allowed is None:
+            return super().dense(logits)
+        floored = logits.float().masked_fill(~allowed, MASKED_LOGIT)
+        return super().dense(floored) * allowed
+
+    def describe(self) -> str:
+        return (
+            f"{type(self.router).__name__}'s own forward, top-{self.top_k} (a rule flexmoe does "
+            "not model: each candidate set routed through it, exact and slower)"
+        )
+
+
+class _RouterWeightOp(TorchFunctionMode):
+    """Finds the op that applies a router's ``weight`` (``F.linear``, or a matmul by its
+    transpose) and keeps its output, or replaces it by ``swap``."""
+
+    MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+
+    def __init__(self, weight: torch.Tensor, swap: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weight, self.swap = weight, swap
+        self.seen, self.output = 0, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self._applies_weight(func, args):
+            self.seen += 1
+            if self.swap is not None:
+                out = self.swap.to(out.device)
+            self.output = out
+        return out
+
+    def _applies_weight(self, func, args) -> bool:
+        if len(args) < 2 or not isinstance(args[1], torch.Tensor):
+            return False
+        if func is F.linear:
+            return _same(args[1], self.weight)
+        return func in self.MATMULS and _same(args[1], self.weight.T)
+
+
+def _same(tensor: torch.Tensor, weight: torch.Tensor) -> bool:
+    if tensor.shape != weight.shape:
+        return False
+    return tensor is weight or torch.equal(tensor.detach().to(weight.dtype), weight.detach())
 
 
 @dataclass
@@ -80,9 +207,10 @@ class MoEBlockView:
     block: nn.Module
     router: nn.Module
     experts: nn.Module
-    rule: RoutingRule
+    rule: Routing
     shared_expert: nn.Module | None
     shared_expert_gate: nn.Module | None
+    router_args: tuple = ()  # what the block passes its router's forward beyond the hidden states
 
     @property
     def num_experts(self) -> int:
@@ -107,8 +235,8 @@ class MoEBlockView:
         return gate_up[:size], gate_up[size:], self.experts.down_proj[e]
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):  # routing's near-ties need float32
-            return F.linear(x.float(), self.router.weight.float())
+        """The router's logits ``[N, E]`` in float32, computed outside autocast."""
+        return self.rule.logits(self.router, x)
 
     def expert_activations(self, x: torch.Tensor) -> torch.Tensor:
         """Intermediate activations of every expert on tokens ``x [N, H]``: ``[E, N, I]``."""
@@ -122,7 +250,7 @@ class MoEBlockView:
 
     def routed_output(self, x: torch.Tensor) -> torch.Tensor:
         """The routed experts' part of the block output, through the model's own modules."""
-        _, weights, indices = self.router(x)
+        _, weights, indices = self.router(x, *self.router_args)
         return self.experts(x, indices, weights)
 
 
@@ -212,7 +340,10 @@ def _make_view(
     router: nn.Module,
     experts: nn.Module,
 ) -> MoEBlockView:
-    def view(rule: RoutingRule) -> MoEBlockView:
+    named_args = _router_args(model, block, router)
+    router_args = tuple(named_args.values())
+
+    def view(rule: Routing) -> MoEBlockView:
         return MoEBlockView(
             layer=_layer_index(path),
             path=path,
@@ -222,15 +353,31 @@ def _make_view(
             rule=rule,
             shared_expert=_first_attr(block, SHARED_EXPERT_NAMES),
             shared_expert_gate=_first_attr(block, SHARED_GATE_NAMES),
+            router_args=router_args,
         )
 
     if router.weight.is_meta:  # nothing to run: the first candidate rule, unchecked
         return view(_candidate_rules(model, block, router)[0])
     # checked against the model's own computation in its precision, never a mixed one
     with torch.autocast(router.weight.device.type, enabled=False):
-        checked = view(_infer_rule(model, block, router))
+        checked = view(_infer_rule(model, block, router, named_args))
         _check_expert_layout(model, checked)
     return checked
+
+
+def _router_args(model: nn.Module, block: nn.Module, router: nn.Module) -> dict:
+    """What the block passes its router beyond the hidden states: each further argument of the
+    router's forward without a default, taken from the block's attribute of that name."""
+    parameters = list(inspect.signature(type(router).forward).parameters.values())[2:]
+    required = [p.name for p in parameters if p.default is inspect.Parameter.empty]
+    missing = [name for name in required if not hasattr(block, name)]
+    if missing:
+        raise FlexMoEError(
+            f"router {type(router).__name__} of model type {_model_type(model)!r} routes by "
+            f"{', '.join(missing)} as well as the hidden states, which flexmoe cannot score "
+            "experts with"
+        )
+    return {name: getattr(block, name) for name in required}
 
 
 def _candidate_rules(model: nn.Module, block: nn.Module, router: nn.Module) -> list[RoutingRule]:
@@ -244,7 +391,7 @@ def _candidate_rules(model: nn.Module, block: nn.Module, router: nn.Module) -> l
         scale=float(getattr(router, "routed_scaling_factor", 1.0) or 1.0),
         n_group=int(getattr(router, "num_group", None) or getattr(router, "n_group", 1) or 1),
         topk_group=int(getattr(router, "topk_group", 1) or 1),
-        bias=getattr(router, "e_score_correction_bias", None),
+        bias=getattr(router, BIAS, None),
     )
     norm = getattr(router, "norm_topk_prob", None)
     norms = (bool(norm),) if norm is not None else (True, False)
@@ -255,27 +402,77 @@ def _candidate_rules(model: nn.Module, block: nn.Module, router: nn.Module) -> l
 
 
 @torch.no_grad()
-def _infer_rule(model: nn.Module, block: nn.Module, router: nn.Module) -> RoutingRule:
+def _infer_rule(
+    model: nn.Module, block: nn.Module, router: nn.Module, router_args: dict | None = None
+) -> Routing:
+    """The modelled rule that reproduces the router's forward, else the router run as written."""
     # checked in float32 on a copy of the (small) router: a bf16 router's near-ties would
     # otherwise make the right rule look wrong
-    probe = copy.deepcopy(router).float()
-    x = torch.randn(64, router.weight.shape[-1], generator=torch.Generator().manual_seed(0))
+    probe = copy.deepcopy(router).float().eval()
+    named = {
+        k: v.float() if torch.is_floating_point(v) else v for k, v in (router_args or {}).items()
+    }
+    generator = torch.Generator().manual_seed(0)
+    # a random score-correction bias (models build it as zeros), so that the check tells a rule
+    # that uses it from one that does not
+    bias = torch.randn(router.weight.shape[0], generator=generator).to(probe.weight.device)
+    if BIAS in named:
+        named[BIAS] = bias
+    elif isinstance(getattr(probe, BIAS, None), torch.Tensor):
+        getattr(probe, BIAS).copy_(bias)
+    probe_bias = named.get(BIAS, getattr(probe, BIAS, None))
+    args = tuple(named.values())
+    x = torch.randn(64, router.weight.shape[-1], generator=generator).to(probe.weight.device)
     # the class's forward: a copy of a router that exact_routers wrapped would call the original
-    logits, weights, indices = type(probe).forward(probe, x.to(probe.weight.device))
+    logits, weights, indices = type(probe).forward(probe, x, *args)
     actual = torch.zeros(logits.shape, device=logits.device)
     actual = actual.scatter(-1, indices.long(), weights.float())
-    for rule in _candidate_rules(model, block, probe):
-        if torch.allclose(rule.dense(logits), actual, atol=1e-5, rtol=1e-4):
-            return replace(rule, bias=getattr(router, "e_score_correction_bias", None))
-    raise FlexMoEError(
-        f"router {type(router).__name__} of model type {_model_type(model)!r} uses a routing rule "
-        "flexmoe does not model (softmax or sigmoid top-k, optional normalisation, scaling and "
-        f"grouped top-k are supported; tested: {', '.join(TESTED_MODEL_TYPES)})"
-    )
+    try:
+        candidates = _candidate_rules(model, block, probe)
+    except FlexMoEError:  # no top-k to read: the router's own forward still tells it
+        candidates = []
+    for rule in candidates:
+        if torch.allclose(
+            replace(rule, bias=probe_bias).dense(logits), actual, atol=1e-5, rtol=1e-4
+        ):
+            return replace(rule, bias=(router_args or {}).get(BIAS, getattr(router, BIAS, None)))
+    traced = RouterForward(int(indices.shape[-1]), probe, args)
+    _check_router_forward(model, traced, x, actual)
+    return RouterForward(traced.top_k, router, tuple((router_args or {}).values()))
+
+
+def _check_router_forward(
+    model: nn.Module, routing: RouterForward, x: torch.Tensor, actual: torch.Tensor
+) -> None:
+    """Refuse a router that ``RouterForward`` cannot drive: one whose weight flexmoe cannot find
+    applied once, whose routing depends on more than those logits, or that ignores a mask."""
+    name = f"router {type(routing.router).__name__} of model type {_model_type(model)!r}"
+    with _RouterWeightOp(routing.router.weight) as op:
+        type(routing.router).forward(routing.router, x, *routing.args)
+    if op.seen != 1:
+        raise FlexMoEError(
+            f"{name} uses a routing rule flexmoe does not model, and its weight is not applied "
+            "once by F.linear or a matmul, so its logits cannot be replaced inside it"
+        )
+    logits = routing.logits(routing.router, x)
+    if not torch.allclose(routing.dense(logits), actual, atol=1e-5, rtol=1e-4):
+        raise FlexMoEError(f"{name} routes by more than its logits; flexmoe cannot score it")
+    generator = torch.Generator().manual_seed(2)
+    allowed = torch.rand(logits.shape, generator=generator) < 0.5
+    allowed[torch.arange(len(allowed)), logits.argmin(dim=-1)] = True  # none empty
+    masked = routing.dense(logits, allowed.to(logits.device))
+    if not masked.isfinite().all() or (masked[~allowed] != 0).any() or not masked.any(-1).all():
+        raise FlexMoEError(f"{name} does not route within a masked set of experts")
 
 
 @torch.no_grad()
 def _check_expert_layout(model: nn.Module, view: MoEBlockView) -> None:
+    if not isinstance(getattr(view.experts, "act_fn", None), nn.Module):
+        raise FlexMoEError(
+            f"experts module {type(view.experts).__name__} of model type {_model_type(model)!r} "
+            "has no activation module 'act_fn' (it computes its gate some other way, such as a "
+            "clamped SwiGLU); this expert layout is unsupported"
+        )
     weight = view.experts.down_proj
     x = torch.randn(4, view.hidden_size, generator=torch.Generator().manual_seed(1))
     x = x.to(device=weight.device, dtype=weight.dtype)

@@ -4,10 +4,13 @@ For a set S of experts the block is re-run as if routing could use S alone (ever
 logit at -inf, the block's own top-k and weighting re-applied) and compared with its real output:
 ``L(S) = sum over batches of ||Z - Z_S||_F``. Only the routed part of a block depends on the
 router, so ``Z - Z_S = R - sum_e W_S[:, e] * E_e(X)``, with ``R`` the block's real routed output
-and ``E_e`` expert e's output. One model forward per batch caches every block's input; all
-candidates of all layers are then scored from those inputs, never by a forward per candidate.
+and ``E_e`` expert e's output. One model forward per batch; each block scores every candidate
+from its input as the forward reaches it, never by a forward per candidate.
 A batch's ``scored_mask``, when it has one, limits the sum to those tokens (the forward still
-sees every token of the attention mask).
+sees every token of the attention mask). Scoring costs about E/k times the routed experts'
+compute of a forward per scored token, so a token budget bounds it: a uniform, seeded draw of
+that many of the scored tokens (the criterion is a sum over them), the same in every layer.
+Tokens are scored in chunks, so memory does not grow with the batch.
 
 Strategies for r experts per layer:
 
@@ -25,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,12 +80,15 @@ def select_experts(
     strategy: str = "top",
     progress: bool = False,
     seed: int = 0,
+    token_budget: int = 0,
 ) -> list[LayerChoice]:
-    """Choose ``experts_per_layer`` experts to graft in every MoE layer from local ``batches``."""
+    """Choose ``experts_per_layer`` experts to graft in every MoE layer from local ``batches``,
+    scoring ``token_budget`` of their tokens per layer (0: all), drawn with ``seed``."""
     _validate(views, batches, experts_per_layer, strategy)
     r = experts_per_layer
     first = {v.layer: _first_sets(v.num_experts, r, strategy) for v in views}
-    scores = score_sets(model, views, batches, first, progress)
+    sample = {"token_budget": token_budget, "seed": seed}
+    scores = score_sets(model, views, batches, first, progress, **sample)
     choices = {}
     for v in views:
         losses = scores[v.layer].set_losses
@@ -93,7 +99,7 @@ def select_experts(
             order = losses[: v.num_experts].argsort()[:r].tolist()
             choices[v.layer] = (order, float(losses[order[0]]) if r == 1 else None)
     if strategy == "greedy":
-        choices = _greedy(model, views, batches, choices, r, progress)
+        choices = _greedy(model, views, batches, choices, r, progress, sample)
     if strategy == "random":
         generator = torch.Generator().manual_seed(seed)
         choices = {
@@ -110,8 +116,11 @@ def score_sets(
     batches: Sequence[Batch],
     allowed: Mapping[int, torch.Tensor],
     progress: bool = False,
+    token_budget: int = 0,
+    seed: int = 0,
 ) -> dict[int, _LayerScores]:
-    """``L(S)`` for every row ``S`` of the boolean ``allowed[layer]`` masks ``[S, E]``."""
+    """``L(S)`` for every row ``S`` of the boolean ``allowed[layer]`` masks ``[S, E]``, over
+    ``token_budget`` of the scored tokens drawn uniformly with ``seed`` (0: every one)."""
     scores = {
         v.layer: _LayerScores(
             torch.zeros(len(allowed[v.layer]), dtype=torch.float64),
@@ -119,64 +128,115 @@ def score_sets(
         )
         for v in views
     }
+    masks = scored_token_masks(batches, token_budget, seed)
     was_training = model.training
     model.eval()
-    with capture_block_inputs(views) as inputs:
-        for batch in tqdm(batches, desc="scoring experts", disable=not progress, leave=False):
+
+    def accumulate(view: MoEBlockView, tokens: torch.Tensor) -> None:
+        _accumulate(view, tokens, allowed[view.layer], scores[view.layer])
+
+    with visit_block_inputs(views, accumulate) as scored:
+        for batch, mask in tqdm(
+            list(zip(batches, masks, strict=True)),
+            desc="scoring experts",
+            disable=not progress,
+            leave=False,
+        ):
+            if not mask.any():
+                continue  # no token of it is scored: its forward would change nothing
             batch = on_model_device(batch, model)
+            scored["mask"] = mask.to(batch["input_ids"].device).flatten()
             model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 use_cache=False,
                 logits_to_keep=1,  # only the MoE blocks' inputs are needed, not the vocabulary
             )
-            keep = batch.get("scored_mask", batch["attention_mask"]).bool()
-            if not keep.any():
-                continue
-            for v in views:
-                _accumulate(v, inputs[v.layer][keep], allowed[v.layer], scores[v.layer])
     model.train(was_training)
     return scores
+
+
+def scored_token_masks(batches: Sequence[Batch], budget: int, seed: int) -> list[torch.Tensor]:
+    """Per batch, the tokens the criterion scores: those its ``scored_mask`` (else its attention
+    mask) marks, or ``budget`` of them drawn uniformly over all batches when there are more."""
+    masks = [batch.get("scored_mask", batch["attention_mask"]).bool().cpu() for batch in batches]
+    counts = [int(m.sum()) for m in masks]
+    total = sum(counts)
+    if not budget or total <= budget:
+        return masks
+    drawn = torch.zeros(total, dtype=torch.bool)
+    drawn[torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:budget]] = True
+    for mask, kept in zip(masks, drawn.split(counts), strict=True):
+        mask[mask.clone()] = kept
+    return masks
+
+
+@contextlib.contextmanager
+def visit_block_inputs(
+    views: Sequence[MoEBlockView], visit: Callable[[MoEBlockView, torch.Tensor], None]
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Call ``visit(view, tokens [N, H])`` with each block's input as the forward reaches it
+    (one layer's tokens held at a time), on the tokens of the yielded ``["mask"]`` (flat over
+    the batch; set it before each forward)."""
+    scored: dict[str, torch.Tensor] = {}
+
+    def hook_for(view: MoEBlockView):
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            visit(view, hidden.reshape(-1, view.hidden_size)[scored["mask"]])
+
+        return hook
+
+    handles = [v.block.register_forward_pre_hook(hook_for(v), with_kwargs=True) for v in views]
+    try:
+        yield scored
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _accumulate(
     view: MoEBlockView, x: torch.Tensor, allowed: torch.Tensor, scores: _LayerScores
 ) -> None:
-    routed = view.routed_output(x).float()
-    activations = view.expert_activations(x)
-    outputs = view.expert_outputs(activations).float()
-    logits = view.router_logits(x)
-    chunk = max(1, MAX_MIXED_ELEMENTS // max(1, x.numel()))
-    losses = []
-    for sets in allowed.to(logits.device).split(chunk):
-        weights = view.rule.dense(logits.expand(len(sets), *logits.shape), sets[:, None, :])
-        mixed = torch.einsum("sne,enh->snh", weights, outputs)
-        losses.append((routed - mixed).flatten(1).norm(dim=1))
-    # summed in float64 on the host (MPS has no float64): one small copy per batch and layer
-    scores.set_losses += torch.cat(losses).cpu().double()
-    scores.activation_sum += activations.abs().sum(dim=1).float()
+    """Add one batch's ``||Z - Z_S||_F`` for every set ``S``, over chunks of tokens so that
+    memory does not grow with the batch."""
+    squares = torch.zeros(len(allowed), dtype=torch.float64)
+    for tokens in x.split(_token_chunk(view)):
+        activations = view.expert_activations(tokens)
+        # summed in float64 on the host (MPS has no float64): one small copy per chunk
+        squares += token_errors(view, tokens, allowed, activations).sum(dim=1).cpu().double()
+        scores.activation_sum += activations.abs().sum(dim=1).float()
+    scores.set_losses += squares.sqrt()
     scores.tokens += len(x)
 
 
-@contextlib.contextmanager
-def capture_block_inputs(views: Sequence[MoEBlockView]) -> Iterator[dict[int, torch.Tensor]]:
-    inputs: dict[int, torch.Tensor] = {}
+def token_errors(
+    view: MoEBlockView,
+    x: torch.Tensor,
+    allowed: torch.Tensor,
+    activations: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``||z - z_S||^2`` on each token of ``x [N, H]`` for every row ``S`` of ``allowed [S, E]``:
+    ``[S, N]`` in float32 (``activations``: ``view.expert_activations(x)``, if already made)."""
+    if activations is None:
+        activations = view.expert_activations(x)
+    routed = view.routed_output(x).float()
+    outputs = view.expert_outputs(activations).float()
+    logits = view.router_logits(x)
+    allowed = allowed.to(logits.device)
+    errors = []
+    for sets in allowed.split(max(1, MAX_MIXED_ELEMENTS // max(1, routed.numel()))):
+        weights = view.rule.dense(logits.expand(len(sets), *logits.shape), sets[:, None, :])
+        mixed = torch.einsum("sne,enh->snh", weights, outputs)
+        errors.append((routed - mixed).square().sum(dim=-1))
+    return torch.cat(errors)
 
-    def hook_for(layer: int):
-        def hook(_module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            inputs[layer] = hidden.reshape(*hidden.shape[:2], -1)
 
-        return hook
-
-    handles = [
-        v.block.register_forward_pre_hook(hook_for(v.layer), with_kwargs=True) for v in views
-    ]
-    try:
-        yield inputs
-    finally:
-        for handle in handles:
-            handle.remove()
+def _token_chunk(view: MoEBlockView) -> int:
+    """Tokens scored at once: every expert's activations ``[E, n, I]`` and outputs ``[E, n, H]``
+    within ``MAX_MIXED_ELEMENTS``."""
+    per_token = view.num_experts * (view.intermediate_size + view.hidden_size)
+    return max(1, MAX_MIXED_ELEMENTS // per_token)
 
 
 def _validate(
@@ -220,12 +280,13 @@ def _greedy(
     choices: dict[int, tuple[list[int], float | None]],
     r: int,
     progress: bool,
+    sample: Mapping[str, int],
 ) -> dict[int, tuple[list[int], float | None]]:
     chosen = {layer: members[:1] for layer, (members, _) in choices.items()}
     set_loss = {layer: loss for layer, (_, loss) in choices.items()}
     for _ in range(1, r):
         grown = {v.layer: _grow(v.num_experts, chosen[v.layer]) for v in views}
-        scores = score_sets(model, views, batches, grown, progress)
+        scores = score_sets(model, views, batches, grown, progress, **sample)
         for v in views:
             losses = scores[v.layer].set_losses
             best = int(losses.argmin())
