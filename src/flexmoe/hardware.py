@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+import psutil
 import torch
 
 from flexmoe.errors import FlexMoEError
@@ -57,6 +58,13 @@ class Placement:
         (a loop over the experts hit), as ``grouped_mm`` has no fast CPU kernel (a float32 training
         step of smol-moe took 1.23x as long with it: benchmarks/perf/perf.py, section speed)."""
         return "eager" if self.device.type == "cpu" else None
+
+    @property
+    def memory_bytes(self) -> int:
+        """The memory of this device: the GPU's, or the host's for the CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_properties(self.device.index or 0).total_memory
+        return psutil.virtual_memory().total
 
     @property
     def slow(self) -> str | None:

@@ -240,3 +240,21 @@ def test_a_runs_preflight_reads_no_weights(monkeypatch, tmp_path, olmoe_dir):
     assert report  # the data's truncation report, per category
     with pytest.raises(FlexMoEError, match="experts-per-layer 99 is more than the 6 experts"):
         check_run(Settings.of(model=str(olmoe_dir), data="dolly", experts_per_layer=99))
+
+
+def test_full_fine_tuning_that_cannot_fit_the_device_is_refused_before_it_starts(
+    monkeypatch, olmoe_dir
+):
+    from flexmoe.federated.simulation import check_run
+    from flexmoe.hardware import Placement
+
+    settings = Settings.of(model=str(olmoe_dir), data="dolly", method="fedavg-full")
+    check_run(settings)  # a tiny model fits this host
+    check_run(settings.updated({"method": "flex"}))
+    # a device with 1 MB, as a GPU too small for the model would be
+    monkeypatch.setattr(Placement, "memory_bytes", property(lambda self: 10**6))
+    check_run(settings.updated({"method": "flex"}))  # adapters: not checked
+    with pytest.raises(
+        FlexMoEError, match=r"needs about 0\.\d GB at batch 4 x 512 .* 0\.0 GB of cpu"
+    ):
+        check_run(settings)

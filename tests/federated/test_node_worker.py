@@ -6,13 +6,14 @@ import time
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
 
+import numpy as np
 import pytest
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.federation import initial_arrays
 from flexmoe.federated.node_worker import Job, key_path, submit
 from flexmoe.federated.protocol import RoundInstructions
-from flexmoe.federated.records import arrays_to_state
+from flexmoe.federated.records import arrays_to_numpy
 from flexmoe.methods import get_method
 from flexmoe.settings import Settings
 
@@ -38,7 +39,7 @@ def worker_socket(tmp_path):
 
 
 def job(config: Settings, tmp_path, kind: str, round_: int) -> Job:
-    shared = arrays_to_state(initial_arrays(config, get_method(config.method)))
+    shared = arrays_to_numpy(initial_arrays(config, get_method(config.method)))  # as sent
     instructions = RoundInstructions(round_, "run", str(tmp_path / "state"))
     return Job(kind, config, 0, tmp_path / "state" / "client-0", 1, instructions, shared)
 
@@ -53,6 +54,7 @@ def test_the_worker_answers_jobs_and_keeps_the_model_between_them(
     first = submit(worker_socket, job(config, tmp_path, "train", 1))
     second = submit(worker_socket, job(config, tmp_path, "train", 2))
     assert first.client_id == 0 and first.shared and first.train_loss > 0
+    assert all(isinstance(a, np.ndarray) for a in first.shared.values())  # no torch to send it
     assert second.seconds["load"] < first.seconds["load"] / 10  # already loaded
     assert (tmp_path / "state" / "client-0" / "round-0002").is_dir()
     scores = submit(worker_socket, job(config, tmp_path, "evaluate", 2))
@@ -74,3 +76,11 @@ def test_a_failing_job_is_one_error_and_the_worker_lives_on(
 def test_a_node_without_its_worker_says_how_to_start_one(tmp_path):
     with pytest.raises(FlexMoEError, match="flexmoe node-worker --socket"):
         submit(tmp_path / "none.sock", Job("train", Settings(), 0, tmp_path, 1, None, {}))
+
+
+def test_a_deployed_messages_process_imports_no_torch():
+    """Flower starts a process per message: the ClientApp that forwards the job to the node
+    worker must not pay for importing torch (seconds) in each one."""
+    probe = "import sys, flexmoe.federated.client_app; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

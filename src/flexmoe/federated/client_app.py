@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
-import torch
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -46,11 +45,11 @@ from flexmoe.federated.protocol import (
     client_state_dir,
     split_run_config,
 )
-from flexmoe.hardware import Placement
+from flexmoe.federated.records import WireState, numpy_to_state, on_the_wire
 from flexmoe.placement import cuda_index
 from flexmoe.settings import Settings
 
-if TYPE_CHECKING:  # transformers only where jobs run (``_cached_worker``)
+if TYPE_CHECKING:  # torch and transformers only where jobs run (``run_job``)
     from flexmoe.client import ClientWorker
 
 RUN_KEY_FORM = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -154,6 +153,8 @@ def job_of(
 def simulated_threads(settings: Settings) -> int:
     """Torch threads of a simulated client process: one, or on the CPU every core for a method
     that trains the base weights, whose clients run one at a time (``client_resources``)."""
+    from flexmoe.hardware import Placement
+
     on_cpu = Placement.resolve(settings.device, settings.dtype).device.type != "cuda"
     whole_model = settings.chosen_method().shared.trains_base_weights
     return (os.cpu_count() or 1) if on_cpu and whole_model else 1
@@ -207,12 +208,16 @@ _STARTED = False
 
 
 def run_job(job: Job) -> TrainReply | EvaluateReply:
-    """Train or evaluate as ``job`` asks, on this process's worker for the client."""
+    """Train or evaluate as ``job`` asks, on this process's worker for the client; the reply's
+    parameters are numpy arrays, so that a message's process sends them without torch."""
+    import torch
+
     torch.set_num_threads(job.threads)
     worker = _cached_worker(job.settings, job.partition_id, job.state_dir, job.own_data)
     instructions = job.instructions
+    shared = numpy_to_state(job.shared)
     if job.kind == "train":
-        result = worker.train(instructions.server_round, job.shared, instructions.proximal_mu)
+        result = worker.train(instructions.server_round, shared, instructions.proximal_mu)
         return TrainReply(
             client_id=worker.client_id,
             # client-level DP averages clients equally, whatever their data
@@ -223,7 +228,7 @@ def run_job(job: Job) -> TrainReply | EvaluateReply:
             seconds=result.seconds,
             shared=in_order_sent(result.shared, job.shared),
         )
-    scores = worker.evaluate(instructions.server_round, job.shared, instructions.detailed)
+    scores = worker.evaluate(instructions.server_round, shared, instructions.detailed)
     return EvaluateReply(
         client_id=worker.client_id,
         n_train=len(worker.data.train),
@@ -237,12 +242,13 @@ def run_job(job: Job) -> TrainReply | EvaluateReply:
     )
 
 
-def in_order_sent(update: State | None, sent: State) -> State | None:
-    """``update`` in the order the server sent its arrays, which Flower's clipping pairs
-    position by position (a resumed server sends them in its checkpoint's sorted order)."""
-    if not update or list(update) == list(sent) or set(update) != set(sent):
-        return update  # nothing to order, or a mismatch the server's checks name
-    return {name: update[name] for name in sent}
+def in_order_sent(update: State | None, sent: WireState) -> WireState | None:
+    """``update`` as host arrays in the order the server sent its own, which Flower's clipping
+    pairs position by position (a resumed server sends them in its checkpoint's sorted order)."""
+    if not update:
+        return None
+    order = sent if set(update) == set(sent) else update  # else a mismatch the server names
+    return {name: on_the_wire(update[name]) for name in order}
 
 
 @functools.lru_cache(maxsize=8)

@@ -11,7 +11,6 @@ import random
 import secrets
 import statistics
 import time
-from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,11 +23,11 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.federated.protocol import EvaluateReply, RoundInstructions, TrainReply
+from flexmoe.federated.aggregation import RoundUpdates, arriving_replies, to_the_millisecond
+from flexmoe.federated.protocol import EvaluateReply, RoundInstructions
 from flexmoe.federated.records import in_wire_dtype, state_to_arrays, wire_bytes
 from flexmoe.federated.run import Run, python_random_state
-from flexmoe.federated.strategies import accountant_of, strategy_state
-from flexmoe.federated.validation import screen_updates, sender
+from flexmoe.federated.strategies import accountant_of, averages, strategy_state
 from flexmoe.flex.model import initial_shared_state
 from flexmoe.io import atomic_write
 from flexmoe.methods import Method
@@ -37,8 +36,6 @@ from flexmoe.results import (
     CLIENTS_DIR,
     Checkpoint,
     ClientResult,
-    ClientRound,
-    RejectedUpdate,
     RoundRecord,
     RunResults,
     write_checkpoint,
@@ -108,14 +105,20 @@ def train_round(
     random.seed(run.settings.seed * 1_000 + round_)  # node sampling, when fraction-train < 1
     request = round_instructions(run.out, state.run_id, round_).to_record()
     messages = list(strategy.configure_train(round_, arrays, request, grid))
-    replies = _replies(grid, messages, run.settings.federation.reply_timeout)
     federated = run.method.federated
-    valid, rejected = screen(round_, replies, arrays, run.settings) if federated else (replies, [])
-    readable = [r for r in replies if sender(r) >= 0]  # a rejected update's bytes still count
-    record = _round_record(round_, messages, readable, started)
-    record.rejected = rejected
+    updates = RoundUpdates(
+        arrays if federated else None,  # what is not aggregated is not checked
+        run.settings.data.max_train,
+        {m.metadata.dst_node_id: wire_bytes(m.content) for m in messages},
+        keep_all=not (federated and averages(strategy)),
+    )
+    for reply in arriving_replies(grid, messages, run.settings.federation.reply_timeout):
+        updates.add(reply)
+    del messages
+    record = _round_record(round_, updates, started)
     if federated:
-        arrays = aggregate(strategy, round_, valid)
+        check_enough(round_, updates, run.settings)
+        arrays = aggregate(strategy, round_, updates.for_strategy())
         record.dp_epsilon, state.privacy_state = privacy_spent(strategy)
     return arrays, record
 
@@ -144,20 +147,16 @@ def remove_temporary_files(out: Path) -> None:
             leftover.unlink()
 
 
-def screen(
-    round_: int, replies: list[Message], current: ArrayRecord, settings: Settings
-) -> tuple[list[Message], list[RejectedUpdate]]:
-    """The updates fit to aggregate with ``current`` (``flexmoe.federated.validation``) and the
-    ones left out; fewer valid updates than ``min-updates`` (0: every reply) fail the run."""
-    valid, rejected = screen_updates(replies, current, settings.data.max_train)
-    needed = settings.federation.min_updates or len(replies)
-    if len(valid) < needed:
-        reasons = "; ".join(f"client {r.client_id}: {r.reason}" for r in rejected)
+def check_enough(round_: int, updates: RoundUpdates, settings: Settings) -> None:
+    """Fewer valid updates than ``min-updates`` (0: every reply) fail the run."""
+    replies = updates.accepted + len(updates.rejected)
+    needed = settings.federation.min_updates or replies
+    if updates.accepted < needed:
+        reasons = "; ".join(f"client {r.client_id}: {r.reason}" for r in updates.rejected)
         raise FlexMoEError(
-            f"round {round_}: {len(valid)} of {len(replies)} updates are valid and the round "
+            f"round {round_}: {updates.accepted} of {replies} updates are valid and the round "
             f"needs {needed} (min-updates); rejected: {reasons}"
         )
-    return valid, rejected
 
 
 def aggregate(strategy: Strategy, round_: int, replies: list[Message]) -> ArrayRecord:
@@ -215,7 +214,8 @@ def evaluate_clients(
     request = round_instructions(run.out, run_id, round_, detailed).to_record()
     messages = strategy.configure_evaluate(round_, arrays, request, grid)
     clients = []
-    for message in _replies(grid, list(messages), run.settings.federation.reply_timeout):
+    timeout = run.settings.federation.reply_timeout
+    for message in arriving_replies(grid, list(messages), timeout):
         reply = EvaluateReply.from_message(message)
         client = ClientResult(
             client_id=reply.client_id,
@@ -225,7 +225,7 @@ def evaluate_clients(
             n_test=reply.n_test,
             rouge_l=reply.rouge_l,
             test_loss=reply.test_loss,
-            eval_seconds=_to_the_millisecond(reply.seconds),
+            eval_seconds=to_the_millisecond(reply.seconds),
         )
         clients.append(client.with_diagnostics(reply.diagnostics))
     return sorted(clients, key=lambda c: c.client_id)
@@ -261,51 +261,17 @@ def round_instructions(
     )
 
 
-def _replies(grid: Grid, messages: list[Message], timeout_s: float) -> list[Message]:
-    """Every client's reply, waiting at most ``timeout_s`` (0: no limit); a client's error or a
-    missing reply fails the run."""
-    replies = list(grid.send_and_receive(messages, timeout=timeout_s or None))
-    failed = [r for r in replies if r.has_error()]
-    if failed:
-        reason = failed[0].error.reason.strip().splitlines()
-        raise FlexMoEError(f"a client failed: {reason[-1] if reason else 'no reason given'}")
-    if len(replies) != len(messages):
-        raise FlexMoEError(
-            f"{len(messages) - len(replies)} of {len(messages)} clients did not reply within "
-            f"{timeout_s:g} s (reply-timeout); resume the run with a longer one, or 0 to wait "
-            "as long as Flower's messages live (flexmoe run --resume OUT --reply-timeout S; "
-            "flwr run: --run-config 'reply-timeout=S')"
-        )
-    return replies
-
-
-def _round_record(
-    round_: int, messages: Iterable[Message], replies: list[Message], started: float
-) -> RoundRecord:
-    down = {m.metadata.dst_node_id: wire_bytes(m.content) for m in messages}
-    clients, lrs = [], []
-    for message in replies:
-        reply = TrainReply.from_message(message)
-        lrs.append(reply.lr)
-        clients.append(
-            ClientRound(
-                client_id=reply.client_id,
-                bytes_up=wire_bytes(message.content),
-                bytes_down=down[message.metadata.src_node_id],
-                train_loss=reply.train_loss,
-                proximal_mu=reply.proximal_mu,
-                seconds=_to_the_millisecond(reply.seconds),
-            )
-        )
-    clients.sort(key=lambda c: c.client_id)
+def _round_record(round_: int, updates: RoundUpdates, started: float) -> RoundRecord:
+    clients = sorted(updates.clients, key=lambda c: c.client_id)
     return RoundRecord(
         round=round_,
-        lr=lrs[0],
+        lr=updates.lrs[0],
         mean_train_loss=statistics.fmean(c.train_loss for c in clients),
         bytes_up=sum(c.bytes_up for c in clients),
         bytes_down=sum(c.bytes_down for c in clients),
         wall_s=round(time.perf_counter() - started, 2),
         clients=clients,
+        rejected=updates.rejected,
     )
 
 
@@ -317,10 +283,6 @@ def check_finite(arrays: ArrayRecord, what: str, round_: int) -> None:
             f"round {round_}: {what} holds non-finite values ({len(broken)} arrays, e.g. "
             f"{broken[0]}); nothing was aggregated or saved"
         )
-
-
-def _to_the_millisecond(seconds: dict[str, float]) -> dict[str, float]:
-    return {phase: round(value, 3) for phase, value in seconds.items()}
 
 
 def _random_state() -> list:

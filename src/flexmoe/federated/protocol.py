@@ -16,18 +16,20 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.federated.records import arrays_to_state, state_to_arrays
+from flexmoe.federated.records import WireState, arrays_to_numpy, state_to_arrays
 from flexmoe.results import Diagnostics, from_plain, to_plain
 from flexmoe.schema import Group, at_least, parsed, setting, typed
 from flexmoe.settings import OUT_DIR, Settings
 
-State = dict[str, torch.Tensor]
+if TYPE_CHECKING:  # a deployed message's process never imports torch (see records)
+    import torch
+
+State = dict[str, "torch.Tensor"]
 Decoded = TypeVar("Decoded")
 
 # records in a message's content (Flower's strategies read and write the first three)
@@ -213,9 +215,9 @@ class RoundInstructions:
         )
 
 
-def arrays_of(message: Message) -> State:
-    """The tensors a request carries (the global shared parameters)."""
-    return arrays_to_state(_part(message, ARRAYS, "request"))
+def arrays_of(message: Message) -> WireState:
+    """The arrays a request carries (the global shared parameters)."""
+    return arrays_to_numpy(_part(message, ARRAYS, "request"))
 
 
 # --- a client's replies ---
@@ -231,7 +233,7 @@ class TrainReply:
     lr: float
     proximal_mu: float  # the FedProx mu it trained with
     seconds: dict[str, float] = field(default_factory=dict)  # by phase of its work
-    shared: State | None = None  # sent, never decoded: the strategy reads the arrays
+    shared: State | WireState | None = None  # sent, never decoded: the strategy reads it
 
     def to_content(self) -> RecordDict:
         metrics = {

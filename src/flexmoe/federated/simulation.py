@@ -14,10 +14,12 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
+from torch import nn
 
 from flexmoe.client import truncation_report
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluation.diagnostics import mmlu_questions
+from flexmoe.evaluation.plan import plan_method
 from flexmoe.federated.client_app import make_client_app, simulated_threads
 from flexmoe.federated.federation import run_federation
 from flexmoe.federated.reaper import reaped
@@ -138,10 +140,33 @@ def check_run(settings: Settings) -> dict[str, dict[str, int]]:
                 f"experts-per-layer {wanted} is more than the {experts} experts per layer of "
                 f"{settings.model}; give at most {experts}"
             )
+    check_full_model_fits(settings, model, placement)
     report = truncation_report(settings)
     if settings.evaluation.diagnostics and settings.evaluation.mmlu_per_topic:
         mmlu_questions()  # fetched once here, not by every client at once
     return report
+
+
+def check_full_model_fits(settings: Settings, model: nn.Module, placement: Placement) -> None:
+    """Refuse a method that trains every weight (fedavg-full) where one client's training memory,
+    as ``flexmoe plan`` estimates it, is more than the device has: it would fail in the first
+    round, after the model loaded, or swap the host to a standstill."""
+    method = settings.chosen_method()
+    if not method.shared.trains_base_weights:
+        return
+    train = settings.train
+    memory = plan_method(model, method, [], train.batch_size, settings.data.max_length, 0).memory
+    kept = memory.activations_checkpointed if train.gradient_checkpointing else memory.activations
+    needed = memory.total - memory.activations + kept
+    available = placement.memory_bytes
+    if needed > available:
+        raise FlexMoEError(
+            f"{settings.method} trains every weight of {settings.model}: one client needs about "
+            f"{needed / 1e9:.1f} GB at batch {train.batch_size} x {settings.data.max_length} "
+            f"tokens (flexmoe plan's estimate), more than the {available / 1e9:.1f} GB of "
+            f"{placement.device}; use a smaller batch-size or max-length, gradient-checkpointing, "
+            "or a method that trains adapters (fedavg, flex)"
+        )
 
 
 def keep_ray_on_loopback() -> None:

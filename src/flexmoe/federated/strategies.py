@@ -110,6 +110,12 @@ def _with_privacy(strategy: FedAvg, clients: int, privacy: PrivacySettings) -> S
     )
 
 
+def averages(strategy: Strategy) -> bool:
+    """Whether ``strategy`` aggregates FedAvg's example-weighted mean of the updates (and then
+    perhaps a server step), with no privacy wrapper that must see each update."""
+    return type(strategy) in STRATEGIES.values()
+
+
 def aggregator(strategy: Strategy) -> FedAvg:
     """The strategy that aggregates, inside a privacy wrapper if there is one."""
     return getattr(strategy, "strategy", strategy)

@@ -13,7 +13,6 @@ from flwr.app import ArrayRecord, Message
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.protocol import ARRAYS, METRICS, NUM_EXAMPLES, TrainReply
-from flexmoe.results import RejectedUpdate
 
 
 def update_problem(reply: Message, expected: ArrayRecord, max_examples: int) -> str | None:
@@ -48,20 +47,6 @@ def update_problem(reply: Message, expected: ArrayRecord, max_examples: int) -> 
         if not np.isfinite(array.numpy()).all():
             return f"holds non-finite values in {name!r}"
     return None
-
-
-def screen_updates(
-    replies: list[Message], expected: ArrayRecord, max_examples: int
-) -> tuple[list[Message], list[RejectedUpdate]]:
-    """``(the replies fit to aggregate, the others with their reasons)``."""
-    valid, rejected = [], []
-    for reply in replies:
-        problem = update_problem(reply, expected, max_examples)
-        if problem is None:
-            valid.append(reply)
-        else:
-            rejected.append(RejectedUpdate(client_id=sender(reply), reason=problem))
-    return valid, rejected
 
 
 def sender(reply: Message) -> int:
