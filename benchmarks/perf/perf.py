@@ -21,7 +21,9 @@ so an interrupted run resumes):
   smol-moe (TLS SuperLink, two SuperNodes), with a node worker per SuperNode and without;
 - ``rounds``: simulation round wall time against the clients' compute, two clients in parallel;
 - ``clients``: peak memory of the whole process tree and time per round, 100 clients sampling 10
-  per round against 4 clients.
+  per round against 4 clients;
+- ``server``: the server's peak memory taking in a round of fedavg-full replies at 4, 10 and 50
+  clients, folded as they arrive and all kept.
 
 Then prints every ratio with its goal and the numbers behind it, and writes ``OUT/summary.txt``.
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -40,8 +43,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from flexmoe.client import ClientWorker
 from flexmoe.client.base_models import BASE_MODELS
@@ -458,6 +463,59 @@ def section_clients() -> dict:
     }
 
 
+SERVER_CLIENTS = (4, 10, 50)
+
+
+def section_server() -> dict:
+    """Peak memory (tracemalloc: Python and numpy allocations) of the server taking in one round
+    of fedavg-full replies as they arrive, folded into a running sum (now) and all kept for
+    Flower's FedAvg (before), at 4, 10 and 50 clients: tiny both ways, smol-moe folded only (its
+    50 kept replies would need 27 GB here). Each reply is built as it arrives, as a pull hands
+    it over, and its numbers are random (the sizes are what counts)."""
+    import tracemalloc
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from flexmoe.federated.aggregation import RoundUpdates
+    from flexmoe.federated.federation import aggregate
+    from flexmoe.federated.strategies import make_strategy
+
+    # messages are stamped with their run and node, which a Flower runtime sets
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
+    rows: dict = {}
+    for name, ways in (("tiny", ("folded", "kept")), ("smol-moe", ("folded",))):
+        config = Settings.of(model=name, method="fedavg-full", max_train=300)
+        shapes = {
+            k: a.numpy().shape for k, a in initial_arrays(config, get_method("fedavg-full")).items()
+        }
+        current = ArrayRecord(
+            {k: Array(np.zeros(shape, np.float32)) for k, shape in shapes.items()}
+        )
+        rows[name] = {"model_bytes": 4 * sum(math.prod(s) for s in shapes.values())}
+        for way in ways:
+            for clients in SERVER_CLIENTS:
+                strategy = make_strategy(config.updated({"clients": clients}))
+                tracemalloc.start()
+                updates = RoundUpdates(current, 300, {0: 0}, keep_all=way == "kept")
+                for client in range(clients):
+                    updates.add(random_reply(client, shapes))
+                aggregate(strategy, 1, updates.for_strategy())
+                _, peak = tracemalloc.get_traced_memory()
+                tracemalloc.stop()
+                del updates
+                rows[name][f"{way} {clients}"] = peak
+    return rows
+
+
+def random_reply(client: int, shapes: dict) -> Message:
+    """A fedavg-full train reply of ``client`` as the server receives it."""
+    generator = np.random.default_rng(client)
+    shared = {k: generator.standard_normal(shape, np.float32) for k, shape in shapes.items()}
+    reply = TrainReply(client, 100, train_loss=1.0, lr=1e-4, proximal_mu=0.0, shared=shared)
+    request = Message(RecordDict(), dst_node_id=0, message_type="train")
+    return Message(reply.to_content(), reply_to=request)
+
+
 SECTIONS = {
     "speed": section_speed,
     "uplink": section_uplink,
@@ -469,6 +527,7 @@ SECTIONS = {
     "deployment": section_deployment,
     "rounds": section_rounds,
     "clients": section_clients,
+    "server": section_server,
 }
 
 
@@ -518,10 +577,26 @@ def ratios(results: dict) -> list[Row]:
         rows.append(ratio(what, wall, compute, "<= 1.2", "{:.2f} s", ROUNDS_2_3))
     if "clients" in results:
         rows += clients_rows(results["clients"]["100"], results["clients"]["4"])
+    rows += server_rows(results.get("server", {}))
     return rows
 
 
 ROUNDS_2_3 = "rounds 2-3"
+
+
+def server_rows(server: dict) -> list[Row]:
+    """Server peak memory at 50 clients against 4, folded and kept, per model."""
+    rows = []
+    for name, row in server.items():
+        for way in ("folded", "kept"):
+            if f"{way} 4" in row:
+                small, large = row[f"{way} 4"], row[f"{way} {SERVER_CLIENTS[-1]}"]
+                what = f"server peak memory, 50 clients / 4, fedavg-full {name}, replies {way}"
+                goal = "<= 1.1" if way == "folded" else "-"
+                at_10, model = row[f"{way} 10"] / 1e9, row["model_bytes"] / 1e9
+                note = f"{at_10:.2f} GB at 10; model {model:.2f} GB"
+                rows.append(ratio(what, large / 1e9, small / 1e9, goal, "{:.2f} GB", note))
+    return rows
 
 
 def budget_rows(budget: dict) -> list[Row]:

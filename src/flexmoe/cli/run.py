@@ -9,9 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-from flexmoe.cli.options import add_setting_options, checked_placement, setting_values
+from flexmoe.cli.options import (
+    add_placement_options,
+    add_setting_options,
+    checked_placement,
+    placement_of,
+    setting_values,
+)
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import check_writable, read_json
+from flexmoe.io import check_new_folder, check_writable, read_json
 from flexmoe.results import (
     CHECKPOINT_FILE,
     DATA_FILE,
@@ -79,6 +85,31 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     worker.add_argument("--socket", type=Path, required=True, help="node-local socket path")
     worker.set_defaults(command=run_node_worker, loads_models=True)
+
+    export = commands.add_parser(
+        "export",
+        help="write a trained client's model: a flexmoe adapter and a plain PEFT LoRA adapter",
+        description="Assemble client I's model after the run's last round (or --round N): the "
+        "global shared parameters with the client's personal state. Writes a folder that "
+        "FlexModel.from_pretrained, flexmoe info --adapter and flexmoe eval load, and, where "
+        "the shared parameters are LoRA, adapter_config.json + adapter_model.safetensors, which "
+        "peft.PeftModel.from_pretrained (and vLLM's LoRA serving) loads onto the base model.",
+    )
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a flexmoe run's folder")
+    export.add_argument("--client", type=int, required=True, metavar="I")
+    export.add_argument("--out", type=Path, required=True, help="folder for the export")
+    export.add_argument("--round", type=int, metavar="N", help="default: the run's last round")
+    export.add_argument(
+        "--state-dir",
+        type=Path,
+        help="the node folder holding the client's state, where it is not the run's own "
+        "(a SuperNode's state-dir on another host)",
+    )
+    export.add_argument(
+        "--force", action="store_true", help="write into --out even if it holds files already"
+    )
+    add_placement_options(export)
+    export.set_defaults(command=run_export, loads_models=True)
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -256,3 +287,21 @@ def results_table(results: RunResults) -> str:
         f"downlink {comm.bytes_down / 1e6:.2f} MB   wall {results.wall_s or 0:.0f} s",
     ]
     return "\n".join(lines)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    """Write a client's model out of a run."""
+    from flexmoe.export import export_client
+
+    check_writable(args.out)
+    if not args.force:
+        check_new_folder(args.out)
+    done = export_client(
+        args.run_dir, args.client, args.out, args.round, args.state_dir, placement_of(args)
+    )
+    peft = " and a PEFT LoRA adapter" if done.peft else ""
+    print(
+        f"client {done.client}'s {done.method} model after round {done.round} of run "
+        f"{done.run_id} (personal state of round {done.personal_round}) written to {args.out}"
+        f": a flexmoe adapter{peft}"
+    )

@@ -240,9 +240,10 @@ def save_checkpoint(out: Path, state: Checkpoint, arrays: ArrayRecord, strategy:
     atomic_write(state.arrays_path(out, "strategy"), lambda p: save_file(server, str(p)))
     write_rounds(out, state.history)
     write_checkpoint(out, state)
-    for old in sorted(folder.glob("*-round-*.safetensors"))[: -2 * KEEP_CHECKPOINTS]:
-        if state.tag not in old.name:
-            old.unlink()
+    for kind in ("shared", "strategy"):  # the newest KEEP_CHECKPOINTS rounds of each
+        for old in sorted(folder.glob(f"{kind}-round-*.safetensors"))[:-KEEP_CHECKPOINTS]:
+            if state.tag not in old.name:
+                old.unlink()
 
 
 def round_instructions(

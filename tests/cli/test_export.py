@@ -1,0 +1,98 @@
+"""`flexmoe export`: a client's model out of a real run, loaded by flexmoe and by plain PEFT."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from flexmoe.cli import main
+from flexmoe.export import EXPORT_FILE, PEFT_CONFIG, PEFT_WEIGHTS
+from flexmoe.flex.graft import grafted_blocks
+from flexmoe.flex.model import PERSONAL_WEIGHTS, SHARED_WEIGHTS, FlexModel
+from flexmoe.models.loading import load_model, resolve_model_path
+from flexmoe.results import CHECKPOINT_DIR, CLIENTS_DIR, read_checkpoint
+
+pytestmark = pytest.mark.slow
+
+RUN = [
+    "--clients", "2", "--rounds", "2", "--local-steps", "2", "--batch-size", "4",
+    "--max-train", "12", "--max-test", "3", "--max-new-tokens", "4", "--max-length", "512",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "flex"
+    assert main(["run", "--out", str(out), "--model", "tiny", *RUN]) == 0
+    return out
+
+
+def test_an_export_is_the_global_shared_state_with_the_clients_own(run_dir, tmp_path):
+    out = tmp_path / "client-1"
+    assert main(["export", str(run_dir), "--client", "1", "--out", str(out)]) == 0
+    record = json.loads((out / EXPORT_FILE).read_text())
+    run_id = read_checkpoint(run_dir).run_id
+    assert (record["run_id"], record["round"], record["client"]) == (run_id, 2, 1)
+    shared = load_file(run_dir / CHECKPOINT_DIR / "shared-round-0002.safetensors")
+    exported = load_file(out / SHARED_WEIGHTS)
+    assert set(exported) == set(shared)
+    assert all(np.array_equal(exported[k], shared[k]) for k in shared)
+    state = run_dir / CLIENTS_DIR / run_id / "client-1" / "round-0002" / PERSONAL_WEIGHTS
+    personal, theirs = load_file(out / PERSONAL_WEIGHTS), load_file(state)
+    assert personal and all(np.array_equal(personal[k], theirs[k]) for k in theirs)
+    assert main(["info", "tiny", "--adapter", str(out)]) == 0
+    base, _ = load_model("tiny")
+    FlexModel.from_pretrained(base, out)  # loads as any adapter
+
+
+PEFT_ONLY = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
+with torch.no_grad():
+    logits = model(input_ids=torch.tensor([[5, 17, 42, 99, 7]])).logits
+assert not any(name.startswith("flexmoe") for name in sys.modules)
+print(json.dumps(logits[0, -1].tolist()))
+"""
+
+
+def test_the_lora_loads_as_a_plain_peft_adapter_without_flexmoe(run_dir, tmp_path):
+    out = tmp_path / "client-0"
+    assert main(["export", str(run_dir), "--client", "0", "--out", str(out)]) == 0
+    config = json.loads((out / PEFT_CONFIG).read_text())
+    assert config["peft_type"] == "LORA" and not config.get("modules_to_save")
+    assert (out / PEFT_WEIGHTS).is_file()
+    tiny = resolve_model_path("tiny")
+    done = subprocess.run(
+        [sys.executable, "-c", PEFT_ONLY, str(tiny), str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    theirs = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
+    base, _ = load_model("tiny")
+    model = FlexModel.from_pretrained(base, out).eval()
+    for block in grafted_blocks(model.model):  # the PEFT adapter is the LoRA alone
+        block.enabled = False
+    with torch.no_grad():
+        ours = model(input_ids=torch.tensor([[5, 17, 42, 99, 7]])).logits[0, -1]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    with model.base_only(), torch.no_grad():
+        plain = model(input_ids=torch.tensor([[5, 17, 42, 99, 7]])).logits[0, -1]
+    assert not torch.allclose(plain, theirs, atol=1e-5)  # the LoRA changed something
+
+
+def test_a_missing_client_or_round_is_one_line(run_dir, tmp_path, capsys):
+    assert main(["export", str(run_dir), "--client", "5", "--out", str(tmp_path / "a")]) == 2
+    assert "ran clients 0 to 1; there is no client 5" in capsys.readouterr().err
+    out = ["--out", str(tmp_path / "b")]
+    assert main(["export", str(run_dir), "--client", "0", "--round", "9", *out]) == 2
+    error = capsys.readouterr().err
+    assert "keeps the shared parameters of rounds 1, 2 only, not of round 9" in error
+    assert len(error.strip().splitlines()) == 1
