@@ -29,6 +29,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _add_eval(commands)
     _add_info(commands)
     _add_plan(commands)
+    _add_generate(commands)
 
 
 def _add_carve(commands: argparse._SubParsersAction) -> None:
@@ -422,3 +423,72 @@ def run_info(args: argparse.Namespace) -> None:
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    generate = commands.add_parser(
+        "generate",
+        help="answer a prompt (streamed) or a data file's prompts with a model and adapter",
+        description="Answer with the model's chat template (or the Alpaca template without "
+        "one), greedy unless --temperature is above 0: one --prompt, its tokens printed as they "
+        "come, or every record of --data, in batches, written to --out as JSONL.",
+    )
+    generate.add_argument("--model", required=True, help=MODEL_HELP)
+    generate.add_argument("--adapter", type=Path, help="an adapter (flexmoe graft or export)")
+    given = generate.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="an instruction to answer")
+    given.add_argument("--data", help="dolly, or a .jsonl, .json or .parquet file of records")
+    generate.add_argument("--input", default="", help="the prompt's input (context), if any")
+    generate.add_argument("--out", type=Path, help="with --data: the JSONL file of answers")
+    generate.add_argument("--max-new-tokens", type=int, default=256, help="(default 256)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="when sampling (default 1)")
+    generate.add_argument("--seed", type=int, default=0, help="of sampling (default 0)")
+    add_setting_options(generate, DataSettings, ["max_length"])
+    add_setting_options(generate, TrainSettings, ["batch_size"], {"batch_size": 16})
+    add_placement_options(generate)
+    generate.set_defaults(command=run_generate, loads_models=True)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    """Answer one prompt, streamed, or a file of prompts, in batches."""
+    import torch
+
+    from flexmoe.data import InstructionExample, load_dataset, load_instructions
+    from flexmoe.evaluation.generation import Decoding, generate_answers, stream_answer
+
+    decoding = Decoding(args.max_new_tokens, args.temperature, args.top_p)
+    max_length = chosen_settings(args, DataSettings).max_length
+    if max_length <= decoding.max_new_tokens:
+        raise FlexMoEError(
+            f"max-new-tokens ({decoding.max_new_tokens}) must be less than max-length "
+            f"({max_length}): the prompt and its answer share max-length tokens"
+        )
+    if args.data is not None and args.out is None:
+        raise FlexMoEError("--data needs --out, the JSONL file to write the answers to")
+    if args.out is not None:
+        check_writable(args.out, folder=False)
+    examples = None
+    if args.data == "dolly":
+        examples = load_dataset("dolly")
+    elif args.data is not None:
+        examples = load_instructions(args.data, with_outputs=False)
+    model, tokenizer = _evaluated_model(args)
+    torch.manual_seed(args.seed)
+    room = max_length - decoding.max_new_tokens
+    if examples is None:
+        stream_answer(
+            model, tokenizer, InstructionExample(args.prompt, args.input, ""), decoding, room
+        )
+        print()
+        return
+    batch_size = chosen_settings(args, TrainSettings).batch_size
+    answers = generate_answers(model, tokenizer, examples, decoding, room, batch_size, True)
+    rows = [
+        {"instruction": e.instruction, "input": e.input, "answer": answer}
+        | ({"reference": e.output} if e.output else {})
+        | ({"category": e.category} if e.category else {})
+        for e, answer in zip(examples, answers, strict=True)
+    ]
+    atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"{len(rows)} answers written to {args.out}")

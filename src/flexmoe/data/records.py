@@ -42,8 +42,9 @@ class InstructionExample:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def load_instructions(path: str | Path) -> list[InstructionExample]:
-    """Read Alpaca- or Dolly-shaped records from a .jsonl, .json (a list) or .parquet file.
+def load_instructions(path: str | Path, with_outputs: bool = True) -> list[InstructionExample]:
+    """Read Alpaca- or Dolly-shaped records from a .jsonl, .json (a list) or .parquet file;
+    without ``with_outputs``, records may lack the answer (prompts to answer).
 
     A .jsonl or .json file may be compressed (``.xz``, ``.gz``, ``.bz2`` after its suffix).
     """
@@ -62,18 +63,19 @@ def load_instructions(path: str | Path) -> list[InstructionExample]:
     if not records:
         raise FlexMoEError(f"{path} contains no records; add at least one example")
     return [
-        example_from_record(record, f"record {i} of {path}") for i, record in enumerate(records)
+        example_from_record(record, f"record {i} of {path}", with_outputs)
+        for i, record in enumerate(records)
     ]
 
 
-def example_from_record(record: Any, where: str) -> InstructionExample:
+def example_from_record(record: Any, where: str, with_output: bool = True) -> InstructionExample:
     """Convert one Alpaca- or Dolly-shaped mapping into an InstructionExample."""
     if not isinstance(record, Mapping):
         raise FlexMoEError(f"{where} must be an object, not {type(record).__name__}; {_fix()}")
     return InstructionExample(
         instruction=_text_field(record, ("instruction",), where, required=True),
         input=_text_field(record, _INPUT_FIELDS, where, required=False),
-        output=_text_field(record, _OUTPUT_FIELDS, where, required=True),
+        output=_text_field(record, _OUTPUT_FIELDS, where, required=with_output),
         category=_text_field(record, ("category",), where, required=False) or None,
     )
 
