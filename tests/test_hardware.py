@@ -6,6 +6,7 @@ import torch
 from flexmoe.cli import main
 from flexmoe.data import IGNORE_INDEX
 from flexmoe.errors import FlexMoEError
+from flexmoe.flex.graft import grafted_blocks
 from flexmoe.flex.model import FlexModel
 from flexmoe.flex.roles import Role
 from flexmoe.hardware import Placement, resolve_device
@@ -157,6 +158,25 @@ def test_mixed_precision_trains_float32_adapters_on_a_bfloat16_base_like_float32
         assert {p.dtype for p in trained} == {torch.float32}
     assert losses["bfloat16"][-1] < losses["bfloat16"][0]
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.03)
+
+
+def test_grafted_experts_hold_float32_weights_and_compute_in_bfloat16_under_autocast(
+    random_model,
+):
+    placement = Placement.resolve("cpu", "bfloat16")
+    base, _ = load_model(random_model, placement)
+    batches = random_batches(1)
+    with placement.autocast():
+        flex, _ = FlexModel.graft(base, batches)
+    block = grafted_blocks(flex.model)[0]
+    computed = []
+    for module in (block.grafted_experts[0].down_proj, block.grafted_gates[0]):
+        module.register_forward_hook(lambda _m, _i, out: computed.append(out.dtype))
+    with placement.autocast(), torch.no_grad():
+        flex(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])
+    assert computed == [torch.bfloat16, torch.bfloat16]  # the base's precision, not float32's
+    weights = [*block.grafted_experts.parameters(), *block.grafted_gates.parameters()]
+    assert {p.dtype for p in weights} == {torch.float32}  # master weights for the updates
 
 
 def test_fedavg_full_trains_float32_weights_under_bfloat16(tmp_path, random_model, dolly_file):

@@ -7,7 +7,10 @@ after round N is what it was evaluated with: its latest personal state up to N w
 shared parameters of round N (its own, for ``local``). The export writes it as one folder that
 ``FlexModel.from_pretrained`` loads, and, where the shared parameters are LoRA, the client's
 LoRA as a plain PEFT adapter beside it (``adapter_config.json`` + ``adapter_model.safetensors``),
-which ``peft.PeftModel.from_pretrained`` and vLLM's multi-LoRA serving load without flexmoe.
+which ``peft.PeftModel.from_pretrained`` and vLLM's multi-LoRA serving load without flexmoe;
+and, where it can be exact, the whole model as a plain transformers checkpoint
+(``flexmoe.flex.merge``) in ``merged/`` (not beside the PEFT files: transformers would read
+those as an adapter to load).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from flexmoe.client.state import StateStore
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.protocol import client_state_dir
 from flexmoe.federated.run import read_saved
+from flexmoe.flex.merge import merge_problem, merged_model
 from flexmoe.flex.model import FlexModel
-from flexmoe.flex.roles import Role
+from flexmoe.flex.roles import LORA_ADAPTER, Role
 from flexmoe.hardware import Placement
 from flexmoe.io import atomic_write, atomic_write_text
 from flexmoe.models.loading import load_model, resolve_model_path
@@ -34,7 +38,7 @@ from flexmoe.results import CHECKPOINT_DIR, CLIENTS_DIR
 EXPORT_FILE = "export.json"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-LORA_ADAPTER = "default"  # the adapter name flexmoe's LoRA layers carry
+MERGED = "merged"  # the plain transformers checkpoint, beside (not among) the adapter files
 
 
 @dataclass(frozen=True)
@@ -57,8 +61,11 @@ def export_client(
     round_: int | None = None,
     state_root: Path | None = None,
     placement: Placement | None = None,
+    merge: bool = False,
 ) -> Export:
-    """Write client ``client``'s model after ``round_`` (default: the run's last) to ``out``."""
+    """Write client ``client``'s model after ``round_`` (default: the run's last) to ``out``;
+    with ``merge``, also as a plain transformers checkpoint in ``out/merged`` (refused, before
+    anything is written, where it cannot be exact)."""
     saved = read_saved(run_dir)
     settings, run_id = saved.settings, saved.state.run_id
     clients = settings.federation.clients
@@ -66,6 +73,8 @@ def export_client(
         raise FlexMoEError(f"{run_dir} ran clients 0 to {clients - 1}; there is no client {client}")
     last = saved.state.round
     round_ = last if round_ is None else round_
+    if not 1 <= round_ <= last:
+        raise FlexMoEError(f"{run_dir} ran rounds 1 to {last}; there is no round {round_}")
     shared = _shared_of_round(run_dir, round_, last) if settings.chosen_method().federated else {}
     store = StateStore(_client_folder(run_dir, run_id, client, state_root))
     personal = store.latest(before=round_ + 1)
@@ -74,15 +83,20 @@ def export_client(
             f"client {client} of {run_dir} kept no state up to round {round_} in {store.root}; "
             "give --state-dir, the node folder that holds it"
         )
-    base, _ = load_model(settings.model, placement or Placement.resolve("cpu", "float32"))
+    base, tokenizer = load_model(settings.model, placement or Placement.resolve("cpu", "float32"))
     model = FlexModel.from_pretrained(base, personal)
     if shared:
         model.load_state_of(Role.SHARED, shared)
+    if merge and (problem := merge_problem(model)):
+        raise FlexMoEError(f"cannot merge client {client}'s model exactly: {problem}")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, include_shared=True)
     peft = model.config.shared.mode == "lora"
     if peft:
         write_peft_adapter(model, out, str(resolve_model_path(settings.model)))
+    if merge:
+        merged_model(model).save_pretrained(out / MERGED)
+        tokenizer.save_pretrained(out / MERGED)
     record = Export(
         run_id=run_id,
         round=round_,

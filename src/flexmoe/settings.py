@@ -56,6 +56,7 @@ ADDED_LATER: dict[str, Scalar | None] = {
     ),
     "selection-examples": 0,  # grafting scored every training example
     "selection-token-budget": 0,  # and every token of them
+    "gate-with-bias": True,  # the grafted gates had a bias
 }  # fmt: skip
 
 

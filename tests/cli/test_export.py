@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
+from transformers import AutoModelForCausalLM
 
 from flexmoe.cli import main
-from flexmoe.export import EXPORT_FILE, PEFT_CONFIG, PEFT_WEIGHTS
+from flexmoe.export import EXPORT_FILE, MERGED, PEFT_CONFIG, PEFT_WEIGHTS
 from flexmoe.flex.graft import grafted_blocks
 from flexmoe.flex.model import PERSONAL_WEIGHTS, SHARED_WEIGHTS, FlexModel
 from flexmoe.models.loading import load_model, resolve_model_path
 from flexmoe.results import CHECKPOINT_DIR, CLIENTS_DIR, read_checkpoint
+from tests.tiny_models import save_model
 
 pytestmark = pytest.mark.slow
 
@@ -96,3 +98,30 @@ def test_a_missing_client_or_round_is_one_line(run_dir, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "keeps the shared parameters of rounds 1, 2 only, not of round 9" in error
     assert len(error.strip().splitlines()) == 1
+
+
+def test_merge_is_refused_in_one_line_where_it_cannot_be_exact(run_dir, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["export", str(run_dir), "--client", "0", "--out", str(out), "--merge"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(error) == 1
+        and "cannot merge client 0's model exactly: model type 'qwen2_moe'" in (error[0])
+    )
+    assert not out.exists()  # refused before anything was written
+
+
+def test_a_mixtral_clients_merged_checkpoint_is_its_model_in_plain_transformers(tmp_path):
+    folder = save_model(tmp_path / "mixtral", "mixtral")
+    run = tmp_path / "run"
+    argv = ["run", "--out", str(run), "--model", str(folder), "--gate-with-bias", "false", *RUN]
+    assert main(argv) == 0
+    out = tmp_path / "alice"
+    assert main(["export", str(run), "--client", "1", "--out", str(out), "--merge"]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(out / MERGED).eval()
+    assert plain.config.model_type == "qwen2_moe"
+    base, _ = load_model(str(folder))
+    model = FlexModel.from_pretrained(base, out).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)

@@ -454,8 +454,8 @@ def run_generate(args: argparse.Namespace) -> None:
     """Answer one prompt, streamed, or a file of prompts, in batches."""
     import torch
 
-    from flexmoe.data import InstructionExample, load_dataset, load_instructions
-    from flexmoe.evaluation.generation import Decoding, generate_answers, stream_answer
+    from flexmoe.data import load_dataset, load_instructions
+    from flexmoe.evaluation.generation import Decoding
 
     decoding = Decoding(args.max_new_tokens, args.temperature, args.top_p)
     max_length = chosen_settings(args, DataSettings).max_length
@@ -476,6 +476,14 @@ def run_generate(args: argparse.Namespace) -> None:
     model, tokenizer = _evaluated_model(args)
     torch.manual_seed(args.seed)
     room = max_length - decoding.max_new_tokens
+    with placement_of(args).autocast():  # as a run's clients answer
+        _answer(args, model, tokenizer, examples, decoding, room)
+
+
+def _answer(args, model, tokenizer, examples, decoding, room: int) -> None:
+    from flexmoe.data import InstructionExample
+    from flexmoe.evaluation.generation import generate_answers, stream_answer
+
     if examples is None:
         stream_answer(
             model, tokenizer, InstructionExample(args.prompt, args.input, ""), decoding, room

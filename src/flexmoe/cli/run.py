@@ -106,6 +106,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "(a SuperNode's state-dir on another host)",
     )
     export.add_argument(
+        "--merge",
+        action="store_true",
+        help="also write OUT/merged, a checkpoint plain transformers loads: LoRA merged, the "
+        "personal expert as a Qwen2-MoE gated shared expert (refused where not exact)",
+    )
+    export.add_argument(
         "--force", action="store_true", help="write into --out even if it holds files already"
     )
     add_placement_options(export)
@@ -297,9 +303,16 @@ def run_export(args: argparse.Namespace) -> None:
     if not args.force:
         check_new_folder(args.out)
     done = export_client(
-        args.run_dir, args.client, args.out, args.round, args.state_dir, placement_of(args)
+        args.run_dir,
+        args.client,
+        args.out,
+        args.round,
+        args.state_dir,
+        placement_of(args),
+        args.merge,
     )
     peft = " and a PEFT LoRA adapter" if done.peft else ""
+    peft += f", and a merged checkpoint in {args.out / 'merged'}" if args.merge else ""
     print(
         f"client {done.client}'s {done.method} model after round {done.round} of run "
         f"{done.run_id} (personal state of round {done.personal_round}) written to {args.out}"

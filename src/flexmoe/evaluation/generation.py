@@ -41,7 +41,8 @@ class Decoding:
 
     def options(self, tokenizer: PreTrainedTokenizerBase) -> dict:
         """``model.generate``'s arguments."""
-        sampled = {"temperature": self.temperature, "top_p": self.top_p}
+        # top_k 0: nucleus sampling alone, not transformers' default top-50 on top of it
+        sampled = {"temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
         return {
             "max_new_tokens": self.max_new_tokens,
             "do_sample": self.temperature > 0,

@@ -83,7 +83,7 @@ class Plan:
     seq_len: int
     methods: list[MethodPlan]
     grafting: dict  # FLOPs per token: a forward's and scoring's (see grafting_flops)
-    selection_tokens: int | None  # selection examples x seq_len; None: every example
+    selection_tokens: int | None  # selection examples x seq_len (at most); None: every example
     scored_tokens: int | None  # per layer; None: every selection token
 
     @property
@@ -371,7 +371,7 @@ def plans_table(plans: list[Plan]) -> str:
             f"| {result.model} | {_count(result.parameters)} | {_size(flex.bytes_up)} | "
             f"{_size(full.bytes_up)} | {result.uplink_ratio('flex'):.1e} | "
             f"{_size(flex.adapter_bytes)} | {_size(flex.memory.total)} ({_size(checkpointed)}) "
-            f"| {result.flops_ratio:.3f}x | {result.grafting_forwards:.2f} "
+            f"| {result.flops_ratio:.3f}x | {result.grafting_forwards or float('nan'):.2f} "
             f"({grafting_forwards(result.grafting, 1, 1):.2f}) |"
         )
     return "\n".join(rows)

@@ -48,11 +48,10 @@ class RoundUpdates:
     def add(self, reply: Message) -> None:
         """Record ``reply`` and, if it is fit to aggregate, fold it in (or keep it); with no
         ``expected`` parameters (nothing is aggregated), only record it."""
-        if sender(reply) >= 0:
-            self._record(reply)
+        problem = self._record(reply)
         if self.expected is None:
             return
-        problem = update_problem(reply, self.expected, self.max_examples)
+        problem = problem or update_problem(reply, self.expected, self.max_examples)
         if problem is not None:
             self.rejected.append(RejectedUpdate(client_id=sender(reply), reason=problem))
             return
@@ -84,8 +83,12 @@ class RoundUpdates:
         self.sums = {}
         return [carrier]
 
-    def _record(self, reply: Message) -> None:
-        update = TrainReply.from_message(reply)
+    def _record(self, reply: Message) -> str | None:
+        """Record what ``reply`` measured; why its metrics cannot be read, if they cannot."""
+        try:
+            update = TrainReply.from_message(reply)
+        except FlexMoEError as error:
+            return str(error)
         self.lrs.append(update.lr)
         self.clients.append(
             ClientRound(
@@ -97,6 +100,7 @@ class RoundUpdates:
                 seconds=to_the_millisecond(update.seconds),
             )
         )
+        return None
 
 
 def to_the_millisecond(seconds: Mapping[str, float]) -> dict[str, float]:
@@ -113,7 +117,9 @@ def arriving_replies(
     interval = getattr(grid, "pull_interval", 0.5)
     deadline = time.monotonic() + timeout_s if timeout_s else None
     while waiting:
-        for reply in grid.pull_messages(waiting):
+        # one at a time: a pull hands over every reply it asks for that has arrived, and the
+        # server is to hold one at once, not every reply that came in since the last poll
+        for reply in (r for message_id in list(waiting) for r in grid.pull_messages([message_id])):
             waiting.discard(reply.metadata.reply_to_message_id)
             if reply.has_error():
                 reason = reply.error.reason.strip().splitlines()

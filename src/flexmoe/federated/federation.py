@@ -115,9 +115,10 @@ def train_round(
     for reply in arriving_replies(grid, messages, run.settings.federation.reply_timeout):
         updates.add(reply)
     del messages
-    record = _round_record(round_, updates, started)
     if federated:
         check_enough(round_, updates, run.settings)
+    record = _round_record(round_, updates, started)
+    if federated:
         arrays = aggregate(strategy, round_, updates.for_strategy())
         record.dp_epsilon, state.privacy_state = privacy_spent(strategy)
     return arrays, record
@@ -263,6 +264,9 @@ def round_instructions(
 
 
 def _round_record(round_: int, updates: RoundUpdates, started: float) -> RoundRecord:
+    if not updates.clients:
+        reasons = "; ".join(r.reason for r in updates.rejected) or "no reply"
+        raise FlexMoEError(f"round {round_}: no client's reply could be read ({reasons})")
     clients = sorted(updates.clients, key=lambda c: c.client_id)
     return RoundRecord(
         round=round_,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Self
 
+from flexmoe.errors import FlexMoEError
 from flexmoe.flex.sharing import SharedConfig
 from flexmoe.schema import Group, at_least, between, one_of, setting
 
@@ -26,6 +27,11 @@ class GraftSettings(Group):
         1.0, "share of a grafted expert's neurons kept", between(0, 1, True)
     )
     gate_bias: float = setting(0.0, "initial bias of the grafted experts' gates", between(-30, 30))
+    gate_with_bias: bool = setting(
+        True,
+        "the grafted gates train a bias; without one (gate-bias 0) a personal expert merges "
+        "exactly into a Qwen2-MoE gated shared expert (flexmoe export --merge)",
+    )
     selection_tokens: str = setting(
         "all",
         "tokens the grafting criterion scores: all, content (instruction, input and answer "
@@ -46,6 +52,14 @@ class GraftSettings(Group):
         "number of experts",
         at_least(0),
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.gate_with_bias and self.gate_bias != 0:
+            raise FlexMoEError(
+                f"gate-bias {self.gate_bias:g} needs a gate with a bias; drop it or keep the "
+                "gates' bias (gate-with-bias)"
+            )
 
     @property
     def selection_count(self) -> int | None:

@@ -140,8 +140,14 @@ def plan_grafts(
     return grafts
 
 
-def apply_grafts(model: nn.Module, grafts: Sequence[LayerGraft], gate_bias: float = 0.0) -> None:
-    """Wrap every grafted layer's MoE block in place, copying the source experts."""
+def apply_grafts(
+    model: nn.Module,
+    grafts: Sequence[LayerGraft],
+    gate_bias: float = 0.0,
+    gate_with_bias: bool = True,
+) -> None:
+    """Wrap every grafted layer's MoE block in place, copying the source experts; the gates
+    start from their router rows and ``gate_bias`` (none without ``gate_with_bias``)."""
     views = {v.layer: v for v in find_moe_blocks(model)}
     for graft in grafts:
         view = views.get(graft.layer)
@@ -156,7 +162,9 @@ def apply_grafts(model: nn.Module, grafts: Sequence[LayerGraft], gate_bias: floa
             GraftedExpert.copy_of(view, e, n)
             for e, n in zip(graft.source_experts, graft.neurons, strict=True)
         ]
-        gates = [_gate_from_router(view, e, gate_bias) for e in graft.source_experts]
+        gates = [
+            _gate_from_router(view, e, gate_bias, gate_with_bias) for e in graft.source_experts
+        ]
         setattr(parent, attr, GraftedMoEBlock(view.block, experts, gates))
 
 
@@ -176,12 +184,15 @@ def _check_in_range(graft: LayerGraft, view: MoEBlockView) -> None:
 
 
 @torch.no_grad()
-def _gate_from_router(view: MoEBlockView, expert: int, bias: float) -> nn.Linear:
+def _gate_from_router(
+    view: MoEBlockView, expert: int, bias: float, with_bias: bool = True
+) -> nn.Linear:
     weight = view.router.weight
     with torch.device(weight.device):
-        gate = nn.Linear(view.hidden_size, 1, bias=True).to(ADAPTER_DTYPE)
+        gate = nn.Linear(view.hidden_size, 1, bias=with_bias).to(ADAPTER_DTYPE)
     gate.weight.copy_(weight[expert : expert + 1])
-    gate.bias.fill_(bias)
+    if with_bias:
+        gate.bias.fill_(bias)
     return gate
 
 

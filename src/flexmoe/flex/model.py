@@ -69,7 +69,7 @@ class FlexModel(nn.Module):
         self.config = replace(config, shared=resolve_targets(base, config.shared))
         self.grafts = list(grafts)
         self.base_fingerprint = fingerprint(base)
-        apply_grafts(base, self.grafts, self.config.gate_bias)
+        apply_grafts(base, self.grafts, self.config.gate_bias, self.config.gate_with_bias)
         was_training = base.training
         add_shared_adapter(base, self.config.shared)
         set_trainable(base, self.config.shared)

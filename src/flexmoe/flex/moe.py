@@ -369,7 +369,10 @@ def _router_args(model: nn.Module, block: nn.Module, router: nn.Module) -> dict:
     """What the block passes its router beyond the hidden states: each further argument of the
     router's forward without a default, taken from the block's attribute of that name."""
     parameters = list(inspect.signature(type(router).forward).parameters.values())[2:]
-    required = [p.name for p in parameters if p.default is inspect.Parameter.empty]
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [
+        p.name for p in parameters if p.kind in positional and p.default is inspect.Parameter.empty
+    ]
     missing = [name for name in required if not hasattr(block, name)]
     if missing:
         raise FlexMoEError(
@@ -410,7 +413,8 @@ def _infer_rule(
     # otherwise make the right rule look wrong
     probe = copy.deepcopy(router).float().eval()
     named = {
-        k: v.float() if torch.is_floating_point(v) else v for k, v in (router_args or {}).items()
+        k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in (router_args or {}).items()
     }
     generator = torch.Generator().manual_seed(0)
     # a random score-correction bias (models build it as zeros), so that the check tells a rule
@@ -458,9 +462,9 @@ def _check_router_forward(
     if not torch.allclose(routing.dense(logits), actual, atol=1e-5, rtol=1e-4):
         raise FlexMoEError(f"{name} routes by more than its logits; flexmoe cannot score it")
     generator = torch.Generator().manual_seed(2)
-    allowed = torch.rand(logits.shape, generator=generator) < 0.5
-    allowed[torch.arange(len(allowed)), logits.argmin(dim=-1)] = True  # none empty
-    masked = routing.dense(logits, allowed.to(logits.device))
+    allowed = (torch.rand(logits.shape, generator=generator) < 0.5).to(logits.device)
+    allowed[torch.arange(len(allowed), device=logits.device), logits.argmin(dim=-1)] = True
+    masked = routing.dense(logits, allowed)  # (every row allows one expert at least)
     if not masked.isfinite().all() or (masked[~allowed] != 0).any() or not masked.any(-1).all():
         raise FlexMoEError(f"{name} does not route within a masked set of experts")
 

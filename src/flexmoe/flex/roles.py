@@ -22,6 +22,7 @@ from flexmoe.flex.graft import ADAPTER_DTYPE, PERSONAL_PREFIX
 from flexmoe.flex.sharing import DEFAULT_TARGETS, SharedConfig
 
 ATTENTION_NAMES = ("self_attn", "attention", "attn")
+LORA_ADAPTER = "default"  # the name PEFT gives the one adapter flexmoe injects
 OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "dense")
 
 

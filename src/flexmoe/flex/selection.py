@@ -9,7 +9,9 @@ from its input as the forward reaches it, never by a forward per candidate.
 A batch's ``scored_mask``, when it has one, limits the sum to those tokens (the forward still
 sees every token of the attention mask). Scoring costs about E/k times the routed experts'
 compute of a forward per scored token, so a token budget bounds it: a uniform, seeded draw of
-that many of the scored tokens (the criterion is a sum over them), the same in every layer.
+that many of the scored tokens, the same in every layer (each batch's norm is then taken over
+its drawn tokens; benchmarks/perf/perf.py's ``budget`` section measures how often that picks the
+expert that every token picks).
 Tokens are scored in chunks, so memory does not grow with the batch.
 
 Strategies for r experts per layer:
@@ -159,7 +161,10 @@ def score_sets(
 def scored_token_masks(batches: Sequence[Batch], budget: int, seed: int) -> list[torch.Tensor]:
     """Per batch, the tokens the criterion scores: those its ``scored_mask`` (else its attention
     mask) marks, or ``budget`` of them drawn uniformly over all batches when there are more."""
-    masks = [batch.get("scored_mask", batch["attention_mask"]).bool().cpu() for batch in batches]
+    masks = [
+        batch.get("scored_mask", batch["attention_mask"]).to("cpu", torch.bool, copy=True)
+        for batch in batches
+    ]  # copies: the draw writes into them
     counts = [int(m.sum()) for m in masks]
     total = sum(counts)
     if not budget or total <= budget:
