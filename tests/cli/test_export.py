@@ -96,7 +96,7 @@ def test_a_missing_client_or_round_is_one_line(run_dir, tmp_path, capsys):
     out = ["--out", str(tmp_path / "b")]
     assert main(["export", str(run_dir), "--client", "0", "--round", "9", *out]) == 2
     error = capsys.readouterr().err
-    assert "keeps the shared parameters of rounds 1, 2 only, not of round 9" in error
+    assert "ran rounds 1 to 2; there is no round 9" in error
     assert len(error.strip().splitlines()) == 1
 
 
