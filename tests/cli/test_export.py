@@ -125,3 +125,23 @@ def test_a_mixtral_clients_merged_checkpoint_is_its_model_in_plain_transformers(
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["local", "fedsa-lora"])
+def test_methods_with_their_own_lora_export_the_clients_own(method, tmp_path):
+    run = tmp_path / method
+    assert main(["run", "--out", str(run), "--model", "tiny", "--method", method, *RUN]) == 0
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--client", "0", "--out", str(out)]) == 0
+    state = run / CLIENTS_DIR / read_checkpoint(run).run_id / "client-0" / "round-0002"
+    personal = load_file(state / PERSONAL_WEIGHTS)
+    shared = (  # local federates nothing: its LoRA is its own, saved with its state
+        load_file(state / SHARED_WEIGHTS)
+        if method == "local"
+        else load_file(run / CHECKPOINT_DIR / "shared-round-0002.safetensors")
+    )
+    for exported, theirs in ((out / PERSONAL_WEIGHTS, personal), (out / SHARED_WEIGHTS, shared)):
+        ours = load_file(exported)
+        assert set(ours) == set(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    lora = load_file(out / PEFT_WEIGHTS)  # the client's whole LoRA: its own B for fedsa-lora
+    assert any(".lora_B." in k for k in lora) and any(".lora_A." in k for k in lora)
