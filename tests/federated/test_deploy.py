@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from flwr.common.config import parse_config_args
+from safetensors.numpy import load_file
 
 from flexmoe.cli import main
 from flexmoe.errors import FlexMoEError
@@ -184,6 +185,11 @@ def test_deploy_local_runs_flexmoe_on_every_supernode_over_tls(
     assert "--enable-supernode-auth" in (out / "deployment.json").read_text()
     assert_all_stopped(out)
     assert not list((out / "supernodes").rglob("worker.sock*"))  # no stale socket or key
+    exported = tmp_path / "client-1"  # its model, from its SuperNode's folder
+    assert main(["export", str(out), "--client", "1", "--out", str(exported)]) == 0
+    node = next((out / "supernodes" / "node-1").rglob("personal.safetensors"))
+    ours, theirs = load_file(exported / "personal.safetensors"), load_file(node)
+    assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
 
 
 @pytest.mark.slow
