@@ -48,10 +48,10 @@ class RoundUpdates:
     def add(self, reply: Message) -> None:
         """Record ``reply`` and, if it is fit to aggregate, fold it in (or keep it); with no
         ``expected`` parameters (nothing is aggregated), only record it."""
-        problem = self._record(reply)
+        self._record(reply)
         if self.expected is None:
             return
-        problem = problem or update_problem(reply, self.expected, self.max_examples)
+        problem = update_problem(reply, self.expected, self.max_examples)  # unreadable ones too
         if problem is not None:
             self.rejected.append(RejectedUpdate(client_id=sender(reply), reason=problem))
             return
@@ -83,12 +83,13 @@ class RoundUpdates:
         self.sums = {}
         return [carrier]
 
-    def _record(self, reply: Message) -> str | None:
-        """Record what ``reply`` measured; why its metrics cannot be read, if they cannot."""
+    def _record(self, reply: Message) -> None:
+        """Record what ``reply`` measured, if its metrics can be read (``update_problem`` says
+        why not)."""
         try:
             update = TrainReply.from_message(reply)
-        except FlexMoEError as error:
-            return str(error)
+        except FlexMoEError:
+            return
         self.lrs.append(update.lr)
         self.clients.append(
             ClientRound(
@@ -100,7 +101,6 @@ class RoundUpdates:
                 seconds=to_the_millisecond(update.seconds),
             )
         )
-        return None
 
 
 def to_the_millisecond(seconds: Mapping[str, float]) -> dict[str, float]:
