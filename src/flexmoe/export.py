@@ -16,7 +16,7 @@ those as an adapter to load).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,14 +26,14 @@ from safetensors.torch import load_file, save_file
 from flexmoe.client.state import StateStore
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.protocol import client_state_dir
-from flexmoe.federated.run import read_saved
+from flexmoe.federated.run import read_run_state
 from flexmoe.flex.merge import merge_problem, merged_model
 from flexmoe.flex.model import FlexModel
 from flexmoe.flex.roles import LORA_ADAPTER, Role
 from flexmoe.hardware import Placement
 from flexmoe.io import atomic_write, atomic_write_text
 from flexmoe.models.loading import load_model, resolve_model_path
-from flexmoe.results import CHECKPOINT_DIR, CLIENTS_DIR
+from flexmoe.results import CHECKPOINT_DIR, CLIENTS_DIR, Checkpoint
 
 EXPORT_FILE = "export.json"
 PEFT_CONFIG = "adapter_config.json"
@@ -66,16 +66,17 @@ def export_client(
     """Write client ``client``'s model after ``round_`` (default: the run's last) to ``out``;
     with ``merge``, also as a plain transformers checkpoint in ``out/merged`` (refused, before
     anything is written, where it cannot be exact)."""
-    saved = read_saved(run_dir)
-    settings, run_id = saved.settings, saved.state.run_id
+    state, settings = read_run_state(run_dir)  # the arrays of the round asked for alone
+    run_id = state.run_id
     clients = settings.federation.clients
     if not 0 <= client < clients:
         raise FlexMoEError(f"{run_dir} ran clients 0 to {clients - 1}; there is no client {client}")
-    last = saved.state.round
+    last = state.round
     round_ = last if round_ is None else round_
     if not 1 <= round_ <= last:
         raise FlexMoEError(f"{run_dir} ran rounds 1 to {last}; there is no round {round_}")
-    shared = _shared_of_round(run_dir, round_, last) if settings.chosen_method().federated else {}
+    at_round = replace(state, round=round_)
+    shared = _shared_of_round(run_dir, at_round, last) if settings.chosen_method().federated else {}
     store = StateStore(_client_folder(run_dir, run_id, client, state_root))
     personal = store.latest(before=round_ + 1)
     if personal is None:
@@ -110,16 +111,16 @@ def export_client(
     return record
 
 
-def _shared_of_round(run_dir: Path, round_: int, last: int) -> dict[str, torch.Tensor]:
-    """The global shared parameters the server saved after ``round_``."""
-    path = run_dir / CHECKPOINT_DIR / f"shared-round-{round_:04d}.safetensors"
+def _shared_of_round(run_dir: Path, state: Checkpoint, last: int) -> dict[str, torch.Tensor]:
+    """The global shared parameters the server saved after ``state.round``."""
+    path = state.arrays_path(run_dir, "shared")
     if not path.is_file():
         saved = (run_dir / CHECKPOINT_DIR).glob("shared-round-*.safetensors")
         kept = ", ".join(str(int(p.stem[13:])) for p in sorted(saved))
         rounds = "rounds" if "," in kept else "round"
         raise FlexMoEError(
             f"{run_dir} keeps the shared parameters of {rounds} {kept} only, not of round "
-            f"{round_} (its last is {last}); give one of those with --round"
+            f"{state.round} (its last is {last}); give one of those with --round"
         )
     return load_file(path)
 

@@ -194,9 +194,7 @@ def describe(out: Path, saved: Saved) -> str:
 def read_saved(out: Path) -> Saved:
     """The checkpoint in ``out`` with the arrays it names; a missing or damaged part is one
     error naming it."""
-    state = read_checkpoint(out)
-    state.run_id = state.run_id or out.resolve().name  # a run made before run ids: its old key
-    settings = saved_settings(out, state.config)
+    state, settings = read_run_state(out)
     arrays = []
     for kind in ("shared", "strategy"):
         path = state.arrays_path(out, kind)
@@ -208,6 +206,13 @@ def read_saved(out: Path) -> Saved:
                 "so the run cannot resume: start it again in a new folder"
             ) from None
     return Saved(state, settings, arrays[0], arrays[1])
+
+
+def read_run_state(out: Path) -> tuple[Checkpoint, Settings]:
+    """The checkpoint in ``out`` and the settings it ran with, without its arrays."""
+    state = read_checkpoint(out)
+    state.run_id = state.run_id or out.resolve().name  # a run made before run ids: its old key
+    return state, saved_settings(out, state.config)
 
 
 def saved_settings(out: Path, flat: dict[str, Any]) -> Settings:
