@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.harness.matrix import DEFAULT_ROOT, MATRICES, SWEEP
+from benchmarks.harness.tuning import MAX_WIDENINGS
 from flexmoe.cli import entry, execute
 from flexmoe.cli.options import MODEL_HELP, integers, names
 from flexmoe.errors import FlexMoEError
@@ -63,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TUNED.json",
         help="each method's settings chosen by a sweep (its tuned.json)",
     )
+    bench.add_argument(
+        "--max-widenings",
+        type=int,
+        default=MAX_WIDENINGS,
+        metavar="N",
+        help="sweep: half-decades a grid may grow by while its best value is at an end "
+        f"(default {MAX_WIDENINGS}; 0 keeps each grid as it is, the first cut when time is short)",
+    )
     bench.add_argument("--list", action="store_true", help="print the cells and run nothing")
     bench.set_defaults(command=run_bench, loads_models=False, command_parser=bench)
     return bench
@@ -104,12 +113,14 @@ def _run_sweep(args: argparse.Namespace, overrides: dict) -> None:
     for stage in range(SWEEP_STAGE_COUNT):
         if args.list:
             if stage == 0:
-                _list(sweep_cells(stage, tuning_of(root), overrides, args.methods))
+                _list(
+                    sweep_cells(stage, tuning_of(root), overrides, args.methods, args.max_widenings)
+                )
             else:
                 print(f"(stage {stage + 1} starts from the choices of stage {stage})")
             continue
         while True:  # again while a choice at the edge of its grid widens the grid
-            cells = sweep_cells(stage, tuning_of(root), overrides, args.methods)
+            cells = sweep_cells(stage, tuning_of(root), overrides, args.methods, args.max_widenings)
             fresh = [cell for cell in cells if cell.name not in everything]
             if not fresh:
                 break

@@ -488,8 +488,10 @@ def sweep_section(runs: Sequence[Run]) -> list[str]:
         "## Hyperparameter sweep",
         "",
         "Seed 0, scored on each client's validation split (carved from its training data; the "
-        f"test split is never seen), each grid widened by a half-decade, up to {MAX_WIDENINGS} "
-        "times, while its best value was at an end. Methods not listed take the choice of the "
+        "test split is never seen). A grid is widened by a half-decade while its best value is at "
+        f"an end, up to {MAX_WIDENINGS} times unless the sweep ran with fewer "
+        "(`--max-widenings`, the first cut when time is short); a choice still at an end is "
+        "marked. Methods not listed take the choice of the "
         "method they train as (FLEx's ablations FLEx's, FedAvg's server-side variants FedAvg's "
         "learning rate).",
         "",

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.harness.tuning import SWEEP_STAGES, Tuning, sweep_stage
+from benchmarks.harness.tuning import MAX_WIDENINGS, SWEEP_STAGES, Tuning, sweep_stage
 from flexmoe.errors import FlexMoEError
 from flexmoe.methods import METHODS
 from flexmoe.schema import Scalar, kebab, snake
@@ -175,12 +175,16 @@ SWEEP = "sweep"  # the hyperparameter sweep (benchmarks.harness.tuning), run sta
 
 
 def sweep_cells(
-    stage: int, tuning: Tuning, overrides: dict[str, Scalar], methods: Sequence[str] | None = None
+    stage: int,
+    tuning: Tuning,
+    overrides: dict[str, Scalar],
+    methods: Sequence[str] | None = None,
+    max_widenings: int = MAX_WIDENINGS,
 ) -> list[Cell]:
     """The cells of one stage of the sweep on the pathological split, with shared settings."""
     cells = [
         Cell(f"{name}/seed0", {**overrides, **SPLITS["pathological"], **settings})
-        for name, settings in sweep_stage(stage, tuning)
+        for name, settings in sweep_stage(stage, tuning, max_widenings)
         if not methods or settings["method"] in methods
     ]
     for cell in cells:

@@ -97,15 +97,15 @@ def choose(runs: Iterable[Run]) -> Tuning:
     return Tuning(choices)
 
 
-def swept_values(method: str, tuning: Tuning) -> list[float]:
+def swept_values(method: str, tuning: Tuning, max_widenings: int = MAX_WIDENINGS) -> list[float]:
     """The values to sweep ``method`` over: its grid, and a half-decade beyond an end of it
     while the best value so far is at that end (an optimum at the edge may lie outside), at
-    most ``MAX_WIDENINGS`` times."""
+    most ``max_widenings`` times."""
     values = list(_swept(method)[1])
     choice = tuning.choices.get(method)
     if choice is None:
         return values
-    for _ in range(MAX_WIDENINGS):
+    for _ in range(max_widenings):
         if not all(_text(v) in choice.scores for v in values):
             break
         if choice.chosen >= values[-1]:
@@ -131,7 +131,9 @@ def _half_decade(value: float, up: bool) -> float:
     return float(f"{steps[mantissa, up] * 10**exponent:.3g}")
 
 
-def sweep_stage(stage: int, tuning: Tuning) -> list[tuple[str, dict[str, Scalar]]]:
+def sweep_stage(
+    stage: int, tuning: Tuning, max_widenings: int = MAX_WIDENINGS
+) -> list[tuple[str, dict[str, Scalar]]]:
     """``(cell name, settings)`` of stage ``stage`` of the sweep, on ``tuning``'s choices so far
     (the earlier stages', and this one's, which may widen its grid)."""
     cells = []
@@ -142,7 +144,7 @@ def sweep_stage(stage: int, tuning: Tuning) -> list[tuple[str, dict[str, Scalar]
                 f"sweeping {method} needs the learning rate chosen for {INHERITS[method]}; "
                 "its stage has no finished cell"
             )
-        for value in swept_values(method, tuning):
+        for value in swept_values(method, tuning, max_widenings):
             settings = {**SWEEP_SETTINGS, **inherited, "method": method, snake(setting): value}
             cells.append((f"{method}/{setting}-{_text(value)}", settings))
     return cells

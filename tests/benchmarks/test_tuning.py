@@ -97,3 +97,5 @@ def test_a_choice_at_an_end_of_its_grid_widens_the_grid_by_half_decades_twice_at
     low = tuned({1e-4: 4.0, 3e-4: 3.0, 1e-3: 2.0, 3e-3: 1.0})
     assert swept_values("flex", low) == [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
     assert swept_values("fedadam", Tuning({})) == [1e-3, 1e-2, 1e-1]
+    at_top = tuned({3e-4: 1.0, 1e-3: 2.0, 3e-3: 3.0})
+    assert swept_values("flex", at_top, max_widenings=0) == [3e-4, 1e-3, 3e-3]  # the cut grid
