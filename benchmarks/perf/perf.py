@@ -294,7 +294,8 @@ def token_errors_by_batch(model, views, batches) -> dict[int, list[torch.Tensor]
     with visit_block_inputs(views, record) as scored:
         for batch in batches:
             scored["mask"] = batch["attention_mask"].bool().flatten()
-            model(**batch, use_cache=False, logits_to_keep=1)
+            inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
+            model(**inputs, use_cache=False, logits_to_keep=1)
     return errors
 
 
@@ -429,7 +430,7 @@ def section_deployment() -> dict:
         "--max-train",
         "32",
         "--max-test",
-        "2",
+        "8",  # a SuperNode evaluates on at least 8 (NodeLimits.min_test_size)
         "--max-new-tokens",
         "4",
         "--device",
