@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-widenings",
         type=int,
         default=MAX_WIDENINGS,
+        choices=range(MAX_WIDENINGS + 1),
         metavar="N",
         help="sweep: half-decades a grid may grow by while its best value is at an end "
         f"(default {MAX_WIDENINGS}; 0 keeps each grid as it is, the first cut when time is short)",

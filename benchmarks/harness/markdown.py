@@ -489,11 +489,10 @@ def sweep_section(runs: Sequence[Run]) -> list[str]:
         "",
         "Seed 0, scored on each client's validation split (carved from its training data; the "
         "test split is never seen). A grid is widened by a half-decade while its best value is at "
-        f"an end, up to {MAX_WIDENINGS} times unless the sweep ran with fewer "
-        "(`--max-widenings`, the first cut when time is short); a choice still at an end is "
-        "marked. Methods not listed take the choice of the "
-        "method they train as (FLEx's ablations FLEx's, FedAvg's server-side variants FedAvg's "
-        "learning rate).",
+        f"an end, up to {MAX_WIDENINGS} times unless the sweep allowed fewer "
+        "(`--max-widenings`); a choice still at an end is marked. Methods not listed take the "
+        "choice of the method they train as (FLEx's ablations FLEx's, FedAvg's server-side "
+        "variants FedAvg's learning rate).",
         "",
         *_table(["method", "setting", "value", "mean validation ROUGE-L", ""], rows),
     ]

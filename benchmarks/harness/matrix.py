@@ -184,8 +184,7 @@ def sweep_cells(
     """The cells of one stage of the sweep on the pathological split, with shared settings."""
     cells = [
         Cell(f"{name}/seed0", {**overrides, **SPLITS["pathological"], **settings})
-        for name, settings in sweep_stage(stage, tuning, max_widenings)
-        if not methods or settings["method"] in methods
+        for name, settings in sweep_stage(stage, tuning, max_widenings, methods)
     ]
     for cell in cells:
         cell.config()  # refuse bad settings before anything runs

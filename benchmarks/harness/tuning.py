@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,12 +132,18 @@ def _half_decade(value: float, up: bool) -> float:
 
 
 def sweep_stage(
-    stage: int, tuning: Tuning, max_widenings: int = MAX_WIDENINGS
+    stage: int,
+    tuning: Tuning,
+    max_widenings: int = MAX_WIDENINGS,
+    methods: Collection[str] | None = None,
 ) -> list[tuple[str, dict[str, Scalar]]]:
-    """``(cell name, settings)`` of stage ``stage`` of the sweep, on ``tuning``'s choices so far
-    (the earlier stages', and this one's, which may widen its grid)."""
+    """``(cell name, settings)`` of stage ``stage`` of the sweep (of ``methods`` only, when
+    given), on ``tuning``'s choices so far (the earlier stages', and this one's, which may widen
+    its grid)."""
     cells = []
     for method, (setting, _) in SWEEP_STAGES[stage].items():
+        if methods and method not in methods:
+            continue
         inherited = tuning.settings_for(INHERITS[method]) if method in INHERITS else {}
         if method in INHERITS and not inherited:
             raise FlexMoEError(

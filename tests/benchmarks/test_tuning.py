@@ -39,6 +39,7 @@ def test_the_sweep_chooses_on_validation_runs_and_methods_inherit_what_they_trai
     assert "fedprox/proximal-mu-0.1/seed0" in [c.name for c in stage_two]
     with pytest.raises(FlexMoEError, match="needs the learning rate chosen for fedavg"):
         sweep_cells(1, Tuning({}), {})
+    assert sweep_cells(1, Tuning({}), {}, ["flex"]) == []  # no fedprox asked for: nothing needed
 
     written = write_tuning(tmp_path, tuning)
     assert read_tuning(written) == tuning
@@ -99,3 +100,5 @@ def test_a_choice_at_an_end_of_its_grid_widens_the_grid_by_half_decades_twice_at
     assert swept_values("fedadam", Tuning({})) == [1e-3, 1e-2, 1e-1]
     at_top = tuned({3e-4: 1.0, 1e-3: 2.0, 3e-3: 3.0})
     assert swept_values("flex", at_top, max_widenings=0) == [3e-4, 1e-3, 3e-3]  # the cut grid
+    with pytest.raises(SystemExit):  # more than the report's "up to" is refused
+        bench.build_parser().parse_args(["--matrix", "sweep", "--max-widenings", "3"])
