@@ -62,9 +62,25 @@ ARCHITECTURES = {
 # graft must work on them by the modelled routing rules or by running the router as written
 # (phimoe's sparsemixer); minimax_m2's router takes its bias from the block as an argument
 OTHER_ARCHITECTURES = (
-    "cohere2_moe", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "granitemoe",
-    "minimax", "minimax_m2", "phimoe", "solar_open",
+    "cohere2_moe", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "granitemoe", "jamba",
+    "minimax", "minimax_m2", "phimoe", "qwen3_5_moe_text", "qwen3_next", "solar_open",
 )  # fmt: skip
+# hybrid models: one linear-attention (or Mamba) and one attention layer of their two, as a
+# cache of linear-attention layers alone cannot build an attention mask
+LINEAR_THEN_FULL = dict(
+    layer_types=["linear_attention", "full_attention"],
+    linear_num_value_heads=4,
+    linear_num_key_heads=2,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+)
+HYBRID_LAYERS = {
+    "qwen3_5_moe_text": LINEAR_THEN_FULL,
+    "qwen3_next": LINEAR_THEN_FULL,
+    "jamba": dict(
+        attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0
+    ),
+}
 MOE_SIZES = dict(
     intermediate_size=64,
     moe_intermediate_size=16,
@@ -106,7 +122,8 @@ def build_model(model_type: str, seed: int = 0) -> PreTrainedModel:
         sizes = {**COMMON, **ARCHITECTURES[model_type]}
     else:
         defaults = AutoConfig.for_model(model_type)
-        sizes = {k: v for k, v in {**COMMON, **MOE_SIZES}.items() if hasattr(defaults, k)}
+        wanted = {**COMMON, **MOE_SIZES, **HYBRID_LAYERS.get(model_type, {})}
+        sizes = {k: v for k, v in wanted.items() if hasattr(defaults, k)}
     config = AutoConfig.for_model(model_type, **sizes)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()

@@ -112,7 +112,7 @@ def test_what_neither_path_can_score_is_refused_in_one_line(model_type, reason):
         find_moe_blocks(build_model(model_type))
 
 
-@pytest.mark.parametrize("model_type", ["phimoe", "minimax_m2"])
+@pytest.mark.parametrize("model_type", ["phimoe", "minimax_m2", "qwen3_next"])
 def test_flexmoe_graft_and_info_beyond_the_tested_list(model_type, alpaca_file, tmp_path, capsys):
     folder = save_model(tmp_path / model_type, model_type)
     out = tmp_path / "adapter"
