@@ -265,8 +265,7 @@ def section_budget() -> dict:
         for budget in BUDGETS:
             same, regret = [], []
             for seed in range(DRAWS):
-                masks = scored_token_masks(batches, budget, seed)
-                drawn = [m[b["attention_mask"].bool()] for m, b in zip(masks, batches, strict=True)]
+                drawn = drawn_tokens(batches, budget, seed)
                 for layer, per_batch in errors.items():
                     chosen = int(budget_losses(per_batch, drawn).argmin())
                     same.append(chosen == best[layer])
@@ -297,6 +296,15 @@ def token_errors_by_batch(model, views, batches) -> dict[int, list[torch.Tensor]
             inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
             model(**inputs, use_cache=False, logits_to_keep=1)
     return errors
+
+
+def drawn_tokens(batches: list, budget: int, seed: int) -> list[torch.Tensor] | None:
+    """Per batch, which real tokens (in the order of its attention mask) a budget's draw scores;
+    None for a budget of 0 (every token)."""
+    if not budget:
+        return None
+    masks = scored_token_masks(batches, budget, seed)
+    return [m[b["attention_mask"].bool()] for m, b in zip(masks, batches, strict=True)]
 
 
 def budget_losses(per_batch: list[torch.Tensor], drawn: list[torch.Tensor] | None) -> torch.Tensor:

@@ -16,7 +16,7 @@ those as an adapter to load).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from flexmoe.flex.roles import LORA_ADAPTER, Role
 from flexmoe.hardware import Placement
 from flexmoe.io import atomic_write, atomic_write_text
 from flexmoe.models.loading import load_model, resolve_model_path
-from flexmoe.results import CHECKPOINT_DIR, CLIENTS_DIR, Checkpoint
+from flexmoe.results import CLIENTS_DIR, saved_arrays
 
 EXPORT_FILE = "export.json"
 PEFT_CONFIG = "adapter_config.json"
@@ -75,8 +75,7 @@ def export_client(
     round_ = last if round_ is None else round_
     if not 1 <= round_ <= last:
         raise FlexMoEError(f"{run_dir} ran rounds 1 to {last}; there is no round {round_}")
-    at_round = replace(state, round=round_)
-    shared = _shared_of_round(run_dir, at_round, last) if settings.chosen_method().federated else {}
+    shared = _shared_of_round(run_dir, round_, last) if settings.chosen_method().federated else {}
     store = StateStore(_client_folder(run_dir, run_id, client, state_root))
     personal = store.latest(before=round_ + 1)
     if personal is None:
@@ -111,18 +110,17 @@ def export_client(
     return record
 
 
-def _shared_of_round(run_dir: Path, state: Checkpoint, last: int) -> dict[str, torch.Tensor]:
-    """The global shared parameters the server saved after ``state.round``."""
-    path = state.arrays_path(run_dir, "shared")
-    if not path.is_file():
-        saved = (run_dir / CHECKPOINT_DIR).glob("shared-round-*.safetensors")
-        kept = ", ".join(str(int(p.stem[13:])) for p in sorted(saved))
-        rounds = "rounds" if "," in kept else "round"
+def _shared_of_round(run_dir: Path, round_: int, last: int) -> dict[str, torch.Tensor]:
+    """The global shared parameters the server saved after ``round_``."""
+    saved = saved_arrays(run_dir, "shared")
+    if round_ not in saved:
+        kept = ", ".join(str(r) for r in saved)
+        rounds = "rounds" if len(saved) > 1 else "round"
         raise FlexMoEError(
             f"{run_dir} keeps the shared parameters of {rounds} {kept} only, not of round "
-            f"{state.round} (its last is {last}); give one of those with --round"
+            f"{round_} (its last is {last}); give one of those with --round"
         )
-    return load_file(path)
+    return load_file(saved[round_])
 
 
 def _client_folder(run_dir: Path, run_id: str, client: int, state_root: Path | None) -> Path:

@@ -346,6 +346,14 @@ class Checkpoint:
         return out / CHECKPOINT_DIR / f"{kind}-{self.tag}.safetensors"
 
 
+def saved_arrays(out: Path, kind: str) -> dict[int, Path]:
+    """The ``kind`` arrays the run in ``out`` keeps (``Checkpoint.arrays_path``), by round, in
+    round order."""
+    prefix = f"{kind}-round-"
+    paths = (out / CHECKPOINT_DIR).glob(f"{prefix}*.safetensors")
+    return dict(sorted((int(path.stem.removeprefix(prefix)), path) for path in paths))
+
+
 # --- files ---
 
 

@@ -5,7 +5,7 @@ import torch
 
 from benchmarks.perf import perf
 from flexmoe.flex.moe import exact_routers, find_moe_blocks
-from flexmoe.flex.selection import scored_token_masks, select_experts
+from flexmoe.flex.selection import select_experts
 from flexmoe.models.loading import load_model
 
 
@@ -17,11 +17,7 @@ def test_a_draw_of_every_tokens_criterion_gives_the_losses_that_selection_scores
     assert all("labels" in batch for batch in batches)  # as a run batches them
     errors = perf.token_errors_by_batch(base, views, batches)
     for budget, seed in ((0, 0), (300, 1), (300, 2)):
-        if budget:
-            masks = scored_token_masks(batches, budget, seed)
-            drawn = [m[b["attention_mask"].bool()] for m, b in zip(masks, batches, strict=True)]
-        else:
-            drawn = None
+        drawn = perf.drawn_tokens(batches, budget, seed)
         chosen = select_experts(base, views, batches, seed=seed, token_budget=budget)
         for view, choice in zip(views, chosen, strict=True):
             losses = perf.budget_losses(errors[view.layer], drawn)

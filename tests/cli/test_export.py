@@ -1,6 +1,7 @@
 """`flexmoe export`: a client's model out of a real run, loaded by flexmoe and by plain PEFT."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -97,6 +98,14 @@ def test_a_missing_client_or_round_is_one_line(run_dir, tmp_path, capsys):
     assert main(["export", str(run_dir), "--client", "0", "--round", "9", *out]) == 2
     error = capsys.readouterr().err
     assert "ran rounds 1 to 2; there is no round 9" in error
+    assert len(error.strip().splitlines()) == 1
+    pruned = tmp_path / "pruned"  # a run whose round 1 arrays are gone, as pruning leaves them
+    shutil.copytree(run_dir, pruned)
+    (pruned / CHECKPOINT_DIR / "shared-round-0001.safetensors").unlink()
+    out = ["--out", str(tmp_path / "c")]
+    assert main(["export", str(pruned), "--client", "0", "--round", "1", *out]) == 2
+    error = capsys.readouterr().err
+    assert "keeps the shared parameters of round 2 only, not of round 1" in error
     assert len(error.strip().splitlines()) == 1
 
 

@@ -38,6 +38,7 @@ from flexmoe.results import (
     ClientResult,
     RoundRecord,
     RunResults,
+    saved_arrays,
     write_checkpoint,
     write_results,
     write_rounds,
@@ -234,7 +235,6 @@ def evaluate_clients(
 
 def save_checkpoint(out: Path, state: Checkpoint, arrays: ArrayRecord, strategy: Strategy) -> None:
     """The arrays of this round first, then rounds.json and checkpoint.json naming them."""
-    folder = out / CHECKPOINT_DIR
     shared = {k: np.ascontiguousarray(a.numpy()) for k, a in arrays.items()}
     atomic_write(state.arrays_path(out, "shared"), lambda p: save_file(shared, str(p)))
     server = strategy_state(strategy)
@@ -242,8 +242,8 @@ def save_checkpoint(out: Path, state: Checkpoint, arrays: ArrayRecord, strategy:
     write_rounds(out, state.history)
     write_checkpoint(out, state)
     for kind in ("shared", "strategy"):  # the newest KEEP_CHECKPOINTS rounds of each
-        for old in sorted(folder.glob(f"{kind}-round-*.safetensors"))[:-KEEP_CHECKPOINTS]:
-            if state.tag not in old.name:
+        for round_, old in list(saved_arrays(out, kind).items())[:-KEEP_CHECKPOINTS]:
+            if round_ != state.round:
                 old.unlink()
 
 
