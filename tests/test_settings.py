@@ -45,6 +45,7 @@ def assert_one_error_line(capsys, argv: list[str], phrase: str) -> None:
         ("--fraction-train", "0", "fraction-train must be in (0, 1]"),
         ("--split", "random", "split must be one of: pathological, dirichlet, iid"),
         ("--min-lr", "0.5", "min-lr (0.5) must not exceed lr"),
+        ("--micro-batch-size", "8", "micro-batch-size (8) is more than batch-size (4)"),
     ],
 )
 def test_bad_command_line_settings_are_one_line(capsys, no_simulation, option, value, phrase):

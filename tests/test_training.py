@@ -5,8 +5,9 @@ import torch
 
 from flexmoe.data import IGNORE_INDEX
 from flexmoe.errors import FlexMoEError
-from flexmoe.training import answer_loss, mean_loss, train_steps
-from tests.tiny_models import ARCHITECTURES, build_model, random_batches
+from flexmoe.methods import get_method
+from flexmoe.training import answer_loss, mean_loss, micro_batches, train_steps
+from tests.tiny_models import ARCHITECTURES, VOCAB, build_model, random_batches
 
 
 def labelled(batch: dict[str, torch.Tensor], answer_from: tuple[int, int]) -> dict:
@@ -39,6 +40,67 @@ def test_answer_loss_gradients_equal_the_full_loss():
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     assert len(grads[0]) == len(grads[1]) > 0
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
+
+
+def uneven_batch(seed: int) -> dict[str, torch.Tensor]:
+    """Four right-padded rows of 12, 5, 9 and 3 tokens, with answers of 8, 1, 2 and 2 tokens."""
+    lengths, answer_from = (12, 5, 9, 3), (4, 4, 7, 1)
+    ids = torch.randint(2, VOCAB, (4, 12), generator=torch.Generator().manual_seed(seed))
+    mask = (torch.arange(12) < torch.tensor(lengths)[:, None]).long()
+    return labelled({"input_ids": ids * mask, "attention_mask": mask}, answer_from)
+
+
+def test_micro_batches_of_one_pad_nothing_and_keep_every_row():
+    batch = uneven_batch(0)
+    parts = micro_batches(batch, 1)
+    assert [p["input_ids"].shape for p in parts] == [(1, 3), (1, 5), (1, 9), (1, 12)]
+    assert all(bool(p["attention_mask"].all()) for p in parts)
+    rows = sorted(tuple(p["input_ids"][0].tolist()) for p in parts)
+    assert rows == sorted(tuple(r[r != 0].tolist()) for r in batch["input_ids"])
+    assert [p["labels"].shape[1] for p in micro_batches(batch, 3)] == [9, 12]
+    assert micro_batches(batch, 0)[0]["input_ids"] is batch["input_ids"]
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 3])
+def test_micro_batches_train_the_same_steps_as_the_whole_batch(micro_batch_size):
+    trained = []
+    for size in (0, micro_batch_size):
+        model = build_model("qwen2_moe")
+        batches = iter([uneven_batch(seed) for seed in range(3)])
+        losses = train_steps(model, batches, 3, 1e-2, micro_batch_size=size)
+        trained.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (losses, whole), (losses_in_parts, in_parts) = trained
+    assert losses_in_parts == pytest.approx(losses, abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole, in_parts, strict=True))
+    untrained = build_model("qwen2_moe").parameters()
+    assert not all(torch.equal(a, b) for a, b in zip(whole, untrained, strict=True))
+
+
+def test_a_clients_round_takes_its_micro_batches(tmp_path, random_model, dolly_file, monkeypatch):
+    from flexmoe import training
+    from flexmoe.client import ClientWorker
+    from flexmoe.federated.federation import initial_arrays
+    from flexmoe.federated.records import arrays_to_state
+    from flexmoe.settings import Settings
+
+    forwards = []
+    monkeypatch.setattr(
+        training,
+        "answer_loss",
+        lambda model, batch: forwards.append(batch) or answer_loss(model, batch),
+    )
+    losses = []
+    for size in (0, 1):
+        config = Settings.of(
+            model=str(random_model), data=str(dolly_file), clients=2, rounds=1, local_steps=2,
+            batch_size=4, micro_batch_size=size, device="cpu",
+        )  # fmt: skip
+        worker = ClientWorker(config, 0, tmp_path / f"micro-{size}")
+        shared = arrays_to_state(initial_arrays(config, get_method("flex")))
+        losses.append(worker.train(1, shared).train_loss)
+    assert [len(b["input_ids"]) for b in forwards] == [4, 4] + [1] * 8
+    assert all(bool(b["attention_mask"].all()) for b in forwards[2:])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)  # Adam's first steps: within rounding
 
 
 def test_mean_loss_weights_batches_by_labelled_tokens():

@@ -8,6 +8,8 @@ so an interrupted run resumes):
 - ``speed``: smol-moe's local step (4 Dolly examples at max-length 512) and greedy answers (128
   new tokens) with transformers' default fused experts (``grouped_mm``) and flexmoe's on the CPU
   (``eager``), in float32, in bfloat16 and in bfloat16 mixed precision, and in batches of 4 and 32;
+- ``micro-batches``: smol-moe's local step on the Dolly benchmark's own batches, the whole batch
+  at once against one example at a time (``micro-batch-size 1``: no padding);
 - ``uplink``: bytes of a real FLEx train reply against a real ``fedavg-full`` one (tiny,
   smol-moe), and ``flexmoe plan``'s ratio for the paper's Qwen1.5-MoE-A2.7B;
 - ``grafting``: selection + surgery (with the default token budget, and scoring every token)
@@ -39,6 +41,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -169,6 +172,36 @@ def section_speed() -> dict:
             generate_answers(model, tokenizer, test, NEW_TOKENS, 512 - NEW_TOKENS, batch_size)
         answers[name] = {"s_per_example": (time.perf_counter() - started) / len(test)}
     return {"steps": steps, "generation": answers, "test_examples": len(test)}
+
+
+def section_micro_batches(steps_per_client: int = 1) -> dict:
+    """A local step on smol-moe (float32) as the Dolly benchmark's pathological clients draw
+    them (4 examples at max-length 512), the whole batch at once against one example at a time,
+    alternating on the same batches."""
+    from flexmoe.data import collate, iterate_batches, pad_token_id
+
+    settings = Settings.of(model="smol-moe", dtype="float32", max_train=200)
+    batches = []
+    with tempfile.TemporaryDirectory() as state:
+        for client in range(settings.federation.clients):
+            worker = ClientWorker(settings, client, Path(state))
+            drawn = iterate_batches(worker.train_examples, settings.train.batch_size, worker.seed)
+            pad_id = pad_token_id(worker.tokenizer)
+            batches += [collate(next(drawn), pad_id) for _ in range(steps_per_client)]
+    model = setup_model("float32", "eager")[0].model
+    sizes = {"whole batch": 0, "micro-batch-size 1": 1}
+    for size in sizes.values():  # warm-up
+        train_steps(model, iter(batches), 1, 1e-4, micro_batch_size=size)
+    rows = {name: {"step_s": [], "loss": []} for name in sizes}
+    for batch in batches:
+        for name, size in sizes.items():
+            started = time.perf_counter()
+            (loss,) = train_steps(model, iter([batch]), 1, 1e-4, micro_batch_size=size)
+            rows[name]["step_s"].append(time.perf_counter() - started)
+            rows[name]["loss"].append(loss)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    padded = sum(b["attention_mask"].numel() for b in batches)
+    return {**rows, "real_tokens": real, "padded_tokens": padded}
 
 
 def reply_bytes(name: str, method: str, lora_rank: int = 32) -> int:
@@ -527,6 +560,7 @@ def random_reply(client: int, shapes: dict) -> Message:
 
 SECTIONS = {
     "speed": section_speed,
+    "micro-batches": section_micro_batches,
     "uplink": section_uplink,
     "grafting": section_grafting,
     "budget": section_budget,
@@ -553,6 +587,7 @@ def ratios(results: dict) -> list[Row]:
     """Every ratio measured, in the order of the sections."""
     rows = []
     rows += speed_rows(results.get("speed", {}))
+    rows += micro_batch_rows(results.get("micro-batches", {}))
     for name, row in results.get("uplink", {}).items():
         goal = "<= 0.05" if name == "tiny" else "<= 0.01"
         what = f"FLEx / fedavg-full uplink, {name}"
@@ -635,6 +670,16 @@ def speed_rows(speed: dict) -> list[Row]:
             what = f"smol-moe {noun}, {name} / {first}"
             rows.append(ratio(what, row[key], reference[key], "pick the faster", "{:.2f} s", note))
     return rows
+
+
+def micro_batch_rows(measured: dict) -> list[Row]:
+    """A step one example at a time against the whole batch, summed over the same batches."""
+    if not measured:
+        return []
+    whole, micro = (sum(measured[name]["step_s"]) for name in ("whole batch", "micro-batch-size 1"))
+    real = measured["real_tokens"] / measured["padded_tokens"]
+    what = "smol-moe step, micro-batch-size 1 / whole batch, Dolly pathological"
+    return [ratio(what, micro, whole, "< 1", "{:.1f} s", f"{real:.0%} of padded tokens real")]
 
 
 def deployment_rows(deployed: dict) -> list[Row]:

@@ -42,8 +42,9 @@ EVAL_SPLITS = ("test", "validation")
 # Flower's run config also names the server's output folder, which is no setting
 OUT_DIR = "out-dir"
 FLOWER_OUT_DIR = "runs/flwr-run"  # its default, for `flwr run .`
-# how a run waits, not what it computes: two runs apart only here have the same results
-RUNTIME_SETTINGS = ("reply-timeout",)
+# how a run waits or splits its steps, not what it computes: two runs apart only here have the
+# same results (up to float rounding)
+RUNTIME_SETTINGS = ("reply-timeout", "micro-batch-size")
 RESUMABLE_SETTINGS = ("rounds", *RUNTIME_SETTINGS)  # what a resumed run may change
 # settings newer than some saved runs, with what a run saved without one ran with: its default
 # (None), or the value that was fixed before it became a setting
@@ -52,6 +53,7 @@ ADDED_LATER: dict[str, Scalar | None] = {
         ("device", "dtype", "gradient-checkpointing", "lora-rank", "server-lr", "eval-split",
          "selection-tokens", "diagnostics", "mmlu-per-topic", "aggregation", "trim-fraction",
          "min-updates", "reply-timeout", "dp-noise-multiplier", "dp-clipping-norm", "dp-delta",
+         "micro-batch-size",  # a step's forward took the whole batch: the same step
          "eval-batch-size")  # test prompts were batched as training examples: scores as now
     ),
     "selection-examples": 0,  # grafting scored every training example
@@ -123,6 +125,13 @@ class TrainSettings(Group):
 
     local_steps: int = setting(5, "local AdamW steps per round", at_least(1))
     batch_size: int = setting(4, "examples per step", at_least(1))
+    micro_batch_size: int = setting(
+        0,
+        "examples per forward pass (0: the whole batch); a step's gradient is the same, "
+        "accumulated over its parts: 1 pads nothing (fastest where compute is short, as on a "
+        "CPU) and needs the least memory",
+        at_least(0),
+    )
     lr: float = setting(1e-3, "learning rate, cosine-decayed across rounds", above(0))
     min_lr: float = setting(1e-5, "learning rate of the last round", at_least(0))
     lora_rank: int = setting(32, "rank of the shared attention LoRA (alpha: 2 x rank)", at_least(1))
@@ -134,6 +143,15 @@ class TrainSettings(Group):
         super().__post_init__()
         if self.min_lr > self.lr:
             raise FlexMoEError(f"min-lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.micro_batch_size > self.batch_size:
+            raise FlexMoEError(
+                f"micro-batch-size ({self.micro_batch_size}) is more than batch-size "
+                f"({self.batch_size}); give at most {self.batch_size} (0: the whole batch)"
+            )
+
+    @property
+    def examples_per_forward(self) -> int:
+        return self.micro_batch_size or self.batch_size
 
 
 @dataclass(frozen=True)

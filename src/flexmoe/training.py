@@ -42,6 +42,41 @@ def answer_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Te
     )
 
 
+def answer_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """How many tokens of ``batch`` its loss is taken on (the labelled ones)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def micro_batches(batch: Mapping[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """A right-padded batch (``collate``'s) in parts of ``size`` examples (0: whole), the examples
+    ordered by length and each part cut to its longest, so that parts pad little (1: not at all)."""
+    lengths = batch["attention_mask"].sum(dim=1)
+    if size == 0 or size >= len(lengths):
+        return [dict(batch)]
+    parts = []
+    for rows in lengths.argsort(stable=True).split(size):
+        width = int(lengths[rows].max())
+        parts.append({name: values[rows, :width] for name, values in batch.items()})
+    return parts
+
+
+def backward_in_parts(model: nn.Module, batch: Mapping[str, torch.Tensor], size: int) -> float:
+    """Backpropagate ``batch``'s answer loss in micro-batches of ``size`` examples (0: at once).
+
+    Each part's loss is weighted by its share of the batch's answer tokens, so the gradients that
+    accumulate are the whole batch's; returns the whole batch's loss.
+    """
+    parts = [(part, answer_tokens(part)) for part in micro_batches(batch, size)]
+    total = sum(tokens for _, tokens in parts)
+    weighted_losses = []
+    for part, tokens in parts:
+        if tokens:  # a part with no answer adds nothing (its mean loss would be 0/0)
+            weighted = answer_loss(model, part) * (tokens / total)
+            weighted.backward()
+            weighted_losses.append(weighted.detach())
+    return float(sum(weighted_losses))  # one device sync a step
+
+
 def train_steps(
     model: nn.Module,
     batches: Iterator[Mapping[str, torch.Tensor]],
@@ -50,11 +85,14 @@ def train_steps(
     anchor: Mapping[str, torch.Tensor] | None = None,
     proximal_mu: float = 0.0,
     gradient_checkpointing: bool = False,
+    micro_batch_size: int = 0,
 ) -> list[float]:
     """Run ``steps`` optimizer steps; with ``anchor``, add FedProx's ``mu/2 ||w - w_global||^2``.
 
     ``gradient_checkpointing`` recomputes each decoder layer's activations in the backward pass
-    (a transformers model's own checkpointing). Returns the task loss of every step.
+    (a transformers model's own checkpointing); ``micro_batch_size`` > 0 runs a batch's forward
+    and backward passes that many examples at a time (``backward_in_parts``). Both change what
+    a step costs, not what it computes. Returns the task loss of every step.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if anchor is not None:
@@ -69,13 +107,11 @@ def train_steps(
     losses = []
     with _training(model, gradient_checkpointing):
         for _ in range(steps):
-            batch = next(batches)
-            loss = answer_loss(model, batch)
-            total = loss + _proximal_term(named, anchor, proximal_mu) if anchor else loss
-            total.backward()
+            losses.append(backward_in_parts(model, next(batches), micro_batch_size))
+            if anchor:
+                _proximal_term(named, anchor, proximal_mu).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
     return losses
 
 
@@ -111,7 +147,7 @@ def mean_loss(model: nn.Module, batches: list[Mapping[str, torch.Tensor]]) -> fl
     """Token-weighted mean loss over ``batches`` (unlabelled positions are skipped)."""
     total, count = 0.0, 0
     for batch in batches:
-        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # counted on the host
+        tokens = answer_tokens(batch)
         total += answer_loss(model, batch).item() * tokens
         count += tokens
     return total / max(1, count)

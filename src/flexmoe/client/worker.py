@@ -118,6 +118,7 @@ class ClientWorker:
                     anchor=global_shared if proximal_mu > 0 else None,
                     proximal_mu=proximal_mu,
                     gradient_checkpointing=train.gradient_checkpointing,
+                    micro_batch_size=train.micro_batch_size,
                 )
             self.check_finite(round_, losses, model)
             with clock.lap("save"):

@@ -155,17 +155,18 @@ def check_full_model_fits(settings: Settings, model: nn.Module, placement: Place
     if not method.shared.trains_base_weights:
         return
     train = settings.train
-    memory = plan_method(model, method, [], train.batch_size, settings.data.max_length, 0).memory
+    examples = train.examples_per_forward
+    memory = plan_method(model, method, [], examples, settings.data.max_length, 0).memory
     kept = memory.activations_checkpointed if train.gradient_checkpointing else memory.activations
     needed = memory.total - memory.activations + kept
     available = placement.memory_bytes
     if needed > available:
         raise FlexMoEError(
             f"{settings.method} trains every weight of {settings.model}: one client needs about "
-            f"{needed / 1e9:.1f} GB at batch {train.batch_size} x {settings.data.max_length} "
-            f"tokens (flexmoe plan's estimate), more than the {available / 1e9:.1f} GB of "
-            f"{placement.device}; use a smaller batch-size or max-length, gradient-checkpointing, "
-            "or a method that trains adapters (fedavg, flex)"
+            f"{needed / 1e9:.1f} GB at {examples} x {settings.data.max_length} tokens a forward "
+            f"pass (flexmoe plan's estimate), more than the {available / 1e9:.1f} GB of "
+            f"{placement.device}; use a smaller micro-batch-size or max-length, "
+            "gradient-checkpointing, or a method that trains adapters (fedavg, flex)"
         )
 
 
