@@ -22,6 +22,7 @@ BENCH_OVERRIDES = {  # settings one option sets for every cell
             "rounds",
             "local_steps",
             "batch_size",
+            "micro_batch_size",
             "max_train",
             "max_test",
             "max_length",

@@ -133,14 +133,20 @@ def build(scale: Scale, run: Measured) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
+STEP_VARIANTS = {  # label: (gradient checkpointing, micro-batch size)
+    "": (False, 0),
+    ", gradient checkpointing": (True, 0),
+    ", one example a forward pass": (False, 1),
+}
+
+
 def local_steps(model: FlexModel, scale: Scale, batches: list, run: Measured, name: str) -> None:
-    for checkpointing in (False, True):
-        label = f"{name} steps" + (", gradient checkpointing" if checkpointing else "")
-        with scale.placement.autocast(), run.step(label) as found:
+    for variant, (checkpointing, micro_batch_size) in STEP_VARIANTS.items():
+        with scale.placement.autocast(), run.step(f"{name} steps{variant}") as found:
             # one batch again and again: its loss must fall, or the step is broken
             losses = train_steps(
                 model.model, itertools.repeat(batches[0]), scale.steps, 1e-3,
-                gradient_checkpointing=checkpointing,
+                gradient_checkpointing=checkpointing, micro_batch_size=micro_batch_size,
             )  # fmt: skip
             found["losses"] = [round(x, 4) for x in (losses[0], losses[-1])]
 

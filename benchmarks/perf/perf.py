@@ -192,16 +192,15 @@ def section_micro_batches(steps_per_client: int = 1) -> dict:
     sizes = {"whole batch": 0, "micro-batch-size 1": 1}
     for size in sizes.values():  # warm-up
         train_steps(model, iter(batches), 1, 1e-4, micro_batch_size=size)
-    rows = {name: {"step_s": [], "loss": []} for name in sizes}
+    clocks = {name: Stopwatch(next(model.parameters()).device) for name in sizes}
     for batch in batches:
         for name, size in sizes.items():
-            started = time.perf_counter()
-            (loss,) = train_steps(model, iter([batch]), 1, 1e-4, micro_batch_size=size)
-            rows[name]["step_s"].append(time.perf_counter() - started)
-            rows[name]["loss"].append(loss)
+            with clocks[name].lap("steps"):
+                train_steps(model, iter([batch]), 1, 1e-4, micro_batch_size=size)
+    rows = {name: clock.seconds["steps"] for name, clock in clocks.items()}
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     padded = sum(b["attention_mask"].numel() for b in batches)
-    return {**rows, "real_tokens": real, "padded_tokens": padded}
+    return {**rows, "steps": len(batches), "real_tokens": real, "padded_tokens": padded}
 
 
 def reply_bytes(name: str, method: str, lora_rank: int = 32) -> int:
@@ -676,10 +675,11 @@ def micro_batch_rows(measured: dict) -> list[Row]:
     """A step one example at a time against the whole batch, summed over the same batches."""
     if not measured:
         return []
-    whole, micro = (sum(measured[name]["step_s"]) for name in ("whole batch", "micro-batch-size 1"))
+    whole, micro = measured["whole batch"], measured["micro-batch-size 1"]
     real = measured["real_tokens"] / measured["padded_tokens"]
     what = "smol-moe step, micro-batch-size 1 / whole batch, Dolly pathological"
-    return [ratio(what, micro, whole, "< 1", "{:.1f} s", f"{real:.0%} of padded tokens real")]
+    note = f"{measured['steps']} steps, {real:.0%} of padded tokens real"
+    return [ratio(what, micro, whole, "< 1", "{:.1f} s", note)]
 
 
 def deployment_rows(deployed: dict) -> list[Row]:

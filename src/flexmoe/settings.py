@@ -42,9 +42,8 @@ EVAL_SPLITS = ("test", "validation")
 # Flower's run config also names the server's output folder, which is no setting
 OUT_DIR = "out-dir"
 FLOWER_OUT_DIR = "runs/flwr-run"  # its default, for `flwr run .`
-# how a run waits or splits its steps, not what it computes: two runs apart only here have the
-# same results (up to float rounding)
-RUNTIME_SETTINGS = ("reply-timeout", "micro-batch-size")
+# how a run waits, not what it computes: two runs apart only here have the same results
+RUNTIME_SETTINGS = ("reply-timeout",)
 RESUMABLE_SETTINGS = ("rounds", *RUNTIME_SETTINGS)  # what a resumed run may change
 # settings newer than some saved runs, with what a run saved without one ran with: its default
 # (None), or the value that was fixed before it became a setting
@@ -53,7 +52,7 @@ ADDED_LATER: dict[str, Scalar | None] = {
         ("device", "dtype", "gradient-checkpointing", "lora-rank", "server-lr", "eval-split",
          "selection-tokens", "diagnostics", "mmlu-per-topic", "aggregation", "trim-fraction",
          "min-updates", "reply-timeout", "dp-noise-multiplier", "dp-clipping-norm", "dp-delta",
-         "micro-batch-size",  # a step's forward took the whole batch: the same step
+         "micro-batch-size",  # a step's forward took the whole batch
          "eval-batch-size")  # test prompts were batched as training examples: scores as now
     ),
     "selection-examples": 0,  # grafting scored every training example
@@ -127,9 +126,9 @@ class TrainSettings(Group):
     batch_size: int = setting(4, "examples per step", at_least(1))
     micro_batch_size: int = setting(
         0,
-        "examples per forward pass (0: the whole batch); a step's gradient is the same, "
-        "accumulated over its parts: 1 pads nothing (fastest where compute is short, as on a "
-        "CPU) and needs the least memory",
+        "examples per forward pass (0: the whole batch); the parts' gradients add up to the "
+        "batch's (the same in expectation: LoRA dropout draws differ). 1 pads nothing (fastest "
+        "where compute is short, as on a CPU) and needs the least memory",
         at_least(0),
     )
     lr: float = setting(1e-3, "learning rate, cosine-decayed across rounds", above(0))
@@ -151,6 +150,7 @@ class TrainSettings(Group):
 
     @property
     def examples_per_forward(self) -> int:
+        """The examples one forward pass of a training step holds."""
         return self.micro_batch_size or self.batch_size
 
 

@@ -28,9 +28,11 @@ def answer_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Te
     cost about half of a training step, so logits are made only at the positions (shared by the
     batch) that predict a labelled token.
     """
+    # the positions are found where the labels are (a host batch: no device sync)
+    positions = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     batch = on_model_device(batch, model)
     targets = batch["labels"][:, 1:]
-    positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    positions = positions.to(targets.device, non_blocking=True)
     logits = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -64,17 +66,23 @@ def backward_in_parts(model: nn.Module, batch: Mapping[str, torch.Tensor], size:
     """Backpropagate ``batch``'s answer loss in micro-batches of ``size`` examples (0: at once).
 
     Each part's loss is weighted by its share of the batch's answer tokens, so the gradients that
-    accumulate are the whole batch's; returns the whole batch's loss.
+    accumulate are the whole batch's (where the model draws no dropout); returns the whole
+    batch's loss.
     """
     parts = [(part, answer_tokens(part)) for part in micro_batches(batch, size)]
     total = sum(tokens for _, tokens in parts)
+    if total == 0:
+        raise FlexMoEError(
+            "a training batch has no answer tokens to learn from; give examples with answers "
+            "that fit max-length"
+        )
     weighted_losses = []
     for part, tokens in parts:
         if tokens:  # a part with no answer adds nothing (its mean loss would be 0/0)
             weighted = answer_loss(model, part) * (tokens / total)
             weighted.backward()
             weighted_losses.append(weighted.detach())
-    return float(sum(weighted_losses))  # one device sync a step
+    return torch.stack(weighted_losses).sum().item()
 
 
 def train_steps(
@@ -91,8 +99,8 @@ def train_steps(
 
     ``gradient_checkpointing`` recomputes each decoder layer's activations in the backward pass
     (a transformers model's own checkpointing); ``micro_batch_size`` > 0 runs a batch's forward
-    and backward passes that many examples at a time (``backward_in_parts``). Both change what
-    a step costs, not what it computes. Returns the task loss of every step.
+    and backward passes that many examples at a time (``backward_in_parts``). Returns the task
+    loss of every step.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if anchor is not None:

@@ -256,7 +256,7 @@ def test_full_fine_tuning_that_cannot_fit_the_device_is_refused_before_it_starts
     check_run(settings.updated({"method": "flex"}))  # adapters: not checked
     with pytest.raises(
         FlexMoEError,
-        match=r"needs about 0\.\d GB at 4 x 512 tokens a forward .* 0\.0 GB of cpu; use a "
-        "smaller micro-batch-size",
+        match=r"needs about 0\.\d GB at 4 x 512 tokens a forward .* 0\.0 GB of cpu; lower "
+        "micro-batch-size",
     ):
         check_run(settings)

@@ -1,5 +1,7 @@
 """`flexmoe plan`: a federation priced from its config alone, checked against real runs."""
 
+import json
+
 import pytest
 import torch
 
@@ -113,6 +115,19 @@ def test_flexmoe_plan_prints_roles_traffic_and_memory(capsys, tmp_path):
     rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
     assert float(rows["flex"][5]) <= 0.01 and rows["fedavg-full"][5] == "1.00e+00"
     assert out.is_file()
+
+
+def test_a_plan_in_micro_batches_holds_one_forwards_activations(tmp_path):
+    plans = []
+    for extra in ([], ["--micro-batch-size", "1"]):
+        out = tmp_path / f"plan{len(extra)}.json"
+        argv = ["plan", "--model", "olmoe-1b-7b", "--batch-size", "4", "--out", str(out), *extra]
+        assert main(argv) == 0
+        plans.append(json.loads(out.read_text()))
+    whole, in_parts = plans
+    assert (whole["batch_size"], in_parts["batch_size"]) == (4, 1)
+    activations = [plan["methods"][0]["memory"]["activations"] for plan in plans]
+    assert activations[1] == pytest.approx(activations[0] / 4, rel=0.01)
 
 
 @pytest.mark.parametrize(

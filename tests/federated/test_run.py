@@ -32,14 +32,16 @@ def test_a_folder_holding_a_run_is_not_reused_without_resume(tmp_path, capsys):
     assert f"continue it with --resume {tmp_path}" in err
 
 
-def test_resume_refuses_other_settings_but_may_change_the_rounds_and_how_it_runs(tmp_path, capsys):
+def test_resume_refuses_other_settings_but_may_change_the_rounds_and_the_reply_timeout(
+    tmp_path, capsys
+):
     config = saved_run(tmp_path, rounds=3)
-    resumed = config.updated({"rounds": 5, "reply-timeout": 600, "micro-batch-size": 1})
+    resumed = config.updated({"rounds": 5, "reply-timeout": 600})
     assert resolve_run(tmp_path, resumed, resume=Resume.REQUIRED).saved.state.run_id == "abc"
     assert main(["run", "--resume", str(tmp_path), "--lr", "0.5", "--seed", "3"]) == 2
     err = capsys.readouterr().err
     assert "other settings (seed 0 -> 3; lr 0.001 -> 0.5)" in err
-    assert "(only --rounds, --reply-timeout and --micro-batch-size may change)" in err
+    assert "(only --rounds and --reply-timeout may change)" in err
 
 
 def test_finished_results_without_a_checkpoint_are_not_overwritten(tmp_path):

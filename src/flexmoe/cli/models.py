@@ -157,7 +157,9 @@ def _add_plan(commands: argparse._SubParsersAction) -> None:
         choices=("float32", "bfloat16", "float16"),
         help="of the frozen base (default %(default)s)",
     )
-    add_setting_options(plan, TrainSettings, ["batch_size", "lora_rank"], {"batch_size": 8})
+    add_setting_options(
+        plan, TrainSettings, ["batch_size", "micro_batch_size", "lora_rank"], {"batch_size": 8}
+    )
     plan.add_argument("--seq-len", type=int, default=512, help="(default %(default)s)")
     add_setting_options(
         plan,
@@ -188,7 +190,7 @@ def run_plan(args: argparse.Namespace) -> None:
         args.model,
         methods,
         DTYPES[args.dtype],
-        train.batch_size,
+        train.examples_per_forward,  # activations are held for one forward pass at a time
         args.seq_len,
         graft,
     )

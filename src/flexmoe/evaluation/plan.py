@@ -79,7 +79,7 @@ class Plan:
     experts_per_layer: int
     flops_base: int  # MoE FLOPs per token
     flops_personalised: int
-    batch_size: int
+    batch_size: int  # examples a forward pass holds
     seq_len: int
     methods: list[MethodPlan]
     grafting: dict  # FLOPs per token: a forward's and scoring's (see grafting_flops)
@@ -309,9 +309,9 @@ def format_plan(result: Plan) -> str:
         f"grafting {result.experts_per_layer} expert(s) per layer: {flex_experts} experts per "
         f"token, MoE FLOPs per token {result.flops_ratio:.3f}x the base's",
         _grafting_line(result),
-        f"traffic per client and round, each way; memory of one training client at batch "
-        f"{result.batch_size} x {result.seq_len} tokens (activations estimated; after the /: "
-        "with gradient checkpointing)",
+        f"traffic per client and round, each way; memory of one training client at "
+        f"{result.batch_size} x {result.seq_len} tokens a forward pass (activations estimated; "
+        "after the /: with gradient checkpointing)",
         "",
         " ".join(f"{title:>{width}}" for title, width in PLAN_COLUMNS),
     ]

@@ -165,8 +165,9 @@ def check_full_model_fits(settings: Settings, model: nn.Module, placement: Place
             f"{settings.method} trains every weight of {settings.model}: one client needs about "
             f"{needed / 1e9:.1f} GB at {examples} x {settings.data.max_length} tokens a forward "
             f"pass (flexmoe plan's estimate), more than the {available / 1e9:.1f} GB of "
-            f"{placement.device}; use a smaller micro-batch-size or max-length, "
-            "gradient-checkpointing, or a method that trains adapters (fedavg, flex)"
+            f"{placement.device}; lower micro-batch-size (examples a forward pass, 1 at least) or "
+            "max-length, turn on gradient-checkpointing, or use a method that trains adapters "
+            "(fedavg, flex)"
         )
 
 
