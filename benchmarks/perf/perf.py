@@ -174,7 +174,7 @@ def section_speed() -> dict:
     return {"steps": steps, "generation": answers, "test_examples": len(test)}
 
 
-def section_micro_batches(steps_per_client: int = 1) -> dict:
+def section_micro_batches(steps_per_client: int = 3) -> dict:
     """A local step on smol-moe (float32) as the Dolly benchmark's pathological clients draw
     them (4 examples at max-length 512), the whole batch at once against one example at a time,
     alternating on the same batches."""
