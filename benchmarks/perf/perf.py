@@ -454,36 +454,38 @@ SMALL = [
 ]
 
 
+DEPLOYMENT = [  # flexmoe deploy-local's options in the deployment section
+    "--model",
+    "smol-moe",
+    "--supernodes",
+    "2",
+    "--rounds",
+    "3",
+    "--local-steps",
+    "4",
+    "--batch-size",
+    "4",
+    "--max-train",
+    "32",
+    "--max-test",
+    "8",  # a SuperNode evaluates on at least 8 (NodeLimits.min_test_size)
+    "--max-new-tokens",
+    "4",
+    "--device",
+    "cpu",
+    "--timeout",
+    "3600",
+]
+
+
 def section_deployment() -> dict:
     """smol-moe on a real local deployment, with a node worker per SuperNode and without."""
-    settings = [
-        "--model",
-        "smol-moe",
-        "--supernodes",
-        "2",
-        "--rounds",
-        "3",
-        "--local-steps",
-        "4",
-        "--batch-size",
-        "4",
-        "--max-train",
-        "32",
-        "--max-test",
-        "8",  # a SuperNode evaluates on at least 8 (NodeLimits.min_test_size)
-        "--max-new-tokens",
-        "4",
-        "--device",
-        "cpu",
-        "--timeout",
-        "3600",
-    ]
     rows = {}
     for mode, extra in (("node worker", []), ("a process per message", ["--no-node-worker"])):
         out = OUT / "scratch" / f"deploy-{extra[0] if extra else 'worker'}"
         shutil.rmtree(out, ignore_errors=True)  # a section is measured whole
         command = [sys.executable, "-m", "flexmoe", "deploy-local", "--out", str(out)]
-        subprocess.run([*command, *settings, *extra], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([*command, *DEPLOYMENT, *extra], check=True, stdout=subprocess.DEVNULL)
         rows[mode] = [
             {"wall_s": r.wall_s, "clients": [c.seconds for c in r.clients]}
             for r in read_rounds(out / ROUNDS_FILE)
