@@ -8,6 +8,7 @@ so an interrupted run resumes):
 - ``speed``: smol-moe's local step (4 Dolly examples at max-length 512) and greedy answers (128
   new tokens) with transformers' default fused experts (``grouped_mm``) and flexmoe's on the CPU
   (``eager``), in float32, in bfloat16 and in bfloat16 mixed precision, and in batches of 4 and 32;
+- ``padding``: how much of what the Dolly benchmark's steps compute is padding, per split;
 - ``micro-batches``: smol-moe's local step on the Dolly benchmark's own batches, the whole batch
   at once against one example at a time (``micro-batch-size 1``: no padding);
 - ``uplink``: bytes of a real FLEx train reply against a real ``fedavg-full`` one (tiny,
@@ -174,13 +175,40 @@ def section_speed() -> dict:
     return {"steps": steps, "generation": answers, "test_examples": len(test)}
 
 
+# the Dolly benchmark's splits (benchmarks/smol_moe/benchmark.sh): settings, and rounds a cell runs
+BENCH_SPLITS = {
+    "pathological": ({"max_train": 200}, 10),
+    "dirichlet-1.0": ({"split": "dirichlet", "clients": 10, "max_train": 100}, 5),
+}
+
+
+def section_padding() -> dict:
+    """Real and padded tokens of every training step a cell of the Dolly benchmark takes, per
+    split, its batches drawn and collated as its clients draw them (no model runs)."""
+    from flexmoe.data import iterate_batches
+
+    counts = {}
+    for split, (overrides, rounds) in BENCH_SPLITS.items():
+        settings = Settings.of(model="smol-moe", **overrides)
+        train, real, padded = settings.train, 0, 0
+        with tempfile.TemporaryDirectory() as state:
+            for client in range(settings.federation.clients):
+                worker = ClientWorker(settings, client, Path(state))
+                drawn = iterate_batches(worker.train_examples, train.batch_size, worker.seed)
+                for _ in range(rounds * train.local_steps):
+                    lengths = [len(example.input_ids) for example in next(drawn)]
+                    real, padded = real + sum(lengths), padded + len(lengths) * max(lengths)
+        counts[split] = {"real_tokens": real, "padded_tokens": padded}
+    return counts
+
+
 def section_micro_batches(steps_per_client: int = 3) -> dict:
     """A local step on smol-moe (float32) as the Dolly benchmark's pathological clients draw
     them (4 examples at max-length 512), the whole batch at once against one example at a time,
     alternating on the same batches."""
     from flexmoe.data import collate, iterate_batches, pad_token_id
 
-    settings = Settings.of(model="smol-moe", dtype="float32", max_train=200)
+    settings = Settings.of(model="smol-moe", dtype="float32", **BENCH_SPLITS["pathological"][0])
     batches = []
     with tempfile.TemporaryDirectory() as state:
         for client in range(settings.federation.clients):
@@ -561,6 +589,7 @@ def random_reply(client: int, shapes: dict) -> Message:
 
 SECTIONS = {
     "speed": section_speed,
+    "padding": section_padding,
     "micro-batches": section_micro_batches,
     "uplink": section_uplink,
     "grafting": section_grafting,
@@ -588,6 +617,9 @@ def ratios(results: dict) -> list[Row]:
     """Every ratio measured, in the order of the sections."""
     rows = []
     rows += speed_rows(results.get("speed", {}))
+    for split, row in results.get("padding", {}).items():
+        what = f"real / padded tokens of a Dolly benchmark cell's steps, {split}"
+        rows.append(ratio(what, row["real_tokens"], row["padded_tokens"], "report", "{:,}"))
     rows += micro_batch_rows(results.get("micro-batches", {}))
     for name, row in results.get("uplink", {}).items():
         goal = "<= 0.05" if name == "tiny" else "<= 0.01"

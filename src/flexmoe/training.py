@@ -52,9 +52,9 @@ def answer_tokens(batch: Mapping[str, torch.Tensor]) -> int:
 def micro_batches(batch: Mapping[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
     """A right-padded batch (``collate``'s) in parts of ``size`` examples (0: whole), the examples
     ordered by length and each part cut to its longest, so that parts pad little (1: not at all)."""
-    lengths = batch["attention_mask"].sum(dim=1)
-    if size == 0 or size >= len(lengths):
+    if size == 0 or size >= len(batch["attention_mask"]):
         return [dict(batch)]
+    lengths = batch["attention_mask"].sum(dim=1)
     parts = []
     for rows in lengths.argsort(stable=True).split(size):
         width = int(lengths[rows].max())

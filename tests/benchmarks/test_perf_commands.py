@@ -6,6 +6,8 @@ import pytest
 from benchmarks.perf import perf
 from flexmoe.cli import build_parser
 from flexmoe.cli.run import new_settings
+from flexmoe.federated.client_app import check_limits
+from flexmoe.federated.protocol import DEPLOYED
 
 
 @pytest.mark.parametrize(
@@ -21,3 +23,5 @@ def test_a_sections_command_line_parses_into_valid_settings(tmp_path, command, o
     args = build_parser().parse_args([command, "--out", str(tmp_path / "out"), *options])
     settings = new_settings(args)
     assert settings.federation.rounds == 3 and settings.device == "cpu"
+    if command == "deploy-local":
+        check_limits(settings, DEPLOYED)  # what a SuperNode would refuse

@@ -256,7 +256,9 @@ def test_full_fine_tuning_that_cannot_fit_the_device_is_refused_before_it_starts
     check_run(settings.updated({"method": "flex"}))  # adapters: not checked
     with pytest.raises(
         FlexMoEError,
-        match=r"needs about 0\.\d GB at 4 x 512 tokens a forward .* 0\.0 GB of cpu; lower "
-        "micro-batch-size",
+        match=r"needs about 0\.\d GB at 4 x 512 tokens a forward .* 0\.0 GB of cpu; set "
+        "micro-batch-size below 4, a smaller max-length",
     ):
         check_run(settings)
+    with pytest.raises(FlexMoEError, match=r"at 1 x 512 tokens a forward .* use a smaller max"):
+        check_run(settings.updated({"micro-batch-size": 1}))  # one example's activations

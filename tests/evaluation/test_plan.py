@@ -125,7 +125,7 @@ def test_a_plan_in_micro_batches_holds_one_forwards_activations(tmp_path):
         assert main(argv) == 0
         plans.append(json.loads(out.read_text()))
     whole, in_parts = plans
-    assert (whole["batch_size"], in_parts["batch_size"]) == (4, 1)
+    assert (whole["examples_per_forward"], in_parts["examples_per_forward"]) == (4, 1)
     activations = [plan["methods"][0]["memory"]["activations"] for plan in plans]
     assert activations[1] == pytest.approx(activations[0] / 4, rel=0.01)
 

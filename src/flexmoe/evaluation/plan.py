@@ -79,7 +79,7 @@ class Plan:
     experts_per_layer: int
     flops_base: int  # MoE FLOPs per token
     flops_personalised: int
-    batch_size: int  # examples a forward pass holds
+    examples_per_forward: int  # a training step's, whose activations are held at once
     seq_len: int
     methods: list[MethodPlan]
     grafting: dict  # FLOPs per token: a forward's and scoring's (see grafting_flops)
@@ -107,7 +107,7 @@ def plan(
     source: str,
     methods: list[Method],
     dtype: torch.dtype = torch.bfloat16,
-    batch_size: int = 8,
+    examples_per_forward: int = 8,
     seq_len: int = 512,
     graft: GraftSettings | None = None,
 ) -> Plan:
@@ -119,7 +119,7 @@ def plan(
     experts_per_layer = graft.experts_per_layer
     grafts = first_expert_grafts(views, experts_per_layer, graft.size_ratio)
     planned = [
-        plan_method(model, method, grafts, batch_size, seq_len, experts_per_layer)
+        plan_method(model, method, grafts, examples_per_forward, seq_len, experts_per_layer)
         for method in methods
     ]
     flex = FlexModel(model, grafts)
@@ -136,7 +136,7 @@ def plan(
         experts_per_layer=experts_per_layer,
         flops_base=flops["base"],
         flops_personalised=flops["personalised"],
-        batch_size=batch_size,
+        examples_per_forward=examples_per_forward,
         seq_len=seq_len,
         methods=planned,
         grafting=grafting_flops(model),
@@ -161,7 +161,7 @@ def plan_method(
     model: nn.Module,
     method: Method,
     grafts: list[LayerGraft],
-    batch_size: int,
+    examples_per_forward: int,
     seq_len: int,
     experts_per_layer: int,
 ) -> MethodPlan:
@@ -180,7 +180,7 @@ def plan_method(
     trained_bytes = sum(held(p) for p in trained)
     shared = counts[Role.SHARED] if method.federated else 0
     on_disk = counts[Role.PERSONAL] + (0 if method.federated else counts[Role.SHARED])
-    tokens = batch_size * seq_len
+    tokens = examples_per_forward * seq_len
     memory = Memory(
         weights=sum(held(p) for p in parameters.values()),
         gradients=trained_bytes,
@@ -310,8 +310,8 @@ def format_plan(result: Plan) -> str:
         f"token, MoE FLOPs per token {result.flops_ratio:.3f}x the base's",
         _grafting_line(result),
         f"traffic per client and round, each way; memory of one training client at "
-        f"{result.batch_size} x {result.seq_len} tokens a forward pass (activations estimated; "
-        "after the /: with gradient checkpointing)",
+        f"{result.examples_per_forward} x {result.seq_len} tokens a forward pass (activations "
+        "estimated; after the /: with gradient checkpointing)",
         "",
         " ".join(f"{title:>{width}}" for title, width in PLAN_COLUMNS),
     ]

@@ -178,15 +178,9 @@ def check_resumable(out: Path, saved: Saved, settings: Settings) -> None:
     if changed:
         raise FlexMoEError(
             f"{describe(out, saved)} with other settings ({'; '.join(changed)}); resume it "
-            f"with its own settings (only {_listed(RESUMABLE_SETTINGS)} may change) or start a "
-            "run in another folder"
+            f"with its own settings (only {' and '.join('--' + n for n in RESUMABLE_SETTINGS)} "
+            "may change) or start a run in another folder"
         )
-
-
-def _listed(names: tuple[str, ...]) -> str:
-    """``--a, --b and --c``."""
-    options = [f"--{name}" for name in names]
-    return " and ".join([", ".join(options[:-1]), options[-1]] if len(options) > 1 else options)
 
 
 def describe(out: Path, saved: Saved) -> str:

@@ -165,10 +165,16 @@ def check_full_model_fits(settings: Settings, model: nn.Module, placement: Place
             f"{settings.method} trains every weight of {settings.model}: one client needs about "
             f"{needed / 1e9:.1f} GB at {examples} x {settings.data.max_length} tokens a forward "
             f"pass (flexmoe plan's estimate), more than the {available / 1e9:.1f} GB of "
-            f"{placement.device}; lower micro-batch-size (examples a forward pass, 1 at least) or "
-            "max-length, turn on gradient-checkpointing, or use a method that trains adapters "
-            "(fedavg, flex)"
+            f"{placement.device}; {_smaller_forward(examples)}max-length, turn on "
+            "gradient-checkpointing, or use a method that trains adapters (fedavg, flex)"
         )
+
+
+def _smaller_forward(examples: int) -> str:
+    """How a forward pass of ``examples`` examples could hold fewer: the start of the advice."""
+    if examples > 1:
+        return f"set micro-batch-size below {examples}, a smaller "
+    return "use a smaller "
 
 
 def keep_ray_on_loopback() -> None:
