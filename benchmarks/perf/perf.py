@@ -464,45 +464,12 @@ def tree_memory(process: psutil.Process) -> int:
 
 
 PROCESSES = os.cpu_count() or 1  # simulated client processes: one per core (CPU runs)
-SMALL = [
-    "--rounds",
-    "3",
-    "--local-steps",
-    "4",
-    "--batch-size",
-    "4",
-    "--max-train",
-    "32",
-    "--max-test",
-    "2",
-    "--max-new-tokens",
-    "4",
-    "--device",
-    "cpu",
-]
-
-
+# three short rounds on the CPU, for the sections that measure what is not compute
+SHORT = "--rounds 3 --local-steps 4 --batch-size 4 --max-train 32 --max-new-tokens 4 --device cpu"
+SMALL = [*SHORT.split(), "--max-test", "2"]
 DEPLOYMENT = [  # flexmoe deploy-local's options in the deployment section
-    "--model",
-    "smol-moe",
-    "--supernodes",
-    "2",
-    "--rounds",
-    "3",
-    "--local-steps",
-    "4",
-    "--batch-size",
-    "4",
-    "--max-train",
-    "32",
-    "--max-test",
-    "8",  # a SuperNode evaluates on at least 8 (NodeLimits.min_test_size)
-    "--max-new-tokens",
-    "4",
-    "--device",
-    "cpu",
-    "--timeout",
-    "3600",
+    *("--model", "smol-moe", "--supernodes", "2", *SHORT.split(), "--timeout", "3600"),
+    *("--max-test", "8"),  # a SuperNode evaluates on at least 8 (NodeLimits.min_test_size)
 ]
 
 
