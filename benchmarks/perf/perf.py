@@ -182,33 +182,10 @@ BENCH_SPLITS = {
 }
 
 
-def section_padding() -> dict:
-    """Real and padded tokens of every training step a cell of the Dolly benchmark takes, per
-    split, its batches drawn and collated as its clients draw them (no model runs)."""
-    from flexmoe.data import iterate_batches
-
-    counts = {}
-    for split, (overrides, rounds) in BENCH_SPLITS.items():
-        settings = Settings.of(model="smol-moe", **overrides)
-        train, real, padded = settings.train, 0, 0
-        with tempfile.TemporaryDirectory() as state:
-            for client in range(settings.federation.clients):
-                worker = ClientWorker(settings, client, Path(state))
-                drawn = iterate_batches(worker.train_examples, train.batch_size, worker.seed)
-                for _ in range(rounds * train.local_steps):
-                    lengths = [len(example.input_ids) for example in next(drawn)]
-                    real, padded = real + sum(lengths), padded + len(lengths) * max(lengths)
-        counts[split] = {"real_tokens": real, "padded_tokens": padded}
-    return counts
-
-
-def section_micro_batches(steps_per_client: int = 3) -> dict:
-    """A local step on smol-moe (float32) as the Dolly benchmark's pathological clients draw
-    them (4 examples at max-length 512), the whole batch at once against one example at a time,
-    alternating on the same batches."""
+def bench_batches(settings: Settings, steps_per_client: int) -> list[dict]:
+    """Each client's first training batches, drawn and collated as a run's clients do."""
     from flexmoe.data import collate, iterate_batches, pad_token_id
 
-    settings = Settings.of(model="smol-moe", dtype="float32", **BENCH_SPLITS["pathological"][0])
     batches = []
     with tempfile.TemporaryDirectory() as state:
         for client in range(settings.federation.clients):
@@ -216,6 +193,31 @@ def section_micro_batches(steps_per_client: int = 3) -> dict:
             drawn = iterate_batches(worker.train_examples, settings.train.batch_size, worker.seed)
             pad_id = pad_token_id(worker.tokenizer)
             batches += [collate(next(drawn), pad_id) for _ in range(steps_per_client)]
+    return batches
+
+
+def token_counts(batches: list[dict]) -> dict[str, int]:
+    """The real tokens of ``batches`` and the tokens they hold padded."""
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    return {"real_tokens": real, "padded_tokens": sum(b["attention_mask"].numel() for b in batches)}
+
+
+def section_padding() -> dict:
+    """Real and padded tokens of every training step a cell of the Dolly benchmark takes, per
+    split, its batches drawn and collated as its clients draw them (no model runs)."""
+    counts = {}
+    for split, (overrides, rounds) in BENCH_SPLITS.items():
+        settings = Settings.of(model="smol-moe", **overrides)
+        counts[split] = token_counts(bench_batches(settings, rounds * settings.train.local_steps))
+    return counts
+
+
+def section_micro_batches(steps_per_client: int = 3) -> dict:
+    """A local step on smol-moe (float32) as the Dolly benchmark's pathological clients draw
+    them (4 examples at max-length 512), the whole batch at once against one example at a time,
+    alternating on the same batches."""
+    settings = Settings.of(model="smol-moe", dtype="float32", **BENCH_SPLITS["pathological"][0])
+    batches = bench_batches(settings, steps_per_client)
     model = setup_model("float32", "eager")[0].model
     sizes = {"whole batch": 0, "micro-batch-size 1": 1}
     for size in sizes.values():  # warm-up
@@ -226,9 +228,7 @@ def section_micro_batches(steps_per_client: int = 3) -> dict:
             with clocks[name].lap("steps"):
                 train_steps(model, iter([batch]), 1, 1e-4, micro_batch_size=size)
     rows = {name: clock.seconds["steps"] for name, clock in clocks.items()}
-    real = sum(int(b["attention_mask"].sum()) for b in batches)
-    padded = sum(b["attention_mask"].numel() for b in batches)
-    return {**rows, "steps": len(batches), "real_tokens": real, "padded_tokens": padded}
+    return {**rows, "steps": len(batches), **token_counts(batches)}
 
 
 def reply_bytes(name: str, method: str, lora_rank: int = 32) -> int:
